@@ -1,0 +1,186 @@
+"""The `fedgan` command. Every subcommand exits non-zero with a one-line
+reason on bad input; tracebacks are for bugs, not for operators."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from fedgan import pki
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+pki_app = typer.Typer(no_args_is_help=True, help="The consortium PKI: CA, certificates, CRL.")
+silo_app = typer.Typer(no_args_is_help=True, help="Hospital image silos.")
+app.add_typer(pki_app, name="pki")
+app.add_typer(silo_app, name="silo")
+
+CertsOpt = Annotated[Path, typer.Option("--out", "--certs", help="PKI root directory.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing keys and certificates.")]
+
+
+def fail(message: str) -> NoReturn:
+    typer.echo(f"fedgan: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@pki_app.command("init")
+def pki_init(
+    consortium: Annotated[str, typer.Option(help="Consortium name, in the CA's subject.")],
+    out: CertsOpt = Path("certs"),
+    days: Annotated[int, typer.Option(help="CA validity in days.")] = 3650,
+    force: ForceOpt = False,
+) -> None:
+    """Create the consortium CA and an empty CRL."""
+    paths = pki.init_ca(out, consortium, days=days, force=force)
+    typer.echo(f"CA certificate {paths.ca_cert}\nCA key         {paths.ca_key} (0600)\nCRL            {paths.crl}")
+
+
+@pki_app.command("issue-aggregator")
+def pki_issue_aggregator(
+    san: Annotated[list[str] | None, typer.Option("--san", help="DNS name or IP (repeatable).")] = None,
+    out: CertsOpt = Path("certs"),
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 825,
+    force: ForceOpt = False,
+) -> None:
+    """Issue the aggregator's server certificate (localhost and 127.0.0.1 always included)."""
+    paths = pki.issue_aggregator(out, san or [], days=days, force=force)
+    typer.echo(f"certificate {paths.server_cert}\nkey         {paths.server_key} (0600)")
+
+
+@pki_app.command("issue-site")
+def pki_issue_site(
+    site_id: str,
+    out: CertsOpt = Path("certs"),
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    sidecar_san: Annotated[
+        list[str] | None, typer.Option("--sidecar-san", help="Sidecar DNS name or IP (repeatable).")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Issue a site's client certificate (CN = SITE_ID), sidecar certificate and node key."""
+    site = pki.issue_site(out, site_id, days=days, sidecar_sans=sidecar_san, force=force)
+    typer.echo(
+        f"client certificate  {site.client_cert}\nsidecar certificate {site.sidecar_cert}\n"
+        f"node key            {site.node_key} (0600), public {site.node_pub}"
+    )
+
+
+@pki_app.command("revoke")
+def pki_revoke(
+    site_id: str,
+    out: CertsOpt = Path("certs"),
+    crl_days: Annotated[int, typer.Option(help="Days until the CRL must be re-signed.")] = 30,
+) -> None:
+    """Revoke a site's certificates; the edge refuses it once it reloads the CRL."""
+    serials = pki.revoke_site(out, site_id, days=crl_days)
+    typer.echo(
+        f"revoked {site_id}: serials {', '.join(f'{s:x}' for s in serials)}\n"
+        f"CRL {pki.PkiPaths(out).crl} (reload the edge: nginx -s reload)"
+    )
+
+
+@pki_app.command("crl")
+def pki_crl(
+    out: CertsOpt = Path("certs"),
+    days: Annotated[int, typer.Option(help="Days until the CRL must be re-signed.")] = 30,
+) -> None:
+    """Re-sign the CRL with a new expiry (nginx refuses every site once it expires)."""
+    crl = pki.refresh_crl(out, days=days)
+    typer.echo(f"CRL {pki.PkiPaths(out).crl}: {len(list(crl))} revoked, next update {crl.next_update_utc}")
+
+
+@pki_app.command("inspect")
+def pki_inspect(
+    path: Path,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print subject, SANs, issuer, validity, key type and SHA-256 fingerprint."""
+    info = pki.inspect_cert(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    for key, value in info.items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        typer.echo(f"{key:<20} {shown}")
+
+
+@silo_app.command("synth")
+def silo_synth(
+    directory: Path,
+    kind: Annotated[str, typer.Option(help="fundus or dicom.")] = "fundus",
+    n: Annotated[int, typer.Option(help="Number of images.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same silo).")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+) -> None:
+    """Write a synthetic silo (fundus JPEGs + labels.csv, or chest DICOM + labels.csv)."""
+    from fedgan.silo.synth import synth_silo
+
+    synth_silo(directory, kind, n, seed=seed, size=size)
+    typer.echo(f"wrote {n} {kind} images and labels.csv to {directory}")
+
+
+@app.command("demo")
+def demo(
+    sites: Annotated[int, typer.Option(help="Number of hospital sites.")] = 3,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    kind: Annotated[str, typer.Option(help="fundus or dicom.")] = "fundus",
+    data: Annotated[
+        list[Path] | None, typer.Option("--data", help="A site's silo directory (repeat per site).")
+    ] = None,
+    image_size: Annotated[int, typer.Option(help="16, 32, 64 or 128.")] = 32,
+    images_per_site: Annotated[int, typer.Option(help="Synthetic images per site.")] = 64,
+    local_steps: Annotated[int, typer.Option(help="GAN steps per site per round.")] = 20,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
+    run_id: Annotated[str | None, typer.Option(help="Run folder name (default: time-based).")] = None,
+) -> None:
+    """Run a local federation of real processes over mutual TLS and train a GAN."""
+    from fedgan.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(
+        sites=sites, rounds=rounds, kind=kind, data=list(data or []), image_size=image_size,
+        images_per_site=images_per_site, local_steps=local_steps, seed=seed, out_root=out,
+        run_id=run_id,
+    )
+    run_demo(opts, say=typer.echo)
+
+
+def _terminate(signum: int, _frame: object) -> NoReturn:
+    # Turn SIGTERM into the same unwinding as Ctrl-C, so every process this
+    # command started is stopped by its context manager.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> None:
+    from fedgan.deploy.process import ProcessFailed
+    from fedgan.run_config import ConfigError
+    from fedgan.silo import SiloError
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("fedgan: interrupted; every process it started has been stopped", err=True)
+        sys.exit(130)
+    except (pki.PkiError, SiloError, ConfigError, FileExistsError, FileNotFoundError,
+            ValueError, ProcessFailed, RuntimeError, TimeoutError) as exc:
+        typer.echo(f"fedgan: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""`fedgan demo`: a whole federation on this machine, from nothing to a
+trained generator, through the real mutual-TLS chain."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedgan import pki
+from fedgan.appbundle import default_run_config, stage_app_dir, write_run_config
+from fedgan.deploy.local import LocalFederation, SiteSpec
+from fedgan.outputs import RunOutputs
+from fedgan.silo.synth import synth_silo
+
+CHANNELS = {"fundus": 3, "dicom": 1}
+
+
+class RunFailed(RuntimeError):
+    """The federation ran but the ServerApp did not complete."""
+
+
+@dataclass
+class DemoOptions:
+    sites: int = 3
+    rounds: int = 3
+    kind: str = "fundus"
+    data: list[Path] = field(default_factory=list)
+    image_size: int = 32
+    images_per_site: int = 64
+    local_steps: int = 20
+    seed: int = 0
+    out_root: Path = Path("runs")
+    run_id: str | None = None
+    dump_updates: bool = False
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in CHANNELS:
+            raise ValueError(f"--kind {self.kind!r} is not supported; use fundus or dicom")
+        if self.data and len(self.data) != self.sites:
+            self.sites = len(self.data)
+        if self.sites < 1 or self.rounds < 1:
+            raise ValueError("--sites and --rounds must be at least 1")
+        for d in self.data:
+            if not Path(d).is_dir():
+                raise ValueError(f"--data {d} is not a directory")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def prepare(opts: DemoOptions, run_dir: Path, say: Callable[[str], None]) -> list[SiteSpec]:
+    """Certificates and (unless given) synthetic silos for the demo's sites."""
+    site_ids = [f"site-{i + 1}" for i in range(opts.sites)]
+    certs = run_dir / "certs"
+    pki.init_ca(certs, "FedGAN demo consortium", days=30)
+    pki.issue_aggregator(certs, [], days=30)
+    for site_id in site_ids:
+        pki.issue_site(certs, site_id, days=30)
+    say(f"certificates  {certs} (CA, aggregator, {len(site_ids)} sites, CRL)")
+    specs = []
+    for i, site_id in enumerate(site_ids):
+        if opts.data:
+            data = Path(opts.data[i]).resolve()
+        else:
+            data = synth_silo(
+                run_dir / "silos" / site_id, opts.kind, opts.images_per_site,
+                seed=opts.seed * 1000 + i, size=64,
+            )
+        specs.append(SiteSpec(site_id, data, opts.kind))
+    if not opts.data:
+        say(f"silos         {run_dir / 'silos'} ({opts.images_per_site} {opts.kind} images per site)")
+    return specs
+
+
+def run_config(opts: DemoOptions, run_dir: Path) -> dict[str, Any]:
+    config = default_run_config()
+    config.update(
+        {
+            "num-server-rounds": opts.rounds,
+            "image-size": opts.image_size,
+            "channels": CHANNELS[opts.kind],
+            "local-steps": opts.local_steps,
+            "seed": opts.seed,
+            "run-dir": str(run_dir),
+            "dump-updates": opts.dump_updates,
+            "min-sites": opts.sites,
+        }
+    )
+    config.update(opts.extra_config)
+    return config
+
+
+class RoundPrinter:
+    """Prints each round as its line lands in metrics.jsonl."""
+
+    def __init__(self, metrics: Path, rounds: int, say: Callable[[str], None]) -> None:
+        self.metrics, self.rounds, self.say, self.seen = metrics, rounds, say, 0
+
+    def __call__(self) -> None:
+        if not self.metrics.exists():
+            return
+        lines = self.metrics.read_text().splitlines()
+        for line in lines[self.seen :]:
+            r = json.loads(line)
+            if "skipped" in r:
+                self.say(f"round {r['round']}/{self.rounds}  skipped: {r['skipped']}")
+            else:
+                self.say(
+                    f"round {r['round']}/{self.rounds}  {r['seconds']:6.1f} s  "
+                    f"sites {len(r['sites'])}/{r['sites_sampled']}  "
+                    f"G loss {r['g_loss']:.3f}  D loss {r['d_loss']:.3f}"
+                )
+        self.seen = len(lines)
+
+
+def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
+    run_dir = (Path(opts.out_root) / (opts.run_id or new_run_id())).resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} exists and is not empty; choose another --run-id")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    say(f"run           {run_dir}")
+    sites = prepare(opts, run_dir, say)
+    app_dir = stage_app_dir(run_dir / "app")
+    config_path = write_run_config(run_dir / "run-config.toml", run_config(opts, run_dir))
+    outputs = RunOutputs(run_dir)
+    with LocalFederation(run_dir, run_dir / "certs", sites) as fed:
+        fed.start(progress=say)
+        say(f"deployment    {run_dir / 'deployment.json'}")
+        say(f"training      {opts.rounds} rounds, {len(sites)} sites, {opts.image_size}px {opts.kind}")
+        fed.run(app_dir, config_path, on_poll=RoundPrinter(outputs.metrics_path, opts.rounds, say))
+    status = json.loads(outputs.status_path.read_text()) if outputs.status_path.exists() else {}
+    if status.get("status") != "completed":
+        reason = status.get("reason", "the ServerApp left no status")
+        raise RunFailed(f"the run did not complete: {reason}; see {run_dir / 'logs'}")
+    say("outputs")
+    say(f"  generator   {outputs.generator_path}")
+    say(f"  samples     {run_dir}/samples_round_*.png")
+    say(f"  metrics     {outputs.metrics_path}")
+    say(f"  logs        {run_dir / 'logs'}")
+    return run_dir

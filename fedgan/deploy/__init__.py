@@ -1,0 +1,1 @@
+"""Starting FedGAN's processes: command lines, nginx configs, the local launcher."""

@@ -1,0 +1,125 @@
+"""One function per process that builds its command line.
+
+The local launcher and the container entrypoints both call these, so a flag
+that is right in the tests is right in production.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# A hospital host must not phone home; every Flower process gets these.
+PRIVATE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def venv_bin(name: str) -> str:
+    """A console script installed beside the running interpreter, else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"`{name}` not found; run `make setup` first")
+    return found
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)), None
+    )
+    if found is None:
+        raise FileNotFoundError("nginx not found; run `make setup` (installs Debian's nginx)")
+    return found
+
+
+def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a Flower process: ours, private, venv bin first on
+    PATH (the SuperLink spawns `flower-superexec` by name)."""
+    env = dict(os.environ)
+    env.update(PRIVATE_ENV)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def superlink_command(
+    *,
+    host: str,
+    port: int,
+    cert: Path,
+    key: Path,
+    ca: Path,
+    database: Path | None,
+    node_auth: bool = True,
+) -> list[str]:
+    cmd = [
+        venv_bin("flower-superlink"),
+        "--host", host,
+        "--port", str(port),
+        "--ssl-ca-certfile", str(ca),
+        "--ssl-certfile", str(cert),
+        "--ssl-keyfile", str(key),
+        # Never `uv sync` what an operator's FAB declares: no network, no surprises.
+        "--disable-runtime-dependency-installation",
+    ]
+    if database is not None:
+        cmd += ["--database", str(database)]
+    if node_auth:
+        cmd.append("--enable-supernode-auth")
+    return cmd
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    ca: Path,
+    node_key: Path,
+    runtime_port: int,
+    node_config: dict[str, str | int | float],
+) -> list[str]:
+    config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+    return [
+        venv_bin("flower-supernode"),
+        "--superlink", superlink,
+        "--root-certificates", str(ca),
+        "--auth-supernode-private-key", str(node_key),
+        "--host", "127.0.0.1",
+        "--port", str(runtime_port),
+        "--node-config", config,
+        "--max-retries", "60",
+        "--max-wait-time", "300",
+    ]
+
+
+def nginx_command(config: Path) -> list[str]:
+    return [nginx_binary(), "-c", str(config), "-p", str(config.parent), "-g", "daemon off;"]
+
+
+def nginx_test_command(config: Path) -> list[str]:
+    return [nginx_binary(), "-t", "-q", "-c", str(config), "-p", str(config.parent)]
+
+
+def flwr_register_command(pubkey: Path, connection: str) -> list[str]:
+    return [venv_bin("flwr"), "supernode", "register", str(pubkey), connection]
+
+
+def flwr_run_command(app_dir: Path, connection: str, run_config: Path) -> list[str]:
+    return [
+        venv_bin("flwr"), "run", str(app_dir), connection,
+        "--run-config", str(run_config), "--stream",
+    ]
+
+
+def _toml_value(value: str | int | float) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -1,0 +1,1 @@
+"""GAN model definitions and losses (no training loop, no I/O)."""

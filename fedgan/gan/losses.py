@@ -1,0 +1,16 @@
+"""The non-saturating GAN loss (Goodfellow et al. 2014), on logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    return real + fake
+
+
+def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))

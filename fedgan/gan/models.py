@@ -1,0 +1,118 @@
+"""DCGAN generator and discriminator for square images of 16 to 128 pixels.
+
+The discriminator is the only network that sees patient images, so it is built
+for Opacus from the start: no BatchNorm (per-sample gradients need samples to be
+independent; GroupNorm is) and no in-place activations (Opacus' backward hooks
+fail on views modified in place). The generator may keep BatchNorm: it never
+touches real data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SUPPORTED_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class GanSpec:
+    """What both networks' shapes depend on; sent with every round."""
+
+    image_size: int = 32
+    channels: int = 3
+    latent_dim: int = 64
+    width: int = 32
+
+    def __post_init__(self) -> None:
+        if self.image_size not in SUPPORTED_SIZES:
+            raise ValueError(
+                f"image-size {self.image_size} is not supported; use one of {SUPPORTED_SIZES}"
+            )
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels {self.channels} is not supported; use 1 or 3")
+        if self.latent_dim < 1 or self.width < 4:
+            raise ValueError("latent-dim must be >= 1 and width >= 4")
+
+    @property
+    def blocks(self) -> int:
+        """Resolution doublings between the 4x4 seed and the image."""
+        return int(math.log2(self.image_size // 4))
+
+
+def _init(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class Generator(nn.Module):
+    def __init__(self, spec: GanSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        ch = spec.width * 2 ** (spec.blocks - 1)
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(spec.latent_dim, ch, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(ch),
+            nn.ReLU(True),
+        ]
+        for _ in range(spec.blocks - 1):
+            layers += [
+                nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(ch // 2),
+                nn.ReLU(True),
+            ]
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ch, spec.channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.apply(_init)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(z.shape[0], -1, 1, 1))
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(channels, 8)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, spec: GanSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        ch = spec.width
+        layers: list[nn.Module] = [
+            nn.Conv2d(spec.channels, ch, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+        ]
+        for _ in range(spec.blocks - 1):
+            layers += [
+                nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),
+                nn.GroupNorm(_groups(ch * 2), ch * 2),
+                nn.LeakyReLU(0.2),
+            ]
+            ch *= 2
+        layers.append(nn.Conv2d(ch, 1, 4, 1, 0))
+        self.net = nn.Sequential(*layers)
+        self.apply(_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One logit per image, shape [B] (a [B, 1] shape breaks Opacus' ghost
+        clipping, which then over-scales updates ~30x)."""
+        return self.net(x).view(-1)
+
+
+def build(spec: GanSpec, seed: int | None = None) -> tuple[Generator, Discriminator]:
+    """Both networks, initialised reproducibly when ``seed`` is given (every
+    site and the server must start from the same global model)."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Generator(spec), Discriminator(spec)
+    return Generator(spec), Discriminator(spec)

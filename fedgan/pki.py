@@ -1,0 +1,483 @@
+"""The consortium PKI: one CA, the aggregator's server certificate, and per site a
+client certificate, a sidecar certificate and a Flower node key.
+
+Layout under the PKI root (``certs/`` by default)::
+
+    ca/ca.crt ca/ca.key ca/crl.pem
+    aggregator/server.crt aggregator/server.key
+    sites/<site-id>/client.crt client.key sidecar.crt sidecar.key node_key node_key.pub
+
+Every key is ECDSA on P-384 and every signature SHA-384: no RSA, no SHA-1, no
+choices for a caller to get wrong. Private keys are written 0600 and never
+replaced unless the caller passes ``force=True``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from fedgan.atomic import write_atomic
+
+_CURVE = ec.SECP384R1()
+_HASH = hashes.SHA384()
+SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DEFAULT_SITE_SIDECAR_SANS = ("localhost", "127.0.0.1", "sidecar")
+ALWAYS_AGGREGATOR_SANS = ("localhost", "127.0.0.1")
+
+
+class PkiError(Exception):
+    """A PKI operation was refused; the message names the file and the fix."""
+
+
+class CertificateRejected(PkiError):
+    """A certificate failed verification against the consortium CA."""
+
+
+@dataclass(frozen=True)
+class SitePaths:
+    dir: Path
+
+    @property
+    def client_cert(self) -> Path:
+        return self.dir / "client.crt"
+
+    @property
+    def client_key(self) -> Path:
+        return self.dir / "client.key"
+
+    @property
+    def sidecar_cert(self) -> Path:
+        return self.dir / "sidecar.crt"
+
+    @property
+    def sidecar_key(self) -> Path:
+        return self.dir / "sidecar.key"
+
+    @property
+    def node_key(self) -> Path:
+        return self.dir / "node_key"
+
+    @property
+    def node_pub(self) -> Path:
+        return self.dir / "node_key.pub"
+
+
+@dataclass(frozen=True)
+class PkiPaths:
+    """Where each file of the PKI lives; the one place that knows the layout."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca" / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca" / "ca.key"
+
+    @property
+    def crl(self) -> Path:
+        return self.root / "ca" / "crl.pem"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "aggregator" / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "aggregator" / "server.key"
+
+    def site(self, site_id: str) -> SitePaths:
+        check_site_id(site_id)
+        return SitePaths(self.root / "sites" / site_id)
+
+    def site_ids(self) -> list[str]:
+        sites = self.root / "sites"
+        return sorted(p.name for p in sites.iterdir() if p.is_dir()) if sites.is_dir() else []
+
+
+def check_site_id(site_id: str) -> str:
+    if not SITE_ID_RE.match(site_id):
+        raise PkiError(
+            f"site id {site_id!r} is invalid: use 1-63 lower-case letters, digits and '-', "
+            "starting with a letter or digit"
+        )
+    return site_id
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write_key(path: Path, key_bytes: bytes, force: bool) -> None:
+    write_atomic(path, key_bytes, mode=0o600, overwrite=force)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    """Check every output first so a refused call writes nothing at all."""
+    if force:
+        return
+    for path in paths:
+        if path.exists():
+            raise PkiError(f"{path} exists; pass --force to replace it")
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise PkiError(f"{path} not found; run `fedgan pki init` / `issue-*` first") from None
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        try:
+            return x509.load_der_x509_certificate(data)
+        except ValueError:
+            raise PkiError(f"{path} is not a PEM or DER X.509 certificate") from None
+
+
+def _load_ca(paths: PkiPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = load_cert(paths.ca_cert)
+    try:
+        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise PkiError(f"{paths.ca_key} not found; run `fedgan pki init` first") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{paths.ca_key} is not an EC private key")
+    return cert, key
+
+
+def _name(common_name: str, consortium: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if consortium:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, consortium))
+    return x509.Name(attrs)
+
+
+def _san(names: list[str]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return x509.SubjectAlternativeName(entries)
+
+
+def init_ca(root: Path, consortium: str, *, days: int = 3650, force: bool = False) -> PkiPaths:
+    """Create the consortium CA and an empty CRL (nginx needs one to exist)."""
+    if days < 1:
+        raise PkiError("--days must be at least 1")
+    paths = PkiPaths(Path(root))
+    _refuse_existing([paths.ca_key, paths.ca_cert], force)
+    key = ec.generate_private_key(_CURVE)
+    now = _now()
+    name = _name(f"{consortium} FedGAN CA", consortium)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, _HASH)
+    )
+    _write_key(paths.ca_key, _key_pem(key), force)
+    _write_cert(paths.ca_cert, cert)
+    _write_crl(paths, cert, key, revoked=[])
+    return paths
+
+
+def _leaf(
+    paths: PkiPaths,
+    common_name: str,
+    sans: list[str],
+    usage: x509.ObjectIdentifier,
+    days: int,
+    key: ec.EllipticCurvePrivateKey,
+) -> x509.Certificate:
+    if days < 1:
+        raise PkiError("--days must be at least 1")
+    ca_cert, ca_key = _load_ca(paths)
+    now = _now()
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+    )
+    if sans:
+        builder = builder.add_extension(_san(sans), critical=False)
+    return builder.sign(ca_key, _HASH)
+
+
+def issue_aggregator(
+    root: Path, sans: list[str] | None = None, *, days: int = 825, force: bool = False
+) -> PkiPaths:
+    """Issue the server certificate used by the edge and the SuperLink.
+
+    ``localhost`` and ``127.0.0.1`` are always included: the SuperLink's own
+    subprocesses (ServerApp, SuperExec) connect back to it on loopback.
+    """
+    paths = PkiPaths(Path(root))
+    _refuse_existing([paths.server_key, paths.server_cert], force)
+    names = [*(sans or []), *ALWAYS_AGGREGATOR_SANS]
+    key = ec.generate_private_key(_CURVE)
+    cert = _leaf(paths, names[0], names, ExtendedKeyUsageOID.SERVER_AUTH, days, key)
+    _write_key(paths.server_key, _key_pem(key), force)
+    _write_cert(paths.server_cert, cert)
+    return paths
+
+
+def issue_site(
+    root: Path,
+    site_id: str,
+    *,
+    days: int = 365,
+    sidecar_sans: list[str] | None = None,
+    force: bool = False,
+) -> SitePaths:
+    """Issue what one hospital needs: its mTLS client certificate (CN = site id),
+    the TLS certificate of its local sidecar, and its Flower node key."""
+    paths = PkiPaths(Path(root))
+    site = paths.site(site_id)
+    _refuse_existing(
+        [site.client_key, site.client_cert, site.sidecar_key, site.sidecar_cert,
+         site.node_key, site.node_pub],
+        force,
+    )
+    client_key = ec.generate_private_key(_CURVE)
+    client = _leaf(paths, site_id, [], ExtendedKeyUsageOID.CLIENT_AUTH, days, client_key)
+    sidecar_key = ec.generate_private_key(_CURVE)
+    sidecar_names = list(sidecar_sans or DEFAULT_SITE_SIDECAR_SANS)
+    sidecar = _leaf(
+        paths, f"{site_id}-sidecar", sidecar_names, ExtendedKeyUsageOID.SERVER_AUTH, days,
+        sidecar_key,
+    )
+    node_key = ec.generate_private_key(_CURVE)
+    _write_key(site.client_key, _key_pem(client_key), force)
+    _write_cert(site.client_cert, client)
+    _write_key(site.sidecar_key, _key_pem(sidecar_key), force)
+    _write_cert(site.sidecar_cert, sidecar)
+    _write_key(
+        site.node_key,
+        node_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+        force,
+    )
+    write_atomic(
+        site.node_pub,
+        node_key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + f" {site_id}\n".encode(),
+        mode=0o644,
+        overwrite=True,
+    )
+    return site
+
+
+def load_crl(paths: PkiPaths) -> x509.CertificateRevocationList:
+    try:
+        return x509.load_pem_x509_crl(paths.crl.read_bytes())
+    except FileNotFoundError:
+        raise PkiError(f"{paths.crl} not found; run `fedgan pki init` first") from None
+    except ValueError:
+        raise PkiError(f"{paths.crl} is not a PEM CRL; re-create it with `fedgan pki crl`") from None
+
+
+def _write_crl(
+    paths: PkiPaths,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    revoked: list[x509.RevokedCertificate],
+    days: int = 30,
+) -> None:
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=days))
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca_key, _HASH)
+    write_atomic(paths.crl, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+def refresh_crl(root: Path, *, days: int = 30) -> x509.CertificateRevocationList:
+    """Re-sign the CRL with the same entries and a new expiry.
+
+    nginx refuses every client once the CRL's nextUpdate has passed (fail
+    closed), so operators re-sign it on a schedule shorter than ``days``.
+    """
+    paths = PkiPaths(Path(root))
+    ca_cert, ca_key = _load_ca(paths)
+    crl = load_crl(paths)
+    _write_crl(paths, ca_cert, ca_key, list(crl), days)
+    return load_crl(paths)
+
+
+def revoke_site(root: Path, site_id: str, *, days: int = 30) -> list[int]:
+    """Revoke the site's client and sidecar certificates; returns the serials."""
+    paths = PkiPaths(Path(root))
+    site = paths.site(site_id)
+    if not site.client_cert.exists():
+        raise PkiError(f"{site.client_cert} not found: no site {site_id!r} was issued here")
+    ca_cert, ca_key = _load_ca(paths)
+    crl = load_crl(paths)
+    entries = list(crl)
+    known = {entry.serial_number for entry in entries}
+    serials = []
+    for cert_path in (site.client_cert, site.sidecar_cert):
+        if not cert_path.exists():
+            continue
+        serial = load_cert(cert_path).serial_number
+        serials.append(serial)
+        if serial in known:
+            continue
+        entries.append(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(_now())
+            .add_extension(x509.CRLReason(x509.ReasonFlags.cessation_of_operation), critical=False)
+            .build()
+        )
+    _write_crl(paths, ca_cert, ca_key, entries, days)
+    return serials
+
+
+def is_revoked(root: Path, cert: x509.Certificate) -> bool:
+    paths = PkiPaths(Path(root))
+    crl = load_crl(paths)
+    ca_cert = load_cert(paths.ca_cert)
+    if not crl.is_signature_valid(ca_cert.public_key()):
+        raise CertificateRejected(f"{paths.crl} is not signed by {paths.ca_cert}")
+    return crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+
+
+def verify_client_cert(
+    cert: x509.Certificate,
+    ca_cert: x509.Certificate,
+    *,
+    crl: x509.CertificateRevocationList | None = None,
+    at: dt.datetime | None = None,
+) -> None:
+    """Verify a site's client certificate the way the edge does: chain to the
+    consortium CA, validity period, extended key usage, and revocation."""
+    store = Store([ca_cert])
+    verifier = PolicyBuilder().store(store).time(at or _now()).build_client_verifier()
+    try:
+        verifier.verify(cert, [])
+    except VerificationError as exc:
+        raise CertificateRejected(f"certificate rejected: {exc}") from None
+    if crl is not None:
+        if not crl.is_signature_valid(ca_cert.public_key()):
+            raise CertificateRejected("the CRL is not signed by the consortium CA")
+        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            raise CertificateRejected(f"certificate serial {cert.serial_number:x} is revoked")
+
+
+def fingerprint_sha256(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def describe_key(key: object) -> str:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name} ({key.curve.key_size} bit)"
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA {key.key_size} bit"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    return type(key).__name__
+
+
+def inspect_cert(path: Path) -> dict[str, object]:
+    """The fields an operator or auditor checks, as plain data."""
+    cert = load_cert(Path(path))
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
+            str(v) for v in san.get_values_for_type(x509.IPAddress)
+        ]
+    except x509.ExtensionNotFound:
+        sans = []
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    algo = cert.signature_hash_algorithm
+    return {
+        "path": str(path),
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "serial": f"{cert.serial_number:x}",
+        "sans": sans,
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "key": describe_key(cert.public_key()),
+        "signature_hash": algo.name if algo else "none",
+        "is_ca": is_ca,
+        "sha256_fingerprint": fingerprint_sha256(cert),
+    }

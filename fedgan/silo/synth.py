@@ -1,0 +1,182 @@
+"""Synthetic silos for demos, rehearsals and tests.
+
+They are not meant to fool a clinician; they are meant to exercise the real
+readers (valid JPEGs with a labels CSV in the APTOS layout; valid DICOM with
+rescale, window and pixel spacing) and to give a GAN visible structure to learn
+(a disc with an optic nerve head, vessels and grade-dependent lesions; a chest
+with lungs, mediastinum and ribs).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from fedgan.atomic import write_atomic, write_text_atomic
+
+GRADE_WEIGHTS = np.array([0.45, 0.15, 0.2, 0.1, 0.1])
+
+
+def _fundus_image(rng: np.random.Generator, grade: int, size: int) -> Image.Image:
+    img = Image.new("RGB", (size, size), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    cx, cy = size / 2 + rng.normal(0, size * 0.01), size / 2 + rng.normal(0, size * 0.01)
+    radius = size * rng.uniform(0.42, 0.47)
+    base = np.array([rng.uniform(150, 200), rng.uniform(60, 95), rng.uniform(20, 45)])
+    # Radial shading: brighter centre, darker rim, as in a real fundus photograph.
+    for step in range(24, 0, -1):
+        r = radius * step / 24
+        shade = base * (0.55 + 0.45 * (1 - step / 24) ** 0.5)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in shade))
+    side = 1 if rng.random() < 0.5 else -1
+    ox, oy = cx + side * radius * 0.38, cy + rng.normal(0, radius * 0.04)
+    od = radius * rng.uniform(0.12, 0.16)
+    # Vessels: arcs leaving the optic disc above and below.
+    for k in range(6):
+        angle = (k / 6) * 2 * math.pi + rng.normal(0, 0.2)
+        points = [(ox, oy)]
+        x, y, heading = ox, oy, angle
+        for _ in range(12):
+            heading += rng.normal(0, 0.18)
+            x += math.cos(heading) * radius * 0.09
+            y += math.sin(heading) * radius * 0.09
+            if (x - cx) ** 2 + (y - cy) ** 2 > (radius * 0.97) ** 2:
+                break
+            points.append((x, y))
+        width = max(1, int(size / 90 * (2 if k % 2 == 0 else 1)))
+        draw.line(points, fill=(int(base[0] * 0.55), 15, 10), width=width)
+    draw.ellipse([ox - od, oy - od, ox + od, oy + od], fill=(245, 215, 130))
+    # Lesions grow with the diabetic-retinopathy grade: microaneurysms and
+    # haemorrhages (dark red), hard exudates (yellow).
+    for _ in range(int(grade * rng.integers(3, 7))):
+        a, d = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0.02, 0.8))
+        x, y = cx + d * math.cos(a), cy + d * math.sin(a)
+        s = max(1.0, size / 128 * rng.uniform(1.0, 2.5 + grade))
+        draw.ellipse([x - s, y - s, x + s, y + s], fill=(110, 10, 10))
+    for _ in range(int(max(0, grade - 1) * rng.integers(2, 6))):
+        a, d = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0.02, 0.6))
+        x, y = cx + d * math.cos(a), cy + d * math.sin(a)
+        s = max(1.0, size / 128 * rng.uniform(1.0, 3.0))
+        draw.ellipse([x - s, y - s, x + s, y + s], fill=(235, 220, 90))
+    return img.filter(ImageFilter.GaussianBlur(radius=size / 256))
+
+
+def synth_fundus(directory: Path, n: int, *, seed: int = 0, size: int = 128) -> Path:
+    """Write ``n`` fundus JPEGs and ``labels.csv`` (``id_code,diagnosis``)."""
+    directory = Path(directory)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        grade = int(rng.choice(5, p=GRADE_WEIGHTS))
+        image_id = f"synth{seed:04d}_{i:05d}"
+        out = io.BytesIO()
+        _fundus_image(rng, grade, size).save(out, format="JPEG", quality=92)
+        write_atomic(directory / f"{image_id}.jpg", out.getvalue())
+        rows.append((image_id, grade))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["id_code", "diagnosis"])
+    writer.writerows(rows)
+    write_text_atomic(directory / "labels.csv", text.getvalue())
+    return directory
+
+
+def _chest_pixels(rng: np.random.Generator, size: int, abnormal: bool) -> np.ndarray:
+    """Hounsfield-like values: air -1000, soft tissue ~40, bone ~700."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    body = ((xx - 0.5) / 0.46) ** 2 + ((yy - 0.55) / 0.5) ** 2 < 1
+    hu = np.full((size, size), -1000.0, dtype=np.float32)
+    hu[body] = 40.0
+    for side in (-1, 1):
+        lx = 0.5 + side * rng.uniform(0.17, 0.21)
+        lung = ((xx - lx) / rng.uniform(0.13, 0.16)) ** 2 + ((yy - 0.5) / rng.uniform(0.3, 0.34)) ** 2
+        hu[lung < 1] = -850.0 + rng.normal(0, 20)
+    for k in range(7):
+        y0 = 0.25 + k * 0.075
+        for side in (-1, 1):
+            rib = np.abs((yy - y0 - 0.12 * ((xx - 0.5) * side) ** 2 * 4) * size) < max(1.0, size / 90)
+            rib &= np.abs(xx - 0.5) > 0.06
+            rib &= np.abs(xx - 0.5) < 0.4
+            hu[rib & body] = 250.0
+    spine = (np.abs(xx - 0.5) < 0.035) & body
+    hu[spine] = 900.0
+    if abnormal:
+        side = 1 if rng.random() < 0.5 else -1
+        nx, ny = 0.5 + side * rng.uniform(0.14, 0.24), rng.uniform(0.35, 0.65)
+        r = rng.uniform(0.03, 0.07)
+        hu[((xx - nx) ** 2 + (yy - ny) ** 2) < r**2] = 60.0
+    hu += rng.normal(0, 12, size=hu.shape).astype(np.float32)
+    return hu
+
+
+def synth_dicom(directory: Path, n: int, *, seed: int = 0, size: int = 128) -> Path:
+    """Write ``n`` valid chest DICOM files (MONOCHROME2, 16-bit, rescale
+    slope/intercept, window, pixel spacing) in nested series folders, and
+    ``labels.csv`` (``path,label``: normal or abnormal)."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    directory = Path(directory)
+    rng = np.random.default_rng(seed)
+    slope, intercept = 1.0, -1024.0
+    rows = []
+    study = generate_uid()
+    for i in range(n):
+        abnormal = bool(rng.random() < 0.4)
+        hu = _chest_pixels(rng, size, abnormal)
+        stored = np.clip((hu - intercept) / slope, 0, 4095).astype(np.uint16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = generate_uid()
+        ds.PatientName = f"SYNTH^{seed:04d}{i:05d}"
+        ds.PatientID = f"SYN{seed:04d}{i:05d}"
+        ds.StudyDate = dt.date(2026, 1, 1).strftime("%Y%m%d")
+        ds.Modality = "CT"
+        ds.BodyPartExamined = "CHEST"
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+        ds.RescaleSlope = slope
+        ds.RescaleIntercept = intercept
+        ds.WindowCenter = -600
+        ds.WindowWidth = 1500
+        ds.PixelSpacing = [round(350 / size, 4)] * 2
+        ds.PixelData = stored.tobytes()
+        rel = Path(f"series{i % 3:02d}") / f"IMG{i:05d}.dcm"
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        write_atomic(directory / rel, out.getvalue())
+        rows.append((rel.as_posix(), "abnormal" if abnormal else "normal"))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "label"])
+    writer.writerows(rows)
+    write_text_atomic(directory / "labels.csv", text.getvalue())
+    return directory
+
+
+def synth_silo(directory: Path, kind: str, n: int, *, seed: int = 0, size: int = 128) -> Path:
+    if n < 1:
+        raise ValueError("--n must be at least 1")
+    if kind == "fundus":
+        return synth_fundus(directory, n, seed=seed, size=size)
+    if kind == "dicom":
+        return synth_dicom(directory, n, seed=seed, size=size)
+    raise ValueError(f"unknown silo kind {kind!r}; use fundus or dicom")

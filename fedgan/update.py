@@ -1,0 +1,81 @@
+"""The update path: what a site sends, and how the server turns what it
+receives back into a new global model.
+
+This is the seam for the later layers. Differential privacy's update clipping,
+quantization and secure-aggregation masking wrap `make_update` on the site and
+replace `weighted_mean` on the server; nothing else in the round changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Arrays = list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    """Δ = local − global for both networks, and the site's weight (its
+    number of training examples, as in FedAvg)."""
+
+    gen: Arrays
+    disc: Arrays
+    weight: float
+
+    def __post_init__(self) -> None:
+        if not (self.weight > 0 and np.isfinite(self.weight)):
+            raise ValueError(f"update weight must be a positive number, got {self.weight}")
+
+
+def _delta(local: Sequence[np.ndarray], global_: Sequence[np.ndarray]) -> Arrays:
+    if len(local) != len(global_):
+        raise ValueError(f"local model has {len(local)} arrays, global has {len(global_)}")
+    return [
+        (np.asarray(lo, dtype=np.float32) - np.asarray(gl, dtype=np.float32))
+        for lo, gl in zip(local, global_, strict=True)
+    ]
+
+
+def make_update(
+    local_gen: Sequence[np.ndarray],
+    local_disc: Sequence[np.ndarray],
+    global_gen: Sequence[np.ndarray],
+    global_disc: Sequence[np.ndarray],
+    num_examples: int,
+) -> SiteUpdate:
+    return SiteUpdate(
+        gen=_delta(local_gen, global_gen),
+        disc=_delta(local_disc, global_disc),
+        weight=float(num_examples),
+    )
+
+
+def weighted_mean(updates: Sequence[SiteUpdate]) -> tuple[Arrays, Arrays]:
+    """Σ wᵢΔᵢ / Σ wᵢ for each network (FedAvg on deltas), in float64 so the
+    order in which replies arrive does not change the result."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    total = sum(u.weight for u in updates)
+
+    def mean(field: str) -> Arrays:
+        first: Arrays = getattr(updates[0], field)
+        acc = [np.zeros(a.shape, dtype=np.float64) for a in first]
+        for u in updates:
+            arrays: Arrays = getattr(u, field)
+            if [a.shape for a in arrays] != [a.shape for a in first]:
+                raise ValueError("sites sent updates of different shapes")
+            for i, a in enumerate(arrays):
+                acc[i] += u.weight * a.astype(np.float64)
+        return [(a / total).astype(np.float32) for a in acc]
+
+    return mean("gen"), mean("disc")
+
+
+def apply_delta(global_: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> Arrays:
+    return [
+        (np.asarray(g, dtype=np.float32) + d).astype(np.float32)
+        for g, d in zip(global_, delta, strict=True)
+    ]
