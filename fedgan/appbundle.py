@@ -24,7 +24,9 @@ def project_pyproject() -> Path:
     """The pyproject that defines the Flower app: `$FEDGAN_APP_PYPROJECT` (set
     in the images), else the one beside the package in a source checkout."""
     configured = os.environ.get(APP_CONFIG_ENV)
-    path = Path(configured) if configured else Path(__file__).resolve().parents[1] / "pyproject.toml"
+    path = (
+        Path(configured) if configured else Path(__file__).resolve().parents[1] / "pyproject.toml"
+    )
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found; set {APP_CONFIG_ENV} to FedGAN's pyproject.toml"

@@ -13,7 +13,11 @@ import typer
 
 from fedgan import pki
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="FedGAN: federated, differentially private GAN training for medical images.",
+)
 pki_app = typer.Typer(no_args_is_help=True, help="The consortium PKI: CA, certificates, CRL.")
 silo_app = typer.Typer(no_args_is_help=True, help="Hospital image silos.")
 app.add_typer(pki_app, name="pki")
@@ -37,12 +41,18 @@ def pki_init(
 ) -> None:
     """Create the consortium CA and an empty CRL."""
     paths = pki.init_ca(out, consortium, days=days, force=force)
-    typer.echo(f"CA certificate {paths.ca_cert}\nCA key         {paths.ca_key} (0600)\nCRL            {paths.crl}")
+    typer.echo(
+        f"CA certificate {paths.ca_cert}\n"
+        f"CA key         {paths.ca_key} (0600)\n"
+        f"CRL            {paths.crl}"
+    )
 
 
 @pki_app.command("issue-aggregator")
 def pki_issue_aggregator(
-    san: Annotated[list[str] | None, typer.Option("--san", help="DNS name or IP (repeatable).")] = None,
+    san: Annotated[
+        list[str] | None, typer.Option("--san", help="DNS name or IP (repeatable).")
+    ] = None,
     out: CertsOpt = Path("certs"),
     days: Annotated[int, typer.Option(help="Validity in days.")] = 825,
     force: ForceOpt = False,
@@ -91,7 +101,9 @@ def pki_crl(
 ) -> None:
     """Re-sign the CRL with a new expiry (nginx refuses every site once it expires)."""
     crl = pki.refresh_crl(out, days=days)
-    typer.echo(f"CRL {pki.PkiPaths(out).crl}: {len(list(crl))} revoked, next update {crl.next_update_utc}")
+    typer.echo(
+        f"CRL {pki.PkiPaths(out).crl}: {len(list(crl))} revoked, next update {crl.next_update_utc}"
+    )
 
 
 @pki_app.command("inspect")
@@ -137,14 +149,23 @@ def demo(
     local_steps: Annotated[int, typer.Option(help="GAN steps per site per round.")] = 20,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
-    run_id: Annotated[str | None, typer.Option(help="Run folder name (default: time-based).")] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Run folder name (default: time-based).")
+    ] = None,
 ) -> None:
     """Run a local federation of real processes over mutual TLS and train a GAN."""
     from fedgan.demo import DemoOptions, run_demo
 
     opts = DemoOptions(
-        sites=sites, rounds=rounds, kind=kind, data=list(data or []), image_size=image_size,
-        images_per_site=images_per_site, local_steps=local_steps, seed=seed, out_root=out,
+        sites=sites,
+        rounds=rounds,
+        kind=kind,
+        data=list(data or []),
+        image_size=image_size,
+        images_per_site=images_per_site,
+        local_steps=local_steps,
+        seed=seed,
+        out_root=out,
         run_id=run_id,
     )
     run_demo(opts, say=typer.echo)
@@ -157,29 +178,26 @@ def _terminate(signum: int, _frame: object) -> NoReturn:
 
 
 def main() -> None:
-    from fedgan.deploy.process import ProcessFailed
-    from fedgan.run_config import ConfigError
-    from fedgan.silo import SiloError
+    import click
+
+    from fedgan.errors import FedGanError
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(standalone_mode=False)
-    except typer.Exit as exc:
+        # Non-standalone: typer returns the exit code (130 after Ctrl-C or
+        # SIGTERM) instead of exiting, and lets our own errors through.
+        code = app(standalone_mode=False)
+    except click.ClickException as exc:  # usage errors
+        exc.show()
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("fedgan: interrupted; every process it started has been stopped", err=True)
-        sys.exit(130)
-    except (pki.PkiError, SiloError, ConfigError, FileExistsError, FileNotFoundError,
-            ValueError, ProcessFailed, RuntimeError, TimeoutError) as exc:
+    except click.exceptions.Abort:
+        code = 130
+    except (FedGanError, OSError, ValueError, TimeoutError) as exc:
         typer.echo(f"fedgan: {exc}", err=True)
         sys.exit(1)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    if code == 130:
+        typer.echo("fedgan: interrupted; every process it started has been stopped", err=True)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

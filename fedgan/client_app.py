@@ -82,7 +82,11 @@ def train(msg: Message, context: Context) -> Message:
         )
     log.info(
         "site %s round %d: %d steps on %d images in %.1f s",
-        site.site_id, server_round, result.steps, result.examples, result.seconds,
+        site.site_id,
+        server_round,
+        result.steps,
+        result.examples,
+        result.seconds,
     )
     return Message(
         wire.train_reply(

@@ -14,13 +14,14 @@ from typing import Any
 from fedgan import pki
 from fedgan.appbundle import default_run_config, stage_app_dir, write_run_config
 from fedgan.deploy.local import LocalFederation, SiteSpec
+from fedgan.errors import FedGanError
 from fedgan.outputs import RunOutputs
 from fedgan.silo.synth import synth_silo
 
 CHANNELS = {"fundus": 3, "dicom": 1}
 
 
-class RunFailed(RuntimeError):
+class RunFailed(FedGanError, RuntimeError):
     """The federation ran but the ServerApp did not complete."""
 
 
@@ -70,12 +71,16 @@ def prepare(opts: DemoOptions, run_dir: Path, say: Callable[[str], None]) -> lis
             data = Path(opts.data[i]).resolve()
         else:
             data = synth_silo(
-                run_dir / "silos" / site_id, opts.kind, opts.images_per_site,
-                seed=opts.seed * 1000 + i, size=64,
+                run_dir / "silos" / site_id,
+                opts.kind,
+                opts.images_per_site,
+                seed=opts.seed * 1000 + i,
+                size=64,
             )
         specs.append(SiteSpec(site_id, data, opts.kind))
     if not opts.data:
-        say(f"silos         {run_dir / 'silos'} ({opts.images_per_site} {opts.kind} images per site)")
+        per_site = f"{opts.images_per_site} {opts.kind} images per site"
+        say(f"silos         {run_dir / 'silos'} ({per_site})")
     return specs
 
 
@@ -133,7 +138,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
     with LocalFederation(run_dir, run_dir / "certs", sites) as fed:
         fed.start(progress=say)
         say(f"deployment    {run_dir / 'deployment.json'}")
-        say(f"training      {opts.rounds} rounds, {len(sites)} sites, {opts.image_size}px {opts.kind}")
+        shape = f"{opts.image_size}px {opts.kind}"
+        say(f"training      {opts.rounds} rounds, {len(sites)} sites, {shape}")
         fed.run(app_dir, config_path, on_poll=RoundPrinter(outputs.metrics_path, opts.rounds, say))
     status = json.loads(outputs.status_path.read_text()) if outputs.status_path.exists() else {}
     if status.get("status") != "completed":

@@ -1,10 +1,10 @@
 """What a run leaves in ``runs/<run-id>/``, written atomically.
 
-    samples_round_NNN.png   8×8 grid from a fixed latent batch
-    metrics.jsonl           one JSON line per round
-    generator.pt            the latest global generator (spec + state_dict)
-    status.json             running / completed / failed, with the reason
-    dumps/round_NNN/        global weights before/after (test mode only)
+samples_round_NNN.png   8×8 grid from a fixed latent batch
+metrics.jsonl           one JSON line per round
+generator.pt            the latest global generator (spec + state_dict)
+status.json             running / completed / failed, with the reason
+dumps/round_NNN/        global weights before/after (test mode only)
 """
 
 from __future__ import annotations
@@ -67,11 +67,15 @@ class RunOutputs:
         record = {"status": status, "time": time.time(), **details}
         write_text_atomic(self.status_path, json.dumps(record, sort_keys=True, indent=1))
 
-    def dump_arrays(self, server_round: int, name: str, arrays: dict[str, list[np.ndarray]]) -> None:
+    def dump_arrays(
+        self, server_round: int, name: str, arrays: dict[str, list[np.ndarray]]
+    ) -> None:
         flat = {f"{k}_{i:03d}": a for k, arrs in arrays.items() for i, a in enumerate(arrs)}
         buf = io.BytesIO()
         np.savez(buf, **flat)
-        write_atomic(self.dir / "dumps" / f"round_{server_round:03d}" / f"{name}.npz", buf.getvalue())
+        write_atomic(
+            self.dir / "dumps" / f"round_{server_round:03d}" / f"{name}.npz", buf.getvalue()
+        )
 
 
 def load_dump(path: Path) -> dict[str, list[np.ndarray]]:

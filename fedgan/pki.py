@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from fedgan.atomic import write_atomic
+from fedgan.errors import FedGanError
 
 _CURVE = ec.SECP384R1()
 _HASH = hashes.SHA384()
@@ -35,7 +36,7 @@ DEFAULT_SITE_SIDECAR_SANS = ("localhost", "127.0.0.1", "sidecar")
 ALWAYS_AGGREGATOR_SANS = ("localhost", "127.0.0.1")
 
 
-class PkiError(Exception):
+class PkiError(FedGanError):
     """A PKI operation was refused; the message names the file and the fix."""
 
 
@@ -116,6 +117,10 @@ def check_site_id(site_id: str) -> str:
     return site_id
 
 
+def site_uri(site_id: str) -> str:
+    return f"urn:fedgan:site:{site_id}"
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -149,7 +154,7 @@ def load_cert(path: Path) -> x509.Certificate:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise PkiError(f"{path} not found; run `fedgan pki init` / `issue-*` first") from None
+        raise PkiError(f"{path} not found") from None
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
@@ -160,6 +165,8 @@ def load_cert(path: Path) -> x509.Certificate:
 
 
 def _load_ca(paths: PkiPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    if not paths.ca_cert.exists():
+        raise PkiError(f"{paths.ca_cert} not found; run `fedgan pki init --out {paths.root}` first")
     cert = load_cert(paths.ca_cert)
     try:
         key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
@@ -177,8 +184,8 @@ def _name(common_name: str, consortium: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
-def _san(names: list[str]) -> x509.SubjectAlternativeName:
-    entries: list[x509.GeneralName] = []
+def _san(names: list[str], uris: tuple[str, ...] = ()) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     seen: set[str] = set()
     for name in names:
         if name in seen:
@@ -212,9 +219,15 @@ def init_ca(root: Path, consortium: str, *, days: int = 3650, force: bool = Fals
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -234,6 +247,7 @@ def _leaf(
     usage: x509.ObjectIdentifier,
     days: int,
     key: ec.EllipticCurvePrivateKey,
+    uris: tuple[str, ...] = (),
 ) -> x509.Certificate:
     if days < 1:
         raise PkiError("--days must be at least 1")
@@ -251,9 +265,15 @@ def _leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -263,8 +283,8 @@ def _leaf(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
         )
     )
-    if sans:
-        builder = builder.add_extension(_san(sans), critical=False)
+    if sans or uris:
+        builder = builder.add_extension(_san(sans, uris), critical=False)
     return builder.sign(ca_key, _HASH)
 
 
@@ -299,16 +319,35 @@ def issue_site(
     paths = PkiPaths(Path(root))
     site = paths.site(site_id)
     _refuse_existing(
-        [site.client_key, site.client_cert, site.sidecar_key, site.sidecar_cert,
-         site.node_key, site.node_pub],
+        [
+            site.client_key,
+            site.client_cert,
+            site.sidecar_key,
+            site.sidecar_cert,
+            site.node_key,
+            site.node_pub,
+        ],
         force,
     )
     client_key = ec.generate_private_key(_CURVE)
-    client = _leaf(paths, site_id, [], ExtendedKeyUsageOID.CLIENT_AUTH, days, client_key)
+    # RFC 5280 profiles require a SAN; the URI names the site unambiguously.
+    client = _leaf(
+        paths,
+        site_id,
+        [],
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        days,
+        client_key,
+        uris=(site_uri(site_id),),
+    )
     sidecar_key = ec.generate_private_key(_CURVE)
     sidecar_names = list(sidecar_sans or DEFAULT_SITE_SIDECAR_SANS)
     sidecar = _leaf(
-        paths, f"{site_id}-sidecar", sidecar_names, ExtendedKeyUsageOID.SERVER_AUTH, days,
+        paths,
+        f"{site_id}-sidecar",
+        sidecar_names,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        days,
         sidecar_key,
     )
     node_key = ec.generate_private_key(_CURVE)
@@ -343,7 +382,9 @@ def load_crl(paths: PkiPaths) -> x509.CertificateRevocationList:
     except FileNotFoundError:
         raise PkiError(f"{paths.crl} not found; run `fedgan pki init` first") from None
     except ValueError:
-        raise PkiError(f"{paths.crl} is not a PEM CRL; re-create it with `fedgan pki crl`") from None
+        raise PkiError(
+            f"{paths.crl} is not a PEM CRL; re-create it with `fedgan pki crl`"
+        ) from None
 
 
 def _write_crl(
@@ -458,8 +499,10 @@ def inspect_cert(path: Path) -> dict[str, object]:
     cert = load_cert(Path(path))
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        sans = [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
-            str(v) for v in san.get_values_for_type(x509.IPAddress)
+        sans = [
+            *(str(v) for v in san.get_values_for_type(x509.DNSName)),
+            *(str(v) for v in san.get_values_for_type(x509.IPAddress)),
+            *(str(v) for v in san.get_values_for_type(x509.UniformResourceIdentifier)),
         ]
     except x509.ExtensionNotFound:
         sans = []

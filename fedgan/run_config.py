@@ -11,11 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedgan.errors import FedGanError
 from fedgan.gan.models import GanSpec
 from fedgan.train import TrainConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(FedGanError, ValueError):
     """A run-config or node-config value is missing or invalid."""
 
 
@@ -122,7 +123,7 @@ class SiteSettings:
         if missing:
             raise ConfigError(
                 f"node config is missing {', '.join(missing)}; start the SuperNode with "
-                "--node-config 'site-id=\"...\" data-dir=\"...\" kind=\"fundus\" work-dir=\"...\"'"
+                '--node-config \'site-id="..." data-dir="..." kind="fundus" work-dir="..."\''
             )
         return cls(
             site_id=str(cfg["site-id"]),

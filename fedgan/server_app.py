@@ -112,10 +112,16 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> None:
             weights = [u.weight for u in updates]
             total = sum(weights)
             record["examples"] = total
-            record["g_loss"] = sum(w * g for w, g in zip(weights, losses["g-loss"])) / total
-            record["d_loss"] = sum(w * d for w, d in zip(weights, losses["d-loss"])) / total
+            record["g_loss"] = (
+                sum(w * g for w, g in zip(weights, losses["g-loss"], strict=True)) / total
+            )
+            record["d_loss"] = (
+                sum(w * d for w, d in zip(weights, losses["d-loss"], strict=True)) / total
+            )
             if settings.dump_updates:
-                out.dump_arrays(server_round, "global_before", {"gen": global_gen, "disc": global_disc})
+                out.dump_arrays(
+                    server_round, "global_before", {"gen": global_gen, "disc": global_disc}
+                )
                 out.dump_arrays(
                     server_round, "global_after", {"gen": get_arrays(gen), "disc": get_arrays(disc)}
                 )

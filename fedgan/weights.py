@@ -24,7 +24,10 @@ def get_arrays(model: nn.Module) -> list[np.ndarray]:
 def set_arrays(model: nn.Module, arrays: list[np.ndarray]) -> None:
     keys = float_keys(model)
     if len(keys) != len(arrays):
-        raise ValueError(f"expected {len(keys)} arrays for {type(model).__name__}, got {len(arrays)}")
+        raise ValueError(
+            f"expected {len(keys)} arrays for {type(model).__name__}, got {len(arrays)}; "
+            "are the sites and server on the same image-size/width?"
+        )
     state = model.state_dict()
     for key, array in zip(keys, arrays, strict=True):
         if tuple(state[key].shape) != tuple(array.shape):

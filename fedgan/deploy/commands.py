@@ -60,11 +60,16 @@ def superlink_command(
 ) -> list[str]:
     cmd = [
         venv_bin("flower-superlink"),
-        "--host", host,
-        "--port", str(port),
-        "--ssl-ca-certfile", str(ca),
-        "--ssl-certfile", str(cert),
-        "--ssl-keyfile", str(key),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--ssl-ca-certfile",
+        str(ca),
+        "--ssl-certfile",
+        str(cert),
+        "--ssl-keyfile",
+        str(key),
         # Never `uv sync` what an operator's FAB declares: no network, no surprises.
         "--disable-runtime-dependency-installation",
     ]
@@ -86,14 +91,22 @@ def supernode_command(
     config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
     return [
         venv_bin("flower-supernode"),
-        "--superlink", superlink,
-        "--root-certificates", str(ca),
-        "--auth-supernode-private-key", str(node_key),
-        "--host", "127.0.0.1",
-        "--port", str(runtime_port),
-        "--node-config", config,
-        "--max-retries", "60",
-        "--max-wait-time", "300",
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(ca),
+        "--auth-supernode-private-key",
+        str(node_key),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+        "--node-config",
+        config,
+        "--max-retries",
+        "60",
+        "--max-wait-time",
+        "300",
     ]
 
 
@@ -105,14 +118,20 @@ def nginx_test_command(config: Path) -> list[str]:
     return [nginx_binary(), "-t", "-q", "-c", str(config), "-p", str(config.parent)]
 
 
-def flwr_register_command(pubkey: Path, connection: str) -> list[str]:
-    return [venv_bin("flwr"), "supernode", "register", str(pubkey), connection]
+def nginx_reload_command(config: Path) -> list[str]:
+    """Re-read config, certificates and CRL without dropping connections."""
+    return [nginx_binary(), "-s", "reload", "-c", str(config), "-p", str(config.parent)]
 
 
 def flwr_run_command(app_dir: Path, connection: str, run_config: Path) -> list[str]:
     return [
-        venv_bin("flwr"), "run", str(app_dir), connection,
-        "--run-config", str(run_config), "--stream",
+        venv_bin("flwr"),
+        "run",
+        str(app_dir),
+        connection,
+        "--run-config",
+        str(run_config),
+        "--stream",
     ]
 
 

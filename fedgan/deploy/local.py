@@ -1,9 +1,12 @@
 """A whole consortium as real processes on loopback.
 
-    operator CLI ──TLS──► flower-superlink ◄──TLS── nginx edge ◄──mTLS── nginx sidecar ◄──TLS── flower-supernode
-                          (Control, Fleet)          (verifies the          (presents the        (node key,
-                                                     site certificate,      site's client        ClientApp)
-                                                     CRL, /v1/fleet only)   certificate)
+    operator CLI --TLS--> flower-superlink (Control, Fleet, Runtime APIs)
+                                ^ TLS
+                          nginx edge      verifies the site certificate and CRL; /v1/fleet/ only
+                                ^ mutual TLS
+                          nginx sidecar   presents the site's client certificate
+                                ^ TLS
+                          flower-supernode + ClientApp (node key)
 
 Every process is the one the containers run, with the command line built by
 `fedgan.deploy.commands`. Ports are found free at start; every process logs to
@@ -24,7 +27,13 @@ from typing import Any
 
 from fedgan.atomic import write_text_atomic
 from fedgan.deploy import commands
-from fedgan.deploy.nginx import EdgeSettings, SidecarSettings, render_edge, render_sidecar, write_nginx_config
+from fedgan.deploy.nginx import (
+    EdgeSettings,
+    SidecarSettings,
+    render_edge,
+    render_sidecar,
+    write_nginx_config,
+)
 from fedgan.deploy.process import (
     ProcessFailed,
     ProcessGroup,
@@ -129,8 +138,10 @@ class LocalFederation:
         )
         self.group.wait_until(
             proc,
-            lambda: https_status(LOOPBACK, self.superlink_port, "/health", self.pki.ca_cert, TLS_NAME)
-            < 500,
+            lambda: (
+                https_status(LOOPBACK, self.superlink_port, "/health", self.pki.ca_cert, TLS_NAME)
+                < 500
+            ),
             timeout=self.start_timeout,
         )
 
@@ -205,6 +216,15 @@ class LocalFederation:
             },
         )
         return port
+
+    def reload_edge(self) -> None:
+        """Make the edge re-read its CRL (after `fedgan pki revoke`)."""
+        config = self.run_dir / "nginx" / "edge" / "nginx.conf"
+        result = subprocess.run(
+            commands.nginx_reload_command(config), capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise ProcessFailed(f"reloading the edge failed: {result.stderr.strip()}")
 
     def site_work_dir(self, site_id: str) -> Path:
         return self.run_dir / "sites" / site_id
@@ -309,9 +329,14 @@ class LocalFederation:
             },
             "edge": f"https://{LOOPBACK}:{self.edge_port}",
             "pki": str(self.pki.root),
-            "sites": {s.site_id: {"node_id": self.node_ids.get(s.site_id),
-                                  "data_dir": str(s.data_dir), "kind": s.kind}
-                      for s in self.sites},
+            "sites": {
+                s.site_id: {
+                    "node_id": self.node_ids.get(s.site_id),
+                    "data_dir": str(s.data_dir),
+                    "kind": s.kind,
+                }
+                for s in self.sites
+            },
             "processes": [p.describe() for p in self.group.processes],
         }
         path = self.run_dir / "deployment.json"
@@ -333,7 +358,11 @@ class LocalFederation:
         env = commands.process_env({"FLWR_HOME": str(self.operator_home)})
         with open(log, "ab") as fh:
             proc = subprocess.Popen(
-                argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedgan.errors import FedGanError
 
-class ProcessFailed(RuntimeError):
+
+class ProcessFailed(FedGanError, RuntimeError):
     """A managed process did not start or died; names it and quotes its log."""
 
 
@@ -145,10 +147,8 @@ class ProcessGroup:
         deadline = time.monotonic() + self.stop_grace
         for proc in reversed(self.processes):
             remaining = max(0.1, deadline - time.monotonic())
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                pass
         for proc in self.processes:
             # Children (ServerApp, ClientApp) may outlive their parent: the
             # group kill reaches them even after the leader exited.
@@ -171,9 +171,12 @@ def tcp_open(host: str, port: int) -> bool:
 def https_status(host: str, port: int, path: str, ca: Path, server_name: str) -> int:
     """Status of a GET over verified TLS (no client certificate)."""
     ctx = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection((host, port), timeout=2.0) as raw, ctx.wrap_socket(
-        raw, server_hostname=server_name
-    ) as tls:
-        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
+    with (
+        socket.create_connection((host, port), timeout=2.0) as raw,
+        ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        tls.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode()
+        )
         head = tls.recv(64).decode("latin-1")
     return int(head.split(" ", 2)[1])

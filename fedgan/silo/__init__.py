@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fedgan.errors import FedGanError
+
 KINDS = ("fundus", "dicom")
 
 
-class SiloError(Exception):
+class SiloError(FedGanError):
     """A silo cannot be used; the message names the path and the fix."""
 
 

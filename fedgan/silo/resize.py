@@ -21,8 +21,5 @@ def fit_square(image: Image.Image, size: int) -> Image.Image:
 def to_unit_range(pixels: np.ndarray) -> np.ndarray:
     """uint8-range values (H×W or H×W×C) to float32 C×H×W in [-1, 1]."""
     arr = np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = arr.transpose(2, 0, 1)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr)

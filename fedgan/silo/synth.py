@@ -95,12 +95,16 @@ def _chest_pixels(rng: np.random.Generator, size: int, abnormal: bool) -> np.nda
     hu[body] = 40.0
     for side in (-1, 1):
         lx = 0.5 + side * rng.uniform(0.17, 0.21)
-        lung = ((xx - lx) / rng.uniform(0.13, 0.16)) ** 2 + ((yy - 0.5) / rng.uniform(0.3, 0.34)) ** 2
+        lung = ((xx - lx) / rng.uniform(0.13, 0.16)) ** 2 + (
+            (yy - 0.5) / rng.uniform(0.3, 0.34)
+        ) ** 2
         hu[lung < 1] = -850.0 + rng.normal(0, 20)
     for k in range(7):
         y0 = 0.25 + k * 0.075
         for side in (-1, 1):
-            rib = np.abs((yy - y0 - 0.12 * ((xx - 0.5) * side) ** 2 * 4) * size) < max(1.0, size / 90)
+            rib = np.abs((yy - y0 - 0.12 * ((xx - 0.5) * side) ** 2 * 4) * size) < max(
+                1.0, size / 90
+            )
             rib &= np.abs(xx - 0.5) > 0.06
             rib &= np.abs(xx - 0.5) < 0.4
             hu[rib & body] = 250.0

@@ -1,0 +1,27 @@
+"""Integration fixtures: real flower-superlink, flower-supernode and nginx
+processes on loopback with real certificates."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedgan import pki
+from fedgan.deploy.local import LocalFederation, SiteSpec
+from fedgan.silo.synth import synth_silo
+from tests.proc import pids_in_groups
+
+
+@pytest.fixture(scope="session")
+def live_federation(tmp_path_factory):
+    """One site connected through sidecar and edge, no run: for probing."""
+    run_dir = tmp_path_factory.mktemp("mtls")
+    certs = run_dir / "certs"
+    pki.init_ca(certs, "Integration")
+    pki.issue_aggregator(certs)
+    pki.issue_site(certs, "site-1")
+    silo = synth_silo(run_dir / "silo", "fundus", 4, seed=0, size=32)
+    fed = LocalFederation(run_dir, certs, [SiteSpec("site-1", silo, "fundus")])
+    with fed:
+        fed.start()
+        yield fed
+    assert pids_in_groups({p.pid for p in fed.group.processes}) == []

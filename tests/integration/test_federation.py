@@ -1,0 +1,161 @@
+"""A real federation: 2 sites, 2 rounds through edge and sidecars."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fedgan import pki
+from fedgan.demo import DemoOptions, run_demo
+from fedgan.deploy.local import LocalFederation
+from fedgan.deploy.process import ProcessFailed
+from fedgan.outputs import load_dump
+from tests.proc import pids_in_groups
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    opts = DemoOptions(
+        sites=2,
+        rounds=2,
+        image_size=16,
+        images_per_site=24,
+        local_steps=3,
+        out_root=tmp_path_factory.mktemp("runs"),
+        run_id="it",
+        dump_updates=True,
+    )
+    lines: list[str] = []
+    run_dir = run_demo(opts, say=lines.append)
+    return run_dir, lines
+
+
+def test_run_completes_with_outputs(finished_run):
+    run_dir, lines = finished_run
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    for r in (1, 2):
+        png = run_dir / f"samples_round_{r:03d}.png"
+        assert png.read_bytes().startswith(b"\x89PNG")
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert all(m["sites"] == ["site-1", "site-2"] and m["sites_failed"] == 0 for m in metrics)
+    assert all(
+        np.isfinite(m["g_loss"]) and np.isfinite(m["d_loss"]) and m["seconds"] > 0 for m in metrics
+    )
+    assert (run_dir / "generator.pt").stat().st_size > 0
+    assert any(line.startswith("round 2/2") for line in lines)
+
+
+def test_global_model_is_example_weighted_mean_of_what_sites_sent(finished_run):
+    run_dir, _ = finished_run
+    flower_run = json.loads((run_dir / "status.json").read_text())["flower_run_id"]
+    for r in (1, 2):
+        before = load_dump(run_dir / "dumps" / f"round_{r:03d}" / "global_before.npz")
+        after = load_dump(run_dir / "dumps" / f"round_{r:03d}" / "global_after.npz")
+        sent = [
+            load_dump(
+                run_dir
+                / "sites"
+                / s
+                / "dumps"
+                / str(flower_run)
+                / "dumps"
+                / f"round_{r:03d}"
+                / "update.npz"
+            )
+            for s in ("site-1", "site-2")
+        ]
+        weights = [float(u["weight"][0]) for u in sent]
+        assert weights == [24.0, 24.0]
+        for net in ("gen", "disc"):
+            for i, base in enumerate(before[net]):
+                expected = base + sum(
+                    w * u[net][i] for w, u in zip(weights, sent, strict=True)
+                ) / sum(weights)
+                np.testing.assert_allclose(after[net][i], expected, rtol=1e-5, atol=1e-6)
+            # The sites really trained: their updates differ and are non-zero.
+            assert any(np.abs(u[net][0]).max() > 0 for u in sent)
+        assert not np.array_equal(sent[0]["disc"][0], sent[1]["disc"][0])
+
+
+def test_deployment_map_and_no_process_left(finished_run):
+    run_dir, _ = finished_run
+    deployment = json.loads((run_dir / "deployment.json").read_text())
+    roles = [p["name"] for p in deployment["processes"]]
+    assert roles == [
+        "superlink",
+        "edge",
+        "sidecar-site-1",
+        "supernode-site-1",
+        "sidecar-site-2",
+        "supernode-site-2",
+    ]
+    assert all(p["address"] and p["files"] for p in deployment["processes"])
+    edge = next(p for p in deployment["processes"] if p["name"] == "edge")
+    assert edge["files"]["crl"].endswith("crl.pem")
+    assert pids_in_groups({p["pid"] for p in deployment["processes"]}) == []
+    # FLWR_HOME lives inside the run folder, never in the user's home.
+    assert (run_dir / "operator" / "flwr-home" / "config.toml").exists()
+
+
+def test_sigterm_to_demo_stops_every_process(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedgan.cli",
+            "demo",
+            "--sites",
+            "1",
+            "--rounds",
+            "50",
+            "--image-size",
+            "16",
+            "--images-per-site",
+            "8",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            "sig",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    deployment = tmp_path / "sig" / "deployment.json"
+    deadline = time.monotonic() + 120
+    while not deployment.exists():
+        assert demo.poll() is None, demo.stdout.read().decode()
+        assert time.monotonic() < deadline, "deployment.json never appeared"
+        time.sleep(0.5)
+    pids = {p["pid"] for p in json.loads(deployment.read_text())["processes"]}
+    assert pids_in_groups(pids)
+    demo.send_signal(signal.SIGTERM)
+    out = demo.communicate(timeout=60)[0].decode()
+    assert demo.returncode == 130, out
+    assert "stopped" in out
+    assert pids_in_groups(pids) == []
+
+
+def test_a_process_that_fails_to_start_is_named_with_its_log(tmp_path):
+    certs = tmp_path / "certs"
+    pki.init_ca(certs, "T")
+    pki.issue_aggregator(certs)
+    pki.PkiPaths(certs).server_key.write_text("not a key\n")
+    fed = LocalFederation(tmp_path / "run", certs, [], start_timeout=30)
+    with fed, pytest.raises(ProcessFailed) as info:
+        fed.start()
+    message = str(info.value)
+    assert message.startswith("superlink (flower-superlink")
+    assert "Last lines of" in message and "superlink.log" in message
+    assert pids_in_groups({p.pid for p in fed.group.processes}) == []

@@ -1,0 +1,135 @@
+"""The edge, probed for real: only a current consortium certificate reaches
+the Fleet API, and nothing reaches the Control API."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import ssl
+import time
+import uuid
+
+import pytest
+
+from fedgan import pki
+
+pytestmark = pytest.mark.integration
+
+
+def _request(fed, path, *, cert=None, key=None, max_version=None):
+    ctx = ssl.create_default_context(cafile=str(fed.pki.ca_cert))
+    if cert:
+        ctx.load_cert_chain(str(cert), str(key))
+    if max_version:
+        ctx.maximum_version = max_version
+    conn = http.client.HTTPSConnection("127.0.0.1", fed.edge_port, context=ctx, timeout=10)
+    try:
+        conn.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _edge_log_line(fed, path):
+    log = fed.logs / "edge-access.log"
+    for _ in range(50):
+        for line in log.read_text().splitlines():
+            if path in line:
+                return line
+        time.sleep(0.1)
+    raise AssertionError(f"{path} not in {log}")
+
+
+def _probe_path():
+    return f"/v1/fleet/probe-{uuid.uuid4().hex}"
+
+
+def _assert_not_proxied(fed, path):
+    line = _edge_log_line(fed, path)
+    assert re.search(r"upstream=-$", line), line
+
+
+def test_valid_site_certificate_is_proxied(live_federation):
+    fed = live_federation
+    site = fed.pki.site("site-1")
+    path = _probe_path()
+    status, _ = _request(fed, path, cert=site.client_cert, key=site.client_key)
+    assert status != 400
+    line = _edge_log_line(fed, path)
+    assert "verify=SUCCESS" in line and "proto=TLSv1.3" in line
+    assert re.search(r"upstream=\d{3}$", line), line  # the SuperLink answered
+
+
+def test_no_client_certificate_is_refused(live_federation):
+    path = _probe_path()
+    status, _ = _request(live_federation, path)
+    assert status == 400
+    _assert_not_proxied(live_federation, path)
+
+
+def test_certificate_from_another_ca_is_refused(live_federation, tmp_path):
+    rogue = tmp_path / "rogue"
+    pki.init_ca(rogue, "Rogue")
+    pki.issue_site(rogue, "site-1")
+    site = pki.PkiPaths(rogue).site("site-1")
+    path = _probe_path()
+    status, _ = _request(live_federation, path, cert=site.client_cert, key=site.client_key)
+    assert status == 400
+    _assert_not_proxied(live_federation, path)
+
+
+def test_revoked_certificate_is_refused_after_reload(live_federation):
+    fed = live_federation
+    pki.issue_site(fed.pki.root, "site-leaver")
+    site = fed.pki.site("site-leaver")
+    before = _probe_path()
+    _request(fed, before, cert=site.client_cert, key=site.client_key)
+    assert re.search(r"upstream=\d{3}$", _edge_log_line(fed, before))
+    pki.revoke_site(fed.pki.root, "site-leaver")
+    fed.reload_edge()
+    deadline = time.monotonic() + 10
+    while True:
+        path = _probe_path()
+        status, _ = _request(fed, path, cert=site.client_cert, key=site.client_key)
+        if status == 400 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert status == 400
+    _assert_not_proxied(fed, path)
+    # The site still in good standing is unaffected.
+    ok = fed.pki.site("site-1")
+    good = _probe_path()
+    _request(fed, good, cert=ok.client_cert, key=ok.client_key)
+    assert re.search(r"upstream=\d{3}$", _edge_log_line(fed, good))
+
+
+def test_plaintext_http_is_refused(live_federation):
+    path = _probe_path()
+    with socket.create_connection(("127.0.0.1", live_federation.edge_port), timeout=5) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        head = sock.recv(200).decode("latin-1")
+    assert head.startswith("HTTP/1.1 400"), head
+    _assert_not_proxied(live_federation, path)
+
+
+def test_tls_below_1_3_is_refused(live_federation):
+    site = live_federation.pki.site("site-1")
+    with pytest.raises(ssl.SSLError):
+        _request(
+            live_federation,
+            _probe_path(),
+            cert=site.client_cert,
+            key=site.client_key,
+            max_version=ssl.TLSVersion.TLSv1_2,
+        )
+
+
+@pytest.mark.parametrize("path", ["/v1/control/list-runs", "/v1/runtime/x", "/health", "/"])
+def test_only_fleet_api_is_exposed(live_federation, path):
+    site = live_federation.pki.site("site-1")
+    marker = f"{path}?probe={uuid.uuid4().hex}"
+    status, _ = _request(live_federation, marker, cert=site.client_cert, key=site.client_key)
+    assert status == 403
+    _assert_not_proxied(live_federation, marker)

@@ -1,0 +1,62 @@
+"""The `fedgan` command as an operator types it (a real subprocess)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def fedgan(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "fedgan.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def test_pki_lifecycle(tmp_path):
+    certs = str(tmp_path / "certs")
+    assert fedgan("pki", "init", "--consortium", "Acme Hospitals", "--out", certs).returncode == 0
+    r = fedgan("pki", "issue-aggregator", "--san", "agg.example.org", "--out", certs)
+    assert r.returncode == 0, r.stderr
+    assert fedgan("pki", "issue-site", "site-a", "--out", certs).returncode == 0
+    r = fedgan("pki", "inspect", f"{certs}/aggregator/server.crt", "--json")
+    info = json.loads(r.stdout)
+    assert {"agg.example.org", "localhost", "127.0.0.1"} <= set(info["sans"])
+    r = fedgan("pki", "inspect", f"{certs}/sites/site-a/client.crt")
+    assert "CN=site-a" in r.stdout and "sha256_fingerprint" in r.stdout
+    r = fedgan("pki", "revoke", "site-a", "--out", certs)
+    assert r.returncode == 0 and "revoked site-a" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["pki", "issue-site", "site-a", "--out", "{tmp}/none"], "fedgan pki init"),
+        (["pki", "inspect", "{tmp}/missing.crt"], "missing.crt not found"),
+        (["pki", "revoke", "ghost", "--out", "{tmp}/c"], "no site 'ghost'"),
+        (["silo", "synth", "{tmp}/s", "--kind", "xray"], "unknown silo kind"),
+        (["demo", "--kind", "xray"], "--kind 'xray' is not supported"),
+    ],
+)
+def test_bad_input_gets_one_line_naming_the_fix(tmp_path, args, expect):
+    if args[:2] == ["pki", "revoke"]:
+        fedgan("pki", "init", "--consortium", "C", "--out", str(tmp_path / "c"))
+    r = fedgan(*[a.format(tmp=tmp_path) for a in args])
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedgan: ") and expect in lines[0], r.stderr
+
+
+def test_existing_keys_are_kept_without_force(tmp_path):
+    certs = str(tmp_path / "certs")
+    fedgan("pki", "init", "--consortium", "C", "--out", certs)
+    key = (tmp_path / "certs" / "ca" / "ca.key").read_bytes()
+    r = fedgan("pki", "init", "--consortium", "C", "--out", certs)
+    assert r.returncode == 1 and "--force" in r.stderr
+    assert (tmp_path / "certs" / "ca" / "ca.key").read_bytes() == key
+
+
+def test_silo_synth(tmp_path):
+    r = fedgan("silo", "synth", str(tmp_path / "s"), "--kind", "dicom", "--n", "3", "--size", "32")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "s").rglob("*.dcm"))) == 3

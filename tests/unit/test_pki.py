@@ -1,0 +1,134 @@
+import datetime as dt
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from fedgan import pki
+
+
+@pytest.fixture()
+def certs(tmp_path):
+    root = tmp_path / "certs"
+    pki.init_ca(root, "Test Consortium")
+    pki.issue_aggregator(root, ["aggregator.example.org"])
+    pki.issue_site(root, "site-a")
+    return root
+
+
+def test_site_certificate_chains_to_the_consortium_ca(certs):
+    paths = pki.PkiPaths(certs)
+    site = paths.site("site-a")
+    ca = pki.load_cert(paths.ca_cert)
+    client = pki.load_cert(site.client_cert)
+    pki.verify_client_cert(client, ca, crl=pki.load_crl(paths))
+    assert client.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "site-a"
+    assert client.issuer == ca.subject
+
+
+def test_certificate_from_another_ca_is_rejected(certs, tmp_path):
+    other = tmp_path / "other"
+    pki.init_ca(other, "Rogue")
+    pki.issue_site(other, "site-a")
+    ca = pki.load_cert(pki.PkiPaths(certs).ca_cert)
+    rogue = pki.load_cert(pki.PkiPaths(other).site("site-a").client_cert)
+    with pytest.raises(pki.CertificateRejected):
+        pki.verify_client_cert(rogue, ca)
+
+
+def test_expired_certificate_is_rejected(certs):
+    paths = pki.PkiPaths(certs)
+    ca = pki.load_cert(paths.ca_cert)
+    client = pki.load_cert(paths.site("site-a").client_cert)
+    after_expiry = client.not_valid_after_utc + dt.timedelta(days=1)
+    with pytest.raises(pki.CertificateRejected):
+        pki.verify_client_cert(client, ca, at=after_expiry)
+
+
+def test_short_lived_certificate_expires_after_its_days(tmp_path):
+    root = tmp_path / "c"
+    pki.init_ca(root, "T")
+    pki.issue_site(root, "s1", days=1)
+    cert = pki.load_cert(pki.PkiPaths(root).site("s1").client_cert)
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert dt.timedelta(days=1) <= lifetime <= dt.timedelta(days=1, minutes=10)
+
+
+def test_revoked_site_is_in_the_crl_and_rejected(certs):
+    paths = pki.PkiPaths(certs)
+    client = pki.load_cert(paths.site("site-a").client_cert)
+    sidecar = pki.load_cert(paths.site("site-a").sidecar_cert)
+    assert not pki.is_revoked(certs, client)
+    serials = pki.revoke_site(certs, "site-a")
+    assert set(serials) == {client.serial_number, sidecar.serial_number}
+    crl = pki.load_crl(paths)
+    assert crl.get_revoked_certificate_by_serial_number(client.serial_number) is not None
+    assert pki.is_revoked(certs, client)
+    with pytest.raises(pki.CertificateRejected, match="revoked"):
+        pki.verify_client_cert(client, pki.load_cert(paths.ca_cert), crl=crl)
+    # Revoking twice keeps one entry per certificate.
+    pki.revoke_site(certs, "site-a")
+    assert len(list(pki.load_crl(paths))) == 2
+
+
+def test_private_keys_are_0600_and_certificates_public(certs):
+    paths = pki.PkiPaths(certs)
+    site = paths.site("site-a")
+    for key in (paths.ca_key, paths.server_key, site.client_key, site.sidecar_key, site.node_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    for cert in (paths.ca_cert, paths.server_cert, site.client_cert):
+        assert stat.S_IMODE(cert.stat().st_mode) == 0o644, cert
+
+
+def test_keys_are_never_overwritten_without_force(certs):
+    site = pki.PkiPaths(certs).site("site-a")
+    before = site.client_key.read_bytes(), site.node_key.read_bytes()
+    with pytest.raises(pki.PkiError, match="--force"):
+        pki.issue_site(certs, "site-a")
+    assert (site.client_key.read_bytes(), site.node_key.read_bytes()) == before
+    with pytest.raises(pki.PkiError, match="--force"):
+        pki.init_ca(certs, "Again")
+    pki.issue_site(certs, "site-a", force=True)
+    assert site.client_key.read_bytes() != before[0]
+
+
+def test_aggregator_sans_always_include_loopback(certs):
+    info = pki.inspect_cert(pki.PkiPaths(certs).server_cert)
+    assert {"aggregator.example.org", "localhost", "127.0.0.1"} <= set(info["sans"])
+
+
+def test_keys_are_ecdsa_p384_and_node_key_is_openssh(certs):
+    paths = pki.PkiPaths(certs)
+    info = pki.inspect_cert(paths.site("site-a").client_cert)
+    assert info["key"] == "EC secp384r1 (384 bit)"
+    assert info["signature_hash"] == "sha384"
+    node_key = paths.site("site-a").node_key.read_bytes()
+    assert node_key.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    loaded = serialization.load_ssh_private_key(node_key, password=None)
+    assert loaded.curve.name == "secp384r1"
+    assert paths.site("site-a").node_pub.read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_inspect_reports_fingerprint_and_validity(certs):
+    info = pki.inspect_cert(pki.PkiPaths(certs).ca_cert)
+    assert info["is_ca"] is True
+    assert len(info["sha256_fingerprint"].split(":")) == 32
+    assert info["subject"] == info["issuer"]
+
+
+def test_invalid_site_id_is_refused(certs):
+    with pytest.raises(pki.PkiError, match="site id"):
+        pki.issue_site(certs, "../etc")
+
+
+def test_issue_before_init_names_the_fix(tmp_path):
+    with pytest.raises(pki.PkiError, match="fedgan pki init"):
+        pki.issue_site(tmp_path / "none", "site-a")
+
+
+def test_crl_refresh_keeps_entries_and_extends_expiry(certs):
+    pki.revoke_site(certs, "site-a", days=1)
+    crl = pki.refresh_crl(certs, days=60)
+    assert len(list(crl)) == 2
+    assert crl.next_update_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=59)

@@ -1,0 +1,38 @@
+import os
+import sys
+import time
+
+import pytest
+
+from fedgan.deploy.process import ProcessFailed, ProcessGroup
+from tests.proc import pids_in_groups
+
+
+def test_stop_all_also_stops_grandchildren(tmp_path):
+    group = ProcessGroup(tmp_path, stop_grace=2)
+    # A parent that ignores SIGTERM and leaves a child behind.
+    script = (
+        "import subprocess, signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "subprocess.Popen(['sleep', '300'])\n"
+        "time.sleep(300)\n"
+    )
+    proc = group.start("stubborn", "test", [sys.executable, "-c", script], env=dict(os.environ))
+    time.sleep(0.5)
+    assert len(pids_in_groups({proc.pid})) == 2
+    group.stop_all()
+    assert pids_in_groups({proc.pid}) == []
+
+
+def test_failure_names_the_process_and_quotes_its_log(tmp_path):
+    with ProcessGroup(tmp_path) as group:
+        proc = group.start(
+            "broken",
+            "test role",
+            [sys.executable, "-c", "print('bad key file'); raise SystemExit(3)"],
+            env=dict(os.environ),
+        )
+        with pytest.raises(ProcessFailed) as info:
+            group.wait_until(proc, lambda: False, timeout=10)
+    message = str(info.value)
+    assert "broken (test role)" in message and "code 3" in message and "bad key file" in message
