@@ -146,7 +146,9 @@ def demo(
     ] = None,
     image_size: Annotated[int, typer.Option(help="16, 32, 64 or 128.")] = 32,
     images_per_site: Annotated[int, typer.Option(help="Synthetic images per site.")] = 64,
-    local_steps: Annotated[int, typer.Option(help="GAN steps per site per round.")] = 20,
+    local_steps: Annotated[
+        int | None, typer.Option(help="GAN steps per site per round [default: run config's].")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
     run_id: Annotated[

@@ -33,7 +33,7 @@ class DemoOptions:
     data: list[Path] = field(default_factory=list)
     image_size: int = 32
     images_per_site: int = 64
-    local_steps: int = 20
+    local_steps: int | None = None  # None: the app's default
     seed: int = 0
     out_root: Path = Path("runs")
     run_id: str | None = None
@@ -91,13 +91,14 @@ def run_config(opts: DemoOptions, run_dir: Path) -> dict[str, Any]:
             "num-server-rounds": opts.rounds,
             "image-size": opts.image_size,
             "channels": CHANNELS[opts.kind],
-            "local-steps": opts.local_steps,
             "seed": opts.seed,
             "run-dir": str(run_dir),
             "dump-updates": opts.dump_updates,
             "min-sites": opts.sites,
         }
     )
+    if opts.local_steps is not None:
+        config["local-steps"] = opts.local_steps
     config.update(opts.extra_config)
     return config
 

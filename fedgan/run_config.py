@@ -20,11 +20,11 @@ class ConfigError(FedGanError, ValueError):
     """A run-config or node-config value is missing or invalid."""
 
 
-def _get(cfg: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
+def _get(cfg: Mapping[str, Any], key: str, kind: type) -> Any:
+    # Flower merges the app's defaults ([tool.flwr.app.config]) with the
+    # operator's overrides, so a missing key means a mismatched app config.
     if key not in cfg:
-        if default is None:
-            raise ConfigError(f"run config key '{key}' is missing")
-        return default
+        raise ConfigError(f"run config key '{key}' is missing from [tool.flwr.app.config]")
     value = cfg[key]
     try:
         if kind is bool:
@@ -54,25 +54,25 @@ class RunSettings:
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunSettings:
-        rounds = _get(cfg, "num-server-rounds", int, 3)
+        rounds = _get(cfg, "num-server-rounds", int)
         if rounds < 1:
             raise ConfigError("run config key 'num-server-rounds' must be >= 1")
-        min_sites = _get(cfg, "min-sites", int, 1)
+        min_sites = _get(cfg, "min-sites", int)
         if min_sites < 1:
             raise ConfigError("run config key 'min-sites' must be >= 1")
         try:
             spec = GanSpec(
-                image_size=_get(cfg, "image-size", int, 32),
-                channels=_get(cfg, "channels", int, 3),
-                latent_dim=_get(cfg, "latent-dim", int, 64),
-                width=_get(cfg, "width", int, 32),
+                image_size=_get(cfg, "image-size", int),
+                channels=_get(cfg, "channels", int),
+                latent_dim=_get(cfg, "latent-dim", int),
+                width=_get(cfg, "width", int),
             )
             train = TrainConfig(
-                local_steps=_get(cfg, "local-steps", int, 20),
-                batch_size=_get(cfg, "batch-size", int, 32),
-                lr_g=_get(cfg, "lr-g", float, 2e-4),
-                lr_d=_get(cfg, "lr-d", float, 2e-4),
-                seed=_get(cfg, "seed", int, 0),
+                local_steps=_get(cfg, "local-steps", int),
+                batch_size=_get(cfg, "batch-size", int),
+                lr_g=_get(cfg, "lr-g", float),
+                lr_d=_get(cfg, "lr-d", float),
+                seed=_get(cfg, "seed", int),
             )
         except ConfigError:
             raise
@@ -82,9 +82,9 @@ class RunSettings:
             rounds=rounds,
             spec=spec,
             train=train,
-            run_dir=str(cfg.get("run-dir", "")),
-            dump_updates=_get(cfg, "dump-updates", bool, False),
-            round_timeout=_get(cfg, "round-timeout", float, 600.0),
+            run_dir=_get(cfg, "run-dir", str),
+            dump_updates=_get(cfg, "dump-updates", bool),
+            round_timeout=_get(cfg, "round-timeout", float),
             min_sites=min_sites,
         )
 

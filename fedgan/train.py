@@ -18,7 +18,7 @@ from fedgan.gan.models import Discriminator, Generator
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_steps: int = 20
+    local_steps: int = 100
     batch_size: int = 32
     lr_g: float = 2e-4
     lr_d: float = 2e-4

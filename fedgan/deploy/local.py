@@ -92,16 +92,19 @@ class LocalFederation:
 
     def start(self, progress: Callable[[str], None] = lambda _msg: None) -> None:
         self._start_superlink()
-        progress(f"superlink  https://{LOOPBACK}:{self.superlink_port}")
+        progress(f"superlink     https://{LOOPBACK}:{self.superlink_port}  (TLS, node auth)")
         self._start_edge()
-        progress(f"edge       https://{LOOPBACK}:{self.edge_port}  (mutual TLS, /v1/fleet/ only)")
+        progress(f"edge          https://{LOOPBACK}:{self.edge_port}  (mutual TLS, CRL)")
         self._write_operator_config()
         for site in self.sites:
             self.node_ids[site.site_id] = self._register(site.site_id)
         for site in self.sites:
             sidecar_port = self._start_sidecar(site)
             self._start_supernode(site, sidecar_port)
-            progress(f"site       {site.site_id}: sidecar :{sidecar_port} -> edge, supernode")
+            progress(
+                f"{site.site_id:<13} sidecar https://{LOOPBACK}:{sidecar_port} -> edge; "
+                f"supernode node {self.node_ids[site.site_id]}"
+            )
         self._wait_sites_online()
         self.write_deployment()
 

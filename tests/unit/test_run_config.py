@@ -6,7 +6,7 @@ from fedgan.run_config import ConfigError, RunSettings, SiteSettings
 
 def test_defaults_parse():
     s = RunSettings.from_run_config(default_run_config())
-    assert s.rounds == 3 and s.spec.image_size == 32 and s.train.local_steps == 20
+    assert s.rounds == 3 and s.spec.image_size == 32 and s.train.local_steps == 100
 
 
 @pytest.mark.parametrize(
@@ -35,3 +35,10 @@ def test_round_seed_differs_per_round():
 def test_node_config_lists_what_is_missing():
     with pytest.raises(ConfigError, match="data-dir, kind, work-dir"):
         SiteSettings.from_node_config({"site-id": "a"})
+
+
+def test_missing_key_is_named():
+    cfg = default_run_config()
+    del cfg["lr-d"]
+    with pytest.raises(ConfigError, match="'lr-d' is missing"):
+        RunSettings.from_run_config(cfg)
