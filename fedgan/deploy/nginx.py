@@ -92,7 +92,7 @@ def render_sidecar(s: SidecarSettings, access_log: Path) -> str:
 
 def write_nginx_config(workdir: Path, server_conf: str) -> Path:
     """Write a self-contained nginx prefix (main config, server block, temp
-    dirs, logs) under ``workdir`` and return the main config's path."""
+    dirs) under ``workdir`` and return the main config's path."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "temp").mkdir(exist_ok=True)
     server_path = workdir / "server.conf"
@@ -101,7 +101,9 @@ def write_nginx_config(workdir: Path, server_conf: str) -> Path:
         template_text("nginx-main.conf.template"),
         {
             "PID_FILE": str(workdir / "nginx.pid"),
-            "ERROR_LOG": str(workdir / "error.log"),
+            # stderr: the launcher captures it in logs/<name>.log, so a failed
+            # start is reported with nginx's own words.
+            "ERROR_LOG": "stderr",
             "TEMP_DIR": str(workdir / "temp"),
             "SERVER_CONF": str(server_path),
         },
