@@ -136,6 +136,115 @@ def silo_synth(
     typer.echo(f"wrote {n} {kind} images and labels.csv to {directory}")
 
 
+def _silo_options(
+    kind: str,
+    image_size: int,
+    channels: int | None,
+    modality: str,
+    body_part: str,
+    view_position: str,
+    label_tag: str,
+    window: str,
+    color: str,
+    fundus_contrast: bool,
+):
+    from fedgan.silo.options import SiloOptions
+
+    return SiloOptions.from_mapping(
+        kind,
+        image_size,
+        channels or (3 if kind == "fundus" else 1),
+        {
+            "modality": modality,
+            "body-part": body_part,
+            "view-position": view_position,
+            "label-tag": label_tag,
+            "window": window,
+            "color": color,
+            "fundus-contrast": str(fundus_contrast).lower(),
+        },
+    )
+
+
+@silo_app.command("check")
+def silo_check(
+    directory: Path,
+    kind: Annotated[str, typer.Option(help="dicom or fundus.")] = "dicom",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    image_size: Annotated[int, typer.Option(help="Training image size.")] = 64,
+    channels: Annotated[int | None, typer.Option(help="1 or 3 [default: by kind].")] = None,
+    modality: Annotated[str, typer.Option(help="Keep these Modality values, e.g. CR,DX.")] = "",
+    body_part: Annotated[str, typer.Option(help="Keep these BodyPartExamined values.")] = "",
+    view_position: Annotated[str, typer.Option(help="Keep these ViewPosition values.")] = "",
+    label_tag: Annotated[str, typer.Option(help="DICOM keyword to take labels from.")] = "",
+    window: Annotated[str, typer.Option(help='Override the window: "center,width".')] = "",
+    color: Annotated[str, typer.Option(help="Colour DICOM: convert or refuse.")] = "convert",
+    fundus_contrast: Annotated[bool, typer.Option(help="Local-contrast normalisation.")] = False,
+    cache: Annotated[
+        Path | None, typer.Option(help="Preprocessing cache directory (the site's work volume).")
+    ] = None,
+) -> None:
+    """Read a silo as training would: counts, labels, sizes, modalities, and
+    every skipped file with its reason. Exit 1 if nothing is usable."""
+    from fedgan.silo.loader import load_silo
+
+    opts = _silo_options(
+        kind,
+        image_size,
+        channels,
+        modality,
+        body_part,
+        view_position,
+        label_tag,
+        window,
+        color,
+        fundus_contrast,
+    )
+    show = sys.stderr.isatty() and not as_json
+
+    def progress(done: int, total: int) -> None:
+        if show and (done == total or done % 50 == 0):
+            typer.echo(f"\rreading {done}/{total} files", nl=done == total, err=True)
+
+    data = load_silo(directory, opts, cache_dir=cache, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(data.report.to_dict(), indent=1))
+    else:
+        for line in data.report.summary_lines():
+            typer.echo(line)
+    if data.report.images == 0:
+        typer.echo(f"fedgan: {directory} holds no usable {kind} image", err=True)
+        raise typer.Exit(1)
+
+
+@silo_app.command("split")
+def silo_split(
+    src: Path,
+    out: Annotated[Path, typer.Option(help="Where site-1 … site-N are written.")],
+    kind: Annotated[str, typer.Option(help="fundus or dicom.")] = "fundus",
+    sites: Annotated[int, typer.Option(help="Number of site silos.")] = 3,
+    alpha: Annotated[float, typer.Option(help="Dirichlet label skew (small: more skewed).")] = 0.5,
+    quantity_alpha: Annotated[
+        float | None, typer.Option(help="Dirichlet quantity skew of site sizes (off if unset).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same split).")] = 0,
+) -> None:
+    """Write N non-IID site silos from a labelled silo, for rehearsals."""
+    from collections import Counter
+
+    from fedgan.silo.labels import dicom_labels, fundus_labels
+    from fedgan.silo.options import SiloOptions
+    from fedgan.silo.partition import write_split
+
+    SiloOptions(kind=kind, image_size=32, channels=1)  # validates --kind
+    dirs = write_split(src, out, kind, sites, alpha, seed=seed, quantity_alpha=quantity_alpha)
+    for site_dir in dirs:
+        index = fundus_labels(site_dir) if kind == "fundus" else dicom_labels(site_dir)
+        counts = Counter(index.by_key.values())
+        shown = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        typer.echo(f"{site_dir}  {sum(counts.values())} images  ({shown})")
+
+
 @app.command("demo")
 def demo(
     sites: Annotated[int, typer.Option(help="Number of hospital sites.")] = 3,

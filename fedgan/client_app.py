@@ -15,7 +15,8 @@ from fedgan import wire
 from fedgan.gan.models import GanSpec, build
 from fedgan.outputs import RunOutputs
 from fedgan.run_config import SiteSettings
-from fedgan.silo import load_images
+from fedgan.silo.loader import load_silo
+from fedgan.silo.options import SiloError, SiloOptions
 from fedgan.train import TrainConfig, train_local
 from fedgan.update import make_update
 from fedgan.weights import get_arrays, set_arrays
@@ -28,16 +29,25 @@ if not log.handlers:
     log.setLevel(logging.INFO)
 app = ClientApp()
 
-_IMAGE_CACHE: dict[tuple[str, str, int, int], torch.Tensor] = {}
 
-
-def _images(site: SiteSettings, size: int, channels: int) -> torch.Tensor:
-    key = (site.data_dir, site.kind, size, channels)
-    if key not in _IMAGE_CACHE:
-        _IMAGE_CACHE[key] = torch.from_numpy(
-            load_images(Path(site.data_dir), site.kind, size, channels)
+def _images(site: SiteSettings, opts: SiloOptions) -> torch.Tensor:
+    """The site's images, through the preprocessing cache in its work dir
+    (each round runs in a fresh ClientApp process). Logs counts only."""
+    data = load_silo(Path(site.data_dir), opts, cache_dir=Path(site.work_dir) / "cache")
+    report = data.report
+    if report.images == 0:
+        raise SiloError(
+            f"site {site.site_id}: no usable image in its silo "
+            f"({len(report.skipped)} files skipped); run `fedgan silo check` at the site"
         )
-    return _IMAGE_CACHE[key]
+    log.info(
+        "site %s: %d images (%s), %d files skipped",
+        site.site_id,
+        report.images,
+        "cached" if report.cached else "read",
+        len(report.skipped),
+    )
+    return torch.from_numpy(data.as_float())
 
 
 @app.train()
@@ -54,7 +64,10 @@ def train(msg: Message, context: Context) -> Message:
     gen, disc = build(spec)
     set_arrays(gen, global_gen)
     set_arrays(disc, global_disc)
-    images = _images(site, spec.image_size, spec.channels)
+    images = _images(
+        site,
+        SiloOptions.from_mapping(site.kind, spec.image_size, spec.channels, context.node_config),
+    )
     result = train_local(
         gen,
         disc,

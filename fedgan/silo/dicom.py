@@ -1,60 +1,209 @@
-"""Minimal DICOM reader: single-frame grayscale images with rescale and window.
+"""DICOM decoding: what PACS exports, turned into grayscale frames in [0, 1].
 
-The full loader (VOI LUT, MONOCHROME1, multi-frame, filters, skip reasons)
-belongs to the silo issue; this one is enough to train on synthetic silos.
+Per file: read with pydicom; refuse directory indexes and objects without
+pixels (SR, RTSTRUCT, …); apply the site's filters (Modality,
+BodyPartExamined, ViewPosition); decode (compressed transfer syntaxes through
+pylibjpeg's plugins); split multi-frame objects; apply the Modality LUT
+(rescale slope/intercept) and the VOI transform (the site's window, else the
+file's VOI LUT, else its window center/width as PS3.3 C.11.2.1.2 defines it,
+else the frame's own range); invert MONOCHROME1; convert colour to luminance
+or refuse it.
+
+Everything that goes wrong in one file becomes a `SkipFile` with a reason
+built from our own words and the file's structure, never from tag values, so
+no patient data reaches a log.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import UID
 
-from fedgan.silo import SiloError
-from fedgan.silo.resize import fit_square, to_unit_range
+from fedgan.silo.options import SiloOptions
+from fedgan.silo.report import SkipFile
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+@dataclass(frozen=True)
+class DecodedDicom:
+    frames: list[np.ndarray]  # float64 H×W in [0, 1]
+    modality: str
+    sop_instance_uid: str
+    tag_label: str | None
+    rows: int
+    columns: int
+
+
+def _sop_name(ds: pydicom.Dataset) -> str:
+    uid = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
+    if not uid:
+        return "unknown SOP class"
+    name = UID(str(uid)).name
+    return name if name and name != str(uid) else "unknown SOP class"
 
 
 def _first(value: object) -> float:
-    if isinstance(value, pydicom.multival.MultiValue):
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
         return float(value[0])
     return float(value)  # type: ignore[arg-type]
 
 
-def windowed_uint8(ds: pydicom.Dataset) -> np.ndarray:
-    """Modality LUT (slope/intercept), then the stored window, to 0..255."""
-    pixels = ds.pixel_array.astype(np.float32)
-    pixels = pixels * float(getattr(ds, "RescaleSlope", 1.0)) + float(
-        getattr(ds, "RescaleIntercept", 0.0)
-    )
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
-        low, high = center - width / 2, center + width / 2
+def window_unit(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2/C.11.2.1.3 windowing with the output range [0, 1]."""
+    function = function.upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR":
+        center, width = center - 0.5, width - 1.0
+        if width <= 0:  # a width of 1 is a hard threshold at the center
+            return (values > center).astype(np.float64)
+    out = (values - center) / width + 0.5
+    return np.clip(out, 0.0, 1.0)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float64)
+    return (values - low) / (high - low)
+
+
+def gray_unit(
+    frame: np.ndarray, ds: pydicom.Dataset, window: tuple[float, float] | None
+) -> np.ndarray:
+    """One stored grayscale frame to display values in [0, 1]."""
+    values = np.asarray(apply_modality_lut(frame, ds), dtype=np.float64)
+    if window is not None:
+        out = window_unit(values, window[0], window[1], "LINEAR")
+    elif "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        out = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64)
+        out = out / float(2**bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+        if width <= 0 or function.upper() not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+            out = _min_max(values)
+        else:
+            out = window_unit(values, center, width, function)
     else:
-        low, high = float(pixels.min()), float(pixels.max())
-    scaled = np.clip((pixels - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        scaled = 255.0 - scaled
-    return scaled.astype(np.uint8)
+        out = _min_max(values)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        out = 1.0 - out
+    return np.clip(out, 0.0, 1.0)
 
 
-def load_dicom(directory: Path, image_size: int) -> np.ndarray:
-    if not directory.is_dir():
-        raise SiloError(f"{directory} is not a directory; set the site's data dir to its silo")
-    images = []
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+def _color_unit(frames: np.ndarray, ds: pydicom.Dataset) -> list[np.ndarray]:
+    """RGB (pydicom already converts YBR_FULL/_422) or palette to luminance."""
+    if ds.PhotometricInterpretation == "PALETTE COLOR":
+        rgb = np.asarray(apply_color_lut(frames, ds), dtype=np.float64)
+        scale = 65535.0 if rgb.max() > 255 else 255.0
+    else:
+        rgb = frames.astype(np.float64)
+        scale = float(2 ** int(ds.BitsStored) - 1)
+    luma = (rgb @ LUMA) / scale
+    return [np.clip(f, 0.0, 1.0) for f in luma]
+
+
+def _decoder_available(ts: UID) -> bool:
+    try:
+        return bool(get_decoder(ts).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def _passes(value: str, allowed: tuple[str, ...]) -> bool:
+    return not allowed or value.upper() in allowed
+
+
+def decode_dicom_file(path: Path, opts: SiloOptions) -> DecodedDicom:
+    """Decode one file or raise `SkipFile` with the reason; never anything else."""
+    try:
+        return _decode(path, opts)
+    except SkipFile:
+        raise
+    except MemoryError:
+        raise SkipFile("pixel data too large for memory") from None
+    except Exception as exc:  # one bad file never stops the silo
+        raise SkipFile(f"unreadable DICOM ({type(exc).__name__})") from None
+
+
+def _decode(path: Path, opts: SiloOptions) -> DecodedDicom:
+    with warnings.catch_warnings():
+        # pydicom's warnings can quote element values (patient tags).
+        warnings.simplefilter("ignore")
         try:
             ds = pydicom.dcmread(path)
-            if "PixelData" not in ds or int(getattr(ds, "SamplesPerPixel", 1)) != 1:
-                continue
-            gray = windowed_uint8(ds)
-        except (InvalidDicomError, OSError, ValueError, AttributeError):
-            continue
-        if gray.ndim != 2:
-            continue
-        images.append(to_unit_range(np.asarray(fit_square(Image.fromarray(gray), image_size))))
-    if not images:
-        raise SiloError(f"{directory} holds no readable single-frame grayscale DICOM image")
-    return np.stack(images)
+        except InvalidDicomError:
+            # Some exporters omit the 128-byte preamble; accept such a file
+            # only if it parses into something that names its SOP class.
+            ds = pydicom.dcmread(path, force=True)
+            if "SOPClassUID" not in ds:
+                raise SkipFile("not a DICOM file") from None
+        meta = ds.get("file_meta")
+        if (
+            getattr(meta, "MediaStorageSOPClassUID", None) == DICOMDIR_SOP_CLASS
+            or "DirectoryRecordSequence" in ds
+        ):
+            raise SkipFile("DICOMDIR (a directory index, not an image)")
+        if "PixelData" not in ds:
+            raise SkipFile(f"no pixel data ({_sop_name(ds)})")
+        modality = str(ds.get("Modality", "") or "")
+        for keyword, allowed in (
+            ("Modality", opts.modality),
+            ("BodyPartExamined", opts.body_part),
+            ("ViewPosition", opts.view_position),
+        ):
+            value = str(ds.get(keyword, "") or "")
+            if not _passes(value, allowed):
+                raise SkipFile(
+                    f"filtered out: {keyword} {value or '(empty)'} not in {','.join(allowed)}"
+                )
+        photometric = str(ds.get("PhotometricInterpretation", ""))
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        is_color = spp == 3 or photometric == "PALETTE COLOR"
+        if is_color and opts.color == "refuse":
+            raise SkipFile(f"colour image ({photometric}); set color=convert to use its luminance")
+        if not is_color and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise SkipFile(f"photometric interpretation {photometric or '(none)'} not supported")
+        try:
+            pixels = ds.pixel_array
+        except (NotImplementedError, RuntimeError):
+            ts = getattr(meta, "TransferSyntaxUID", None)
+            name = UID(str(ts)).name if ts else "unknown transfer syntax"
+            if ts and not _decoder_available(UID(str(ts))):
+                raise SkipFile(f"unsupported compression {name}: no decoder installed") from None
+            raise SkipFile(f"compressed pixel data could not be decoded ({name})") from None
+        frames_n = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames_n == 1:
+            pixels = pixels[None]
+        expected_ndim = 4 if spp == 3 else 3
+        if pixels.ndim != expected_ndim or pixels.shape[1] < 2 or pixels.shape[2] < 2:
+            raise SkipFile(f"unexpected pixel array shape {tuple(pixels.shape)}")
+        if is_color:
+            frames = _color_unit(pixels, ds)
+        else:
+            frames = [gray_unit(frame, ds, opts.window) for frame in pixels]
+        if not all(np.isfinite(f).all() for f in frames):
+            raise SkipFile("pixel values are not finite after the modality/VOI transform")
+        tag_label = None
+        if opts.label_tag:
+            value = ds.get(opts.label_tag)
+            tag_label = str(value).strip() if value not in (None, "") else None
+        return DecodedDicom(
+            frames=frames,
+            modality=modality or "(none)",
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+            tag_label=tag_label,
+            rows=int(pixels.shape[1]),
+            columns=int(pixels.shape[2]),
+        )
