@@ -21,7 +21,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class SiteSpec:
     site_id: str
     data_dir: Path
     kind: str
+    # Extra SuperNode node config: the site's silo options (modality, window…).
+    node_config: dict[str, str] = field(default_factory=dict)
 
 
 class LocalFederation:
@@ -247,6 +249,7 @@ class LocalFederation:
                 "data-dir": str(Path(site.data_dir).resolve()),
                 "kind": site.kind,
                 "work-dir": str(work),
+                **site.node_config,
             },
         )
         # Sites share this machine's cores: oversubscribed OpenMP threads
