@@ -33,9 +33,14 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 LUMA = np.array([0.299, 0.587, 0.114])
 
 
+# Integer frames go through a lookup table over their value range (one gather
+# per pixel instead of a float pipeline); wider ranges are computed directly.
+MAX_LUT_ENTRIES = 1 << 20
+
+
 @dataclass(frozen=True)
 class DecodedDicom:
-    frames: list[np.ndarray]  # float64 H×W in [0, 1]
+    frames: list[np.ndarray]  # uint8 H×W display values
     modality: str
     sop_instance_uid: str
     tag_label: str | None
@@ -70,18 +75,28 @@ def window_unit(values: np.ndarray, center: float, width: float, function: str) 
     return np.clip(out, 0.0, 1.0)
 
 
-def _min_max(values: np.ndarray) -> np.ndarray:
-    low, high = float(values.min()), float(values.max())
+def _min_max(values: np.ndarray, extremes: np.ndarray) -> np.ndarray:
+    low, high = float(extremes.min()), float(extremes.max())
     if high <= low:
         return np.zeros_like(values, dtype=np.float64)
-    return (values - low) / (high - low)
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
 
 
 def gray_unit(
-    frame: np.ndarray, ds: pydicom.Dataset, window: tuple[float, float] | None
+    stored: np.ndarray,
+    ds: pydicom.Dataset,
+    window: tuple[float, float] | None,
+    frame_range: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """One stored grayscale frame to display values in [0, 1]."""
-    values = np.asarray(apply_modality_lut(frame, ds), dtype=np.float64)
+    """Stored grayscale values to display values in [0, 1] (elementwise, so it
+    can run on a frame or on the domain of a lookup table; then
+    ``frame_range``, the frame's stored min and max, anchors the no-window
+    fallback to the frame's own extremes)."""
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    extremes = values
+    if frame_range is not None:
+        ends = np.asarray(frame_range, dtype=stored.dtype)
+        extremes = np.asarray(apply_modality_lut(ends, ds), dtype=np.float64)
     if window is not None:
         out = window_unit(values, window[0], window[1], "LINEAR")
     elif "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
@@ -92,14 +107,36 @@ def gray_unit(
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
         if width <= 0 or function.upper() not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
-            out = _min_max(values)
+            out = _min_max(values, extremes)
         else:
             out = window_unit(values, center, width, function)
     else:
-        out = _min_max(values)
+        out = _min_max(values, extremes)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         out = 1.0 - out
     return np.clip(out, 0.0, 1.0)
+
+
+def _to_u8(unit: np.ndarray) -> np.ndarray:
+    return np.rint(unit * 255.0).astype(np.uint8)
+
+
+def gray_u8(
+    frame: np.ndarray, ds: pydicom.Dataset, window: tuple[float, float] | None
+) -> np.ndarray:
+    """One stored frame to uint8 display values. The frame's min and max are
+    the ends of the table's domain, so the min/max fallback (no window) sees
+    the same extremes as on the frame itself."""
+    if np.issubdtype(frame.dtype, np.integer):
+        low, high = int(frame.min()), int(frame.max())
+        if high - low < MAX_LUT_ENTRIES:
+            start = min(low, 0) if high < MAX_LUT_ENTRIES else low
+            domain = np.arange(start, high + 1, dtype=frame.dtype)
+            lut = _to_u8(gray_unit(domain, ds, window, frame_range=(low, high)))
+            # Unsigned frames index the table directly (no index arithmetic).
+            index = frame if start == 0 else frame.astype(np.int64) - start
+            return np.take(lut, index)
+    return _to_u8(gray_unit(frame, ds, window))
 
 
 def _color_unit(frames: np.ndarray, ds: pydicom.Dataset) -> list[np.ndarray]:
@@ -111,7 +148,7 @@ def _color_unit(frames: np.ndarray, ds: pydicom.Dataset) -> list[np.ndarray]:
         rgb = frames.astype(np.float64)
         scale = float(2 ** int(ds.BitsStored) - 1)
     luma = (rgb @ LUMA) / scale
-    return [np.clip(f, 0.0, 1.0) for f in luma]
+    return [_to_u8(np.clip(f, 0.0, 1.0)) for f in luma]
 
 
 def _decoder_available(ts: UID) -> bool:
@@ -192,9 +229,9 @@ def _decode(path: Path, opts: SiloOptions) -> DecodedDicom:
         if is_color:
             frames = _color_unit(pixels, ds)
         else:
-            frames = [gray_unit(frame, ds, opts.window) for frame in pixels]
-        if not all(np.isfinite(f).all() for f in frames):
-            raise SkipFile("pixel values are not finite after the modality/VOI transform")
+            if not np.issubdtype(pixels.dtype, np.integer) and not np.isfinite(pixels).all():
+                raise SkipFile("pixel values are not finite")
+            frames = [gray_u8(frame, ds, opts.window) for frame in pixels]
         tag_label = None
         if opts.label_tag:
             value = ds.get(opts.label_tag)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,8 @@ from fedgan.silo.report import SiloReport, SkipFile
 from fedgan.silo.resize import fit_square
 
 Progress = Callable[[int, int], None]
+# Below this many files a pool's start-up costs more than it saves.
+PARALLEL_MIN_FILES = 200
 
 
 @dataclass
@@ -62,9 +67,57 @@ def _rgb_to_channels(rgb: np.ndarray, channels: int) -> np.ndarray:
     return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[None]
 
 
-def _resize_unit(frame: np.ndarray, size: int) -> np.ndarray:
-    img = Image.fromarray(np.rint(frame * 255.0).astype(np.uint8))
-    return np.asarray(fit_square(img, size))
+def _resize_u8(frame: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(fit_square(Image.fromarray(frame), size))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What one file yields; computed in a worker process, so plain data."""
+
+    images: list[np.ndarray]  # C×H×W uint8 at the training size
+    size: str
+    modality: str | None
+    sop_instance_uid: str
+    tag_label: str | None
+
+
+def decode_file(path: Path, opts: SiloOptions) -> Decoded:
+    """One file to training images at ``opts.image_size``, or `SkipFile`."""
+    if opts.kind == "fundus":
+        rgb = decode_fundus_file(path, opts.image_size, opts.fundus_contrast)
+        with Image.open(path) as img:  # header only: the original size
+            size = f"{img.width}x{img.height}"
+        return Decoded([_rgb_to_channels(rgb, opts.channels)], size, None, "", None)
+    dcm = decode_dicom_file(path, opts)
+    images = [
+        _gray_to_channels(_resize_u8(frame, opts.image_size), opts.channels) for frame in dcm.frames
+    ]
+    size = f"{dcm.columns}x{dcm.rows}"
+    return Decoded(images, size, dcm.modality, dcm.sop_instance_uid, dcm.tag_label)
+
+
+def _decode_or_reason(job: tuple[Path, SiloOptions]) -> Decoded | str:
+    try:
+        return decode_file(*job)
+    except SkipFile as skip:
+        return str(skip)
+
+
+def _decode_all(jobs: list[tuple[Path, SiloOptions]], workers: int) -> Iterator[Decoded | str]:
+    """Decode in order; in worker processes when the silo is big enough for
+    the pool's start-up (a second or so) to pay off."""
+    if workers <= 1 or len(jobs) < PARALLEL_MIN_FILES:
+        yield from map(_decode_or_reason, jobs)
+        return
+    # spawn, not fork: the ClientApp process may hold torch's threads.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(_decode_or_reason, jobs, chunksize=16)
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 def read_silo(
@@ -72,34 +125,50 @@ def read_silo(
     opts: SiloOptions,
     files: list[Path] | None = None,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> SiloData:
     """Decode every usable image; uncached. See `load_silo`."""
     directory = Path(directory)
     files = list_files(directory) if files is None else files
     index = fundus_labels(directory) if opts.kind == "fundus" else dicom_labels(directory)
     report = SiloReport(directory=str(directory), kind=opts.kind)
-    images: list[np.ndarray] = []
-    labels: list[str | None] = []
-    for i, path in enumerate(files):
+    jobs: list[tuple[Path, SiloOptions]] = []
+    for path in files:
         rel = path.relative_to(directory).as_posix()
-        if progress:
-            progress(i + 1, len(files))
         if path.suffix.lower() == ".csv" and path.parent == directory:
             continue
-        if index.key_kind != "uid":
-            index.see(path.stem if opts.kind == "fundus" else rel)
-        report.files_read += 1
-        try:
-            if opts.kind == "fundus":
-                new, new_labels = _fundus(path, rel, opts, index, report)
-            else:
-                new, new_labels = _dicom(path, rel, opts, index, report)
-        except SkipFile as skip:
-            report.files_read -= 1
-            report.skip(rel, str(skip))
+        if opts.kind == "fundus":
+            index.see(path.stem)
+            if path.suffix.lower() not in EXTENSIONS:
+                report.skip(rel, f"not a JPEG/PNG/TIFF image ({path.suffix or 'no extension'})")
+                continue
+            label = index.by_key.get(path.stem)
+            if label is not None and label not in GRADES:
+                report.skip(rel, f"label {label!r} in {index.source} is not a DR grade 0-4")
+                continue
+        elif index.key_kind == "path":
+            index.see(rel)
+        jobs.append((path, opts))
+    images: list[np.ndarray] = []
+    labels: list[str | None] = []
+    outcomes = _decode_all(jobs, default_workers() if workers is None else workers)
+    for done, ((path, _), outcome) in enumerate(zip(jobs, outcomes, strict=True), start=1):
+        if progress:
+            progress(done, len(jobs))
+        rel = path.relative_to(directory).as_posix()
+        if isinstance(outcome, str):
+            report.skip(rel, outcome)
             continue
-        images.extend(new)
-        labels.extend(new_labels)
+        label = _label(index, opts, rel, path, outcome)
+        if opts.kind == "fundus" and index.source and label is None:
+            report.warnings.append(f"{rel} has no row in {index.source}")
+        report.files_read += 1
+        report.sizes[outcome.size] += len(outcome.images)
+        if outcome.modality is not None:
+            report.modalities[outcome.modality] += len(outcome.images)
+        images.extend(outcome.images)
+        labels.extend([label] * len(outcome.images))
+    report.skipped.sort()
     unknown = index.unknown_keys()
     if unknown:
         shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
@@ -115,38 +184,12 @@ def read_silo(
     return SiloData(stacked, labels, report)
 
 
-def _fundus(
-    path: Path, rel: str, opts: SiloOptions, index: LabelIndex, report: SiloReport
-) -> tuple[list[np.ndarray], list[str | None]]:
-    if path.suffix.lower() not in EXTENSIONS:
-        raise SkipFile(f"not a JPEG/PNG/TIFF image ({path.suffix or 'no extension'})")
-    label = index.lookup(path.stem)
-    if label is not None and label not in GRADES:
-        raise SkipFile(f"label {label!r} in {index.source} is not a DR grade 0-4")
-    if index.source and label is None:
-        report.warnings.append(f"{rel} has no row in {index.source}")
-    with Image.open(path) as img:
-        report.sizes[f"{img.width}x{img.height}"] += 1
-    rgb = decode_fundus_file(path, opts.image_size, opts.fundus_contrast)
-    return [_rgb_to_channels(rgb, opts.channels)], [label]
-
-
-def _dicom(
-    path: Path, rel: str, opts: SiloOptions, index: LabelIndex, report: SiloReport
-) -> tuple[list[np.ndarray], list[str | None]]:
-    decoded = decode_dicom_file(path, opts)
+def _label(index: LabelIndex, opts: SiloOptions, rel: str, path: Path, out: Decoded) -> str | None:
+    if opts.kind == "fundus":
+        return index.lookup(path.stem)
     if index.source:
-        key = rel if index.key_kind == "path" else decoded.sop_instance_uid
-        label = index.lookup(key)
-    else:
-        label = decoded.tag_label
-    report.modalities[decoded.modality] += len(decoded.frames)
-    report.sizes[f"{decoded.columns}x{decoded.rows}"] += len(decoded.frames)
-    out = [
-        _gray_to_channels(_resize_unit(frame, opts.image_size), opts.channels)
-        for frame in decoded.frames
-    ]
-    return out, [label] * len(out)
+        return index.lookup(rel if index.key_kind == "path" else out.sop_instance_uid)
+    return out.tag_label
 
 
 def _fingerprint(directory: Path, files: list[Path], opts: SiloOptions) -> tuple[str, str]:
@@ -167,12 +210,13 @@ def load_silo(
     *,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> SiloData:
     """Read a silo, through the cache when ``cache_dir`` is given."""
     directory = Path(directory)
     files = list_files(directory)
     if cache_dir is None:
-        return read_silo(directory, opts, files, progress)
+        return read_silo(directory, opts, files, progress, workers)
     prefix, key = _fingerprint(directory, files, opts)
     npy = Path(cache_dir) / f"silo-{prefix}-{key}.npy"
     meta = npy.with_suffix(".json")
@@ -186,7 +230,7 @@ def load_silo(
                 return SiloData(images, doc["labels"], report)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt, never trusted
-    data = read_silo(directory, opts, files, progress)
+    data = read_silo(directory, opts, files, progress, workers)
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(data.images))
     write_atomic(npy, buf.getvalue(), mode=0o600)

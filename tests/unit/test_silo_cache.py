@@ -69,3 +69,20 @@ def test_silo_is_never_written(tmp_path):
     load_silo(silo, opts, cache_dir=tmp_path / "cache")
     load_silo(silo, opts, cache_dir=tmp_path / "cache")
     assert _snapshot(silo) == before
+
+
+def test_parallel_decoding_gives_the_sequential_result(tmp_path, monkeypatch):
+    from fedgan.silo import loader
+
+    silo = synth_silo(tmp_path / "silo", "dicom", 8, seed=3, size=32)
+    (silo / "junk.bin").write_bytes(b"not dicom")
+    opts = SiloOptions(kind="dicom", image_size=16, channels=1)
+    monkeypatch.setattr(loader, "PARALLEL_MIN_FILES", 4)
+    seen = []
+    parallel = loader.read_silo(silo, opts, workers=2, progress=lambda d, t: seen.append((d, t)))
+    sequential = loader.read_silo(silo, opts, workers=1)
+    np.testing.assert_array_equal(parallel.images, sequential.images)
+    assert parallel.labels == sequential.labels
+    assert parallel.report.to_dict() == sequential.report.to_dict()
+    assert parallel.report.skipped == [("junk.bin", "not a DICOM file")]
+    assert seen[-1] == (9, 9)

@@ -42,8 +42,7 @@ def test_every_bundled_file_decodes_or_gives_a_named_reason():
         decoded += 1
         assert result.frames, path
         for frame in result.frames:
-            assert frame.shape == (result.rows, result.columns)
-            assert np.isfinite(frame).all() and frame.min() >= 0 and frame.max() <= 1, path
+            assert frame.shape == (result.rows, result.columns) and frame.dtype == np.uint8
     assert decoded >= 80 and skipped >= 50  # pydicom 3.0.2 ships 89 decodable files
 
 
@@ -97,9 +96,9 @@ def test_values_match_pydicoms_modality_and_voi_lut():
         frames = ds.pixel_array
         frames = frames[None] if int(ds.get("NumberOfFrames", 1) or 1) == 1 else frames
         for ours, frame in zip(result.frames, frames, strict=True):
-            np.testing.assert_allclose(
-                ours, _pydicom_reference(ds, frame), atol=1e-9, err_msg=str(path)
-            )
+            expected = np.rint(_pydicom_reference(ds, frame) * 255)
+            # Equal display levels, give or take a rounding tie.
+            np.testing.assert_allclose(ours, expected, atol=1, err_msg=str(path))
         compared += 1
     assert compared >= 50
 
@@ -121,7 +120,7 @@ def test_monochrome1_is_inverted(one):
     mono2 = decode_dicom_file(_write(ds, tmp / "m2.dcm"), OPTS).frames[0]
     ds.PhotometricInterpretation = "MONOCHROME1"
     mono1 = decode_dicom_file(_write(ds, tmp / "m1.dcm"), OPTS).frames[0]
-    np.testing.assert_allclose(mono1, 1 - mono2)
+    np.testing.assert_allclose(mono1.astype(int), 255 - mono2.astype(int), atol=1)
 
 
 def test_rescale_then_window(one):
@@ -131,7 +130,7 @@ def test_rescale_then_window(one):
     frame = decode_dicom_file(_write(ds, tmp / "r.dcm"), OPTS).frames[0]
     values = ds.pixel_array * 2.0 - 2000.0
     expected = np.clip((values - (0.0 - 0.5)) / 1000.0 + 0.5, 0, 1)
-    np.testing.assert_allclose(frame, expected)
+    np.testing.assert_allclose(frame, np.rint(expected * 255), atol=1)
 
 
 def test_site_window_overrides_the_files(one):
@@ -142,7 +141,8 @@ def test_site_window_overrides_the_files(one):
     overridden = decode_dicom_file(path, bone).frames[0]
     assert not np.allclose(own, overridden)
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    np.testing.assert_allclose(overridden, np.clip((hu - 399.5) / 1799.0 + 0.5, 0, 1))
+    expected = np.clip((hu - 399.5) / 1799.0 + 0.5, 0, 1)
+    np.testing.assert_allclose(overridden, np.rint(expected * 255), atol=1)
 
 
 def test_multiframe_is_split_into_frames(tmp_path):

@@ -67,7 +67,7 @@ def test_mutated_dicom_raises_only_skipfile(tmp_path_factory, mutation):
         result = decode_dicom_file(path, OPTS)
     except SkipFile:
         return
-    assert all(np.isfinite(f).all() and f.min() >= 0 and f.max() <= 1 for f in result.frames)
+    assert all(f.dtype == np.uint8 and f.ndim == 2 for f in result.frames)
 
 
 @FUZZ
