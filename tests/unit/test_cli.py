@@ -60,3 +60,41 @@ def test_silo_synth(tmp_path):
     r = fedgan("silo", "synth", str(tmp_path / "s"), "--kind", "dicom", "--n", "3", "--size", "32")
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "s").rglob("*.dcm"))) == 3
+
+
+def test_silo_check_reports_and_exits_1_when_nothing_is_usable(tmp_path):
+    silo = tmp_path / "s"
+    assert (
+        fedgan("silo", "synth", str(silo), "--kind", "dicom", "--n", "3", "--size", "32").returncode
+        == 0
+    )
+    (silo / "notes.txt").write_text("not an image")
+    r = fedgan("silo", "check", str(silo), "--kind", "dicom", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["images"] == 3 and report["modalities"] == {"CT": 3}
+    assert report["skipped"] == [{"path": "notes.txt", "reason": "not a DICOM file"}]
+    r = fedgan("silo", "check", str(silo), "--kind", "dicom", "--modality", "MR")
+    assert r.returncode == 1
+    assert "filtered out: Modality CT not in MR" in r.stdout
+    assert r.stderr.strip().splitlines()[-1].startswith("fedgan: ")
+
+
+def test_silo_split_writes_sites(tmp_path):
+    fedgan("silo", "synth", str(tmp_path / "src"), "--kind", "fundus", "--n", "20", "--size", "32")
+    r = fedgan(
+        "silo",
+        "split",
+        str(tmp_path / "src"),
+        "--out",
+        str(tmp_path / "out"),
+        "--sites",
+        "2",
+        "--alpha",
+        "1.0",
+        "--seed",
+        "3",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("images") == 2
+    assert (tmp_path / "out" / "site-2" / "labels.csv").exists()
