@@ -1,19 +1,43 @@
 """Local GAN training at a site, callable without Flower.
 
-Non-private for now: the DP issue wraps the discriminator's real-image step
-with Opacus here and nowhere else, since D is the only network that touches
-patient images.
+Privacy argument (DP-SGD on the discriminator, Abadi et al. 2016):
+
+* Only the discriminator D reads patient images, and only through the "real"
+  half of its loss. Each step draws a Poisson sample of the silo (each image
+  independently with probability q, from a generator seeded by the OS's CSPRNG
+  so nobody, the server included, can predict it), computes per-sample
+  gradients of the real half with Opacus, clips each to L2 norm
+  ``max_grad_norm`` = C, sums them and adds Gaussian noise N(0, σ²C²)
+  (Opacus's secure mode, robust to floating-point attacks). That is the
+  sampled Gaussian mechanism; the accountant (`fedgan.privacy`) composes it
+  over every step ever run on the silo.
+* D's gradient on generated images depends on no patient record (G's output
+  is a function of G's weights and random latents, and G's weights so far
+  are themselves a DP release), so it is computed without per-sample
+  machinery and added to the noised real-half gradient before the optimizer
+  step. Adding a data-independent term is post-processing.
+* G never sees an image; it learns only from D's output, so its update is
+  post-processing of D's private release. So is everything computed from the
+  weights afterwards: the update Δ, its clipping, quantization and masking.
+Hence the site's (ε, δ) bounds what G, D and every update reveal about any
+one image in its silo.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from fedgan.gan.losses import discriminator_loss, generator_loss
 from fedgan.gan.models import Discriminator, Generator
+
+# Opacus's full backward hooks fire on D's first layer, whose input (an image)
+# needs no gradient; torch warns about that on every step. It is expected.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 @dataclass(frozen=True)
@@ -34,6 +58,24 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """The sampled Gaussian mechanism on D's real half."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    # Tests only: a fixed seed for sampling and noise. None (always in
+    # production) seeds from the OS's CSPRNG.
+    secret_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier < 0 or self.max_grad_norm <= 0:
+            raise ValueError("noise-multiplier must be >= 0 and max-grad-norm > 0")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample rate {self.sample_rate} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class TrainResult:
     g_loss: float
     d_loss: float
@@ -48,9 +90,11 @@ def train_local(
     images: torch.Tensor,
     cfg: TrainConfig,
     device: torch.device | str = "cpu",
+    dp: DPConfig | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` alternating D and G steps on ``images``
-    (N×C×H×W in [-1, 1]). Losses are averaged over the steps."""
+    (N×C×H×W in [-1, 1]); D's real half is private when ``dp`` is given.
+    Losses are averaged over the steps."""
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty N×C×H×W image tensor, got {tuple(images.shape)}")
     start = time.perf_counter()
@@ -59,29 +103,30 @@ def train_local(
     disc.to(device).train()
     rng = torch.Generator().manual_seed(cfg.seed)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999))
     n = images.shape[0]
     batch = min(cfg.batch_size, n)
-    latent = gen.spec.latent_dim
+    d_step = (
+        PlainDiscriminatorStep(disc, cfg.lr_d)
+        if dp is None
+        else DPDiscriminatorStep(disc, cfg.lr_d, dp, expected_batch=batch)
+    )
     g_total = d_total = 0.0
-    for _ in range(cfg.local_steps):
-        idx = torch.randint(0, n, (batch,), generator=rng)
-        real = images[idx].to(device)
-        z = torch.randn(batch, latent, generator=rng).to(device)
+    try:
+        for _ in range(cfg.local_steps):
+            real = d_step.sample(images, batch, rng).to(device)
+            z = torch.randn(batch, gen.spec.latent_dim, generator=rng).to(device)
+            fake = gen(z)
+            d_total += d_step(real, fake.detach())
 
-        opt_d.zero_grad(set_to_none=True)
-        fake = gen(z)
-        d_loss = discriminator_loss(disc(real), disc(fake.detach()))
-        d_loss.backward()
-        opt_d.step()
-
-        opt_g.zero_grad(set_to_none=True)
-        g_loss = generator_loss(disc(fake))
-        g_loss.backward(inputs=list(gen.parameters()))
-        opt_g.step()
-
-        g_total += float(g_loss.detach())
-        d_total += float(d_loss.detach())
+            d_step.hooks(False)
+            opt_g.zero_grad(set_to_none=True)
+            g_loss = generator_loss(disc(fake))
+            g_loss.backward(inputs=list(gen.parameters()))
+            opt_g.step()
+            d_step.hooks(True)
+            g_total += float(g_loss.detach())
+    finally:
+        d_step.close()
     return TrainResult(
         g_loss=g_total / cfg.local_steps,
         d_loss=d_total / cfg.local_steps,
@@ -89,3 +134,104 @@ def train_local(
         examples=n,
         seconds=time.perf_counter() - start,
     )
+
+
+class PlainDiscriminatorStep:
+    """Non-private D step: a batch drawn with replacement, one Adam step."""
+
+    def __init__(self, disc: Discriminator, lr: float) -> None:
+        self.disc = disc
+        self.opt = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.999))
+
+    def sample(self, images: torch.Tensor, batch: int, rng: torch.Generator) -> torch.Tensor:
+        return images[torch.randint(0, images.shape[0], (batch,), generator=rng)]
+
+    def __call__(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = discriminator_loss(self.disc(real), self.disc(fake))
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+    def hooks(self, enabled: bool) -> None:
+        """No per-sample hooks to switch."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class DPDiscriminatorStep:
+    """Private D step: Poisson-sampled real batch through Opacus (clip + noise),
+    plus the non-private gradient on generated images, then one Adam step."""
+
+    def __init__(self, disc: Discriminator, lr: float, dp: DPConfig, expected_batch: int) -> None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        self.disc = disc
+        self.dp = dp
+        seed = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
+        self.secret_rng = torch.Generator().manual_seed(seed)
+        self.module = GradSampleModule(disc, loss_reduction="mean")
+        self.params = [p for p in disc.parameters() if p.requires_grad]
+        self.opt = DPOptimizer(
+            torch.optim.Adam(self.params, lr=lr, betas=(0.5, 0.999)),
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=expected_batch,
+            loss_reduction="mean",
+            generator=self.secret_rng,
+            secure_mode=dp.noise_multiplier > 0,
+        )
+
+    def sample(self, images: torch.Tensor, batch: int, rng: torch.Generator) -> torch.Tensor:
+        """Poisson sampling: each image independently with probability q, from
+        the secret generator (the amplification by subsampling needs it)."""
+        del batch, rng  # the batch size is random; its mean is q·N
+        mask = torch.rand(images.shape[0], generator=self.secret_rng) < self.dp.sample_rate
+        return images[mask]
+
+    def private_real_gradient(self, real: torch.Tensor) -> float:
+        """Sets ``p.grad`` to the clipped, noised real-half gradient (divided
+        by the expected batch size); returns the real-half loss."""
+        self.opt.zero_grad(set_to_none=True)
+        if real.shape[0] == 0:
+            # An empty Poisson sample still costs a step and still gets noise.
+            for p in self.params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            loss_value = 0.0
+        else:
+            logits = self.module(real)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, torch.ones_like(logits)
+            )
+            loss.backward()
+            loss_value = float(loss.detach())
+        self.opt.pre_step()
+        return loss_value
+
+    def __call__(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        real_loss = self.private_real_gradient(real)
+        self.module.disable_hooks()
+        logits = self.disc(fake)
+        fake_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, torch.zeros_like(logits)
+        )
+        grads = torch.autograd.grad(fake_loss, self.params)
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = p.grad + g
+        self.opt.original_optimizer.step()
+        self.module.enable_hooks()
+        return real_loss + float(fake_loss.detach())
+
+    def hooks(self, enabled: bool) -> None:
+        """G's step must not collect per-sample gradients in D."""
+        if enabled:
+            self.module.enable_hooks()
+        else:
+            self.module.disable_hooks()
+
+    def close(self) -> None:
+        """Remove Opacus's hooks and per-sample buffers from D."""
+        self.opt.zero_grad(set_to_none=True)
+        self.module._close()

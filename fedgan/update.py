@@ -79,3 +79,30 @@ def apply_delta(global_: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> A
         (np.asarray(g, dtype=np.float32) + d).astype(np.float32)
         for g, d in zip(global_, delta, strict=True)
     ]
+
+
+def update_norm(update: SiteUpdate) -> float:
+    """L2 norm of Δ over both networks together."""
+    return float(
+        np.sqrt(
+            sum(float(np.sum(np.square(a, dtype=np.float64))) for a in update.gen + update.disc)
+        )
+    )
+
+
+def clip_update(update: SiteUpdate, max_norm: float) -> tuple[SiteUpdate, bool, float]:
+    """Scale Δ (G and D together) down to L2 norm ``max_norm`` if it is larger;
+    ``max_norm`` <= 0 disables clipping. Returns (update, clipped?, norm before)."""
+    norm = update_norm(update)
+    if max_norm <= 0 or norm <= max_norm:
+        return update, False, norm
+    scale = np.float32(max_norm / norm)
+    return (
+        SiteUpdate(
+            gen=[a * scale for a in update.gen],
+            disc=[a * scale for a in update.disc],
+            weight=update.weight,
+        ),
+        True,
+        norm,
+    )

@@ -1,0 +1,60 @@
+"""ε(δ) for a history of DP-SGD rounds, through Opacus's accountants.
+
+A round is (noise multiplier σ, Poisson sampling rate q, steps). Rounds compose:
+the history of every round ever spent on a silo is accounted together, so the
+ε reported is the silo's total, not the last run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS = ("prv", "rdp")
+Round = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
+
+
+def default_delta(num_examples: int) -> float:
+    """δ = min(1e-5, 1/(10·n)): well below 1/n, so no single patient's record
+    can be released outright with probability δ."""
+    return min(1e-5, 1.0 / (10 * max(1, num_examples)))
+
+
+def _accountant(kind: str) -> PRVAccountant | RDPAccountant:
+    if kind == "prv":
+        return PRVAccountant()
+    if kind == "rdp":
+        return RDPAccountant()
+    raise ValueError(f"accountant {kind!r} is not supported; use prv or rdp")
+
+
+def epsilon(history: Iterable[Round], delta: float, kind: str = "prv") -> float:
+    """ε spent by ``history`` at ``delta`` (0 for an empty history)."""
+    rounds = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    if not rounds:
+        return 0.0
+    if any(s <= 0 for s, _, _ in rounds):
+        return float("inf")  # a noiseless step gives no DP guarantee at all
+    accountant = _accountant(kind)
+    accountant.history = rounds
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "prv"
+) -> float:
+    """The smallest σ whose ``steps`` steps at ``sample_rate`` stay within
+    ``target_epsilon`` (the whole planned run, so budget is not overspent)."""
+    if target_epsilon <= 0:
+        raise ValueError("target-epsilon must be > 0")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=kind,
+        )
+    )

@@ -1,0 +1,131 @@
+"""The private discriminator step against a per-sample reference computed by
+hand, and against the plain step when privacy is switched off."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedgan.gan.models import GanSpec, build
+from fedgan.train import (
+    DPConfig,
+    DPDiscriminatorStep,
+    PlainDiscriminatorStep,
+    TrainConfig,
+    train_local,
+)
+from fedgan.update import SiteUpdate, clip_update, update_norm
+
+SPEC = GanSpec(image_size=16, channels=1, latent_dim=8, width=8)
+
+
+def _data(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 16, 16, generator=g) * 2 - 1
+
+
+def _per_sample_clipped_mean(disc, real, clip):
+    """Σ clip(∇ℓ_i) / N, one sample at a time, no Opacus."""
+    params = list(disc.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    for x in real:
+        logit = disc(x[None])
+        loss = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        norms.append(float(norm) * factor)
+        for t, g in zip(total, grads, strict=True):
+            t += g * factor
+    return [t / real.shape[0] for t in total], norms
+
+
+def test_real_half_is_per_sample_clipped_mean():
+    _, disc = build(SPEC, seed=1)
+    reference_disc = copy.deepcopy(disc)
+    real = _data()
+    clip = 0.05
+    step = DPDiscriminatorStep(disc, 1e-3, DPConfig(0.0, clip, 1.0), expected_batch=real.shape[0])
+    step.private_real_gradient(real)
+    expected, clipped_norms = _per_sample_clipped_mean(reference_disc, real, clip)
+    assert max(clipped_norms) <= clip + 1e-6
+    assert sum(n >= clip - 1e-6 for n in clipped_norms) >= 2  # clipping really happened
+    for p, e in zip(step.params, expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-7)
+    step.close()
+
+
+def test_without_noise_and_clipping_dp_step_equals_plain_step():
+    _, disc = build(SPEC, seed=2)
+    twin = copy.deepcopy(disc)
+    real, fake = _data(10, 1), _data(10, 2)
+    dp = DPDiscriminatorStep(disc, 1e-3, DPConfig(0.0, 1e6, 1.0), expected_batch=10)
+    plain = PlainDiscriminatorStep(twin, 1e-3)
+    dp(real, fake)
+    plain(real, fake)
+    dp.close()
+    for a, b in zip(disc.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_has_the_calibrated_scale():
+    _, disc = build(SPEC, seed=3)
+    real = _data(8)
+    clean = DPDiscriminatorStep(copy.deepcopy(disc), 1e-3, DPConfig(0.0, 0.1, 1.0, 5), 8)
+    noisy = DPDiscriminatorStep(disc, 1e-3, DPConfig(2.0, 0.1, 1.0, 5), 8)
+    clean.private_real_gradient(real)
+    noisy.private_real_gradient(real)
+    diff = torch.cat(
+        [(a.grad - b.grad).flatten() for a, b in zip(noisy.params, clean.params, strict=True)]
+    )
+    # p.grad = (Σ clipped + N(0, σ²C²)) / B  =>  std of the difference is σC/B.
+    assert float(diff.std()) == pytest.approx(2.0 * 0.1 / 8, rel=0.1)
+    clean.close()
+    noisy.close()
+
+
+def test_dp_training_runs_and_leaves_no_hooks():
+    gen, disc = build(SPEC, seed=0)
+    before = [p.detach().clone() for p in disc.parameters()]
+    result = train_local(
+        gen, disc, _data(16), TrainConfig(local_steps=3, batch_size=4), dp=DPConfig(1.0, 1.0, 0.25)
+    )
+    assert result.steps == 3 and np.isfinite(result.d_loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters(), strict=True))
+    assert not any(
+        hasattr(p, "grad_sample") and p.grad_sample is not None for p in disc.parameters()
+    )
+    assert not disc._forward_hooks and not any(m._forward_hooks for m in disc.modules())
+
+
+def test_empty_poisson_sample_still_steps_with_noise():
+    gen, disc = build(SPEC, seed=0)
+    before = [p.detach().clone() for p in disc.parameters()]
+    train_local(
+        gen,
+        disc,
+        _data(2),
+        TrainConfig(local_steps=2, batch_size=1),
+        dp=DPConfig(1.0, 1.0, 1e-9, secret_seed=1),
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters(), strict=True))
+
+
+def test_update_clip_bounds_the_norm():
+    rng = np.random.default_rng(0)
+    upd = SiteUpdate(
+        [rng.standard_normal((20, 5)).astype(np.float32)],
+        [rng.standard_normal(30).astype(np.float32)],
+        3,
+    )
+    clipped, was, norm = clip_update(upd, 1.5)
+    assert was and norm > 1.5
+    assert update_norm(clipped) == pytest.approx(1.5, rel=1e-5)
+    same, was, _ = clip_update(upd, 1e9)
+    assert not was and same is upd
+    assert clip_update(upd, 0)[0] is upd  # 0 disables
