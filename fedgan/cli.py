@@ -254,7 +254,7 @@ def demo(
         list[Path] | None, typer.Option("--data", help="A site's silo directory (repeat per site).")
     ] = None,
     image_size: Annotated[int, typer.Option(help="16, 32, 64 or 128.")] = 32,
-    images_per_site: Annotated[int, typer.Option(help="Synthetic images per site.")] = 64,
+    images_per_site: Annotated[int, typer.Option(help="Synthetic images per site.")] = 256,
     local_steps: Annotated[
         int | None, typer.Option(help="GAN steps per site per round [default: run config's].")
     ] = None,

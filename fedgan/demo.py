@@ -32,13 +32,15 @@ class DemoOptions:
     kind: str = "fundus"
     data: list[Path] = field(default_factory=list)
     image_size: int = 32
-    images_per_site: int = 64
+    images_per_site: int = 256
     local_steps: int | None = None  # None: the app's default
     seed: int = 0
     out_root: Path = Path("runs")
     run_id: str | None = None
     dump_updates: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)
+    # Per site id: extra SuperNode node config (silo options, epsilon-budget).
+    node_config: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in CHANNELS:
@@ -77,7 +79,7 @@ def prepare(opts: DemoOptions, run_dir: Path, say: Callable[[str], None]) -> lis
                 seed=opts.seed * 1000 + i,
                 size=64,
             )
-        specs.append(SiteSpec(site_id, data, opts.kind))
+        specs.append(SiteSpec(site_id, data, opts.kind, opts.node_config.get(site_id, {})))
     if not opts.data:
         per_site = f"{opts.images_per_site} {opts.kind} images per site"
         say(f"silos         {run_dir / 'silos'} ({per_site})")
@@ -118,10 +120,17 @@ class RoundPrinter:
             if "skipped" in r:
                 self.say(f"round {r['round']}/{self.rounds}  skipped: {r['skipped']}")
             else:
+                eps = r.get("epsilon", {})
+                privacy = f"  ε max {max(eps.values()):.2f}" if eps else "  no DP"
                 self.say(
                     f"round {r['round']}/{self.rounds}  {r['seconds']:6.1f} s  "
                     f"sites {len(r['sites'])}/{r['sites_sampled']}  "
-                    f"G loss {r['g_loss']:.3f}  D loss {r['d_loss']:.3f}"
+                    f"G loss {r['g_loss']:.3f}  D loss {r['d_loss']:.3f}{privacy}"
+                )
+            for site, why in r.get("budget_exhausted", {}).items():
+                self.say(
+                    f"  {site} refused: budget exhausted (ε {why['epsilon']:.2f} spent, "
+                    f"{why['epsilon_next']:.2f} after, budget {why['budget']:.2f})"
                 )
         self.seen = len(lines)
 

@@ -20,6 +20,21 @@ class ConfigError(FedGanError, ValueError):
     """A run-config or node-config value is missing or invalid."""
 
 
+# A site's lifetime ε budget unless it sets `epsilon-budget` itself; auditors
+# are warned above 10.
+DEFAULT_EPSILON_BUDGET = 10.0
+
+
+def _node_float(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    try:
+        value = float(cfg.get(key, default))
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config {key}={cfg.get(key)!r} is not a number") from None
+    if not value > 0:
+        raise ConfigError(f"node config {key} must be > 0")
+    return value
+
+
 def _get(cfg: Mapping[str, Any], key: str, kind: type) -> Any:
     # Flower merges the app's defaults ([tool.flwr.app.config]) with the
     # operator's overrides, so a missing key means a mismatched app config.
@@ -43,6 +58,53 @@ def _get(cfg: Mapping[str, Any], key: str, kind: type) -> Any:
 
 
 @dataclass(frozen=True)
+class PrivacySettings:
+    """The operator's DP request. The site enforces its own ε budget."""
+
+    enabled: bool
+    noise_multiplier: float
+    target_epsilon: float
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    update_clip: float
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping[str, Any]) -> PrivacySettings:
+        s = cls(
+            enabled=_get(cfg, "dp", bool),
+            noise_multiplier=_get(cfg, "noise-multiplier", float),
+            target_epsilon=_get(cfg, "target-epsilon", float),
+            max_grad_norm=_get(cfg, "max-grad-norm", float),
+            delta=_get(cfg, "delta", float),
+            accountant=_get(cfg, "accountant", str),
+            update_clip=_get(cfg, "update-clip", float),
+        )
+        if s.accountant not in ("prv", "rdp"):
+            raise ConfigError(f"run config key 'accountant' = {s.accountant!r}; use prv or rdp")
+        if s.enabled and s.noise_multiplier <= 0 and s.target_epsilon <= 0:
+            raise ConfigError(
+                "run config: with dp = true set 'noise-multiplier' > 0 or 'target-epsilon' > 0"
+            )
+        if s.max_grad_norm <= 0:
+            raise ConfigError("run config key 'max-grad-norm' must be > 0")
+        if not 0 <= s.delta < 1:
+            raise ConfigError("run config key 'delta' must be in [0, 1)")
+        return s
+
+    def as_config(self) -> dict[str, int | float | bool | str]:
+        return {
+            "dp": self.enabled,
+            "noise-multiplier": self.noise_multiplier,
+            "target-epsilon": self.target_epsilon,
+            "max-grad-norm": self.max_grad_norm,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "update-clip": self.update_clip,
+        }
+
+
+@dataclass(frozen=True)
 class RunSettings:
     rounds: int
     spec: GanSpec
@@ -51,6 +113,7 @@ class RunSettings:
     dump_updates: bool
     round_timeout: float
     min_sites: int
+    privacy: PrivacySettings
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunSettings:
@@ -86,9 +149,10 @@ class RunSettings:
             dump_updates=_get(cfg, "dump-updates", bool),
             round_timeout=_get(cfg, "round-timeout", float),
             min_sites=min_sites,
+            privacy=PrivacySettings.from_run_config(cfg),
         )
 
-    def round_config(self, server_round: int) -> dict[str, int | float | bool]:
+    def round_config(self, server_round: int) -> dict[str, int | float | bool | str]:
         """What a site needs to train one round (sent in the train message)."""
         return {
             "round": server_round,
@@ -103,6 +167,8 @@ class RunSettings:
             # Each site and round draws different batches and noise.
             "seed": self.train.seed * 100_003 + server_round,
             "dump-updates": self.dump_updates,
+            "rounds": self.rounds,
+            **self.privacy.as_config(),
         }
 
 
@@ -116,6 +182,7 @@ class SiteSettings:
     kind: str
     work_dir: str
     device: str
+    epsilon_budget: float
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteSettings:
@@ -131,4 +198,5 @@ class SiteSettings:
             kind=str(cfg["kind"]),
             work_dir=str(cfg["work-dir"]),
             device=str(cfg.get("device", "cpu")),
+            epsilon_budget=_node_float(cfg, "epsilon-budget", DEFAULT_EPSILON_BUDGET),
         )

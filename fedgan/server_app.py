@@ -53,22 +53,25 @@ def main(grid: Grid, context: Context) -> None:
     out = RunOutputs(run_dir)
     out.write_status("running", flower_run_id=context.run_id, rounds=settings.rounds)
     try:
-        _run(grid, settings, out)
+        summary = _run(grid, settings, out)
     except BaseException as exc:
         out.write_status("failed", flower_run_id=context.run_id, reason=str(exc))
         raise
-    out.write_status("completed", flower_run_id=context.run_id, rounds=settings.rounds)
+    out.write_status("completed", flower_run_id=context.run_id, rounds=settings.rounds, **summary)
 
 
-def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> None:
+def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
+    """The rounds; returns the run's summary for status.json."""
     gen, disc = build(settings.spec, seed=settings.train.seed)
     fixed_z = torch.randn(
         SAMPLE_GRID, settings.spec.latent_dim, generator=torch.Generator().manual_seed(1234)
     )
     _wait_for_sites(grid, settings.min_sites, NODE_WAIT_SECONDS)
+    exhausted: dict[int, str] = {}  # node id -> site id, left out for the rest of the run
+    clipped: dict[str, list[bool]] = {}
     for server_round in range(1, settings.rounds + 1):
         started = time.perf_counter()
-        nodes = sorted(grid.get_node_ids())
+        nodes = [n for n in sorted(grid.get_node_ids()) if n not in exhausted]
         global_gen, global_disc = get_arrays(gen), get_arrays(disc)
         config = settings.round_config(server_round)
         messages = [
@@ -80,27 +83,51 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> None:
             )
             for node in nodes
         ]
-        updates: list[SiteUpdate] = []
-        sites: list[str] = []
-        losses: dict[str, list[float]] = {"g-loss": [], "d-loss": []}
+        received: list[tuple[str, SiteUpdate, dict[str, float]]] = []
+        refused: dict[str, dict[str, float]] = {}
         failures: list[str] = []
         for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
             if reply.has_error():
                 failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
             update, site_id, metrics = wire.read_train_reply(reply.content)
-            updates.append(update)
-            sites.append(site_id)
-            for key in losses:
-                losses[key].append(metrics.get(key, float("nan")))
+            if update is None:
+                exhausted[reply.metadata.src_node_id] = site_id
+                refused[site_id] = metrics
+                log.warning(
+                    "round %d: site %s refused: budget exhausted (ε %.3f spent, %.3f after, "
+                    "budget %.3f); left out of later rounds",
+                    server_round,
+                    site_id,
+                    metrics["epsilon"],
+                    metrics["epsilon-next"],
+                    metrics["epsilon-budget"],
+                )
+                continue
+            received.append((site_id, update, metrics))
+            clipped.setdefault(site_id, []).append(bool(metrics.get("update-clipped")))
         for failure in failures:
             log.warning("round %d: %s", server_round, failure)
+        updates = [u for _, u, _ in received]
         record: dict = {
             "round": server_round,
-            "sites": sorted(sites),
+            "sites": sorted(s for s, _, _ in received),
             "sites_sampled": len(nodes),
-            "sites_failed": len(nodes) - len(updates),
+            # errors and timeouts; a refusal is not a failure
+            "sites_failed": len(nodes) - len(received) - len(refused),
         }
+        eps = {s: m["epsilon"] for s, _, m in sorted(received) if "epsilon" in m}
+        if eps:
+            record["epsilon"] = eps
+        if refused:
+            record["budget_exhausted"] = {
+                s: {
+                    "epsilon": m["epsilon"],
+                    "epsilon_next": m["epsilon-next"],
+                    "budget": m["epsilon-budget"],
+                }
+                for s, m in sorted(refused.items())
+            }
         if updates:
             mean_gen, mean_disc = weighted_mean(updates)
             set_arrays(gen, apply_delta(global_gen, mean_gen))
@@ -109,15 +136,11 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> None:
             gen.eval()
             with torch.no_grad():
                 out.write_samples(server_round, grid_png(gen(fixed_z)))
-            weights = [u.weight for u in updates]
-            total = sum(weights)
+            total = sum(u.weight for u in updates)
             record["examples"] = total
-            record["g_loss"] = (
-                sum(w * g for w, g in zip(weights, losses["g-loss"], strict=True)) / total
-            )
-            record["d_loss"] = (
-                sum(w * d for w, d in zip(weights, losses["d-loss"], strict=True)) / total
-            )
+            for key, name in (("g-loss", "g_loss"), ("d-loss", "d_loss")):
+                record[name] = sum(u.weight * m[key] for _, u, m in received) / total
+            record["updates_clipped"] = sum(bool(m["update-clipped"]) for _, _, m in received)
             if settings.dump_updates:
                 out.dump_arrays(
                     server_round, "global_before", {"gen": global_gen, "disc": global_disc}
@@ -130,3 +153,9 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> None:
         record["seconds"] = round(time.perf_counter() - started, 3)
         out.append_metrics(record)
         log.info("round %d/%d done: %s", server_round, settings.rounds, record)
+    return {
+        "update_clipped_fraction": {
+            s: sum(flags) / len(flags) for s, flags in sorted(clipped.items())
+        },
+        "budget_exhausted": sorted(exhausted.values()),
+    }

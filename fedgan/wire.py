@@ -40,12 +40,32 @@ def train_reply(update: SiteUpdate, site_id: str, metrics: dict[str, float]) -> 
     )
 
 
-def read_train_reply(content: RecordDict) -> tuple[SiteUpdate, str, dict[str, float]]:
-    metrics = dict(content.metric_records[METRICS])
+def budget_reply(site_id: str, spent: float, after: float, budget: float) -> RecordDict:
+    """A site's refusal: its ε would pass its budget. Numbers only."""
+    return RecordDict(
+        {
+            METRICS: MetricRecord(
+                {
+                    "budget-exhausted": 1.0,
+                    "epsilon": spent,
+                    "epsilon-next": after,
+                    "epsilon-budget": budget,
+                }
+            ),
+            SITE: ConfigRecord({"site-id": site_id}),
+        }
+    )
+
+
+def read_train_reply(content: RecordDict) -> tuple[SiteUpdate | None, str, dict[str, float]]:
+    """(update, site id, metrics); the update is None when the site refused."""
+    metrics = {k: float(v) for k, v in content.metric_records[METRICS].items()}
+    site_id = str(content.config_records[SITE]["site-id"])
+    if metrics.get("budget-exhausted"):
+        return None, site_id, metrics
     update = SiteUpdate(
         gen=content.array_records[GEN_DELTA].to_numpy_ndarrays(),
         disc=content.array_records[DISC_DELTA].to_numpy_ndarrays(),
-        weight=float(metrics.pop("num-examples")),
+        weight=metrics.pop("num-examples"),
     )
-    site_id = str(content.config_records[SITE]["site-id"])
-    return update, site_id, {k: float(v) for k, v in metrics.items()}
+    return update, site_id, metrics

@@ -1,0 +1,144 @@
+"""One round at a site, without Flower: load the silo, check and record the
+privacy spend, train, clip the update. The ClientApp only translates messages
+to and from this."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedgan.gan.models import GanSpec, build
+from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
+from fedgan.privacy.plan import plan_round
+from fedgan.run_config import SiteSettings
+from fedgan.silo.loader import load_silo
+from fedgan.silo.options import SiloError, SiloOptions
+from fedgan.train import DPConfig, TrainConfig, train_local
+from fedgan.update import SiteUpdate, clip_update, make_update
+from fedgan.weights import get_arrays, set_arrays
+
+log = logging.getLogger("fedgan.site")
+
+
+@dataclass
+class RoundOutcome:
+    update: SiteUpdate | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    refusal: BudgetExhausted | None = None
+
+
+def site_images(site: SiteSettings, opts: SiloOptions) -> torch.Tensor:
+    """The site's images, through the preprocessing cache in its work dir
+    (each round runs in a fresh ClientApp process). Logs counts only."""
+    data = load_silo(Path(site.data_dir), opts, cache_dir=Path(site.work_dir) / "cache")
+    report = data.report
+    if report.images == 0:
+        raise SiloError(
+            f"site {site.site_id}: no usable image in its silo "
+            f"({len(report.skipped)} files skipped); run `fedgan silo check` at the site"
+        )
+    log.info(
+        "site %s: %d images (%s), %d files skipped",
+        site.site_id,
+        report.images,
+        "cached" if report.cached else "read",
+        len(report.skipped),
+    )
+    return torch.from_numpy(data.as_float())
+
+
+def run_round(
+    site: SiteSettings,
+    node_config: dict[str, Any],
+    run_id: str,
+    cfg: dict[str, Any],
+    global_gen: list[np.ndarray],
+    global_disc: list[np.ndarray],
+) -> RoundOutcome:
+    spec = GanSpec(
+        image_size=int(cfg["image-size"]),
+        channels=int(cfg["channels"]),
+        latent_dim=int(cfg["latent-dim"]),
+        width=int(cfg["width"]),
+    )
+    server_round = int(cfg["round"])
+    gen, disc = build(spec)
+    set_arrays(gen, global_gen)
+    set_arrays(disc, global_disc)
+    images = site_images(
+        site, SiloOptions.from_mapping(site.kind, spec.image_size, spec.channels, node_config)
+    )
+    train_cfg = TrainConfig(
+        local_steps=int(cfg["local-steps"]),
+        batch_size=int(cfg["batch-size"]),
+        lr_g=float(cfg["lr-g"]),
+        lr_d=float(cfg["lr-d"]),
+        seed=int(cfg["seed"]),
+    )
+    metrics: dict[str, float] = {}
+    dp = None
+    ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
+    if bool(cfg["dp"]):
+        plan = plan_round(
+            noise_multiplier=float(cfg["noise-multiplier"]),
+            target_epsilon=float(cfg["target-epsilon"]),
+            max_grad_norm=float(cfg["max-grad-norm"]),
+            delta=float(cfg["delta"]),
+            accountant=str(cfg["accountant"]),
+            num_examples=images.shape[0],
+            batch_size=train_cfg.batch_size,
+            local_steps=train_cfg.local_steps,
+            rounds=int(cfg["rounds"]),
+        )
+        try:
+            spend = ledger.spend(
+                run=run_id,
+                server_round=server_round,
+                round_=plan.as_round,
+                delta=plan.delta,
+                budget=site.epsilon_budget,
+                accountant=plan.accountant,
+            )
+        except BudgetExhausted as refusal:
+            log.warning("site %s round %d: %s", site.site_id, server_round, refusal)
+            return RoundOutcome(None, refusal=refusal)
+        dp = DPConfig(plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate)
+        metrics.update(
+            {
+                "epsilon": spend.epsilon_after,
+                "delta": plan.delta,
+                "noise-multiplier": plan.noise_multiplier,
+                "sample-rate": plan.sample_rate,
+            }
+        )
+    result = train_local(gen, disc, images, train_cfg, device=site.device, dp=dp)
+    if dp is not None:
+        ledger.complete(run=run_id, server_round=server_round)
+    update = make_update(
+        get_arrays(gen), get_arrays(disc), global_gen, global_disc, result.examples
+    )
+    update, clipped, norm = clip_update(update, float(cfg["update-clip"]))
+    metrics.update(
+        {
+            "g-loss": result.g_loss,
+            "d-loss": result.d_loss,
+            "train-seconds": result.seconds,
+            "update-norm": norm,
+            "update-clipped": float(clipped),
+        }
+    )
+    log.info(
+        "site %s round %d: %d steps on %d images in %.1f s%s",
+        site.site_id,
+        server_round,
+        result.steps,
+        result.examples,
+        result.seconds,
+        f", ε {metrics['epsilon']:.3f}" if "epsilon" in metrics else " (no DP)",
+    )
+    return RoundOutcome(update, metrics)
