@@ -263,9 +263,13 @@ def demo(
     run_id: Annotated[
         str | None, typer.Option(help="Run folder name (default: time-based).")
     ] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option("--config", help="Run-config override KEY=VALUE (TOML value; repeatable)."),
+    ] = None,
 ) -> None:
     """Run a local federation of real processes over mutual TLS and train a GAN."""
-    from fedgan.demo import DemoOptions, run_demo
+    from fedgan.demo import DemoOptions, parse_overrides, run_demo
 
     opts = DemoOptions(
         sites=sites,
@@ -278,6 +282,7 @@ def demo(
         seed=seed,
         out_root=out,
         run_id=run_id,
+        extra_config=parse_overrides(config or []),
     )
     run_demo(opts, say=typer.echo)
 

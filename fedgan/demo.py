@@ -54,6 +54,30 @@ class DemoOptions:
                 raise ValueError(f"--data {d} is not a directory")
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs with TOML values (``dp=false``, ``target-epsilon=4.0``),
+    checked against the app's run-config keys."""
+    import tomllib
+
+    known = default_run_config()
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ValueError(
+                f"--config {item!r}: use KEY=VALUE with KEY one of {', '.join(sorted(known))}"
+            )
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare word is a string
+        if isinstance(known[key], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # Flower keeps the default's type
+        out[key] = value
+    return out
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 

@@ -42,3 +42,29 @@ def test_missing_key_is_named():
     del cfg["lr-d"]
     with pytest.raises(ConfigError, match="'lr-d' is missing"):
         RunSettings.from_run_config(cfg)
+
+
+def test_demo_overrides_are_typed_and_checked():
+    from fedgan.demo import parse_overrides
+
+    assert parse_overrides(["dp=false", "target-epsilon=4", "accountant=rdp"]) == {
+        "dp": False,
+        "target-epsilon": 4.0,
+        "accountant": "rdp",
+    }
+    assert isinstance(parse_overrides(["target-epsilon=4"])["target-epsilon"], float)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["no-such-key=1"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["dp"])
+
+
+def test_privacy_settings_are_validated():
+    cfg = default_run_config()
+    cfg["accountant"] = "gdp"
+    with pytest.raises(ConfigError, match="accountant"):
+        RunSettings.from_run_config(cfg)
+    cfg = default_run_config()
+    cfg["noise-multiplier"], cfg["target-epsilon"] = 0.0, 0.0
+    with pytest.raises(ConfigError, match="target-epsilon"):
+        RunSettings.from_run_config(cfg)
