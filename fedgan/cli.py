@@ -267,6 +267,10 @@ def demo(
         list[str] | None,
         typer.Option("--config", help="Run-config override KEY=VALUE (TOML value; repeatable)."),
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue an earlier demo run folder up to --rounds rounds."),
+    ] = None,
 ) -> None:
     """Run a local federation of real processes over mutual TLS and train a GAN."""
     from fedgan.demo import DemoOptions, parse_overrides, run_demo
@@ -283,6 +287,7 @@ def demo(
         out_root=out,
         run_id=run_id,
         extra_config=parse_overrides(config or []),
+        resume=resume,
     )
     run_demo(opts, say=typer.echo)
 

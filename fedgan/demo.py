@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +42,12 @@ class DemoOptions:
     extra_config: dict[str, Any] = field(default_factory=dict)
     # Per site id: extra SuperNode node config (silo options, epsilon-budget).
     node_config: dict[str, dict[str, str]] = field(default_factory=dict)
+    # An earlier demo run folder to continue (same certificates, silos, ledgers).
+    resume: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.resume is not None:
+            return  # everything else comes from the run being resumed
         if self.kind not in CHANNELS:
             raise ValueError(f"--kind {self.kind!r} is not supported; use fundus or dicom")
         if self.data and len(self.data) != self.sites:
@@ -133,7 +138,9 @@ class RoundPrinter:
     """Prints each round as its line lands in metrics.jsonl."""
 
     def __init__(self, metrics: Path, rounds: int, say: Callable[[str], None]) -> None:
-        self.metrics, self.rounds, self.say, self.seen = metrics, rounds, say, 0
+        self.metrics, self.rounds, self.say = metrics, rounds, say
+        # A resumed run prints only its new rounds.
+        self.seen = len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
     def __call__(self) -> None:
         if not self.metrics.exists():
@@ -159,15 +166,37 @@ class RoundPrinter:
         self.seen = len(lines)
 
 
+def _resume_sites(run_dir: Path) -> list[SiteSpec]:
+    """The sites of an earlier demo run, from its deployment map."""
+    path = run_dir / "deployment.json"
+    if not path.exists() or not (run_dir / "checkpoint.pt").exists():
+        raise FileNotFoundError(
+            f"{run_dir} holds no demo run to resume (deployment.json, checkpoint.pt)"
+        )
+    sites = json.loads(path.read_text())["sites"]
+    return [
+        SiteSpec(site_id, Path(s["data_dir"]), s["kind"], dict(s.get("node_config", {})))
+        for site_id, s in sites.items()
+    ]
+
+
 def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
-    run_dir = (Path(opts.out_root) / (opts.run_id or new_run_id())).resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir} exists and is not empty; choose another --run-id")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    say(f"run           {run_dir}")
-    sites = prepare(opts, run_dir, say)
+    if opts.resume is not None:
+        run_dir = Path(opts.resume).resolve()
+        sites = _resume_sites(run_dir)
+        config = tomllib.loads((run_dir / "run-config.toml").read_text())
+        config.update({"num-server-rounds": opts.rounds, "resume": True, **opts.extra_config})
+        say(f"resume        {run_dir} up to round {opts.rounds}")
+    else:
+        run_dir = (Path(opts.out_root) / (opts.run_id or new_run_id())).resolve()
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FileExistsError(f"{run_dir} exists and is not empty; choose another --run-id")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        say(f"run           {run_dir}")
+        sites = prepare(opts, run_dir, say)
+        config = run_config(opts, run_dir)
     app_dir = stage_app_dir(run_dir / "app")
-    config_path = write_run_config(run_dir / "run-config.toml", run_config(opts, run_dir))
+    config_path = write_run_config(run_dir / "run-config.toml", config)
     outputs = RunOutputs(run_dir)
     with LocalFederation(run_dir, run_dir / "certs", sites) as fed:
         fed.start(progress=say)

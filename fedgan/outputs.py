@@ -3,6 +3,7 @@
 samples_round_NNN.png   8×8 grid from a fixed latent batch
 metrics.jsonl           one JSON line per round
 generator.pt            the latest global generator (spec + state_dict)
+checkpoint.pt           the latest global G and D and their round (for resume)
 status.json             running / completed / failed, with the reason
 dumps/round_NNN/        global weights before/after (test mode only)
 """
@@ -35,6 +36,30 @@ class RunOutputs:
     @property
     def generator_path(self) -> Path:
         return self.dir / "generator.pt"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.dir / "checkpoint.pt"
+
+    def save_checkpoint(self, gen: Generator, disc: torch.nn.Module, server_round: int) -> None:
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "spec": dataclasses.asdict(gen.spec),
+                "gen": gen.state_dict(),
+                "disc": disc.state_dict(),
+                "round": server_round,
+            },
+            buf,
+        )
+        write_atomic(self.checkpoint_path, buf.getvalue())
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        if not self.checkpoint_path.exists():
+            raise FileNotFoundError(
+                f"{self.checkpoint_path} not found: nothing to resume in {self.dir}"
+            )
+        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
 
     @property
     def status_path(self) -> Path:

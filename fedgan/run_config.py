@@ -114,6 +114,10 @@ class RunSettings:
     round_timeout: float
     min_sites: int
     privacy: PrivacySettings
+    strategy: str
+    prox_mu: float
+    fraction_sites: float
+    resume: bool
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunSettings:
@@ -150,7 +154,21 @@ class RunSettings:
             round_timeout=_get(cfg, "round-timeout", float),
             min_sites=min_sites,
             privacy=PrivacySettings.from_run_config(cfg),
+            strategy=_get(cfg, "strategy", str),
+            prox_mu=_get(cfg, "prox-mu", float),
+            fraction_sites=_get(cfg, "fraction-sites", float),
+            resume=_get(cfg, "resume", bool),
         )
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("fedavg", "fedprox"):
+            raise ConfigError(
+                f"run config key 'strategy' = {self.strategy!r}; use fedavg or fedprox"
+            )
+        if self.strategy == "fedprox" and self.prox_mu <= 0:
+            raise ConfigError("run config: strategy = \"fedprox\" needs 'prox-mu' > 0")
+        if not 0 < self.fraction_sites <= 1:
+            raise ConfigError("run config key 'fraction-sites' must be in (0, 1]")
 
     def round_config(self, server_round: int) -> dict[str, int | float | bool | str]:
         """What a site needs to train one round (sent in the train message)."""
@@ -168,6 +186,9 @@ class RunSettings:
             "seed": self.train.seed * 100_003 + server_round,
             "dump-updates": self.dump_updates,
             "rounds": self.rounds,
+            "prox-mu": self.prox_mu if self.strategy == "fedprox" else 0.0,
+            # The ledger's run id: the run folder's name, stable across resumes.
+            "run-name": self.run_dir.rstrip("/").rsplit("/", 1)[-1],
             **self.privacy.as_config(),
         }
 

@@ -6,7 +6,10 @@ the update path (`fedgan.update`) and the run outputs (`fedgan.outputs`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import random
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedgan import wire
-from fedgan.gan.models import build
+from fedgan.gan.models import Discriminator, Generator, build
 from fedgan.outputs import RunOutputs
 from fedgan.run_config import ConfigError, RunSettings
 from fedgan.samples import grid_png
@@ -60,18 +63,51 @@ def main(grid: Grid, context: Context) -> None:
     out.write_status("completed", flower_run_id=context.run_id, rounds=settings.rounds, **summary)
 
 
+def _start(settings: RunSettings, out: RunOutputs) -> tuple[Generator, Discriminator, int]:
+    """The global model and the first round: fresh, or from the checkpoint
+    when resuming. A run folder that holds a checkpoint is never restarted
+    from scratch over it."""
+    gen, disc = build(settings.spec, seed=settings.train.seed)
+    if not settings.resume:
+        if out.checkpoint_path.exists():
+            raise ConfigError(
+                f"{out.checkpoint_path} exists; set resume = true to continue that run, "
+                "or choose a new run-dir"
+            )
+        return gen, disc, 1
+    ckpt = out.load_checkpoint()
+    if ckpt["spec"] != dataclasses.asdict(settings.spec):
+        raise ConfigError(
+            f"{out.checkpoint_path} was trained with {ckpt['spec']}; the run config asks for "
+            f"{dataclasses.asdict(settings.spec)}"
+        )
+    gen.load_state_dict(ckpt["gen"])
+    disc.load_state_dict(ckpt["disc"])
+    log.info("resuming %s after round %d", out.dir, ckpt["round"])
+    return gen, disc, int(ckpt["round"]) + 1
+
+
+def _sample(nodes: list[int], fraction: float, seed: int, server_round: int) -> list[int]:
+    """ceil(fraction × available) sites, reproducibly per round."""
+    k = max(1, math.ceil(fraction * len(nodes)))
+    if k >= len(nodes):
+        return nodes
+    return sorted(random.Random(f"{seed}-{server_round}").sample(nodes, k))
+
+
 def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
     """The rounds; returns the run's summary for status.json."""
-    gen, disc = build(settings.spec, seed=settings.train.seed)
+    gen, disc, first_round = _start(settings, out)
     fixed_z = torch.randn(
         SAMPLE_GRID, settings.spec.latent_dim, generator=torch.Generator().manual_seed(1234)
     )
     _wait_for_sites(grid, settings.min_sites, NODE_WAIT_SECONDS)
     exhausted: dict[int, str] = {}  # node id -> site id, left out for the rest of the run
     clipped: dict[str, list[bool]] = {}
-    for server_round in range(1, settings.rounds + 1):
+    for server_round in range(first_round, settings.rounds + 1):
         started = time.perf_counter()
-        nodes = [n for n in sorted(grid.get_node_ids()) if n not in exhausted]
+        available = [n for n in sorted(grid.get_node_ids()) if n not in exhausted]
+        nodes = _sample(available, settings.fraction_sites, settings.train.seed, server_round)
         global_gen, global_disc = get_arrays(gen), get_arrays(disc)
         config = settings.round_config(server_round)
         messages = [
@@ -113,6 +149,7 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
             "round": server_round,
             "sites": sorted(s for s, _, _ in received),
             "sites_sampled": len(nodes),
+            "sites_available": len(available),
             # errors and timeouts; a refusal is not a failure
             "sites_failed": len(nodes) - len(received) - len(refused),
         }
@@ -150,6 +187,8 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
                 )
         else:
             record["skipped"] = "no site replied; the global model is unchanged"
+        # Every round, updated or not, so a resume continues at the next one.
+        out.save_checkpoint(gen, disc, server_round)
         record["seconds"] = round(time.perf_counter() - started, 3)
         out.append_metrics(record)
         log.info("round %d/%d done: %s", server_round, settings.rounds, record)

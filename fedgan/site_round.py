@@ -79,6 +79,7 @@ def run_round(
         lr_g=float(cfg["lr-g"]),
         lr_d=float(cfg["lr-d"]),
         seed=int(cfg["seed"]),
+        prox_mu=float(cfg["prox-mu"]),
     )
     metrics: dict[str, float] = {}
     dp = None
@@ -97,7 +98,7 @@ def run_round(
         )
         try:
             spend = ledger.spend(
-                run=run_id,
+                run=str(cfg["run-name"]) or run_id,
                 server_round=server_round,
                 round_=plan.as_round,
                 delta=plan.delta,
@@ -118,7 +119,7 @@ def run_round(
         )
     result = train_local(gen, disc, images, train_cfg, device=site.device, dp=dp)
     if dp is not None:
-        ledger.complete(run=run_id, server_round=server_round)
+        ledger.complete(run=spend.run, server_round=server_round)
     update = make_update(
         get_arrays(gen), get_arrays(disc), global_gen, global_disc, result.examples
     )

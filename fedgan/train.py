@@ -47,6 +47,8 @@ class TrainConfig:
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     seed: int = 0
+    # FedProx: μ/2·‖w − w_global‖² on both networks (0: plain local training).
+    prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -55,6 +57,8 @@ class TrainConfig:
             raise ValueError("batch-size must be >= 1")
         if not (self.lr_g > 0 and self.lr_d > 0):
             raise ValueError("lr-g and lr-d must be > 0")
+        if self.prox_mu < 0:
+            raise ValueError("prox-mu must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -105,10 +109,11 @@ def train_local(
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
     n = images.shape[0]
     batch = min(cfg.batch_size, n)
+    g_prox = Proximal(gen, cfg.prox_mu)
     d_step = (
-        PlainDiscriminatorStep(disc, cfg.lr_d)
+        PlainDiscriminatorStep(disc, cfg.lr_d, Proximal(disc, cfg.prox_mu))
         if dp is None
-        else DPDiscriminatorStep(disc, cfg.lr_d, dp, expected_batch=batch)
+        else DPDiscriminatorStep(disc, cfg.lr_d, dp, batch, Proximal(disc, cfg.prox_mu))
     )
     g_total = d_total = 0.0
     try:
@@ -122,6 +127,7 @@ def train_local(
             opt_g.zero_grad(set_to_none=True)
             g_loss = generator_loss(disc(fake))
             g_loss.backward(inputs=list(gen.parameters()))
+            g_prox.add_gradient()
             opt_g.step()
             d_step.hooks(True)
             g_total += float(g_loss.detach())
@@ -136,11 +142,31 @@ def train_local(
     )
 
 
+class Proximal:
+    """FedProx's term μ/2·‖w − w₀‖², w₀ the weights the round started from
+    (the global model). Its gradient μ(w − w₀) uses no data, so adding it to a
+    private gradient costs no privacy."""
+
+    def __init__(self, module: torch.nn.Module, mu: float) -> None:
+        self.mu = mu
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.anchor = [p.detach().clone() for p in self.params] if mu > 0 else []
+
+    def add_gradient(self) -> None:
+        if self.mu <= 0:
+            return
+        with torch.no_grad():
+            for p, w0 in zip(self.params, self.anchor, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(p - w0, alpha=self.mu)
+
+
 class PlainDiscriminatorStep:
     """Non-private D step: a batch drawn with replacement, one Adam step."""
 
-    def __init__(self, disc: Discriminator, lr: float) -> None:
+    def __init__(self, disc: Discriminator, lr: float, prox: Proximal | None = None) -> None:
         self.disc = disc
+        self.prox = prox or Proximal(disc, 0.0)
         self.opt = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.999))
 
     def sample(self, images: torch.Tensor, batch: int, rng: torch.Generator) -> torch.Tensor:
@@ -150,6 +176,7 @@ class PlainDiscriminatorStep:
         self.opt.zero_grad(set_to_none=True)
         loss = discriminator_loss(self.disc(real), self.disc(fake))
         loss.backward()
+        self.prox.add_gradient()
         self.opt.step()
         return float(loss.detach())
 
@@ -164,11 +191,19 @@ class DPDiscriminatorStep:
     """Private D step: Poisson-sampled real batch through Opacus (clip + noise),
     plus the non-private gradient on generated images, then one Adam step."""
 
-    def __init__(self, disc: Discriminator, lr: float, dp: DPConfig, expected_batch: int) -> None:
+    def __init__(
+        self,
+        disc: Discriminator,
+        lr: float,
+        dp: DPConfig,
+        expected_batch: int,
+        prox: Proximal | None = None,
+    ) -> None:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
         self.disc = disc
+        self.prox = prox or Proximal(disc, 0.0)
         self.dp = dp
         seed = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
         self.secret_rng = torch.Generator().manual_seed(seed)
@@ -220,6 +255,7 @@ class DPDiscriminatorStep:
         grads = torch.autograd.grad(fake_loss, self.params)
         for p, g in zip(self.params, grads, strict=True):
             p.grad = p.grad + g
+        self.prox.add_gradient()
         self.opt.original_optimizer.step()
         self.module.enable_hooks()
         return real_loss + float(fake_loss.detach())

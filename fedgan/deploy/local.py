@@ -126,7 +126,9 @@ class LocalFederation:
             cert=self.pki.server_cert,
             key=self.pki.server_key,
             ca=self.pki.ca_cert,
-            database=state / "superlink.db",
+            # A new state database per start: a resumed demo registers its
+            # sites' node keys afresh.
+            database=state / f"superlink-{time.strftime('%Y%m%d-%H%M%S')}.db",
         )
         proc = self.group.start(
             "superlink",
@@ -340,6 +342,7 @@ class LocalFederation:
                     "node_id": self.node_ids.get(s.site_id),
                     "data_dir": str(s.data_dir),
                     "kind": s.kind,
+                    "node_config": s.node_config,
                 }
                 for s in self.sites
             },

@@ -63,5 +63,5 @@ def test_no_patient_tag_or_pixel_leaves_the_site(tmp_path):
             assert needle not in data, f"{needle[:12]!r} found in {path}"
     assert searched > 20
     # The payloads the aggregator stored and the logs were among them.
-    assert (run_dir / "aggregator" / "superlink.db").exists()
+    assert list((run_dir / "aggregator").glob("superlink-*.db"))
     assert (run_dir / "logs" / "supernode-site-1.log").stat().st_size > 0

@@ -1,0 +1,73 @@
+"""FedProx at the site and the server's start/resume rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedgan.appbundle import default_run_config
+from fedgan.gan.models import GanSpec, build
+from fedgan.outputs import RunOutputs
+from fedgan.run_config import ConfigError, RunSettings
+from fedgan.server_app import _sample, _start
+from fedgan.train import DPConfig, TrainConfig, train_local
+from fedgan.weights import get_arrays
+
+SPEC = GanSpec(image_size=16, channels=1, latent_dim=8, width=8)
+
+
+def _drift(mu: float, dp: DPConfig | None = None) -> float:
+    gen, disc = build(SPEC, seed=0)
+    start = get_arrays(gen) + get_arrays(disc)
+    images = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cfg = TrainConfig(local_steps=15, batch_size=8, lr_g=1e-2, lr_d=1e-2, prox_mu=mu)
+    train_local(gen, disc, images, cfg, dp=dp)
+    end = get_arrays(gen) + get_arrays(disc)
+    return float(np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(end, start, strict=True))))
+
+
+def test_proximal_term_keeps_local_weights_near_the_global_model():
+    # Adam normalises the pull, so it saturates; it must still be monotone.
+    free, mild, strong = _drift(0.0), _drift(1.0), _drift(10.0)
+    assert strong < mild < free and strong < 0.85 * free
+    dp = DPConfig(0.5, 1.0, 0.5, secret_seed=3)
+    assert _drift(10.0, dp) < 0.85 * _drift(0.0, dp)
+
+
+def test_fedprox_needs_mu_and_fraction_is_bounded():
+    cfg = default_run_config()
+    cfg["strategy"] = "fedprox"
+    with pytest.raises(ConfigError, match="prox-mu"):
+        RunSettings.from_run_config(cfg)
+    cfg = default_run_config()
+    cfg["fraction-sites"] = 0.0
+    with pytest.raises(ConfigError, match="fraction-sites"):
+        RunSettings.from_run_config(cfg)
+
+
+def test_sampling_is_a_reproducible_fraction():
+    nodes = list(range(10))
+    picked = _sample(nodes, 0.3, seed=1, server_round=4)
+    assert len(picked) == 3 and set(picked) <= set(nodes)
+    assert picked == _sample(nodes, 0.3, seed=1, server_round=4)
+    assert _sample(nodes, 1.0, seed=1, server_round=4) == nodes
+    assert len(_sample(nodes, 0.01, seed=1, server_round=4)) == 1
+
+
+def test_a_run_folder_with_a_checkpoint_is_not_overwritten(tmp_path):
+    from fedgan.appbundle import default_run_config
+    from fedgan.run_config import ConfigError, RunSettings
+
+    cfg = default_run_config()
+    cfg["run-dir"] = str(tmp_path)
+    settings = RunSettings.from_run_config(cfg)
+    out = RunOutputs(tmp_path)
+    gen, disc, first = _start(settings, out)
+    assert first == 1
+    out.save_checkpoint(gen, disc, 4)
+    with pytest.raises(ConfigError, match="resume = true"):
+        _start(settings, out)
+    cfg["resume"] = True
+    _, _, first = _start(RunSettings.from_run_config(cfg), out)
+    assert first == 5
