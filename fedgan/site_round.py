@@ -5,6 +5,7 @@ to and from this."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,29 @@ def site_images(site: SiteSettings, opts: SiloOptions) -> torch.Tensor:
         len(report.skipped),
     )
     return torch.from_numpy(data.as_float())
+
+
+def _progress(site_id: str, server_round: int):
+    """The site's progress bar: a log line at every tenth of the round (the
+    ClientApp has no terminal; its log is what the site's operator watches)."""
+    start = time.perf_counter()
+
+    def report(step: int, total: int) -> None:
+        if step == total or step % max(1, total // 10) == 0:
+            done = step / total
+            bar = "#" * round(20 * done) + "." * (20 - round(20 * done))
+            elapsed = time.perf_counter() - start
+            log.info(
+                "site %s round %d [%s] %d/%d steps, %.1f s",
+                site_id,
+                server_round,
+                bar,
+                step,
+                total,
+                elapsed,
+            )
+
+    return report
 
 
 def run_round(
@@ -117,7 +141,15 @@ def run_round(
                 "sample-rate": plan.sample_rate,
             }
         )
-    result = train_local(gen, disc, images, train_cfg, device=site.device, dp=dp)
+    result = train_local(
+        gen,
+        disc,
+        images,
+        train_cfg,
+        device=site.device,
+        dp=dp,
+        progress=_progress(site.site_id, server_round),
+    )
     if dp is not None:
         ledger.complete(run=spend.run, server_round=server_round)
     update = make_update(

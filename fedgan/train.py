@@ -28,6 +28,7 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,12 +72,16 @@ class DPConfig:
     # Tests only: a fixed seed for sampling and noise. None (always in
     # production) seeds from the OS's CSPRNG.
     secret_seed: int | None = None
+    # How Opacus computes per-sample gradients: "hooks" or "functorch".
+    grad_sample_mode: str = "hooks"
 
     def __post_init__(self) -> None:
         if self.noise_multiplier < 0 or self.max_grad_norm <= 0:
             raise ValueError("noise-multiplier must be >= 0 and max-grad-norm > 0")
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample rate {self.sample_rate} must be in (0, 1]")
+        if self.grad_sample_mode not in ("hooks", "functorch"):
+            raise ValueError(f"grad-sample mode {self.grad_sample_mode!r}: use hooks or functorch")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ def train_local(
     cfg: TrainConfig,
     device: torch.device | str = "cpu",
     dp: DPConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` alternating D and G steps on ``images``
     (N×C×H×W in [-1, 1]); D's real half is private when ``dp`` is given.
@@ -117,7 +123,7 @@ def train_local(
     )
     g_total = d_total = 0.0
     try:
-        for _ in range(cfg.local_steps):
+        for step in range(cfg.local_steps):
             real = d_step.sample(images, batch, rng).to(device)
             z = torch.randn(batch, gen.spec.latent_dim, generator=rng).to(device)
             fake = gen(z)
@@ -131,6 +137,8 @@ def train_local(
             opt_g.step()
             d_step.hooks(True)
             g_total += float(g_loss.detach())
+            if progress:
+                progress(step + 1, cfg.local_steps)
     finally:
         d_step.close()
     return TrainResult(
@@ -206,8 +214,13 @@ class DPDiscriminatorStep:
         self.prox = prox or Proximal(disc, 0.0)
         self.dp = dp
         seed = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
+        # Sampling runs where the images are (CPU); noise where the weights are.
         self.secret_rng = torch.Generator().manual_seed(seed)
-        self.module = GradSampleModule(disc, loss_reduction="mean")
+        device = next(disc.parameters()).device
+        self.noise_rng = torch.Generator(device=device).manual_seed(seed ^ 0x5DEECE66D)
+        self.module = GradSampleModule(
+            disc, loss_reduction="mean", force_functorch=dp.grad_sample_mode == "functorch"
+        )
         self.params = [p for p in disc.parameters() if p.requires_grad]
         self.opt = DPOptimizer(
             torch.optim.Adam(self.params, lr=lr, betas=(0.5, 0.999)),
@@ -215,7 +228,7 @@ class DPDiscriminatorStep:
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=expected_batch,
             loss_reduction="mean",
-            generator=self.secret_rng,
+            generator=self.noise_rng,
             secure_mode=dp.noise_multiplier > 0,
         )
 
