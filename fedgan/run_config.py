@@ -57,6 +57,13 @@ def _get(cfg: Mapping[str, Any], key: str, kind: type) -> Any:
         ) from None
 
 
+def parse_classes(text: str) -> tuple[str, ...]:
+    classes = tuple(c.strip() for c in text.split(",") if c.strip())
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"run config key 'classes' = {text!r} names a class twice")
+    return classes
+
+
 @dataclass(frozen=True)
 class PrivacySettings:
     """The operator's DP request. The site enforces its own ε budget."""
@@ -118,6 +125,7 @@ class RunSettings:
     prox_mu: float
     fraction_sites: float
     resume: bool
+    classes: tuple[str, ...]
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunSettings:
@@ -133,6 +141,7 @@ class RunSettings:
                 channels=_get(cfg, "channels", int),
                 latent_dim=_get(cfg, "latent-dim", int),
                 width=_get(cfg, "width", int),
+                num_classes=len(parse_classes(_get(cfg, "classes", str))),
             )
             train = TrainConfig(
                 local_steps=_get(cfg, "local-steps", int),
@@ -158,6 +167,7 @@ class RunSettings:
             prox_mu=_get(cfg, "prox-mu", float),
             fraction_sites=_get(cfg, "fraction-sites", float),
             resume=_get(cfg, "resume", bool),
+            classes=parse_classes(_get(cfg, "classes", str)),
         )
 
     def __post_init__(self) -> None:
@@ -178,6 +188,7 @@ class RunSettings:
             "channels": self.spec.channels,
             "latent-dim": self.spec.latent_dim,
             "width": self.spec.width,
+            "classes": ",".join(self.classes),
             "local-steps": self.train.local_steps,
             "batch-size": self.train.batch_size,
             "lr-g": self.train.lr_g,

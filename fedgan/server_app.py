@@ -101,6 +101,9 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
     fixed_z = torch.randn(
         SAMPLE_GRID, settings.spec.latent_dim, generator=torch.Generator().manual_seed(1234)
     )
+    # Conditional runs: each row of the 8x8 grid is one class, cycling.
+    classes = settings.spec.num_classes
+    fixed_y = torch.arange(SAMPLE_GRID) // 8 % classes if classes else None
     _wait_for_sites(grid, settings.min_sites, NODE_WAIT_SECONDS)
     exhausted: dict[int, str] = {}  # node id -> site id, left out for the rest of the run
     clipped: dict[str, list[bool]] = {}
@@ -172,7 +175,7 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
             out.save_generator(gen, server_round)
             gen.eval()
             with torch.no_grad():
-                out.write_samples(server_round, grid_png(gen(fixed_z)))
+                out.write_samples(server_round, grid_png(gen(fixed_z, fixed_y)))
             total = sum(u.weight for u in updates)
             record["examples"] = total
             for key, name in (("g-loss", "g_loss"), ("d-loss", "d_loss")):

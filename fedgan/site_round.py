@@ -16,7 +16,7 @@ import torch
 from fedgan.gan.models import GanSpec, build
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
 from fedgan.privacy.plan import plan_round
-from fedgan.run_config import SiteSettings
+from fedgan.run_config import SiteSettings, parse_classes
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
 from fedgan.train import DPConfig, TrainConfig, train_local
@@ -33,9 +33,13 @@ class RoundOutcome:
     refusal: BudgetExhausted | None = None
 
 
-def site_images(site: SiteSettings, opts: SiloOptions) -> torch.Tensor:
-    """The site's images, through the preprocessing cache in its work dir
-    (each round runs in a fresh ClientApp process). Logs counts only."""
+def site_images(
+    site: SiteSettings, opts: SiloOptions, classes: tuple[str, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The site's images (and, for a conditional run, their class indices;
+    images without one of the run's classes are left out), through the
+    preprocessing cache in its work dir (each round runs in a fresh ClientApp
+    process). Logs counts only."""
     data = load_silo(Path(site.data_dir), opts, cache_dir=Path(site.work_dir) / "cache")
     report = data.report
     if report.images == 0:
@@ -50,7 +54,24 @@ def site_images(site: SiteSettings, opts: SiloOptions) -> torch.Tensor:
         "cached" if report.cached else "read",
         len(report.skipped),
     )
-    return torch.from_numpy(data.as_float())
+    images = torch.from_numpy(data.as_float())
+    if not classes:
+        return images, None
+    index = {c: i for i, c in enumerate(classes)}
+    keep = [i for i, label in enumerate(data.labels) if label in index]
+    if not keep:
+        raise SiloError(
+            f"site {site.site_id}: no image carries one of the run's classes "
+            f"({', '.join(classes)}); check the silo's labels"
+        )
+    if len(keep) < len(data.labels):
+        log.info(
+            "site %s: %d images without one of the run's classes left out",
+            site.site_id,
+            len(data.labels) - len(keep),
+        )
+    labels = torch.tensor([index[data.labels[i]] for i in keep], dtype=torch.long)
+    return images[keep], labels
 
 
 def _progress(site_id: str, server_round: int):
@@ -84,18 +105,22 @@ def run_round(
     global_gen: list[np.ndarray],
     global_disc: list[np.ndarray],
 ) -> RoundOutcome:
+    classes = parse_classes(str(cfg["classes"]))
     spec = GanSpec(
         image_size=int(cfg["image-size"]),
         channels=int(cfg["channels"]),
         latent_dim=int(cfg["latent-dim"]),
         width=int(cfg["width"]),
+        num_classes=len(classes),
     )
     server_round = int(cfg["round"])
     gen, disc = build(spec)
     set_arrays(gen, global_gen)
     set_arrays(disc, global_disc)
-    images = site_images(
-        site, SiloOptions.from_mapping(site.kind, spec.image_size, spec.channels, node_config)
+    images, labels = site_images(
+        site,
+        SiloOptions.from_mapping(site.kind, spec.image_size, spec.channels, node_config),
+        classes,
     )
     train_cfg = TrainConfig(
         local_steps=int(cfg["local-steps"]),
@@ -149,6 +174,7 @@ def run_round(
         device=site.device,
         dp=dp,
         progress=_progress(site.site_id, server_round),
+        labels=labels,
     )
     if dp is not None:
         ledger.complete(run=spend.run, server_round=server_round)

@@ -101,12 +101,18 @@ def train_local(
     device: torch.device | str = "cpu",
     dp: DPConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
+    labels: torch.Tensor | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` alternating D and G steps on ``images``
     (N×C×H×W in [-1, 1]); D's real half is private when ``dp`` is given.
+    A conditional model needs ``labels`` (N class indices); generated images
+    get uniformly drawn classes, which depend on no patient data.
     Losses are averaged over the steps."""
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty N×C×H×W image tensor, got {tuple(images.shape)}")
+    classes = gen.spec.num_classes
+    if classes and (labels is None or labels.shape != (images.shape[0],)):
+        raise ValueError("a conditional model needs one class index per image")
     start = time.perf_counter()
     device = torch.device(device)
     gen.to(device).train()
@@ -124,14 +130,19 @@ def train_local(
     g_total = d_total = 0.0
     try:
         for step in range(cfg.local_steps):
-            real = d_step.sample(images, batch, rng).to(device)
+            index = d_step.sample(n, batch, rng)
+            real = images[index].to(device)
+            real_y = labels[index].to(device) if classes else None
             z = torch.randn(batch, gen.spec.latent_dim, generator=rng).to(device)
-            fake = gen(z)
-            d_total += d_step(real, fake.detach())
+            fake_y = (
+                torch.randint(0, classes, (batch,), generator=rng).to(device) if classes else None
+            )
+            fake = gen(z, fake_y)
+            d_total += d_step(real, real_y, fake.detach(), fake_y)
 
             d_step.hooks(False)
             opt_g.zero_grad(set_to_none=True)
-            g_loss = generator_loss(disc(fake))
+            g_loss = generator_loss(disc(fake, fake_y))
             g_loss.backward(inputs=list(gen.parameters()))
             g_prox.add_gradient()
             opt_g.step()
@@ -177,12 +188,18 @@ class PlainDiscriminatorStep:
         self.prox = prox or Proximal(disc, 0.0)
         self.opt = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.999))
 
-    def sample(self, images: torch.Tensor, batch: int, rng: torch.Generator) -> torch.Tensor:
-        return images[torch.randint(0, images.shape[0], (batch,), generator=rng)]
+    def sample(self, n: int, batch: int, rng: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, n, (batch,), generator=rng)
 
-    def __call__(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+    def __call__(
+        self,
+        real: torch.Tensor,
+        real_y: torch.Tensor | None,
+        fake: torch.Tensor,
+        fake_y: torch.Tensor | None,
+    ) -> float:
         self.opt.zero_grad(set_to_none=True)
-        loss = discriminator_loss(self.disc(real), self.disc(fake))
+        loss = discriminator_loss(self.disc(real, real_y), self.disc(fake, fake_y))
         loss.backward()
         self.prox.add_gradient()
         self.opt.step()
@@ -232,14 +249,16 @@ class DPDiscriminatorStep:
             secure_mode=dp.noise_multiplier > 0,
         )
 
-    def sample(self, images: torch.Tensor, batch: int, rng: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, batch: int, rng: torch.Generator) -> torch.Tensor:
         """Poisson sampling: each image independently with probability q, from
         the secret generator (the amplification by subsampling needs it)."""
         del batch, rng  # the batch size is random; its mean is q·N
-        mask = torch.rand(images.shape[0], generator=self.secret_rng) < self.dp.sample_rate
-        return images[mask]
+        mask = torch.rand(n, generator=self.secret_rng) < self.dp.sample_rate
+        return torch.nonzero(mask).view(-1)
 
-    def private_real_gradient(self, real: torch.Tensor) -> float:
+    def private_real_gradient(
+        self, real: torch.Tensor, real_y: torch.Tensor | None = None
+    ) -> float:
         """Sets ``p.grad`` to the clipped, noised real-half gradient (divided
         by the expected batch size); returns the real-half loss."""
         self.opt.zero_grad(set_to_none=True)
@@ -249,7 +268,7 @@ class DPDiscriminatorStep:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             loss_value = 0.0
         else:
-            logits = self.module(real)
+            logits = self.module(real, real_y)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, torch.ones_like(logits)
             )
@@ -258,10 +277,16 @@ class DPDiscriminatorStep:
         self.opt.pre_step()
         return loss_value
 
-    def __call__(self, real: torch.Tensor, fake: torch.Tensor) -> float:
-        real_loss = self.private_real_gradient(real)
+    def __call__(
+        self,
+        real: torch.Tensor,
+        real_y: torch.Tensor | None,
+        fake: torch.Tensor,
+        fake_y: torch.Tensor | None,
+    ) -> float:
+        real_loss = self.private_real_gradient(real, real_y)
         self.module.disable_hooks()
-        logits = self.disc(fake)
+        logits = self.disc(fake, fake_y)
         fake_loss = torch.nn.functional.binary_cross_entropy_with_logits(
             logits, torch.zeros_like(logits)
         )

@@ -26,6 +26,8 @@ class GanSpec:
     channels: int = 3
     latent_dim: int = 64
     width: int = 32
+    # > 0: class-conditional (label embedding in G, projection discriminator).
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         if self.image_size not in SUPPORTED_SIZES:
@@ -36,6 +38,8 @@ class GanSpec:
             raise ValueError(f"channels {self.channels} is not supported; use 1 or 3")
         if self.latent_dim < 1 or self.width < 4:
             raise ValueError("latent-dim must be >= 1 and width >= 4")
+        if self.num_classes < 0 or self.num_classes == 1:
+            raise ValueError("a conditional model needs at least 2 classes")
 
     @property
     def blocks(self) -> int:
@@ -58,8 +62,11 @@ class Generator(nn.Module):
         super().__init__()
         self.spec = spec
         ch = spec.width * 2 ** (spec.blocks - 1)
+        # Conditional: the class embedding is concatenated to the latent.
+        self.embed = nn.Embedding(spec.num_classes, spec.latent_dim) if spec.num_classes else None
+        inputs = spec.latent_dim * (2 if self.embed is not None else 1)
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(spec.latent_dim, ch, 4, 1, 0, bias=False),
+            nn.ConvTranspose2d(inputs, ch, 4, 1, 0, bias=False),
             nn.BatchNorm2d(ch),
             nn.ReLU(True),
         ]
@@ -74,7 +81,11 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
         self.apply(_init)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("a conditional generator needs labels")
+            z = torch.cat([z, self.embed(labels)], dim=1)
         return self.net(z.view(z.shape[0], -1, 1, 1))
 
 
@@ -100,12 +111,20 @@ class Discriminator(nn.Module):
             ch *= 2
         layers.append(nn.Conv2d(ch, 1, 4, 1, 0))
         self.net = nn.Sequential(*layers)
+        # Projection discriminator (Miyato & Koyama 2018): logit += <e(y), Σ h>.
+        self.embed = nn.Embedding(spec.num_classes, ch) if spec.num_classes else None
         self.apply(_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """One logit per image, shape [B] (a [B, 1] shape breaks Opacus' ghost
         clipping, which then over-scales updates ~30x)."""
-        return self.net(x).view(-1)
+        if self.embed is None:
+            return self.net(x).view(-1)
+        if labels is None:
+            raise ValueError("a conditional discriminator needs labels")
+        features = self.net[:-1](x)
+        logit = self.net[-1](features).view(-1)
+        return logit + (self.embed(labels) * features.sum(dim=(2, 3))).sum(dim=1)
 
 
 def build(spec: GanSpec, seed: int | None = None) -> tuple[Generator, Discriminator]:

@@ -66,8 +66,8 @@ def test_without_noise_and_clipping_dp_step_equals_plain_step():
     real, fake = _data(10, 1), _data(10, 2)
     dp = DPDiscriminatorStep(disc, 1e-3, DPConfig(0.0, 1e6, 1.0), expected_batch=10)
     plain = PlainDiscriminatorStep(twin, 1e-3)
-    dp(real, fake)
-    plain(real, fake)
+    dp(real, None, fake, None)
+    plain(real, None, fake, None)
     dp.close()
     for a, b in zip(disc.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
