@@ -126,6 +126,7 @@ class RunSettings:
     fraction_sites: float
     resume: bool
     classes: tuple[str, ...]
+    local_epochs: float
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunSettings:
@@ -168,6 +169,7 @@ class RunSettings:
             fraction_sites=_get(cfg, "fraction-sites", float),
             resume=_get(cfg, "resume", bool),
             classes=parse_classes(_get(cfg, "classes", str)),
+            local_epochs=_get(cfg, "local-epochs", float),
         )
 
     def __post_init__(self) -> None:
@@ -177,6 +179,8 @@ class RunSettings:
             )
         if self.strategy == "fedprox" and self.prox_mu <= 0:
             raise ConfigError("run config: strategy = \"fedprox\" needs 'prox-mu' > 0")
+        if self.local_epochs < 0:
+            raise ConfigError("run config key 'local-epochs' must be >= 0")
         if not 0 < self.fraction_sites <= 1:
             raise ConfigError("run config key 'fraction-sites' must be in (0, 1]")
 
@@ -190,6 +194,7 @@ class RunSettings:
             "width": self.spec.width,
             "classes": ",".join(self.classes),
             "local-steps": self.train.local_steps,
+            "local-epochs": self.local_epochs,
             "batch-size": self.train.batch_size,
             "lr-g": self.train.lr_g,
             "lr-d": self.train.lr_d,

@@ -5,6 +5,7 @@ to and from this."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,9 +123,13 @@ def run_round(
         SiloOptions.from_mapping(site.kind, spec.image_size, spec.channels, node_config),
         classes,
     )
+    batch = int(cfg["batch-size"])
+    epochs = float(cfg["local-epochs"])
+    # Epochs are the site's own: its silo size turns them into steps.
+    steps = math.ceil(epochs * images.shape[0] / batch) if epochs > 0 else int(cfg["local-steps"])
     train_cfg = TrainConfig(
-        local_steps=int(cfg["local-steps"]),
-        batch_size=int(cfg["batch-size"]),
+        local_steps=max(1, steps),
+        batch_size=batch,
         lr_g=float(cfg["lr-g"]),
         lr_d=float(cfg["lr-d"]),
         seed=int(cfg["seed"]),

@@ -71,3 +71,36 @@ def test_a_run_folder_with_a_checkpoint_is_not_overwritten(tmp_path):
     cfg["resume"] = True
     _, _, first = _start(RunSettings.from_run_config(cfg), out)
     assert first == 5
+
+
+def test_local_epochs_turn_into_steps_from_the_silo_size(tmp_path, monkeypatch):
+    from fedgan import site_round
+    from fedgan.run_config import SiteSettings
+    from fedgan.silo.synth import synth_silo
+
+    seen = {}
+    real_train = site_round.train_local
+
+    def spy(gen, disc, images, cfg, **kw):
+        seen["steps"] = cfg.local_steps
+        return real_train(gen, disc, images, cfg, **kw)
+
+    monkeypatch.setattr(site_round, "train_local", spy)
+    silo = synth_silo(tmp_path / "silo", "fundus", 10, seed=1, size=32)
+    cfg = RunSettings.from_run_config(
+        {
+            **default_run_config(),
+            "image-size": 16,
+            "batch-size": 4,
+            "local-epochs": 1.5,
+            "dp": False,
+            "run-dir": str(tmp_path / "run"),
+        }
+    )
+    site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", 10.0)
+    gen, disc = build(cfg.spec, seed=0)
+    outcome = site_round.run_round(
+        site, {}, "r", cfg.round_config(1), get_arrays(gen), get_arrays(disc)
+    )
+    assert seen["steps"] == 4  # ⌈1.5 · 10 / 4⌉
+    assert outcome.update is not None and "epsilon" not in outcome.metrics
