@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from PIL import Image
 
 
@@ -22,10 +21,3 @@ def fit_square(image: Image.Image, size: int) -> Image.Image:
     canvas = Image.new(image.mode, (size, size))
     canvas.paste(resized, ((size - new[0]) // 2, (size - new[1]) // 2))
     return canvas
-
-
-def to_unit_range(pixels: np.ndarray) -> np.ndarray:
-    """uint8-range values (H×W or H×W×C) to float32 C×H×W in [-1, 1]."""
-    arr = np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr)

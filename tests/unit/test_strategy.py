@@ -104,3 +104,15 @@ def test_local_epochs_turn_into_steps_from_the_silo_size(tmp_path, monkeypatch):
     )
     assert seen["steps"] == 4  # ⌈1.5 · 10 / 4⌉
     assert outcome.update is not None and "epsilon" not in outcome.metrics
+
+
+def test_generator_checkpoint_loads_back(tmp_path):
+    from fedgan.outputs import load_generator
+
+    spec = GanSpec(image_size=16, channels=1, latent_dim=8, width=8, num_classes=2)
+    gen, _ = build(spec, seed=5)
+    RunOutputs(tmp_path).save_generator(gen, 3)
+    loaded = load_generator(tmp_path / "generator.pt")
+    assert loaded.spec == spec
+    for a, b in zip(get_arrays(gen), get_arrays(loaded), strict=True):
+        assert np.array_equal(a, b)
