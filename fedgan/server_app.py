@@ -156,7 +156,9 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
             # errors and timeouts; a refusal is not a failure
             "sites_failed": len(nodes) - len(received) - len(refused),
         }
-        eps = {s: m["epsilon"] for s, _, m in sorted(received) if "epsilon" in m}
+        eps = {
+            s: m["epsilon"] for s, _, m in sorted(received, key=lambda r: r[0]) if "epsilon" in m
+        }
         if eps:
             record["epsilon"] = eps
         if refused:
