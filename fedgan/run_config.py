@@ -7,6 +7,7 @@ value is reported with its key so the operator can fix the right line.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,24 @@ class ConfigError(FedGanError, ValueError):
 # A site's lifetime ε budget unless it sets `epsilon-budget` itself; auditors
 # are warned above 10.
 DEFAULT_EPSILON_BUDGET = 10.0
+
+
+def resolve_device(requested: str) -> str:
+    """``auto``: the site's GPU when it has one, else the CPU. An explicit
+    ``cuda`` on a machine without one is an error, not a silent fallback."""
+    import torch
+
+    requested = requested.strip().lower()
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {requested!r} requested (FEDGAN_DEVICE or node config) but no CUDA device "
+            "is visible; use auto or cpu"
+        )
+    if requested != "cpu" and not requested.startswith("cuda"):
+        raise ConfigError(f"device {requested!r} is not supported; use auto, cpu or cuda[:N]")
+    return requested
 
 
 def _node_float(cfg: Mapping[str, Any], key: str, default: float) -> float:
@@ -234,6 +253,8 @@ class SiteSettings:
             data_dir=str(cfg["data-dir"]),
             kind=str(cfg["kind"]),
             work_dir=str(cfg["work-dir"]),
-            device=str(cfg.get("device", "cpu")),
+            device=resolve_device(
+                os.environ.get("FEDGAN_DEVICE") or str(cfg.get("device", "auto"))
+            ),
             epsilon_budget=_node_float(cfg, "epsilon-budget", DEFAULT_EPSILON_BUDGET),
         )

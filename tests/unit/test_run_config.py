@@ -68,3 +68,21 @@ def test_privacy_settings_are_validated():
     cfg["noise-multiplier"], cfg["target-epsilon"] = 0.0, 0.0
     with pytest.raises(ConfigError, match="target-epsilon"):
         RunSettings.from_run_config(cfg)
+
+
+def test_device_resolution(monkeypatch):
+    import torch
+
+    from fedgan.run_config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="not supported"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    monkeypatch.setenv("FEDGAN_DEVICE", "cpu")
+    node = {"site-id": "a", "data-dir": "/d", "kind": "fundus", "work-dir": "/w"}
+    assert SiteSettings.from_node_config(node).device == "cpu"
