@@ -42,12 +42,7 @@ def site_images(
     preprocessing cache in its work dir (each round runs in a fresh ClientApp
     process). Logs counts only."""
     data = load_silo(Path(site.data_dir), opts, cache_dir=Path(site.work_dir) / "cache")
-    report = data.report
-    if report.images == 0:
-        raise SiloError(
-            f"site {site.site_id}: no usable image in its silo "
-            f"({len(report.skipped)} files skipped); run `fedgan silo check` at the site"
-        )
+    report = data.require_images(f"site {site.site_id}'s silo").report
     log.info(
         "site %s: %d images (%s), %d files skipped",
         site.site_id,

@@ -45,6 +45,19 @@ class SiloData:
         """float32 in [-1, 1], the range the GAN trains in."""
         return np.asarray(self.images, dtype=np.float32) / 127.5 - 1.0
 
+    def require_images(self, name: str) -> SiloData:
+        """Refuse a silo with nothing usable. The message names ``name``, the
+        kinds of skip reason (never a file name: it may travel to the
+        aggregator in an error reply) and the fix."""
+        if self.report.images == 0:
+            reasons = sorted({reason for _, reason in self.report.skipped})[:3]
+            why = f": {'; '.join(reasons)}" if reasons else ""
+            raise SiloError(
+                f"{name} holds no usable {self.report.kind} image "
+                f"({len(self.report.skipped)} files skipped{why}); run `fedgan silo check` on it"
+            )
+        return self
+
 
 def list_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
@@ -133,6 +146,7 @@ def read_silo(
     index = fundus_labels(directory) if opts.kind == "fundus" else dicom_labels(directory)
     report = SiloReport(directory=str(directory), kind=opts.kind)
     jobs: list[tuple[Path, SiloOptions]] = []
+    rels: list[str] = []
     for path in files:
         rel = path.relative_to(directory).as_posix()
         if path.suffix.lower() == ".csv" and path.parent == directory:
@@ -149,13 +163,15 @@ def read_silo(
         elif index.key_kind == "path":
             index.see(rel)
         jobs.append((path, opts))
+        rels.append(rel)
     images: list[np.ndarray] = []
     labels: list[str | None] = []
     outcomes = _decode_all(jobs, default_workers() if workers is None else workers)
-    for done, ((path, _), outcome) in enumerate(zip(jobs, outcomes, strict=True), start=1):
+    for done, ((path, _), rel, outcome) in enumerate(
+        zip(jobs, rels, outcomes, strict=True), start=1
+    ):
         if progress:
             progress(done, len(jobs))
-        rel = path.relative_to(directory).as_posix()
         if isinstance(outcome, str):
             report.skip(rel, outcome)
             continue
