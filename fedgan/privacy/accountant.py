@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-ACCOUNTANTS = ("prv", "rdp")
 Round = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
 
