@@ -44,6 +44,13 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def _precision(cfg: Mapping[str, Any]) -> str:
+    value = str(os.environ.get("FEDGAN_PRECISION") or cfg.get("precision", "fp32"))
+    if value not in ("fp32", "bf16"):
+        raise ConfigError(f"node config key 'precision' = {value!r}; use fp32 or bf16")
+    return value
+
+
 def _node_float(cfg: Mapping[str, Any], key: str, default: float) -> float:
     try:
         value = float(cfg.get(key, default))
@@ -239,6 +246,9 @@ class SiteSettings:
     work_dir: str
     device: str
     epsilon_budget: float
+    # bf16 autocast on CUDA: faster only for large images and batches on an
+    # H100 (bench/RESULTS.md), so the site opts in.
+    precision: str = "fp32"
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteSettings:
@@ -257,4 +267,5 @@ class SiteSettings:
                 os.environ.get("FEDGAN_DEVICE") or str(cfg.get("device", "auto"))
             ),
             epsilon_budget=_node_float(cfg, "epsilon-budget", DEFAULT_EPSILON_BUDGET),
+            precision=_precision(cfg),
         )

@@ -129,6 +129,7 @@ def run_round(
         lr_d=float(cfg["lr-d"]),
         seed=int(cfg["seed"]),
         prox_mu=float(cfg["prox-mu"]),
+        precision=site.precision,
     )
     metrics: dict[str, float] = {}
     dp = None

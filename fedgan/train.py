@@ -25,6 +25,7 @@ one image in its silo.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 import warnings
@@ -50,6 +51,11 @@ class TrainConfig:
     seed: int = 0
     # FedProx: μ/2·‖w − w_global‖² on both networks (0: plain local training).
     prox_mu: float = 0.0
+    # "bf16": autocast matrix work to bfloat16 on CUDA (weights, optimizer
+    # state and the DP noise stay fp32). Ignored on CPU, where it is slower.
+    precision: str = "fp32"
+    # NHWC activations for the convolutions (tensor-core friendly on CUDA).
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -60,6 +66,8 @@ class TrainConfig:
             raise ValueError("lr-g and lr-d must be > 0")
         if self.prox_mu < 0:
             raise ValueError("prox-mu must be >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {self.precision!r}: use fp32 or bf16")
 
 
 @dataclass(frozen=True)
@@ -115,46 +123,62 @@ def train_local(
         raise ValueError("a conditional model needs one class index per image")
     start = time.perf_counter()
     device = torch.device(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     gen.to(device).train()
-    disc.to(device).train()
+    disc.to(device, memory_format=fmt).train()
+    # The silo moves to the accelerator once (a 64 px silo of 10,000 RGB
+    # images is 0.5 GB) instead of one host-to-device copy per step.
+    images = images.to(device)
+    if classes:
+        labels = labels.to(device)
+    bf16 = cfg.precision == "bf16" and device.type == "cuda"
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
     rng = torch.Generator().manual_seed(cfg.seed)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
     n = images.shape[0]
     batch = min(cfg.batch_size, n)
     g_prox = Proximal(gen, cfg.prox_mu)
     d_step = (
-        PlainDiscriminatorStep(disc, cfg.lr_d, Proximal(disc, cfg.prox_mu))
+        PlainDiscriminatorStep(disc, cfg.lr_d, Proximal(disc, cfg.prox_mu), autocast)
         if dp is None
-        else DPDiscriminatorStep(disc, cfg.lr_d, dp, batch, Proximal(disc, cfg.prox_mu))
+        else DPDiscriminatorStep(disc, cfg.lr_d, dp, batch, Proximal(disc, cfg.prox_mu), autocast)
     )
-    g_total = d_total = 0.0
+    # Losses are summed on the device: reading one back every step would
+    # stall the GPU's queue.
+    g_total = torch.zeros((), device=device)
+    d_total = torch.zeros((), device=device)
     try:
         for step in range(cfg.local_steps):
-            index = d_step.sample(n, batch, rng)
-            real = images[index].to(device)
-            real_y = labels[index].to(device) if classes else None
+            index = d_step.sample(n, batch, rng).to(device)
+            real = images[index].contiguous(memory_format=fmt)
+            real_y = labels[index] if classes else None
             z = torch.randn(batch, gen.spec.latent_dim, generator=rng).to(device)
             fake_y = (
                 torch.randint(0, classes, (batch,), generator=rng).to(device) if classes else None
             )
-            fake = gen(z, fake_y)
+            with autocast():
+                fake = gen(z, fake_y).contiguous(memory_format=fmt)
             d_total += d_step(real, real_y, fake.detach(), fake_y)
 
             d_step.hooks(False)
             opt_g.zero_grad(set_to_none=True)
-            g_loss = generator_loss(disc(fake, fake_y))
+            with autocast():
+                g_loss = generator_loss(disc(fake, fake_y))
             g_loss.backward(inputs=list(gen.parameters()))
             g_prox.add_gradient()
             opt_g.step()
             d_step.hooks(True)
-            g_total += float(g_loss.detach())
+            g_total += g_loss.detach().float()
             if progress:
                 progress(step + 1, cfg.local_steps)
     finally:
         d_step.close()
     return TrainResult(
-        g_loss=g_total / cfg.local_steps,
-        d_loss=d_total / cfg.local_steps,
+        g_loss=float(g_total) / cfg.local_steps,
+        d_loss=float(d_total) / cfg.local_steps,
         steps=cfg.local_steps,
         examples=n,
         seconds=time.perf_counter() - start,
@@ -183,9 +207,16 @@ class Proximal:
 class PlainDiscriminatorStep:
     """Non-private D step: a batch drawn with replacement, one Adam step."""
 
-    def __init__(self, disc: Discriminator, lr: float, prox: Proximal | None = None) -> None:
+    def __init__(
+        self,
+        disc: Discriminator,
+        lr: float,
+        prox: Proximal | None = None,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
         self.disc = disc
         self.prox = prox or Proximal(disc, 0.0)
+        self.autocast = autocast
         self.opt = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.999))
 
     def sample(self, n: int, batch: int, rng: torch.Generator) -> torch.Tensor:
@@ -197,13 +228,14 @@ class PlainDiscriminatorStep:
         real_y: torch.Tensor | None,
         fake: torch.Tensor,
         fake_y: torch.Tensor | None,
-    ) -> float:
+    ) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
-        loss = discriminator_loss(self.disc(real, real_y), self.disc(fake, fake_y))
+        with self.autocast():
+            loss = discriminator_loss(self.disc(real, real_y), self.disc(fake, fake_y))
         loss.backward()
         self.prox.add_gradient()
         self.opt.step()
-        return float(loss.detach())
+        return loss.detach().float()
 
     def hooks(self, enabled: bool) -> None:
         """No per-sample hooks to switch."""
@@ -223,12 +255,14 @@ class DPDiscriminatorStep:
         dp: DPConfig,
         expected_batch: int,
         prox: Proximal | None = None,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
         self.disc = disc
         self.prox = prox or Proximal(disc, 0.0)
+        self.autocast = autocast
         self.dp = dp
         seed = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
         # Sampling runs where the images are (CPU); noise where the weights are.
@@ -258,7 +292,7 @@ class DPDiscriminatorStep:
 
     def private_real_gradient(
         self, real: torch.Tensor, real_y: torch.Tensor | None = None
-    ) -> float:
+    ) -> torch.Tensor:
         """Sets ``p.grad`` to the clipped, noised real-half gradient (divided
         by the expected batch size); returns the real-half loss."""
         self.opt.zero_grad(set_to_none=True)
@@ -266,14 +300,15 @@ class DPDiscriminatorStep:
             # An empty Poisson sample still costs a step and still gets noise.
             for p in self.params:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            loss_value = 0.0
+            loss_value = torch.zeros((), device=self.params[0].device)
         else:
-            logits = self.module(real, real_y)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, torch.ones_like(logits)
-            )
+            with self.autocast():
+                logits = self.module(real, real_y)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, torch.ones_like(logits)
+                )
             loss.backward()
-            loss_value = float(loss.detach())
+            loss_value = loss.detach().float()
         self.opt.pre_step()
         return loss_value
 
@@ -283,20 +318,21 @@ class DPDiscriminatorStep:
         real_y: torch.Tensor | None,
         fake: torch.Tensor,
         fake_y: torch.Tensor | None,
-    ) -> float:
+    ) -> torch.Tensor:
         real_loss = self.private_real_gradient(real, real_y)
         self.module.disable_hooks()
-        logits = self.disc(fake, fake_y)
-        fake_loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, torch.zeros_like(logits)
-        )
+        with self.autocast():
+            logits = self.disc(fake, fake_y)
+            fake_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, torch.zeros_like(logits)
+            )
         grads = torch.autograd.grad(fake_loss, self.params)
         for p, g in zip(self.params, grads, strict=True):
             p.grad = p.grad + g
         self.prox.add_gradient()
         self.opt.original_optimizer.step()
         self.module.enable_hooks()
-        return real_loss + float(fake_loss.detach())
+        return real_loss + fake_loss.detach().float()
 
     def hooks(self, enabled: bool) -> None:
         """G's step must not collect per-sample gradients in D."""

@@ -129,3 +129,31 @@ def test_update_clip_bounds_the_norm():
     same, was, _ = clip_update(upd, 1e9)
     assert not was and same is upd
     assert clip_update(upd, 0)[0] is upd  # 0 disables
+
+
+def test_channels_last_and_cpu_bf16_request_change_nothing():
+    """bf16 is ignored off CUDA: same seeds, bit-identical weights. channels_last
+    is a memory layout only: convolutions sum in another order, so D's first
+    loss agrees to float tolerance."""
+
+    def trained(steps=3, **options):
+        gen, disc = build(SPEC, seed=0)
+        cfg = TrainConfig(local_steps=steps, batch_size=4, **options)
+        result = train_local(gen, disc, _data(16), cfg, dp=DPConfig(1.0, 1.0, 0.5, secret_seed=3))
+        return result, [p.detach().clone() for p in [*gen.parameters(), *disc.parameters()]]
+
+    reference, weights = trained()
+    bf16, bf16_weights = trained(precision="bf16")
+    assert all(torch.equal(a, b) for a, b in zip(weights, bf16_weights, strict=True))
+    assert (bf16.g_loss, bf16.d_loss) == (reference.g_loss, reference.d_loss)
+    reference, _ = trained(steps=1)
+    nhwc, _ = trained(steps=1, channels_last=True)
+    assert nhwc.d_loss == pytest.approx(reference.d_loss, rel=1e-5)
+    # G's loss comes after D's first Adam step, which moves every weight by
+    # ±lr whatever its gradient's size: near-zero gradients can flip.
+    assert nhwc.g_loss == pytest.approx(reference.g_loss, rel=1e-2)
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")

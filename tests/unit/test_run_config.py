@@ -86,3 +86,13 @@ def test_device_resolution(monkeypatch):
     monkeypatch.setenv("FEDGAN_DEVICE", "cpu")
     node = {"site-id": "a", "data-dir": "/d", "kind": "fundus", "work-dir": "/w"}
     assert SiteSettings.from_node_config(node).device == "cpu"
+
+
+def test_site_precision(monkeypatch):
+    node = {"site-id": "a", "data-dir": "/d", "kind": "fundus", "work-dir": "/w", "device": "cpu"}
+    assert SiteSettings.from_node_config(node).precision == "fp32"
+    assert SiteSettings.from_node_config(node | {"precision": "bf16"}).precision == "bf16"
+    with pytest.raises(ConfigError, match=r"'precision'.*fp32 or bf16"):
+        SiteSettings.from_node_config(node | {"precision": "fp16"})
+    monkeypatch.setenv("FEDGAN_PRECISION", "bf16")
+    assert SiteSettings.from_node_config(node).precision == "bf16"
