@@ -28,6 +28,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from fedgan.atomic import write_atomic
 from fedgan.errors import FedGanError
+from fedgan.secagg.identity import Signer, Verifier, ca_verifier
 
 _CURVE = ec.SECP384R1()
 _HASH = hashes.SHA384()
@@ -67,6 +68,15 @@ class SitePaths:
     @property
     def node_key(self) -> Path:
         return self.dir / "node_key"
+
+    @property
+    def signing_key(self) -> Path:
+        """Ed25519 key that signs the site's secure-aggregation keys."""
+        return self.dir / "signing.key"
+
+    @property
+    def signing_cert(self) -> Path:
+        return self.dir / "signing.crt"
 
     @property
     def node_pub(self) -> Path:
@@ -246,7 +256,7 @@ def _leaf(
     sans: list[str],
     usage: x509.ObjectIdentifier,
     days: int,
-    key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
     uris: tuple[str, ...] = (),
 ) -> x509.Certificate:
     if days < 1:
@@ -315,7 +325,9 @@ def issue_site(
     force: bool = False,
 ) -> SitePaths:
     """Issue what one hospital needs: its mTLS client certificate (CN = site id),
-    the TLS certificate of its local sidecar, and its Flower node key."""
+    the TLS certificate of its local sidecar, its Flower node key, and the
+    Ed25519 key and certificate with which it signs its secure-aggregation
+    keys (so the aggregator cannot substitute them)."""
     paths = PkiPaths(Path(root))
     site = paths.site(site_id)
     _refuse_existing(
@@ -326,6 +338,8 @@ def issue_site(
             site.sidecar_cert,
             site.node_key,
             site.node_pub,
+            site.signing_key,
+            site.signing_cert,
         ],
         force,
     )
@@ -351,6 +365,26 @@ def issue_site(
         sidecar_key,
     )
     node_key = ec.generate_private_key(_CURVE)
+    signing_key = ed25519.Ed25519PrivateKey.generate()
+    signing = _leaf(
+        paths,
+        f"{site_id}-secagg",
+        [],
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        days,
+        signing_key,
+        uris=(site_uri(site_id),),
+    )
+    _write_key(
+        site.signing_key,
+        signing_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        force,
+    )
+    _write_cert(site.signing_cert, signing)
     _write_key(site.client_key, _key_pem(client_key), force)
     _write_cert(site.client_cert, client)
     _write_key(site.sidecar_key, _key_pem(sidecar_key), force)
@@ -421,7 +455,8 @@ def refresh_crl(root: Path, *, days: int = 30) -> x509.CertificateRevocationList
 
 
 def revoke_site(root: Path, site_id: str, *, days: int = 30) -> list[int]:
-    """Revoke the site's client and sidecar certificates; returns the serials."""
+    """Revoke the site's client, sidecar and signing certificates; returns the
+    serials."""
     paths = PkiPaths(Path(root))
     site = paths.site(site_id)
     if not site.client_cert.exists():
@@ -431,7 +466,7 @@ def revoke_site(root: Path, site_id: str, *, days: int = 30) -> list[int]:
     entries = list(crl)
     known = {entry.serial_number for entry in entries}
     serials = []
-    for cert_path in (site.client_cert, site.sidecar_cert):
+    for cert_path in (site.client_cert, site.sidecar_cert, site.signing_cert):
         if not cert_path.exists():
             continue
         serial = load_cert(cert_path).serial_number
@@ -524,3 +559,40 @@ def inspect_cert(path: Path) -> dict[str, object]:
         "is_ca": is_ca,
         "sha256_fingerprint": fingerprint_sha256(cert),
     }
+
+
+def load_signer(key_path: Path, cert_path: Path, site_id: str) -> Signer:
+    """The site's secure-aggregation signer from its files; a key that does
+    not match its certificate is refused here, not at the peers."""
+    try:
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except FileNotFoundError:
+        raise PkiError(
+            f"{key_path} not found: issue the site's signing key with `fedgan pki issue-site "
+            f"{site_id}` (sites issued before secure aggregation need --force)"
+        ) from None
+    except ValueError:
+        raise PkiError(f"{key_path} is not a PEM private key") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise PkiError(f"{key_path} is not an Ed25519 key")
+    cert = load_cert(Path(cert_path))
+    if cert.public_key() != key.public_key():
+        raise PkiError(f"{cert_path} does not certify the key in {key_path}")
+    return Signer(site_id, key, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def load_verifier(ca_path: Path, crl_path: Path | None = None) -> Verifier:
+    """Checks peers' signing certificates against the consortium CA (and CRL)."""
+    ca = load_cert(Path(ca_path))
+    crl = None
+    if crl_path is not None:
+        try:
+            crl = x509.load_pem_x509_crl(Path(crl_path).read_bytes())
+        except FileNotFoundError:
+            raise PkiError(f"{crl_path} not found; run `fedgan pki crl`") from None
+        except ValueError:
+            raise PkiError(f"{crl_path} is not a PEM CRL") from None
+    try:
+        return ca_verifier(ca, crl)
+    except FedGanError as exc:
+        raise PkiError(f"{crl_path}: {exc}") from None

@@ -59,9 +59,10 @@ def test_revoked_site_is_in_the_crl_and_rejected(certs):
     paths = pki.PkiPaths(certs)
     client = pki.load_cert(paths.site("site-a").client_cert)
     sidecar = pki.load_cert(paths.site("site-a").sidecar_cert)
+    signing = pki.load_cert(paths.site("site-a").signing_cert)
     assert not pki.is_revoked(certs, client)
     serials = pki.revoke_site(certs, "site-a")
-    assert set(serials) == {client.serial_number, sidecar.serial_number}
+    assert set(serials) == {client.serial_number, sidecar.serial_number, signing.serial_number}
     crl = pki.load_crl(paths)
     assert crl.get_revoked_certificate_by_serial_number(client.serial_number) is not None
     assert pki.is_revoked(certs, client)
@@ -69,7 +70,7 @@ def test_revoked_site_is_in_the_crl_and_rejected(certs):
         pki.verify_client_cert(client, pki.load_cert(paths.ca_cert), crl=crl)
     # Revoking twice keeps one entry per certificate.
     pki.revoke_site(certs, "site-a")
-    assert len(list(pki.load_crl(paths))) == 2
+    assert len(list(pki.load_crl(paths))) == 3
 
 
 def test_private_keys_are_0600_and_certificates_public(certs):
@@ -129,5 +130,26 @@ def test_issue_before_init_names_the_fix(tmp_path):
 def test_crl_refresh_keeps_entries_and_extends_expiry(certs):
     pki.revoke_site(certs, "site-a", days=1)
     crl = pki.refresh_crl(certs, days=60)
-    assert len(list(crl)) == 2
+    assert len(list(crl)) == 3
     assert crl.next_update_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=59)
+
+
+def test_site_signing_key_is_certified_ed25519_and_revocable(certs):
+    paths = pki.PkiPaths(certs)
+    site = paths.site("site-a")
+    assert stat.S_IMODE(site.signing_key.stat().st_mode) == 0o600
+    signer = pki.load_signer(site.signing_key, site.signing_cert, "site-a")
+    verify = pki.load_verifier(paths.ca_cert, paths.crl)
+    verify("site-a", signer.cert_pem, b"keys", signer.sign(b"keys"))
+    with pytest.raises(pki.FedGanError, match="bad signature"):
+        verify("site-a", signer.cert_pem, b"other keys", signer.sign(b"keys"))
+    with pytest.raises(pki.FedGanError, match="not this site"):
+        verify("site-b", signer.cert_pem, b"keys", signer.sign(b"keys"))
+    pki.revoke_site(certs, "site-a")
+    with pytest.raises(pki.FedGanError, match="revoked"):
+        pki.load_verifier(paths.ca_cert, paths.crl)(
+            "site-a", signer.cert_pem, b"k", signer.sign(b"k")
+        )
+    with pytest.raises(pki.PkiError, match="does not certify"):
+        pki.issue_site(certs, "site-b")
+        pki.load_signer(site.signing_key, paths.site("site-b").signing_cert, "site-a")
