@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedgan import wire
+from fedgan import faults, site_secagg, wire
 from fedgan.outputs import RunOutputs
 from fedgan.run_config import SiteSettings
 from fedgan.site_round import run_round
@@ -27,6 +27,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    faults.crash_if_requested("train")
     site = SiteSettings.from_node_config(context.node_config)
     global_gen, global_disc, cfg = wire.read_train_request(msg.content)
     run_id = str(msg.metadata.run_id)
@@ -50,4 +51,34 @@ def train(msg: Message, context: Context) -> Message:
                 "weight": [np.asarray(outcome.update.weight)],
             },
         )
+    secagg = wire.read_secagg_setup(msg.content)
+    if secagg is not None:
+        params, server_pk = secagg
+        ad = site_secagg.advertise(context.state, site, params, server_pk, outcome.update)
+        metrics = {"num-examples": outcome.update.weight, **outcome.metrics}
+        return Message(wire.secagg_train_reply(ad, site.site_id, metrics), reply_to=msg)
     return Message(wire.train_reply(outcome.update, site.site_id, outcome.metrics), reply_to=msg)
+
+
+# Secure aggregation, stages 2-4 (stage 1 rides on the train reply above).
+
+
+@app.train("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    faults.crash_if_requested("secagg_share")
+    site = SiteSettings.from_node_config(context.node_config)
+    return Message(site_secagg.share_keys(context.state, site, msg.content), reply_to=msg)
+
+
+@app.train("secagg_mask")
+def secagg_mask(msg: Message, context: Context) -> Message:
+    faults.crash_if_requested("secagg_mask")
+    site = SiteSettings.from_node_config(context.node_config)
+    return Message(site_secagg.masked_input(context.state, site, msg.content), reply_to=msg)
+
+
+@app.train("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    faults.crash_if_requested("secagg_unmask")
+    site = SiteSettings.from_node_config(context.node_config)
+    return Message(site_secagg.unmask(context.state, site, msg.content), reply_to=msg)

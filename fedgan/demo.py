@@ -42,6 +42,8 @@ class DemoOptions:
     extra_config: dict[str, Any] = field(default_factory=dict)
     # Per site id: extra SuperNode node config (silo options, epsilon-budget).
     node_config: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Per site id: extra environment of its SuperNode.
+    site_env: dict[str, dict[str, str]] = field(default_factory=dict)
     # An earlier demo run folder to continue (same certificates, silos, ledgers).
     resume: Path | None = None
 
@@ -54,6 +56,12 @@ class DemoOptions:
             self.sites = len(self.data)
         if self.sites < 1 or self.rounds < 1:
             raise ValueError("--sites and --rounds must be at least 1")
+        secagg = self.extra_config.get("secagg", default_run_config()["secagg"])
+        if self.sites < 2 and secagg:
+            raise ValueError(
+                "secure aggregation needs at least 2 sites (a sum of one update is that update); "
+                "use --sites 2 or more, or --config secagg=false"
+            )
         for d in self.data:
             if not Path(d).is_dir():
                 raise ValueError(f"--data {d} is not a directory")
@@ -108,7 +116,15 @@ def prepare(opts: DemoOptions, run_dir: Path, say: Callable[[str], None]) -> lis
                 seed=opts.seed * 1000 + i,
                 size=64,
             )
-        specs.append(SiteSpec(site_id, data, opts.kind, opts.node_config.get(site_id, {})))
+        specs.append(
+            SiteSpec(
+                site_id,
+                data,
+                opts.kind,
+                opts.node_config.get(site_id, {}),
+                opts.site_env.get(site_id, {}),
+            )
+        )
     if not opts.data:
         per_site = f"{opts.images_per_site} {opts.kind} images per site"
         say(f"silos         {run_dir / 'silos'} ({per_site})")
@@ -202,7 +218,11 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
         fed.start(progress=say)
         say(f"deployment    {run_dir / 'deployment.json'}")
         shape = f"{opts.image_size}px {opts.kind}"
-        say(f"training      {opts.rounds} rounds, {len(sites)} sites, {shape}")
+        modes = ", ".join(
+            f"{name} {'on' if config.get(key) else 'off'}"
+            for name, key in (("DP", "dp"), ("secure aggregation", "secagg"))
+        )
+        say(f"training      {opts.rounds} rounds, {len(sites)} sites, {shape}; {modes}")
         fed.run(app_dir, config_path, on_poll=RoundPrinter(outputs.metrics_path, opts.rounds, say))
     status = json.loads(outputs.status_path.read_text()) if outputs.status_path.exists() else {}
     if status.get("status") != "completed":

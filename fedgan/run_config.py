@@ -138,6 +138,60 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class SecAggSettings:
+    """Secure aggregation of the sites' updates (see README, "Secure aggregation")."""
+
+    enabled: bool
+    bits: int
+    threshold: int  # 0: ⌈2n/3⌉ of the sites sampled in the round
+    value_range: float  # 0: from update-clip, the learning rates and the steps
+    stage_timeout: float
+
+    @classmethod
+    def from_run_config(
+        cls, cfg: Mapping[str, Any], update_clip: float, local_epochs: float
+    ) -> SecAggSettings:
+        s = cls(
+            enabled=_get(cfg, "secagg", bool),
+            bits=_get(cfg, "secagg-bits", int),
+            threshold=_get(cfg, "secagg-threshold", int),
+            value_range=_get(cfg, "secagg-range", float),
+            stage_timeout=_get(cfg, "secagg-timeout", float),
+        )
+        if s.bits not in (8, 12, 16):
+            raise ConfigError(f"run config key 'secagg-bits' = {s.bits}; use 8, 12 or 16")
+        if s.threshold < 0 or s.value_range < 0 or s.stage_timeout <= 0:
+            raise ConfigError(
+                "run config keys 'secagg-threshold' and 'secagg-range' must be >= 0 and "
+                "'secagg-timeout' > 0"
+            )
+        if s.enabled and s.value_range == 0 and update_clip <= 0 and local_epochs > 0:
+            raise ConfigError(
+                "run config: secure aggregation needs a value range; set 'update-clip' > 0 "
+                "or 'local-steps' (the range follows from them) or 'secagg-range' > 0"
+            )
+        return s
+
+    def value_range_for(
+        self, length: int, update_clip: float, max_lr: float, local_steps: int | None
+    ) -> float:
+        """Per-value clipping range, from what the server knows without data.
+        With ‖Δ‖ ≤ C at most C²/r² values can exceed r, so r = 8C/√P clips
+        at most P/64 of them. Adam moves a weight by about lr per step (at
+        most ~3·lr on a gradient spike), so after s local steps |Δ| ≲ 2·lr·s
+        is the tighter bound when the steps are known. Sites report the
+        fraction they clipped."""
+        if self.value_range:
+            return self.value_range
+        bounds = []
+        if update_clip > 0:
+            bounds.append(8.0 * update_clip / length**0.5)
+        if local_steps:
+            bounds.append(2.0 * max_lr * local_steps)
+        return min(bounds)
+
+
+@dataclass(frozen=True)
 class RunSettings:
     rounds: int
     spec: GanSpec
@@ -153,6 +207,7 @@ class RunSettings:
     resume: bool
     classes: tuple[str, ...]
     local_epochs: float
+    secagg: SecAggSettings
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunSettings:
@@ -196,6 +251,9 @@ class RunSettings:
             resume=_get(cfg, "resume", bool),
             classes=parse_classes(_get(cfg, "classes", str)),
             local_epochs=_get(cfg, "local-epochs", float),
+            secagg=SecAggSettings.from_run_config(
+                cfg, _get(cfg, "update-clip", float), _get(cfg, "local-epochs", float)
+            ),
         )
 
     def __post_init__(self) -> None:
@@ -209,6 +267,11 @@ class RunSettings:
             raise ConfigError("run config key 'local-epochs' must be >= 0")
         if not 0 < self.fraction_sites <= 1:
             raise ConfigError("run config key 'fraction-sites' must be in (0, 1]")
+
+    def secagg_range(self, length: int) -> float:
+        steps = self.train.local_steps if self.local_epochs <= 0 else None
+        lr = max(self.train.lr_g, self.train.lr_d)
+        return self.secagg.value_range_for(length, self.privacy.update_clip, lr, steps)
 
     def round_config(self, server_round: int) -> dict[str, int | float | bool | str]:
         """What a site needs to train one round (sent in the train message)."""
@@ -249,6 +312,12 @@ class SiteSettings:
     # bf16 autocast on CUDA: faster only for large images and batches on an
     # H100 (bench/RESULTS.md), so the site opts in.
     precision: str = "fp32"
+    # Secure aggregation: the site's Ed25519 signing key and certificate, and
+    # the consortium CA (and CRL) that certify its peers'.
+    signing_key: str = ""
+    signing_cert: str = ""
+    ca_cert: str = ""
+    crl: str = ""
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteSettings:
@@ -268,4 +337,8 @@ class SiteSettings:
             ),
             epsilon_budget=_node_float(cfg, "epsilon-budget", DEFAULT_EPSILON_BUDGET),
             precision=_precision(cfg),
+            signing_key=str(cfg.get("signing-key", "")),
+            signing_cert=str(cfg.get("signing-cert", "")),
+            ca_cert=str(cfg.get("ca-cert", "")),
+            crl=str(cfg.get("crl", "")),
         )

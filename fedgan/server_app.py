@@ -22,7 +22,10 @@ from fedgan.gan.models import Discriminator, Generator, build
 from fedgan.outputs import RunOutputs
 from fedgan.run_config import ConfigError, RunSettings
 from fedgan.samples import grid_png
-from fedgan.update import SiteUpdate, apply_delta, weighted_mean
+from fedgan.secagg import SecAggError, SecAggParams
+from fedgan.secagg.messages import Advertisement
+from fedgan.secure_round import SecureRound, split_like
+from fedgan.update import Arrays, SiteUpdate, apply_delta, weighted_mean
 from fedgan.weights import get_arrays, set_arrays
 
 log = logging.getLogger("fedgan.server")
@@ -95,6 +98,34 @@ def _sample(nodes: list[int], fraction: float, seed: int, server_round: int) -> 
     return sorted(random.Random(f"{seed}-{server_round}").sample(nodes, k))
 
 
+def _secure_round(
+    grid: Grid,
+    settings: RunSettings,
+    config: dict,
+    nodes: list[int],
+    gen: Arrays,
+    disc: Arrays,
+) -> tuple[SecureRound | None, str]:
+    """(the round's secure aggregation, or None when off; why the round
+    cannot run securely, or "")."""
+    if not settings.secagg.enabled:
+        return None, ""
+    length = sum(a.size for a in (*gen, *disc))
+    try:
+        params = SecAggParams.for_round(
+            str(config["run-name"]),
+            int(config["round"]),
+            len(nodes),
+            bits=settings.secagg.bits,
+            value_range=settings.secagg_range(length),
+            length=length,
+            threshold=settings.secagg.threshold,
+        )
+    except SecAggError as exc:
+        return None, f"secure aggregation cannot run this round: {exc}; the model is unchanged"
+    return SecureRound(grid, params, settings.secagg.stage_timeout), ""
+
+
 def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
     """The rounds; returns the run's summary for status.json."""
     gen, disc, first_round = _start(settings, out)
@@ -104,7 +135,9 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
     # Conditional runs: each row of the 8x8 grid is one class, cycling.
     classes = settings.spec.num_classes
     fixed_y = torch.arange(SAMPLE_GRID) // 8 % classes if classes else None
-    _wait_for_sites(grid, settings.min_sites, NODE_WAIT_SECONDS)
+    # Secure aggregation needs two sites at least: a sum of one is that update.
+    wanted = max(settings.min_sites, 2 if settings.secagg.enabled else 1)
+    _wait_for_sites(grid, wanted, NODE_WAIT_SECONDS)
     exhausted: dict[int, str] = {}  # node id -> site id, left out for the rest of the run
     clipped: dict[str, list[bool]] = {}
     for server_round in range(first_round, settings.rounds + 1):
@@ -113,24 +146,34 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
         nodes = _sample(available, settings.fraction_sites, settings.train.seed, server_round)
         global_gen, global_disc = get_arrays(gen), get_arrays(disc)
         config = settings.round_config(server_round)
+        secure, setup_error = _secure_round(grid, settings, config, nodes, global_gen, global_disc)
         messages = [
             Message(
-                wire.train_request(global_gen, global_disc, config),
+                wire.train_request(
+                    global_gen, global_disc, config, secure.setup_record() if secure else None
+                ),
                 dst_node_id=node,
                 message_type="train",
                 group_id=str(server_round),
             )
-            for node in nodes
+            for node in (nodes if not setup_error else [])
         ]
-        received: list[tuple[str, SiteUpdate, dict[str, float]]] = []
+        received: list[tuple[str, float, dict[str, float]]] = []  # site, weight, metrics
+        updates: list[SiteUpdate] = []
+        ads: dict[int, Advertisement] = {}
         refused: dict[str, dict[str, float]] = {}
         failures: list[str] = []
-        for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
+        for reply in (
+            grid.send_and_receive(messages, timeout=settings.round_timeout) if messages else []
+        ):
             if reply.has_error():
                 failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
-            update, site_id, metrics = wire.read_train_reply(reply.content)
-            if update is None:
+            if secure:
+                update, site_id, metrics = None, *wire.read_train_reply_metrics(reply.content)
+            else:
+                update, site_id, metrics = wire.read_train_reply(reply.content)
+            if metrics.get("budget-exhausted"):
                 exhausted[reply.metadata.src_node_id] = site_id
                 refused[site_id] = metrics
                 log.warning(
@@ -143,11 +186,21 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
                     metrics["epsilon-budget"],
                 )
                 continue
-            received.append((site_id, update, metrics))
+            if secure:
+                try:
+                    ads[reply.metadata.src_node_id] = wire.read_advertisement(reply.content)
+                except SecAggError as exc:
+                    failures.append(f"site {site_id}: {exc}")
+                    continue
+                weight = metrics.pop("num-examples")
+            else:
+                assert update is not None
+                updates.append(update)
+                weight = update.weight
+            received.append((site_id, weight, metrics))
             clipped.setdefault(site_id, []).append(bool(metrics.get("update-clipped")))
         for failure in failures:
             log.warning("round %d: %s", server_round, failure)
-        updates = [u for _, u, _ in received]
         record: dict = {
             "round": server_round,
             "sites": sorted(s for s, _, _ in received),
@@ -170,19 +223,41 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
                 }
                 for s, m in sorted(refused.items())
             }
-        if updates:
-            mean_gen, mean_disc = weighted_mean(updates)
+        mean: tuple[Arrays, Arrays] | None = None
+        skipped = setup_error or "no site replied; the global model is unchanged"
+        if secure and ads:
+            try:
+                aggregate = secure.run(ads)
+            except SecAggError as exc:  # RoundAborted included
+                skipped = str(exc)
+                log.warning("round %d: %s", server_round, exc)
+            else:
+                mean = split_like(aggregate.mean, global_gen, global_disc)
+                # Losses and counts of the sites whose updates are in the sum.
+                received = [r for r in received if r[0] in aggregate.survivors]
+                record["sites"] = aggregate.survivors
+                record["secagg_error_bound"] = aggregate.error_bound
+            record["secagg"] = secure.summary()
+        elif updates:
+            mean = weighted_mean(updates)
+        if mean is not None:
+            mean_gen, mean_disc = mean
             set_arrays(gen, apply_delta(global_gen, mean_gen))
             set_arrays(disc, apply_delta(global_disc, mean_disc))
             out.save_generator(gen, server_round)
             gen.eval()
             with torch.no_grad():
                 out.write_samples(server_round, grid_png(gen(fixed_z, fixed_y)))
-            total = sum(u.weight for u in updates)
+            total = sum(w for _, w, _ in received)
             record["examples"] = total
             for key, name in (("g-loss", "g_loss"), ("d-loss", "d_loss")):
-                record[name] = sum(u.weight * m[key] for _, u, m in received) / total
+                record[name] = sum(w * m[key] for _, w, m in received) / total
             record["updates_clipped"] = sum(bool(m["update-clipped"]) for _, _, m in received)
+            record["update_bytes"] = (
+                secure.bytes_sent
+                if secure
+                else {s: 4 * sum(a.size for a in global_gen + global_disc) for s, _, _ in received}
+            )
             if settings.dump_updates:
                 out.dump_arrays(
                     server_round, "global_before", {"gen": global_gen, "disc": global_disc}
@@ -191,7 +266,7 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
                     server_round, "global_after", {"gen": get_arrays(gen), "disc": get_arrays(disc)}
                 )
         else:
-            record["skipped"] = "no site replied; the global model is unchanged"
+            record["skipped"] = skipped
         # Every round, updated or not, so a resume continues at the next one.
         out.save_checkpoint(gen, disc, server_round)
         record["seconds"] = round(time.perf_counter() - started, 3)

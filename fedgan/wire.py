@@ -7,18 +7,30 @@ patient tags, no free text from the silo ever goes into a reply.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedgan.secagg import SecAggError, SecAggParams
+from fedgan.secagg.messages import Advertisement, pack, unpack
 from fedgan.update import Arrays, SiteUpdate
+
+T = TypeVar("T")
 
 GEN, DISC, CONFIG = "gen", "disc", "config"
 GEN_DELTA, DISC_DELTA, METRICS, SITE = "gen-delta", "disc-delta", "metrics", "site"
 
 
-def train_request(gen: Arrays, disc: Arrays, config: dict[str, int | float | bool]) -> RecordDict:
-    return RecordDict(
-        {GEN: ArrayRecord(gen), DISC: ArrayRecord(disc), CONFIG: ConfigRecord(config)}
-    )
+def train_request(
+    gen: Arrays,
+    disc: Arrays,
+    config: dict[str, int | float | bool],
+    secagg: ConfigRecord | None = None,
+) -> RecordDict:
+    records = {GEN: ArrayRecord(gen), DISC: ArrayRecord(disc), CONFIG: ConfigRecord(config)}
+    if secagg is not None:
+        records[SECAGG] = secagg
+    return RecordDict(records)
 
 
 def read_train_request(content: RecordDict) -> tuple[Arrays, Arrays, dict]:
@@ -57,10 +69,15 @@ def budget_reply(site_id: str, spent: float, after: float, budget: float) -> Rec
     )
 
 
+def read_train_reply_metrics(content: RecordDict) -> tuple[str, dict[str, float]]:
+    """(site id, metrics) of a train reply, without reading any update."""
+    metrics = {k: float(v) for k, v in content.metric_records[METRICS].items()}
+    return str(content.config_records[SITE]["site-id"]), metrics
+
+
 def read_train_reply(content: RecordDict) -> tuple[SiteUpdate | None, str, dict[str, float]]:
     """(update, site id, metrics); the update is None when the site refused."""
-    metrics = {k: float(v) for k, v in content.metric_records[METRICS].items()}
-    site_id = str(content.config_records[SITE]["site-id"])
+    site_id, metrics = read_train_reply_metrics(content)
     if metrics.get("budget-exhausted"):
         return None, site_id, metrics
     update = SiteUpdate(
@@ -69,3 +86,71 @@ def read_train_reply(content: RecordDict) -> tuple[SiteUpdate | None, str, dict[
         weight=metrics.pop("num-examples"),
     )
     return update, site_id, metrics
+
+
+# -- secure aggregation --------------------------------------------------------
+# The protocol's own messages (`fedgan.secagg.messages`) travel as packed
+# bytes in one ConfigRecord; these helpers only wrap and unwrap them.
+
+SECAGG = "secagg"
+SECAGG_STAGES = ("secagg_share", "secagg_mask", "secagg_unmask")
+
+
+def secagg_setup(params: SecAggParams, server_pk: bytes) -> ConfigRecord:
+    return ConfigRecord({**params.as_dict(), "server-pk": server_pk})
+
+
+def read_secagg_setup(content: RecordDict) -> tuple[SecAggParams, bytes] | None:
+    """The round's secure-aggregation parameters, or None for a plain round."""
+    if SECAGG not in content.config_records:
+        return None
+    record = dict(content.config_records[SECAGG])
+    server_pk = record.pop("server-pk")
+    if not isinstance(server_pk, bytes):
+        raise SecAggError("malformed secure-aggregation setup: no server key")
+    return SecAggParams.from_dict(record), server_pk
+
+
+def secagg_train_reply(ad: Advertisement, site_id: str, metrics: dict[str, float]) -> RecordDict:
+    """A trained site's reply under secure aggregation: numbers and its signed
+    keys; the update itself stays at the site until it is masked."""
+    return RecordDict(
+        {
+            METRICS: MetricRecord(metrics),
+            SITE: ConfigRecord({"site-id": site_id}),
+            SECAGG: ConfigRecord({"advertisement": pack([ad.as_dict()])}),
+        }
+    )
+
+
+def read_advertisement(content: RecordDict) -> Advertisement:
+    items = unpack(secagg_bytes(content, "advertisement"))
+    if len(items) != 1:
+        raise SecAggError("a train reply carries exactly one advertisement")
+    return Advertisement.from_dict(items[0])
+
+
+def secagg_message(**fields: bytes | list[str]) -> RecordDict:
+    return RecordDict({SECAGG: ConfigRecord(dict(fields))})
+
+
+def secagg_bytes(content: RecordDict, key: str) -> bytes:
+    try:
+        value = content.config_records[SECAGG][key]
+    except KeyError:
+        raise SecAggError(f"secure-aggregation message without {key!r}") from None
+    if not isinstance(value, bytes):
+        raise SecAggError(f"secure-aggregation field {key!r} is not bytes")
+    return value
+
+
+def secagg_list(content: RecordDict, key: str, kind: type[T]) -> list[T]:
+    """A packed list of protocol messages of one kind."""
+    return [kind.from_dict(d) for d in unpack(secagg_bytes(content, key))]  # type: ignore[attr-defined]
+
+
+def secagg_names(content: RecordDict, key: str) -> list[str]:
+    value = content.config_records[SECAGG].get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SecAggError(f"secure-aggregation field {key!r} is not a list of site ids")
+    return list(value)

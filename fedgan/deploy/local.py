@@ -56,6 +56,8 @@ class SiteSpec:
     kind: str
     # Extra SuperNode node config: the site's silo options (modality, window…).
     node_config: dict[str, str] = field(default_factory=dict)
+    # Extra environment of the site's SuperNode (e.g. FEDGAN_DEVICE, FEDGAN_FAULT).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class LocalFederation:
@@ -251,6 +253,10 @@ class LocalFederation:
                 "data-dir": str(Path(site.data_dir).resolve()),
                 "kind": site.kind,
                 "work-dir": str(work),
+                "signing-key": str(paths.signing_key.resolve()),
+                "signing-cert": str(paths.signing_cert.resolve()),
+                "ca-cert": str(self.pki.ca_cert.resolve()),
+                "crl": str(self.pki.crl.resolve()),
                 **site.node_config,
             },
         )
@@ -259,6 +265,7 @@ class LocalFederation:
         threads = max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
         env = self._env(work / "flwr-home")
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+        env.update(site.env)
         self.group.start(
             f"supernode-{site.site_id}",
             f"flower-supernode of site {site.site_id} (ClientApp runtime)",

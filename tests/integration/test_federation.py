@@ -55,10 +55,18 @@ def test_run_completes_with_outputs(finished_run):
     assert any(line.startswith("round 2/2") for line in lines)
 
 
-def test_global_model_is_example_weighted_mean_of_what_sites_sent(finished_run):
+def test_global_model_is_the_securely_aggregated_mean_of_what_sites_sent(finished_run):
+    """Secure aggregation is on by default: the server only ever held the sum,
+    and the model moved by the mean of the sites' clipped updates to within
+    the quantization bound the server reports."""
     run_dir, _ = finished_run
     flower_run = json.loads((run_dir / "status.json").read_text())["flower_run_id"]
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for r in (1, 2):
+        m = metrics[r - 1]
+        assert m["secagg"]["survivors"] == ["site-1", "site-2"] and m["secagg"]["dropped"] == []
+        bound, value_range = m["secagg_error_bound"], m["secagg"]["value_range"]
+        assert 0 < bound < value_range / 100
         before = load_dump(run_dir / "dumps" / f"round_{r:03d}" / "global_before.npz")
         after = load_dump(run_dir / "dumps" / f"round_{r:03d}" / "global_after.npz")
         sent = [
@@ -76,12 +84,19 @@ def test_global_model_is_example_weighted_mean_of_what_sites_sent(finished_run):
         ]
         weights = [float(u["weight"][0]) for u in sent]
         assert weights == [24.0, 24.0]
+        values = 0
         for net in ("gen", "disc"):
             for i, base in enumerate(before[net]):
-                expected = base + sum(
-                    w * u[net][i] for w, u in zip(weights, sent, strict=True)
-                ) / sum(weights)
-                np.testing.assert_allclose(after[net][i], expected, rtol=1e-5, atol=1e-6)
+                clipped = [np.clip(u[net][i], -value_range, value_range) for u in sent]
+                expected = base + sum(w * c for w, c in zip(weights, clipped, strict=True)) / sum(
+                    weights
+                )
+                np.testing.assert_allclose(after[net][i], expected, rtol=0, atol=bound + 1e-6)
+                values += base.size
+        # 12-bit values summed modulo 2^13 travel as uint16: 2 bytes a value,
+        # plus keys, shares and signatures.
+        for site_bytes in m["update_bytes"].values():
+            assert 2 * values < site_bytes < 2 * values + 20_000
             # The sites really trained: their updates differ and are non-zero.
             assert any(np.abs(u[net][0]).max() > 0 for u in sent)
         assert not np.array_equal(sent[0]["disc"][0], sent[1]["disc"][0])
@@ -127,6 +142,8 @@ def test_sigterm_to_demo_stops_every_process(tmp_path):
             str(tmp_path),
             "--run-id",
             "sig",
+            "--config",
+            "secagg=false",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -96,3 +96,28 @@ def test_site_precision(monkeypatch):
         SiteSettings.from_node_config(node | {"precision": "fp16"})
     monkeypatch.setenv("FEDGAN_PRECISION", "bf16")
     assert SiteSettings.from_node_config(node).precision == "bf16"
+
+
+def test_secagg_settings_and_value_range():
+    s = RunSettings.from_run_config(default_run_config())
+    assert s.secagg.enabled and s.secagg.bits == 12 and s.secagg.threshold == 0
+    # Adam moves a weight by ~lr per step: 2·lr·steps beats 8C/√P here.
+    assert s.secagg_range(10_000) == pytest.approx(2 * 2e-4 * 100)
+    assert s.secagg_range(10**9) == pytest.approx(8 * 20 / 10**4.5)
+    cfg = default_run_config() | {"local-epochs": 1.0}
+    assert RunSettings.from_run_config(cfg).secagg_range(400) == pytest.approx(8.0)
+    cfg |= {"update-clip": 0.0}
+    with pytest.raises(ConfigError, match="secagg-range"):
+        RunSettings.from_run_config(cfg)
+    cfg |= {"secagg-range": 0.5}
+    assert RunSettings.from_run_config(cfg).secagg_range(400) == 0.5
+    with pytest.raises(ConfigError, match="secagg-bits"):
+        RunSettings.from_run_config(default_run_config() | {"secagg-bits": 10})
+
+
+def test_demo_refuses_secure_aggregation_with_one_site():
+    from fedgan.demo import DemoOptions
+
+    with pytest.raises(ValueError, match=r"at least 2 sites.*secagg=false"):
+        DemoOptions(sites=1)
+    assert DemoOptions(sites=1, extra_config={"secagg": False}).sites == 1

@@ -1,0 +1,159 @@
+"""The aggregator's side of a secure-aggregation round over Flower messages:
+stage 1 rides on the train round trip; this drives stages 2-4 and returns
+the aggregate. Protocol decisions are `fedgan.secagg.server`'s; this only
+moves records and notes who answered, with how many bytes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedgan import wire
+from fedgan.secagg import SecAggError, SecAggParams
+from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare, pack
+from fedgan.secagg.server import Aggregate, ServerSession
+from fedgan.update import Arrays
+
+log = logging.getLogger("fedgan.server")
+
+
+@dataclass
+class SecureRound:
+    grid: Grid
+    params: SecAggParams
+    timeout: float
+    session: ServerSession = field(init=False)
+    nodes: dict[str, int] = field(default_factory=dict)  # site id -> node id
+    bytes_sent: dict[str, int] = field(default_factory=dict)  # per site, all stages
+    failures: dict[str, str] = field(default_factory=dict)  # site -> why it dropped out
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.session = ServerSession(self.params)
+
+    def setup_record(self) -> ConfigRecord:
+        return wire.secagg_setup(self.params, self.session.public_key)
+
+    def _count(self, site: str, *payloads: bytes) -> None:
+        self.bytes_sent[site] = self.bytes_sent.get(site, 0) + sum(len(p) for p in payloads)
+
+    def _exchange(self, stage: str, requests: dict[str, RecordDict]) -> dict[str, RecordDict]:
+        messages = [
+            Message(
+                content,
+                dst_node_id=self.nodes[site],
+                message_type=f"train.{stage}",
+                group_id=f"{self.params.round}-{stage}",
+            )
+            for site, content in sorted(requests.items())
+        ]
+        by_node = {node: site for site, node in self.nodes.items()}
+        replies: dict[str, RecordDict] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            site = by_node.get(reply.metadata.src_node_id)
+            if site is None:
+                continue
+            if reply.has_error():
+                self.failures[site] = f"{stage}: {reply.error.reason}"
+                log.warning(
+                    "round %d: site %s failed at %s: %s",
+                    self.params.round,
+                    site,
+                    stage,
+                    reply.error.reason,
+                )
+                continue
+            replies[site] = reply.content
+        for site in requests:
+            if site not in replies and site not in self.failures:
+                self.failures[site] = f"{stage}: no reply within {self.timeout:.0f} s"
+        return replies
+
+    def run(self, ads: dict[int, Advertisement]) -> Aggregate:
+        """Stages 2-4 for the sites that trained and advertised (node → ad).
+        Raises RoundAborted when fewer than the threshold remain."""
+        for node, ad in ads.items():
+            self.nodes[ad.site_id] = node
+            self._count(ad.site_id, ad.c_pk, ad.s_pk, ad.cert_pem, ad.signature)
+        roster = self.session.advertised(list(ads.values()))
+        packed = pack([a.as_dict() for a in roster])
+        replies = self._exchange(
+            "secagg_share", {a.site_id: wire.secagg_message(roster=packed) for a in roster}
+        )
+        shares: dict[str, list[EncryptedShare]] = {}
+        for site, content in replies.items():
+            try:
+                shares[site] = wire.secagg_list(content, "shares", EncryptedShare)
+            except SecAggError as exc:
+                self.failures[site] = f"secagg_share: {exc}"
+                continue
+            self._count(site, wire.secagg_bytes(content, "shares"))
+        routed = self.session.shared(shares)
+        u2 = self.session.u2
+        replies = self._exchange(
+            "secagg_mask",
+            {
+                site: wire.secagg_message(inbox=pack([s.as_dict() for s in inbox]), u2=u2)
+                for site, inbox in routed.items()
+            },
+        )
+        envelopes = {}
+        for site, content in replies.items():
+            try:
+                envelopes[site] = wire.secagg_bytes(content, "envelope")
+            except SecAggError as exc:
+                self.failures[site] = f"secagg_mask: {exc}"
+                continue
+            self._count(site, envelopes[site])
+            if wire.METRICS in content.metric_records:
+                self.metrics[site] = dict(content.metric_records[wire.METRICS])
+        survivors, dropped = self.session.received_masked(envelopes)
+        for site, why in self.session.refused.items():
+            self.failures.setdefault(site, why)
+        replies = self._exchange(
+            "secagg_unmask",
+            {s: wire.secagg_message(survivors=survivors, dropped=dropped) for s in survivors},
+        )
+        reveals: dict[str, list[RevealedShare]] = {}
+        for site, content in replies.items():
+            try:
+                reveals[site] = wire.secagg_list(content, "reveals", RevealedShare)
+            except SecAggError as exc:
+                self.failures[site] = f"secagg_unmask: {exc}"
+                continue
+            self._count(site, wire.secagg_bytes(content, "reveals"))
+        return self.session.unmasked(reveals)
+
+    def summary(self) -> dict:
+        """For metrics.jsonl and the audit: parameters, who made it, why
+        others did not (reasons only, never key material)."""
+        s = self.session
+        survivors = sorted(s.masked)
+        return {
+            "threshold": self.params.threshold,
+            "bits": self.params.bits,
+            "modulus_bits": self.params.modulus_bits,
+            "value_range": self.params.value_range,
+            "survivors": survivors,
+            "dropped": [x for x in s.u2 if x not in s.masked],
+            "failures": dict(sorted(self.failures.items())),
+            "clipped_fraction": {
+                site: m["secagg-clipped"] for site, m in sorted(self.metrics.items())
+            },
+        }
+
+
+def split_like(vector: np.ndarray, gen: Arrays, disc: Arrays) -> tuple[Arrays, Arrays]:
+    """The aggregate back into G's and D's arrays (shapes and dtypes of the
+    global model)."""
+    out, offset = [], 0
+    for a in (*gen, *disc):
+        out.append(vector[offset : offset + a.size].reshape(a.shape).astype(a.dtype))
+        offset += a.size
+    if offset != vector.shape[0]:
+        raise SecAggError(f"the aggregate has {vector.shape[0]} values, the model {offset}")
+    return out[: len(gen)], out[len(gen) :]
