@@ -13,7 +13,6 @@ from flwr.clientapp import ClientApp
 from fedgan import faults, site_secagg, wire
 from fedgan.outputs import RunOutputs
 from fedgan.run_config import SiteSettings
-from fedgan.site_round import run_round
 
 log = logging.getLogger("fedgan.site")
 if not log.handlers:
@@ -28,6 +27,10 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     faults.crash_if_requested("train")
+    # Imported here: it pulls in Opacus (~2 s), which the three secure-
+    # aggregation stages, each a fresh ClientApp process, do not need.
+    from fedgan.site_round import run_round
+
     site = SiteSettings.from_node_config(context.node_config)
     global_gen, global_disc, cfg = wire.read_train_request(msg.content)
     run_id = str(msg.metadata.run_id)
