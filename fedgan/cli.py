@@ -72,11 +72,13 @@ def pki_issue_site(
     ] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Issue a site's client certificate (CN = SITE_ID), sidecar certificate and node key."""
+    """Issue a site's client certificate (CN = SITE_ID), sidecar certificate, node key, and
+    Ed25519 signing key and certificate (secure aggregation)."""
     site = pki.issue_site(out, site_id, days=days, sidecar_sans=sidecar_san, force=force)
     typer.echo(
         f"client certificate  {site.client_cert}\nsidecar certificate {site.sidecar_cert}\n"
-        f"node key            {site.node_key} (0600), public {site.node_pub}"
+        f"node key            {site.node_key} (0600), public {site.node_pub}\n"
+        f"signing certificate {site.signing_cert}, key {site.signing_key} (0600)"
     )
 
 

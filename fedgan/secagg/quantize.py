@@ -27,7 +27,7 @@ def quantize(
     values: np.ndarray, weight: int, params: SecAggParams, rng: np.random.Generator | None = None
 ) -> tuple[np.ndarray, float]:
     """(the vector to mask: length + 2 integers, the fraction of values clipped)."""
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    values = np.array(values, dtype=np.float64).reshape(-1)  # a copy: worked on in place
     if values.shape[0] != params.length:
         raise SecAggError(
             f"the update has {values.shape[0]} values, the round expects {params.length}"
@@ -39,10 +39,15 @@ def quantize(
     # Rounding noise needs no secrecy, only independence; seed it freshly.
     rng = rng or np.random.default_rng(secrets.randbits(128))
     r = params.value_range
-    clipped = float(np.mean(np.abs(values) > r))
-    scaled = (np.clip(values, -r, r) * (weight / params.levels) + r) * (params.levels / (2 * r))
-    q = np.floor(scaled + rng.random(scaled.shape))
-    q = np.clip(q, 0, params.levels).astype(params.dtype)
+    clipped = float(np.count_nonzero((values > r) | (values < -r))) / values.shape[0]
+    np.clip(values, -r, r, out=values)
+    # v ∈ [-r, r] → α·v mapped onto [0, levels], then floor(x + U[0, 1)).
+    values *= (weight / params.levels) * params.levels / (2 * r)
+    values += params.levels / 2
+    values += rng.random(values.shape[0])
+    np.floor(values, out=values)
+    np.clip(values, 0, params.levels, out=values)
+    q = values.astype(params.dtype)
     return np.concatenate([q, np.array([weight, 1], dtype=params.dtype)]), clipped
 
 
