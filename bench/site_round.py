@@ -21,7 +21,7 @@ import torch
 from fedgan.appbundle import default_run_config
 from fedgan.gan.models import build
 from fedgan.privacy.ledger import PrivacyLedger
-from fedgan.run_config import RunSettings, SiteSettings
+from fedgan.run_config import RunSettings, SiteSettings, resolve_device
 from fedgan.silo.synth import synth_silo
 from fedgan.site_round import run_round
 from fedgan.weights import get_arrays
@@ -66,8 +66,9 @@ def main() -> None:
                 "epsilon-budget": 1e9,
             }
         )
-        name = torch.cuda.get_device_name() if site.device.startswith("cuda") else "cpu"
-        print(f"device {site.device} ({name}), torch {torch.__version__}")
+        device = resolve_device(site.device)
+        name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+        print(f"device {device} ({name}), torch {torch.__version__}")
         gen, disc = build(settings.spec, seed=0)
         g, d = get_arrays(gen), get_arrays(disc)
         for server_round in range(1, args.rounds + 1):

@@ -294,6 +294,82 @@ def demo(
     run_demo(opts, say=typer.echo)
 
 
+ConnOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="SuperLink connection name in FLWR_HOME's config.toml [default: its default]."
+    ),
+]
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option(help="The operator's FLWR_HOME [default: $FLWR_HOME or ~/.flwr]."),
+]
+
+
+@app.command("run")
+def run(
+    config: Annotated[Path, typer.Option(help="The run's federation.yaml.")] = Path(
+        "deploy/federation.yaml"
+    ),
+    connection: ConnOpt = None,
+    flwr_home: HomeOpt = None,
+    run_dir: Annotated[
+        str | None, typer.Option(help="Run folder at the aggregator (overrides run.dir).")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Continue the run in this folder at the aggregator from its checkpoint."),
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="Validate only; submit nothing.")] = False,
+    log: Annotated[Path | None, typer.Option(help="Also write flwr's whole output here.")] = None,
+) -> None:
+    """Validate federation.yaml, submit the run to a live SuperLink and follow its rounds."""
+    from fedgan import operator
+
+    settings = operator.prepare(config, run_dir=run_dir, resume=resume)
+    if check:
+        typer.echo(f"{config}: valid ({settings['num-server-rounds']} rounds)")
+        return
+    code = operator.submit(settings, connection, flwr_home, say=typer.echo, log_path=log)
+    if code != 0:
+        fail(f"`flwr run` exited with {code}" + (f"; see {log}" if log else ""))
+
+
+@app.command("status")
+def status(connection: ConnOpt = None, flwr_home: HomeOpt = None) -> None:
+    """The SuperLink's runs with their status."""
+    from fedgan import operator
+
+    for r in operator.runs(connection, flwr_home):
+        typer.echo(
+            f"{r.get('run-id', '?'):<22} {r.get('status', '?'):<22} "
+            f"{r.get('fab-id', '')} {r.get('created-at', '')}"
+        )
+
+
+@app.command("sites")
+def sites(connection: ConnOpt = None, flwr_home: HomeOpt = None) -> None:
+    """The SuperNodes registered with the SuperLink, and which are connected now."""
+    from fedgan import operator
+
+    for n in operator.sites(connection, flwr_home):
+        since = n.get("online-at") or n.get("offline-at") or ""
+        typer.echo(f"node {n.get('node-id'):<22} {n.get('status', '?'):<9} {since}")
+
+
+@app.command("stop")
+def stop(
+    run_id: Annotated[str, typer.Argument(help="Flower run id (see fedgan status).")],
+    connection: ConnOpt = None,
+    flwr_home: HomeOpt = None,
+) -> None:
+    """Stop a run; the global model keeps its last completed round's checkpoint."""
+    from fedgan import operator
+
+    operator.stop(run_id, connection, flwr_home)
+    typer.echo(f"stopped run {run_id}")
+
+
 def _terminate(signum: int, _frame: object) -> NoReturn:
     # Turn SIGTERM into the same unwinding as Ctrl-C, so every process this
     # command started is stopped by its context manager.

@@ -11,7 +11,6 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedgan import faults, site_secagg, wire
-from fedgan.outputs import RunOutputs
 from fedgan.run_config import SiteSettings
 
 log = logging.getLogger("fedgan.site")
@@ -45,6 +44,8 @@ def train(msg: Message, context: Context) -> Message:
     if bool(cfg.get("dump-updates", False)):
         # Test mode: keep exactly what is sent, so a test can recompute the
         # server's average from the sites' side.
+        from fedgan.outputs import RunOutputs
+
         RunOutputs(Path(site.work_dir) / "dumps" / run_id).dump_arrays(
             int(cfg["round"]),
             "update",

@@ -17,6 +17,7 @@ from fedgan.appbundle import default_run_config, stage_app_dir, write_run_config
 from fedgan.deploy.local import LocalFederation, SiteSpec
 from fedgan.errors import FedGanError
 from fedgan.outputs import RunOutputs
+from fedgan.progress import format_round
 from fedgan.silo.synth import synth_silo
 
 CHANNELS = {"fundus": 3, "dicom": 1}
@@ -163,22 +164,8 @@ class RoundPrinter:
             return
         lines = self.metrics.read_text().splitlines()
         for line in lines[self.seen :]:
-            r = json.loads(line)
-            if "skipped" in r:
-                self.say(f"round {r['round']}/{self.rounds}  skipped: {r['skipped']}")
-            else:
-                eps = r.get("epsilon", {})
-                privacy = f"  ε max {max(eps.values()):.2f}" if eps else "  no DP"
-                self.say(
-                    f"round {r['round']}/{self.rounds}  {r['seconds']:6.1f} s  "
-                    f"sites {len(r['sites'])}/{r['sites_sampled']}  "
-                    f"G loss {r['g_loss']:.3f}  D loss {r['d_loss']:.3f}{privacy}"
-                )
-            for site, why in r.get("budget_exhausted", {}).items():
-                self.say(
-                    f"  {site} refused: budget exhausted (ε {why['epsilon']:.2f} spent, "
-                    f"{why['epsilon_next']:.2f} after, budget {why['budget']:.2f})"
-                )
+            for text in format_round(json.loads(line), self.rounds):
+                self.say(text)
         self.seen = len(lines)
 
 

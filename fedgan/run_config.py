@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedgan.errors import FedGanError
-from fedgan.gan.models import GanSpec
-from fedgan.train import TrainConfig
+
+if TYPE_CHECKING:  # imported where used: the secure-aggregation stages need no torch
+    from fedgan.gan.models import GanSpec
+    from fedgan.train import TrainConfig
 
 
 class ConfigError(FedGanError, ValueError):
@@ -26,12 +28,19 @@ class ConfigError(FedGanError, ValueError):
 DEFAULT_EPSILON_BUDGET = 10.0
 
 
+def _device_setting(requested: str) -> str:
+    requested = requested.strip().lower()
+    if requested not in ("auto", "cpu") and not requested.startswith("cuda"):
+        raise ConfigError(f"device {requested!r} is not supported; use auto, cpu or cuda[:N]")
+    return requested
+
+
 def resolve_device(requested: str) -> str:
     """``auto``: the site's GPU when it has one, else the CPU. An explicit
     ``cuda`` on a machine without one is an error, not a silent fallback."""
     import torch
 
-    requested = requested.strip().lower()
+    requested = _device_setting(requested)
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -39,8 +48,6 @@ def resolve_device(requested: str) -> str:
             f"device {requested!r} requested (FEDGAN_DEVICE or node config) but no CUDA device "
             "is visible; use auto or cpu"
         )
-    if requested != "cpu" and not requested.startswith("cuda"):
-        raise ConfigError(f"device {requested!r} is not supported; use auto, cpu or cuda[:N]")
     return requested
 
 
@@ -217,6 +224,9 @@ class RunSettings:
         min_sites = _get(cfg, "min-sites", int)
         if min_sites < 1:
             raise ConfigError("run config key 'min-sites' must be >= 1")
+        from fedgan.gan.models import GanSpec
+        from fedgan.train import TrainConfig
+
         try:
             spec = GanSpec(
                 image_size=_get(cfg, "image-size", int),
@@ -332,7 +342,9 @@ class SiteSettings:
             data_dir=str(cfg["data-dir"]),
             kind=str(cfg["kind"]),
             work_dir=str(cfg["work-dir"]),
-            device=resolve_device(
+            # As requested; checked against the hardware (resolve_device)
+            # where training runs.
+            device=_device_setting(
                 os.environ.get("FEDGAN_DEVICE") or str(cfg.get("device", "auto"))
             ),
             epsilon_budget=_node_float(cfg, "epsilon-budget", DEFAULT_EPSILON_BUDGET),

@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedgan import wire
+from fedgan.messaging import exchange
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare, pack
 from fedgan.secagg.server import Aggregate, ServerSession
@@ -53,7 +54,7 @@ class SecureRound:
         ]
         by_node = {node: site for site, node in self.nodes.items()}
         replies: dict[str, RecordDict] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in exchange(self.grid, messages, self.timeout):
             site = by_node.get(reply.metadata.src_node_id)
             if site is None:
                 continue

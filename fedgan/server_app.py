@@ -7,9 +7,11 @@ the update path (`fedgan.update`) and the run outputs (`fedgan.outputs`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedgan import wire
 from fedgan.gan.models import Discriminator, Generator, build
+from fedgan.messaging import exchange
 from fedgan.outputs import RunOutputs
+from fedgan.progress import ROUND_MARKER
 from fedgan.run_config import ConfigError, RunSettings
 from fedgan.samples import grid_png
 from fedgan.secagg import SecAggError, SecAggParams
@@ -49,8 +53,21 @@ def _wait_for_sites(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+def _log_to_stream() -> None:
+    """Our log lines into the ServerApp's output, which Flower streams to
+    `flwr run --stream` (it swaps sys.stdout for its buffer at start, so
+    the handler is made here, not at import)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _log_to_stream()
     try:
         settings = RunSettings.from_run_config(context.run_config)
     except ConfigError as exc:
@@ -163,9 +180,7 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
         ads: dict[int, Advertisement] = {}
         refused: dict[str, dict[str, float]] = {}
         failures: list[str] = []
-        for reply in (
-            grid.send_and_receive(messages, timeout=settings.round_timeout) if messages else []
-        ):
+        for reply in exchange(grid, messages, settings.round_timeout) if messages else []:
             if reply.has_error():
                 failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
@@ -271,7 +286,8 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
         out.save_checkpoint(gen, disc, server_round)
         record["seconds"] = round(time.perf_counter() - started, 3)
         out.append_metrics(record)
-        log.info("round %d/%d done: %s", server_round, settings.rounds, record)
+        # One JSON line per round for `fedgan run`, which reads the log stream.
+        log.info("%s%s", ROUND_MARKER, json.dumps(record, sort_keys=True))
     return {
         "update_clipped_fraction": {
             s: sum(flags) / len(flags) for s, flags in sorted(clipped.items())

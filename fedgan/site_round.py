@@ -17,7 +17,7 @@ import torch
 from fedgan.gan.models import GanSpec, build
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
 from fedgan.privacy.plan import plan_round
-from fedgan.run_config import SiteSettings, parse_classes
+from fedgan.run_config import SiteSettings, parse_classes, resolve_device
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
 from fedgan.train import DPConfig, TrainConfig, train_local
@@ -172,7 +172,7 @@ def run_round(
         disc,
         images,
         train_cfg,
-        device=site.device,
+        device=resolve_device(site.device),
         dp=dp,
         progress=_progress(site.site_id, server_round),
         labels=labels,

@@ -123,12 +123,13 @@ def nginx_reload_command(config: Path) -> list[str]:
     return [nginx_binary(), "-s", "reload", "-c", str(config), "-p", str(config.parent)]
 
 
-def flwr_run_command(app_dir: Path, connection: str, run_config: Path) -> list[str]:
+def flwr_run_command(app_dir: Path, connection: str | None, run_config: Path) -> list[str]:
+    """``connection`` None: the default SuperLink of the operator's FLWR_HOME."""
     return [
         venv_bin("flwr"),
         "run",
         str(app_dir),
-        connection,
+        *([connection] if connection else []),
         "--run-config",
         str(run_config),
         "--stream",

@@ -1,0 +1,151 @@
+"""The consortium operator's commands against a live SuperLink: submit a run
+described by federation.yaml and follow it, list runs and sites, stop a run.
+
+They drive Flower's own `flwr` CLI (the SuperLink's Control API over TLS,
+configured in the operator's FLWR_HOME) rather than re-implementing its
+protocol; what is ours is the checking before submission, the config-only
+app bundle, and the progress lines read from the ServerApp's log stream."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedgan import federation
+from fedgan.appbundle import default_run_config, stage_app_dir, write_run_config
+from fedgan.deploy import commands
+from fedgan.errors import FedGanError
+from fedgan.progress import ROUND_MARKER, format_round
+from fedgan.run_config import ConfigError, RunSettings
+
+
+class OperatorError(FedGanError):
+    """A command against the SuperLink failed; the message says why."""
+
+
+def _env(flwr_home: Path | None) -> dict[str, str]:
+    return commands.process_env({"FLWR_HOME": str(flwr_home)} if flwr_home else {})
+
+
+def flwr(args: list[str], flwr_home: Path | None, timeout: float = 60.0) -> str:
+    """Output of one `flwr` command; its own error message when it fails."""
+    try:
+        result = subprocess.run(
+            [commands.venv_bin("flwr"), *args],
+            capture_output=True,
+            text=True,
+            env=_env(flwr_home),
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise OperatorError(f"`flwr {args[0]}` got no answer within {timeout:.0f} s") from None
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise OperatorError(f"`flwr {' '.join(args[:2])}` failed: {lines[-1] if lines else '?'}")
+    return result.stdout
+
+
+def _json(text: str, what: str) -> Any:
+    start = text.find("{")
+    try:
+        return json.loads(text[start:])
+    except ValueError:
+        raise OperatorError(f"`flwr` returned no JSON for {what}") from None
+
+
+def prepare(
+    config_path: Path, run_dir: str | None = None, resume: str | None = None
+) -> dict[str, Any]:
+    """The full run config: defaults, then federation.yaml, then the flags;
+    checked as the ServerApp will check it."""
+    overrides = federation.load(config_path)
+    if resume:
+        overrides |= {"run-dir": resume, "resume": True}
+    elif run_dir:
+        overrides["run-dir"] = run_dir
+    config = default_run_config() | overrides
+    try:
+        RunSettings.from_run_config(config)
+    except ConfigError as exc:
+        raise OperatorError(f"{config_path}: {exc}") from None
+    return config
+
+
+def submit(
+    config: dict[str, Any],
+    connection: str | None,
+    flwr_home: Path | None,
+    say: Callable[[str], None] = print,
+    log_path: Path | None = None,
+) -> int:
+    """`flwr run --stream` with a config-only bundle; prints each round as the
+    ServerApp reports it. Returns flwr's exit status."""
+    rounds = int(config["num-server-rounds"])
+    with tempfile.TemporaryDirectory(prefix="fedgan-run-") as tmp:
+        app_dir = stage_app_dir(Path(tmp) / "app")
+        run_config = write_run_config(Path(tmp) / "run-config.toml", config)
+        say(
+            f"submitting to {connection or 'the default SuperLink'}: {rounds} rounds; "
+            "the app bundle carries "
+            "configuration only (pyproject.toml, no code)"
+        )
+        argv = commands.flwr_run_command(app_dir, connection, run_config)
+        log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env=_env(flwr_home),
+            )
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if log:
+                    log.write(line)
+                _follow(line, rounds, say)
+            return proc.wait()
+        finally:
+            if log:
+                log.close()
+
+
+# flwr's own lines worth an operator's eye: the run id, failures.
+PASS_THROUGH = (" Successfully started run", " ❌", " ERROR ", "fedgan:", "Traceback")
+
+
+def _follow(line: str, rounds: int, say: Callable[[str], None]) -> None:
+    text = line.strip()
+    if ROUND_MARKER in text:
+        try:
+            record = json.loads(text.split(ROUND_MARKER, 1)[1])
+        except ValueError:
+            return
+        for out in format_round(record, rounds):
+            say(out)
+    elif any(mark in f" {text} " for mark in PASS_THROUGH):
+        say(text)
+
+
+def _conn(connection: str | None) -> list[str]:
+    return [connection] if connection else []
+
+
+def runs(connection: str | None, flwr_home: Path | None) -> list[dict[str, Any]]:
+    out = flwr(["ls", *_conn(connection), "--format", "json"], flwr_home)
+    return list(_json(out, "runs")["runs"])
+
+
+def sites(connection: str | None, flwr_home: Path | None) -> list[dict[str, Any]]:
+    out = flwr(["supernode", "list", *_conn(connection), "--format", "json"], flwr_home)
+    return list(_json(out, "sites")["nodes"])
+
+
+def stop(run_id: str, connection: str | None, flwr_home: Path | None) -> None:
+    flwr(["stop", run_id, *_conn(connection)], flwr_home)

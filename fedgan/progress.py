@@ -1,0 +1,37 @@
+"""One round as the operator reads it, from its metrics record: the same
+lines for `fedgan demo` (which reads metrics.jsonl) and `fedgan run` (which
+reads the ServerApp's log stream)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The ServerApp logs each round's record after this marker, as JSON.
+ROUND_MARKER = "FEDGAN-ROUND "
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / max(total, 1))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def format_round(r: dict[str, Any], rounds: int) -> list[str]:
+    head = f"round {r['round']}/{rounds} {_bar(r['round'], rounds)}"
+    if "skipped" in r:
+        lines = [f"{head}  skipped: {r['skipped']}"]
+    else:
+        eps = r.get("epsilon", {})
+        privacy = f"  ε max {max(eps.values()):.2f}" if eps else "  no DP"
+        secure = "  secure sum" if "secagg" in r else ""
+        lines = [
+            f"{head} {r['seconds']:6.1f} s  sites {len(r['sites'])}/{r['sites_sampled']}  "
+            f"G loss {r['g_loss']:.3f}  D loss {r['d_loss']:.3f}{privacy}{secure}"
+        ]
+    for site, why in r.get("budget_exhausted", {}).items():
+        lines.append(
+            f"  {site} refused: budget exhausted (ε {why['epsilon']:.2f} spent, "
+            f"{why['epsilon_next']:.2f} after, budget {why['budget']:.2f})"
+        )
+    for site, why in r.get("secagg", {}).get("failures", {}).items():
+        lines.append(f"  {site} dropped out: {why}")
+    return lines

@@ -1,0 +1,98 @@
+"""deploy/federation.yaml: the shipped file is valid, every problem of a bad
+one is listed with its key path, and what the operator sees of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedgan import federation, operator
+from fedgan.appbundle import default_run_config
+from fedgan.progress import ROUND_MARKER, format_round
+from fedgan.run_config import RunSettings
+
+SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "federation.yaml"
+
+
+def test_shipped_federation_yaml_is_valid_and_complete():
+    overrides = federation.load(SHIPPED)
+    settings = RunSettings.from_run_config(default_run_config() | overrides)
+    assert settings.secagg.enabled and settings.privacy.enabled
+    # Every schema key appears in the shipped file, so it documents them all.
+    text = SHIPPED.read_text()
+    for section, fields in federation.SCHEMA.items():
+        assert f"{section}:" in text
+        for key in fields:
+            assert f"  {key}:" in text, f"{section}.{key} missing from {SHIPPED.name}"
+
+
+def test_every_problem_is_listed_with_its_key_path(tmp_path):
+    bad = tmp_path / "federation.yaml"
+    bad.write_text(
+        "run:\n  rounds: 0\n  colour: blue\n"
+        "model:\n  image_size: 48\n  classes: [a, a]\n"
+        "strategy:\n  name: fedprox\n"
+        "privacy:\n  dp: maybe\n  delta: 2\n"
+        "secure_aggregation:\n  bits: 10\n"
+        "extras:\n  x: 1\n"
+    )
+    with pytest.raises(federation.FederationConfigError) as info:
+        federation.load(bad)
+    problems = info.value.problems
+    for path in (
+        "run.rounds",
+        "run.colour: unknown key",
+        "model.image_size",
+        "model.classes: a class is named twice",
+        "strategy.prox_mu",
+        "privacy.dp",
+        "privacy.delta",
+        "secure_aggregation.bits",
+        "extras: unknown section",
+    ):
+        assert any(p.startswith(path) for p in problems), (path, problems)
+    assert len(problems) == 9
+    assert "nothing submitted" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("run: [1, 2\n", "not valid YAML"), ("- a\n- b\n", "mapping of sections")],
+)
+def test_unreadable_files_are_refused(tmp_path, text, fragment):
+    path = tmp_path / "f.yaml"
+    path.write_text(text)
+    with pytest.raises(federation.FederationConfigError, match=fragment):
+        federation.load(path)
+    with pytest.raises(federation.FederationConfigError, match="file not found"):
+        federation.load(tmp_path / "missing.yaml")
+
+
+def test_prepare_applies_resume_and_run_dir(tmp_path):
+    path = tmp_path / "f.yaml"
+    path.write_text("run:\n  rounds: 4\n  dir: runs/a\n")
+    assert operator.prepare(path)["run-dir"] == "runs/a"
+    assert operator.prepare(path, run_dir="runs/b")["run-dir"] == "runs/b"
+    resumed = operator.prepare(path, resume="runs/a")
+    assert resumed["resume"] is True and resumed["num-server-rounds"] == 4
+
+
+def test_the_operator_sees_rounds_from_the_log_stream():
+    record = {
+        "round": 2,
+        "seconds": 12.5,
+        "sites": ["a", "b"],
+        "sites_sampled": 3,
+        "g_loss": 1.0,
+        "d_loss": 2.0,
+        "epsilon": {"a": 3.0, "b": 4.0},
+        "secagg": {"failures": {"c": "secagg_mask: no reply within 120 s"}},
+    }
+    seen: list[str] = []
+    operator._follow(f"INFO : {ROUND_MARKER}{json.dumps(record)}\n", 4, seen.append)
+    operator._follow("INFO :      Received successfully\n", 4, seen.append)
+    assert seen == format_round(record, 4)
+    assert seen[0].startswith("round 2/4 [##########..........]") and "ε max 4.00" in seen[0]
+    assert seen[1] == "  c dropped out: secagg_mask: no reply within 120 s"
