@@ -73,6 +73,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "latent_dim": Field("latent-dim", int, _positive),
         "width": Field("width", int, _positive),
         "classes": Field("classes", list),
+        "attributes": Field("attributes", str),
+        "cond_lambda": Field("cond-lambda", float, _non_negative),
     },
     "training": {
         "local_steps": Field("local-steps", int, _positive),
@@ -169,6 +171,13 @@ def _cross_checks(document: dict, config: dict[str, Any]) -> list[str]:
         and config.get("target-epsilon", 1) == 0
     ):
         problems.append("privacy.target_epsilon: with dp on, set it or noise_multiplier > 0")
+    if config.get("attributes"):
+        from fedgan.attributes import AttributesError, parse
+
+        try:
+            parse(config["attributes"])
+        except AttributesError as exc:
+            problems.append(f"model.attributes: {exc}".replace("run config 'attributes': ", ""))
     classes = config.get("classes", "")
     if classes and len(set(classes.split(","))) != len(classes.split(",")):
         problems.append("model.classes: a class is named twice")

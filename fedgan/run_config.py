@@ -213,6 +213,8 @@ class RunSettings:
     fraction_sites: float
     resume: bool
     classes: tuple[str, ...]
+    attributes: str  # the declaration, e.g. "age=0:100,sex=F|M" (fedgan.attributes)
+    cond_lambda: float
     local_epochs: float
     secagg: SecAggSettings
 
@@ -224,6 +226,9 @@ class RunSettings:
         min_sites = _get(cfg, "min-sites", int)
         if min_sites < 1:
             raise ConfigError("run config key 'min-sites' must be >= 1")
+        from fedgan.attributes import AttributesError
+        from fedgan.attributes import parse as parse_attributes
+        from fedgan.attributes import width as attribute_width
         from fedgan.gan.models import GanSpec
         from fedgan.train import TrainConfig
 
@@ -234,6 +239,7 @@ class RunSettings:
                 latent_dim=_get(cfg, "latent-dim", int),
                 width=_get(cfg, "width", int),
                 num_classes=len(parse_classes(_get(cfg, "classes", str))),
+                attr_dim=attribute_width(parse_attributes(_get(cfg, "attributes", str))),
             )
             train = TrainConfig(
                 local_steps=_get(cfg, "local-steps", int),
@@ -244,8 +250,12 @@ class RunSettings:
             )
         except ConfigError:
             raise
+        except AttributesError as exc:
+            raise ConfigError(str(exc)) from None
         except ValueError as exc:
             raise ConfigError(f"run config: {exc}") from None
+        if _get(cfg, "cond-lambda", float) < 0:
+            raise ConfigError("run config key 'cond-lambda' must be >= 0")
         return cls(
             rounds=rounds,
             spec=spec,
@@ -260,6 +270,8 @@ class RunSettings:
             fraction_sites=_get(cfg, "fraction-sites", float),
             resume=_get(cfg, "resume", bool),
             classes=parse_classes(_get(cfg, "classes", str)),
+            attributes=_get(cfg, "attributes", str),
+            cond_lambda=_get(cfg, "cond-lambda", float),
             local_epochs=_get(cfg, "local-epochs", float),
             secagg=SecAggSettings.from_run_config(
                 cfg, _get(cfg, "update-clip", float), _get(cfg, "local-epochs", float)
@@ -292,6 +304,8 @@ class RunSettings:
             "latent-dim": self.spec.latent_dim,
             "width": self.spec.width,
             "classes": ",".join(self.classes),
+            "attributes": self.attributes,
+            "cond-lambda": self.cond_lambda,
             "local-steps": self.train.local_steps,
             "local-epochs": self.local_epochs,
             "batch-size": self.train.batch_size,

@@ -20,6 +20,8 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedgan import wire
+from fedgan.attributes import parse as parse_attributes
+from fedgan.attributes import sample as sample_attributes
 from fedgan.gan.models import Discriminator, Generator, build
 from fedgan.messaging import exchange
 from fedgan.outputs import RunOutputs
@@ -152,6 +154,13 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
     # Conditional runs: each row of the 8x8 grid is one class, cycling.
     classes = settings.spec.num_classes
     fixed_y = torch.arange(SAMPLE_GRID) // 8 % classes if classes else None
+    # Attribute-conditioned runs: a fixed draw from the declared ranges.
+    attrs = parse_attributes(settings.attributes)
+    fixed_a = (
+        sample_attributes(attrs, SAMPLE_GRID, torch.Generator().manual_seed(4321))
+        if attrs
+        else None
+    )
     # Secure aggregation needs two sites at least: a sum of one is that update.
     wanted = max(settings.min_sites, 2 if settings.secagg.enabled else 1)
     _wait_for_sites(grid, wanted, NODE_WAIT_SECONDS)
@@ -262,7 +271,7 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
             out.save_generator(gen, server_round)
             gen.eval()
             with torch.no_grad():
-                out.write_samples(server_round, grid_png(gen(fixed_z, fixed_y)))
+                out.write_samples(server_round, grid_png(gen(fixed_z, fixed_y, fixed_a)))
             total = sum(w for _, w, _ in received)
             record["examples"] = total
             for key, name in (("g-loss", "g_loss"), ("d-loss", "d_loss")):

@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedgan.attributes import Attribute, read_site_attributes
+from fedgan.attributes import parse as parse_attributes
+from fedgan.attributes import sample as sample_attributes
+from fedgan.attributes import width as attribute_width
 from fedgan.gan.models import GanSpec, build
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
 from fedgan.privacy.plan import plan_round
@@ -35,12 +39,16 @@ class RoundOutcome:
 
 
 def site_images(
-    site: SiteSettings, opts: SiloOptions, classes: tuple[str, ...] = ()
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The site's images (and, for a conditional run, their class indices;
-    images without one of the run's classes are left out), through the
-    preprocessing cache in its work dir (each round runs in a fresh ClientApp
-    process). Logs counts only."""
+    site: SiteSettings,
+    opts: SiloOptions,
+    classes: tuple[str, ...] = (),
+    attrs: tuple[Attribute, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The site's images, and for a conditional run their class indices,
+    for an attribute-conditioned run their attribute vectors (images without
+    one of the run's classes, or without usable attributes, are left out),
+    through the preprocessing cache in its work dir (each round runs in a
+    fresh ClientApp process). Logs counts only."""
     data = load_silo(Path(site.data_dir), opts, cache_dir=Path(site.work_dir) / "cache")
     report = data.require_images(f"site {site.site_id}'s silo").report
     log.info(
@@ -50,24 +58,39 @@ def site_images(
         "cached" if report.cached else "read",
         len(report.skipped),
     )
-    images = torch.from_numpy(data.as_float())
-    if not classes:
-        return images, None
-    index = {c: i for i, c in enumerate(classes)}
-    keep = [i for i, label in enumerate(data.labels) if label in index]
-    if not keep:
-        raise SiloError(
-            f"site {site.site_id}: no image carries one of the run's classes "
-            f"({', '.join(classes)}); check the silo's labels"
-        )
+    keep = list(range(len(data.labels)))
+    if classes:
+        index = {c: i for i, c in enumerate(classes)}
+        keep = [i for i in keep if data.labels[i] in index]
+        if not keep:
+            raise SiloError(
+                f"site {site.site_id}: no image carries one of the run's classes "
+                f"({', '.join(classes)}); check the silo's labels"
+            )
+    vectors = None
+    if attrs:
+        table = read_site_attributes(Path(site.data_dir), site.kind, attrs)
+        keep = [i for i in keep if data.keys[i] in table]
+        if not keep:
+            raise SiloError(
+                f"site {site.site_id}: no image has usable {', '.join(a.name for a in attrs)} "
+                "in attributes.csv"
+            )
+        vectors = torch.from_numpy(np.stack([table[data.keys[i]] for i in keep]))
     if len(keep) < len(data.labels):
         log.info(
-            "site %s: %d images without one of the run's classes left out",
+            "site %s: %d images without the run's classes or attributes left out",
             site.site_id,
             len(data.labels) - len(keep),
         )
-    labels = torch.tensor([index[data.labels[i]] for i in keep], dtype=torch.long)
-    return images[keep], labels
+    images = torch.from_numpy(data.as_float())
+    if len(keep) < len(data.labels):
+        images = images[keep]
+    labels = None
+    if classes:
+        index = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([index[data.labels[i]] for i in keep], dtype=torch.long)
+    return images, labels, vectors
 
 
 def _progress(site_id: str, server_round: int):
@@ -102,21 +125,24 @@ def run_round(
     global_disc: list[np.ndarray],
 ) -> RoundOutcome:
     classes = parse_classes(str(cfg["classes"]))
+    attrs = parse_attributes(str(cfg.get("attributes", "")))
     spec = GanSpec(
         image_size=int(cfg["image-size"]),
         channels=int(cfg["channels"]),
         latent_dim=int(cfg["latent-dim"]),
         width=int(cfg["width"]),
         num_classes=len(classes),
+        attr_dim=attribute_width(attrs),
     )
     server_round = int(cfg["round"])
     gen, disc = build(spec)
     set_arrays(gen, global_gen)
     set_arrays(disc, global_disc)
-    images, labels = site_images(
+    images, labels, vectors = site_images(
         site,
         SiloOptions.from_mapping(site.kind, spec.image_size, spec.channels, node_config),
         classes,
+        attrs,
     )
     batch = int(cfg["batch-size"])
     epochs = float(cfg["local-epochs"])
@@ -130,6 +156,7 @@ def run_round(
         seed=int(cfg["seed"]),
         prox_mu=float(cfg["prox-mu"]),
         precision=site.precision,
+        cond_lambda=float(cfg.get("cond-lambda", 1.0)),
     )
     metrics: dict[str, float] = {}
     dp = None
@@ -176,6 +203,8 @@ def run_round(
         dp=dp,
         progress=_progress(site.site_id, server_round),
         labels=labels,
+        attributes=vectors,
+        sample_attributes=(lambda n, g: sample_attributes(attrs, n, g)) if attrs else None,
     )
     if dp is not None:
         ledger.complete(run=spend.run, server_round=server_round)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedgan.gan.losses import discriminator_loss, generator_loss
+from fedgan.gan.losses import attribute_loss, discriminator_loss, generator_loss
 from fedgan.gan.models import Discriminator, Generator
 
 # Opacus's full backward hooks fire on D's first layer, whose input (an image)
@@ -56,6 +56,8 @@ class TrainConfig:
     precision: str = "fp32"
     # NHWC activations for the convolutions (tensor-core friendly on CUDA).
     channels_last: bool = False
+    # λ of the tabular-conditioning loss L = L_GAN + λ·L_cond.
+    cond_lambda: float = 1.0
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -66,6 +68,8 @@ class TrainConfig:
             raise ValueError("lr-g and lr-d must be > 0")
         if self.prox_mu < 0:
             raise ValueError("prox-mu must be >= 0")
+        if self.cond_lambda < 0:
+            raise ValueError("cond-lambda must be >= 0")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision {self.precision!r}: use fp32 or bf16")
 
@@ -110,17 +114,30 @@ def train_local(
     dp: DPConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
     labels: torch.Tensor | None = None,
+    attributes: torch.Tensor | None = None,
+    sample_attributes: Callable[[int, torch.Generator], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` alternating D and G steps on ``images``
     (N×C×H×W in [-1, 1]); D's real half is private when ``dp`` is given.
     A conditional model needs ``labels`` (N class indices); generated images
-    get uniformly drawn classes, which depend on no patient data.
+    get uniformly drawn classes, which depend on no patient data. An
+    attribute-conditioned one needs ``attributes`` (N×A) and
+    ``sample_attributes`` for the generated images (data-independent too).
     Losses are averaged over the steps."""
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty N×C×H×W image tensor, got {tuple(images.shape)}")
     classes = gen.spec.num_classes
     if classes and (labels is None or labels.shape != (images.shape[0],)):
         raise ValueError("a conditional model needs one class index per image")
+    attr_dim = gen.spec.attr_dim
+    if attr_dim and (
+        attributes is None
+        or attributes.shape != (images.shape[0], attr_dim)
+        or sample_attributes is None
+    ):
+        raise ValueError(
+            f"an attribute-conditioned model needs N×{attr_dim} attributes and a sampler"
+        )
     start = time.perf_counter()
     device = torch.device(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -131,6 +148,8 @@ def train_local(
     images = images.to(device)
     if classes:
         labels = labels.to(device)
+    if attr_dim:
+        attributes = attributes.to(device)
     bf16 = cfg.precision == "bf16" and device.type == "cuda"
 
     def autocast() -> torch.autocast:
@@ -155,18 +174,26 @@ def train_local(
             index = d_step.sample(n, batch, rng).to(device)
             real = images[index].contiguous(memory_format=fmt)
             real_y = labels[index] if classes else None
+            real_a = attributes[index] if attr_dim else None
             z = torch.randn(batch, gen.spec.latent_dim, generator=rng).to(device)
             fake_y = (
                 torch.randint(0, classes, (batch,), generator=rng).to(device) if classes else None
             )
+            fake_a = sample_attributes(batch, rng).to(device) if attr_dim else None
             with autocast():
-                fake = gen(z, fake_y).contiguous(memory_format=fmt)
-            d_total += d_step(real, real_y, fake.detach(), fake_y)
+                fake = gen(z, fake_y, fake_a).contiguous(memory_format=fmt)
+            d_total += d_step(real, real_y, fake.detach(), fake_y, real_a)
 
             d_step.hooks(False)
             opt_g.zero_grad(set_to_none=True)
             with autocast():
-                g_loss = generator_loss(disc(fake, fake_y))
+                if attr_dim:
+                    logits, predicted = disc(fake, fake_y, with_attributes=True)
+                    g_loss = generator_loss(logits) + cfg.cond_lambda * attribute_loss(
+                        predicted, fake_a
+                    )
+                else:
+                    g_loss = generator_loss(disc(fake, fake_y))
             g_loss.backward(inputs=list(gen.parameters()))
             g_prox.add_gradient()
             opt_g.step()
@@ -213,10 +240,12 @@ class PlainDiscriminatorStep:
         lr: float,
         prox: Proximal | None = None,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        cond_lambda: float = 1.0,
     ) -> None:
         self.disc = disc
         self.prox = prox or Proximal(disc, 0.0)
         self.autocast = autocast
+        self.cond_lambda = cond_lambda
         self.opt = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.999))
 
     def sample(self, n: int, batch: int, rng: torch.Generator) -> torch.Tensor:
@@ -228,10 +257,16 @@ class PlainDiscriminatorStep:
         real_y: torch.Tensor | None,
         fake: torch.Tensor,
         fake_y: torch.Tensor | None,
+        real_a: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
-            loss = discriminator_loss(self.disc(real, real_y), self.disc(fake, fake_y))
+            if real_a is None:
+                loss = discriminator_loss(self.disc(real, real_y), self.disc(fake, fake_y))
+            else:
+                logits, predicted = self.disc(real, real_y, with_attributes=True)
+                loss = discriminator_loss(logits, self.disc(fake, fake_y))
+                loss = loss + self.cond_lambda * attribute_loss(predicted, real_a)
         loss.backward()
         self.prox.add_gradient()
         self.opt.step()
@@ -256,6 +291,7 @@ class DPDiscriminatorStep:
         expected_batch: int,
         prox: Proximal | None = None,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        cond_lambda: float = 1.0,
     ) -> None:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
@@ -263,6 +299,7 @@ class DPDiscriminatorStep:
         self.disc = disc
         self.prox = prox or Proximal(disc, 0.0)
         self.autocast = autocast
+        self.cond_lambda = cond_lambda
         self.dp = dp
         seed = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
         # Sampling runs where the images are (CPU); noise where the weights are.
@@ -291,7 +328,10 @@ class DPDiscriminatorStep:
         return torch.nonzero(mask).view(-1)
 
     def private_real_gradient(
-        self, real: torch.Tensor, real_y: torch.Tensor | None = None
+        self,
+        real: torch.Tensor,
+        real_y: torch.Tensor | None = None,
+        real_a: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sets ``p.grad`` to the clipped, noised real-half gradient (divided
         by the expected batch size); returns the real-half loss."""
@@ -303,10 +343,17 @@ class DPDiscriminatorStep:
             loss_value = torch.zeros((), device=self.params[0].device)
         else:
             with self.autocast():
-                logits = self.module(real, real_y)
+                # The attribute term reads the real images and their
+                # attributes: it is part of the private per-sample loss.
+                if real_a is None:
+                    logits = self.module(real, real_y)
+                else:
+                    logits, predicted = self.module(real, real_y, True)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(
                     logits, torch.ones_like(logits)
                 )
+                if real_a is not None:
+                    loss = loss + self.cond_lambda * attribute_loss(predicted, real_a)
             loss.backward()
             loss_value = loss.detach().float()
         self.opt.pre_step()
@@ -318,17 +365,20 @@ class DPDiscriminatorStep:
         real_y: torch.Tensor | None,
         fake: torch.Tensor,
         fake_y: torch.Tensor | None,
+        real_a: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        real_loss = self.private_real_gradient(real, real_y)
+        real_loss = self.private_real_gradient(real, real_y, real_a)
         self.module.disable_hooks()
         with self.autocast():
             logits = self.disc(fake, fake_y)
             fake_loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, torch.zeros_like(logits)
             )
-        grads = torch.autograd.grad(fake_loss, self.params)
+        # The attribute head plays no part in the fake half.
+        grads = torch.autograd.grad(fake_loss, self.params, allow_unused=True)
         for p, g in zip(self.params, grads, strict=True):
-            p.grad = p.grad + g
+            if g is not None:
+                p.grad = p.grad + g
         self.prox.add_gradient()
         self.opt.original_optimizer.step()
         self.module.enable_hooks()

@@ -14,3 +14,9 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> 
 
 def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def attribute_loss(predicted: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """L_cond = mean(1 − cos(predicted, wanted)): 0 when the attribute head
+    reads the wanted attributes off the image, up to 2 when opposite."""
+    return (1 - F.cosine_similarity(predicted.float(), wanted.float(), dim=1, eps=1e-6)).mean()

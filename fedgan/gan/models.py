@@ -28,6 +28,9 @@ class GanSpec:
     width: int = 32
     # > 0: class-conditional (label embedding in G, projection discriminator).
     num_classes: int = 0
+    # > 0: conditioned on a vector of tabular attributes (concatenated to G's
+    # latent; an attribute head on D's features, trained with a cosine loss).
+    attr_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.image_size not in SUPPORTED_SIZES:
@@ -40,6 +43,8 @@ class GanSpec:
             raise ValueError("latent-dim must be >= 1 and width >= 4")
         if self.num_classes < 0 or self.num_classes == 1:
             raise ValueError("a conditional model needs at least 2 classes")
+        if self.attr_dim < 0:
+            raise ValueError("attr-dim must be >= 0")
 
     @property
     def blocks(self) -> int:
@@ -64,7 +69,7 @@ class Generator(nn.Module):
         ch = spec.width * 2 ** (spec.blocks - 1)
         # Conditional: the class embedding is concatenated to the latent.
         self.embed = nn.Embedding(spec.num_classes, spec.latent_dim) if spec.num_classes else None
-        inputs = spec.latent_dim * (2 if self.embed is not None else 1)
+        inputs = spec.latent_dim * (2 if self.embed is not None else 1) + spec.attr_dim
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(inputs, ch, 4, 1, 0, bias=False),
             nn.BatchNorm2d(ch),
@@ -81,11 +86,22 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
         self.apply(_init)
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attributes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.embed is not None:
             if labels is None:
                 raise ValueError("a conditional generator needs labels")
             z = torch.cat([z, self.embed(labels)], dim=1)
+        if self.spec.attr_dim:
+            if attributes is None or attributes.shape != (z.shape[0], self.spec.attr_dim):
+                raise ValueError(
+                    f"an attribute-conditioned generator needs B×{self.spec.attr_dim} attributes"
+                )
+            z = torch.cat([z, attributes.to(z.dtype)], dim=1)
         return self.net(z.view(z.shape[0], -1, 1, 1))
 
 
@@ -113,18 +129,30 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(*layers)
         # Projection discriminator (Miyato & Koyama 2018): logit += <e(y), Σ h>.
         self.embed = nn.Embedding(spec.num_classes, ch) if spec.num_classes else None
+        # Tabular conditioning: predicts the attribute vector from the features.
+        self.attr_head = nn.Linear(ch, spec.attr_dim) if spec.attr_dim else None
         self.apply(_init)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, with_attributes: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One logit per image, shape [B] (a [B, 1] shape breaks Opacus' ghost
-        clipping, which then over-scales updates ~30x)."""
-        if self.embed is None:
+        clipping, which then over-scales updates ~30x); with
+        ``with_attributes``, also the predicted attributes [B, attr_dim], from
+        the same forward pass (Opacus needs one)."""
+        if self.embed is None and self.attr_head is None:
             return self.net(x).view(-1)
-        if labels is None:
-            raise ValueError("a conditional discriminator needs labels")
         features = self.net[:-1](x)
         logit = self.net[-1](features).view(-1)
-        return logit + (self.embed(labels) * features.sum(dim=(2, 3))).sum(dim=1)
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("a conditional discriminator needs labels")
+            logit = logit + (self.embed(labels) * features.sum(dim=(2, 3))).sum(dim=1)
+        if not with_attributes:
+            return logit
+        if self.attr_head is None:
+            raise ValueError("this discriminator has no attribute head")
+        return logit, self.attr_head(features.mean(dim=(2, 3)))
 
 
 def build(spec: GanSpec, seed: int | None = None) -> tuple[Generator, Discriminator]:

@@ -9,6 +9,7 @@ mtime, and the options' digest: change a file or an option and it is rebuilt.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -40,6 +41,9 @@ class SiloData:
     images: np.ndarray  # uint8 N×C×H×W, possibly memory-mapped
     labels: list[str | None]
     report: SiloReport
+    # Per image, the key a site's CSVs use for its file: the file name
+    # without extension (fundus) or the path relative to the silo (DICOM).
+    keys: list[str] = dataclasses.field(default_factory=list)
 
     def as_float(self) -> np.ndarray:
         """float32 in [-1, 1], the range the GAN trains in."""
@@ -166,6 +170,7 @@ def read_silo(
         rels.append(rel)
     images: list[np.ndarray] = []
     labels: list[str | None] = []
+    keys: list[str] = []
     outcomes = _decode_all(jobs, default_workers() if workers is None else workers)
     for done, ((path, _), rel, outcome) in enumerate(
         zip(jobs, rels, outcomes, strict=True), start=1
@@ -184,6 +189,7 @@ def read_silo(
             report.modalities[outcome.modality] += len(outcome.images)
         images.extend(outcome.images)
         labels.extend([label] * len(outcome.images))
+        keys.extend([path.stem if opts.kind == "fundus" else rel] * len(outcome.images))
     report.skipped.sort()
     unknown = index.unknown_keys()
     if unknown:
@@ -197,7 +203,7 @@ def read_silo(
     stacked = (
         np.stack(images) if images else np.zeros((0, opts.channels, size, size), dtype=np.uint8)
     )
-    return SiloData(stacked, labels, report)
+    return SiloData(stacked, labels, report, keys)
 
 
 def _label(index: LabelIndex, opts: SiloOptions, rel: str, path: Path, out: Decoded) -> str | None:
@@ -240,10 +246,10 @@ def load_silo(
         try:
             doc = json.loads(meta.read_text())
             images = np.load(npy, mmap_mode="r")
-            if images.shape[0] == len(doc["labels"]):
+            if images.shape[0] == len(doc["labels"]) == len(doc["keys"]):
                 report = SiloReport.from_dict(doc["report"])
                 report.cached = True
-                return SiloData(images, doc["labels"], report)
+                return SiloData(images, doc["labels"], report, doc["keys"])
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt, never trusted
     data = read_silo(directory, opts, files, progress, workers)
@@ -251,7 +257,9 @@ def load_silo(
     np.save(buf, np.ascontiguousarray(data.images))
     write_atomic(npy, buf.getvalue(), mode=0o600)
     write_text_atomic(
-        meta, json.dumps({"labels": data.labels, "report": data.report.to_dict()}), mode=0o600
+        meta,
+        json.dumps({"labels": data.labels, "keys": data.keys, "report": data.report.to_dict()}),
+        mode=0o600,
     )
     for stale in Path(cache_dir).glob(f"silo-{prefix}-*"):
         if stale.stem != npy.stem:

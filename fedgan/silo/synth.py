@@ -68,7 +68,8 @@ def _fundus_image(rng: np.random.Generator, grade: int, size: int) -> Image.Imag
 
 
 def synth_fundus(directory: Path, n: int, *, seed: int = 0, size: int = 128) -> Path:
-    """Write ``n`` fundus JPEGs and ``labels.csv`` (``id_code,diagnosis``)."""
+    """Write ``n`` fundus JPEGs, ``labels.csv`` (``id_code,diagnosis``) and
+    ``attributes.csv`` (``id_code,age,sex``)."""
     directory = Path(directory)
     rng = np.random.default_rng(seed)
     rows = []
@@ -84,7 +85,20 @@ def synth_fundus(directory: Path, n: int, *, seed: int = 0, size: int = 128) -> 
     writer.writerow(["id_code", "diagnosis"])
     writer.writerows(rows)
     write_text_atomic(directory / "labels.csv", text.getvalue())
+    _write_attributes(directory, "id_code", [r[0] for r in rows], seed)
     return directory
+
+
+def _write_attributes(directory: Path, key: str, keys: list[str], seed: int) -> None:
+    """``attributes.csv`` with a synthetic age and sex per image, for
+    tabular conditioning (``attributes = "age=0:100,sex=F|M"``)."""
+    rng = np.random.default_rng([seed, 7])  # apart from the images' stream
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow([key, "age", "sex"])
+    for k in keys:
+        writer.writerow([k, int(rng.integers(18, 91)), "F" if rng.random() < 0.5 else "M"])
+    write_text_atomic(directory / "attributes.csv", text.getvalue())
 
 
 def _chest_pixels(rng: np.random.Generator, size: int, abnormal: bool) -> np.ndarray:
@@ -173,6 +187,7 @@ def synth_dicom(directory: Path, n: int, *, seed: int = 0, size: int = 128) -> P
     writer.writerow(["path", "label"])
     writer.writerows(rows)
     write_text_atomic(directory / "labels.csv", text.getvalue())
+    _write_attributes(directory, "path", [r[0] for r in rows], seed)
     return directory
 
 

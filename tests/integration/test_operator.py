@@ -1,6 +1,7 @@
 """The operator's commands against a live deployment: `fedgan run` with a
 federation.yaml (checked first, then submitted and followed), `--resume`,
-`fedgan sites` and `fedgan status`."""
+`fedgan sites` and `fedgan status`. The run is conditioned on tabular
+attributes, so that path runs through real sites too."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ model:
   channels: 3
   width: 8
   latent_dim: 16
+  attributes: "age=0:100,sex=F|M"   # the synthetic silos carry attributes.csv
 training:
   local_steps: 3
   batch_size: 4

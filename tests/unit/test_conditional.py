@@ -74,11 +74,11 @@ def test_site_maps_silo_labels_to_the_runs_classes(tmp_path):
         grades = [row["diagnosis"] for row in csv.DictReader(fh)]
     site = SiteSettings("s", str(silo), "fundus", str(tmp_path / "work"), "cpu", 10.0)
     opts = SiloOptions(kind="fundus", image_size=16, channels=3)
-    images, labels = site_images(site, opts, ("0", "2"))
+    images, labels, _ = site_images(site, opts, ("0", "2"))
     wanted = [g for g in grades if g in ("0", "2")]
     assert images.shape[0] == len(wanted) == labels.shape[0]
     assert labels.tolist() == [0 if g == "0" else 1 for g in wanted]
-    images, labels = site_images(site, opts)
+    images, labels, _ = site_images(site, opts)
     assert labels is None and images.shape[0] == 20
     with pytest.raises(ConfigError, match="twice"):
         parse_classes("a,b,a")
