@@ -370,6 +370,30 @@ def stop(
     typer.echo(f"stopped run {run_id}")
 
 
+@app.command("exporter")
+def exporter(
+    runs: Annotated[Path, typer.Option(help="The aggregator's runs folder.")] = Path("runs"),
+    port: Annotated[int, typer.Option(help="Port of /metrics.")] = 9464,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    edge_log: Annotated[
+        list[Path] | None,
+        typer.Option("--edge-log", help="The edge's access log (repeatable), for TLS rejections."),
+    ] = None,
+) -> None:
+    """Serve every run's round metrics to Prometheus until stopped."""
+    import time
+
+    from fedgan.exporter import serve
+
+    server = serve(runs, port, host, edge_log or [])
+    typer.echo(f"serving http://{host}:{port}/metrics for the runs in {runs}")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.shutdown()
+
+
 def _terminate(signum: int, _frame: object) -> NoReturn:
     # Turn SIGTERM into the same unwinding as Ctrl-C, so every process this
     # command started is stopped by its context manager.

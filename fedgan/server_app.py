@@ -238,6 +238,11 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
         }
         if eps:
             record["epsilon"] = eps
+            record["epsilon_budget"] = {
+                s: m["epsilon-budget"]
+                for s, _, m in sorted(received, key=lambda r: r[0])
+                if "epsilon-budget" in m
+            }
         if refused:
             record["budget_exhausted"] = {
                 s: {

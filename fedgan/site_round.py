@@ -189,6 +189,7 @@ def run_round(
         metrics.update(
             {
                 "epsilon": spend.epsilon_after,
+                "epsilon-budget": site.epsilon_budget,
                 "delta": plan.delta,
                 "noise-multiplier": plan.noise_multiplier,
                 "sample-rate": plan.sample_rate,

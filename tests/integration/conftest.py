@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fedgan import pki
+from fedgan.demo import DemoOptions, run_demo
 from fedgan.deploy.local import LocalFederation, SiteSpec
 from fedgan.silo.synth import synth_silo
 from tests.proc import pids_in_groups
@@ -25,3 +26,22 @@ def live_federation(tmp_path_factory):
         fed.start()
         yield fed
     assert pids_in_groups({p.pid for p in fed.group.processes}) == []
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A finished 2-site, 2-round federation (secure aggregation on, updates
+    dumped), shared by the tests that inspect a run's outputs."""
+    opts = DemoOptions(
+        sites=2,
+        rounds=2,
+        image_size=16,
+        images_per_site=24,
+        local_steps=3,
+        out_root=tmp_path_factory.mktemp("runs"),
+        run_id="it",
+        dump_updates=True,
+    )
+    lines: list[str] = []
+    run_dir = run_demo(opts, say=lines.append)
+    return run_dir, lines

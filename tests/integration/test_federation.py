@@ -13,30 +13,12 @@ import numpy as np
 import pytest
 
 from fedgan import pki
-from fedgan.demo import DemoOptions, run_demo
 from fedgan.deploy.local import LocalFederation
 from fedgan.deploy.process import ProcessFailed
 from fedgan.outputs import load_dump
 from tests.proc import pids_in_groups
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    opts = DemoOptions(
-        sites=2,
-        rounds=2,
-        image_size=16,
-        images_per_site=24,
-        local_steps=3,
-        out_root=tmp_path_factory.mktemp("runs"),
-        run_id="it",
-        dump_updates=True,
-    )
-    lines: list[str] = []
-    run_dir = run_demo(opts, say=lines.append)
-    return run_dir, lines
 
 
 def test_run_completes_with_outputs(finished_run):

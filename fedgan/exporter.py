@@ -1,0 +1,178 @@
+"""The aggregator's Prometheus exporter: a long-lived process that serves
+every run's round metrics, read at scrape time from the run folders the
+ServerApp writes (``<runs>/<run>/metrics.jsonl``, appended and fsync'd every
+round). Nothing lives only in the exporter's memory, so values survive
+between runs and across restarts of either process.
+
+Names follow Prometheus conventions (base units, ``_total`` for counters);
+per-run series carry ``run`` (the run folder's name), per-site ones ``site``.
+``fedgan_tls_rejections_total`` counts the edge's access-log lines whose
+client certificate did not verify (no certificate, unknown CA, revoked)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+ROUND_SECONDS_BUCKETS = (5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+_VERIFY = re.compile(r" verify=(\S+) ")
+
+
+def read_records(metrics_path: Path) -> list[dict[str, Any]]:
+    """Complete lines only: a line being written at scrape time is skipped."""
+    try:
+        lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "round" in record:
+            out.append(record)
+    return out
+
+
+def tls_rejections(edge_logs: Iterable[Path]) -> int:
+    count = 0
+    for path in edge_logs:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    m = _VERIFY.search(line)
+                    if m and m.group(1) != "SUCCESS":
+                        count += 1
+        except OSError:
+            continue
+    return count
+
+
+class RunsCollector(Collector):
+    def __init__(self, runs_root: Path, edge_logs: Iterable[Path] = ()) -> None:
+        self.runs_root = Path(runs_root)
+        self.edge_logs = list(edge_logs)
+
+    def runs(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+        if not self.runs_root.is_dir():
+            return
+        for path in sorted(self.runs_root.glob("*/metrics.jsonl")):
+            records = read_records(path)
+            if records:
+                yield path.parent.name, records
+
+    def collect(self) -> Iterator[Metric]:
+        g = {
+            "round": GaugeMetricFamily(
+                "fedgan_round", "Last completed round of the run.", labels=["run"]
+            ),
+            "sites": GaugeMetricFamily(
+                "fedgan_sites_participating",
+                "Sites whose update is in the last round's aggregate.",
+                labels=["run"],
+            ),
+            "g_loss": GaugeMetricFamily(
+                "fedgan_generator_loss", "Generator loss, last aggregated round.", labels=["run"]
+            ),
+            "d_loss": GaugeMetricFamily(
+                "fedgan_discriminator_loss",
+                "Discriminator loss, last aggregated round.",
+                labels=["run"],
+            ),
+            "eps": GaugeMetricFamily(
+                "fedgan_privacy_epsilon", "Site's ε after its last round.", labels=["run", "site"]
+            ),
+            "remaining": GaugeMetricFamily(
+                "fedgan_privacy_budget_remaining",
+                "Site's ε budget minus the ε it has spent.",
+                labels=["run", "site"],
+            ),
+        }
+        dropped = CounterMetricFamily(
+            "fedgan_sites_dropped",
+            "Sampled sites left out of a round's aggregate (failed, timed out, "
+            "dropped in secure aggregation; budget refusals not counted).",
+            labels=["run"],
+        )
+        update_bytes = CounterMetricFamily(
+            "fedgan_update_bytes", "Bytes a site sent for its updates.", labels=["run", "site"]
+        )
+        aborted = CounterMetricFamily(
+            "fedgan_secagg_aborted_rounds",
+            "Rounds abandoned by secure aggregation (fewer than t sites left).",
+            labels=["run"],
+        )
+        duration = HistogramMetricFamily(
+            "fedgan_round_duration_seconds", "Wall time of a round.", labels=["run"]
+        )
+        for run, records in self.runs():
+            last = records[-1]
+            g["round"].add_metric([run], float(last["round"]))
+            aggregated = [r for r in records if "skipped" not in r]
+            g["sites"].add_metric([run], float(0 if "skipped" in last else len(last["sites"])))
+            if aggregated:
+                g["g_loss"].add_metric([run], float(aggregated[-1]["g_loss"]))
+                g["d_loss"].add_metric([run], float(aggregated[-1]["d_loss"]))
+            eps: dict[str, float] = {}
+            budget: dict[str, float] = {}
+            sent: dict[str, float] = {}
+            lost = 0
+            for r in records:
+                eps.update(r.get("epsilon", {}))
+                budget.update(r.get("epsilon_budget", {}))
+                for site, n in r.get("update_bytes", {}).items():
+                    sent[site] = sent.get(site, 0) + n
+                refused = len(r.get("budget_exhausted", {}))
+                in_sum = len(r.get("sites", [])) if "skipped" not in r else 0
+                lost += max(0, r.get("sites_sampled", 0) - refused - in_sum)
+            for site, value in sorted(eps.items()):
+                g["eps"].add_metric([run, site], float(value))
+                if site in budget:
+                    g["remaining"].add_metric([run, site], float(budget[site] - value))
+            for site, n in sorted(sent.items()):
+                update_bytes.add_metric([run, site], float(n))
+            dropped.add_metric([run], float(lost))
+            aborted.add_metric(
+                [run], float(sum(1 for r in records if "skipped" in r and "secagg" in r))
+            )
+            seconds = [float(r["seconds"]) for r in records if "seconds" in r]
+            buckets = [
+                (str(b), float(sum(1 for s in seconds if s <= b))) for b in ROUND_SECONDS_BUCKETS
+            ]
+            duration.add_metric([run], [*buckets, ("+Inf", float(len(seconds)))], sum(seconds))
+        yield from g.values()
+        yield from (dropped, update_bytes, aborted, duration)
+        rejections = CounterMetricFamily(
+            "fedgan_tls_rejections",
+            "Requests at the edge whose client certificate did not verify.",
+        )
+        rejections.add_metric([], float(tls_rejections(self.edge_logs)))
+        yield rejections
+
+
+def serve(
+    runs_root: Path, port: int, host: str = "127.0.0.1", edge_logs: Iterable[Path] = ()
+) -> WSGIServer:
+    """Start the HTTP endpoint (``/metrics``) in a background thread; returns
+    the server so a caller can shut it down."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(RunsCollector(runs_root, edge_logs))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
