@@ -22,6 +22,8 @@ pki_app = typer.Typer(no_args_is_help=True, help="The consortium PKI: CA, certif
 silo_app = typer.Typer(no_args_is_help=True, help="Hospital image silos.")
 app.add_typer(pki_app, name="pki")
 app.add_typer(silo_app, name="silo")
+audit_app = typer.Typer(help="For auditors: what protects the data, and the audit log.")
+app.add_typer(audit_app, name="audit")
 
 CertsOpt = Annotated[Path, typer.Option("--out", "--certs", help="PKI root directory.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing keys and certificates.")]
@@ -392,6 +394,59 @@ def exporter(
             time.sleep(3600)
     finally:
         server.shutdown()
+
+
+@audit_app.callback(invoke_without_command=True)
+def audit(
+    ctx: typer.Context,
+    certs: Annotated[Path | None, typer.Option(help="PKI root directory.")] = Path("certs"),
+    config: Annotated[Path | None, typer.Option(help="The run's federation.yaml.")] = Path(
+        "deploy/federation.yaml"
+    ),
+    nginx_conf: Annotated[
+        list[Path] | None,
+        typer.Option("--nginx-conf", help="A deployed nginx config (repeatable) [default: ours]."),
+    ] = None,
+    runs: Annotated[Path | None, typer.Option(help="The aggregator's runs folder.")] = Path("runs"),
+    probe: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the edge: confirm with a live handshake.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of Markdown.")] = False,
+) -> None:
+    """TLS, certificates, secure aggregation, DP and ε spent, telemetry, warnings."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fedgan import audit_report, federation
+    from fedgan.appbundle import default_run_config
+
+    run_config = default_run_config()
+    if config is not None and config.exists():
+        run_config |= federation.load(config)
+    report = audit_report.build(
+        certs if certs is not None and certs.exists() else None,
+        run_config,
+        list(nginx_conf or []),
+        runs if runs is not None and runs.exists() else None,
+        probe,
+    )
+    typer.echo(
+        json.dumps(report, indent=2, ensure_ascii=False)
+        if as_json
+        else audit_report.markdown(report)
+    )
+
+
+@audit_app.command("verify-log")
+def audit_verify_log(
+    path: Annotated[Path, typer.Argument(help="The audit log.")] = Path("runs/audit.jsonl"),
+) -> None:
+    """Check the audit log's hash chain and head: exit 1 if edited or truncated."""
+    from fedgan.audit_log import AuditLog
+
+    verdict = AuditLog(path).verify()
+    if not verdict.ok:
+        fail(f"{path}: {verdict.problem} (first {verdict.entries} entries intact)")
+    typer.echo(f"{path}: {verdict.entries} entries, chain intact")
 
 
 def _terminate(signum: int, _frame: object) -> NoReturn:

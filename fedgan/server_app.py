@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedgan import wire
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
+from fedgan.audit_log import AuditLog, record_round
 from fedgan.gan.models import Discriminator, Generator, build
 from fedgan.messaging import exchange
 from fedgan.outputs import RunOutputs
@@ -76,13 +77,27 @@ def main(grid: Grid, context: Context) -> None:
         raise SystemExit(f"fedgan: {exc}") from None
     run_dir = Path(settings.run_dir or Path.cwd() / "runs" / f"flower-{context.run_id}")
     out = RunOutputs(run_dir)
+    # One audit log for every run at this aggregator, beside the run folders.
+    audit = AuditLog(out.dir.parent / "audit.jsonl")
+    run = out.dir.name
     out.write_status("running", flower_run_id=context.run_id, rounds=settings.rounds)
+    audit.append(
+        "run_started",
+        run=run,
+        flower_run_id=str(context.run_id),
+        rounds=settings.rounds,
+        resume=settings.resume,
+        dp=settings.privacy.enabled,
+        secure_aggregation=settings.secagg.enabled,
+    )
     try:
-        summary = _run(grid, settings, out)
+        summary = _run(grid, settings, out, audit)
     except BaseException as exc:
         out.write_status("failed", flower_run_id=context.run_id, reason=str(exc))
+        audit.append("run_failed", run=run, reason=str(exc) or type(exc).__name__)
         raise
     out.write_status("completed", flower_run_id=context.run_id, rounds=settings.rounds, **summary)
+    audit.append("run_completed", run=run, rounds=settings.rounds)
 
 
 def _start(settings: RunSettings, out: RunOutputs) -> tuple[Generator, Discriminator, int]:
@@ -145,7 +160,7 @@ def _secure_round(
     return SecureRound(grid, params, settings.secagg.stage_timeout), ""
 
 
-def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
+def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) -> dict:
     """The rounds; returns the run's summary for status.json."""
     gen, disc, first_round = _start(settings, out)
     fixed_z = torch.randn(
@@ -165,6 +180,7 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
     wanted = max(settings.min_sites, 2 if settings.secagg.enabled else 1)
     _wait_for_sites(grid, wanted, NODE_WAIT_SECONDS)
     exhausted: dict[int, str] = {}  # node id -> site id, left out for the rest of the run
+    seen: set[str] = set()  # sites that have been in an aggregate (audit: joined)
     clipped: dict[str, list[bool]] = {}
     for server_round in range(first_round, settings.rounds + 1):
         started = time.perf_counter()
@@ -233,6 +249,8 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
             # errors and timeouts; a refusal is not a failure
             "sites_failed": len(nodes) - len(received) - len(refused),
         }
+        if failures:
+            record["failures"] = failures
         eps = {
             s: m["epsilon"] for s, _, m in sorted(received, key=lambda r: r[0]) if "epsilon" in m
         }
@@ -302,6 +320,7 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs) -> dict:
         out.append_metrics(record)
         # One JSON line per round for `fedgan run`, which reads the log stream.
         log.info("%s%s", ROUND_MARKER, json.dumps(record, sort_keys=True))
+        record_round(audit, out.dir.name, record, seen)
     return {
         "update_clipped_fraction": {
             s: sum(flags) / len(flags) for s, flags in sorted(clipped.items())

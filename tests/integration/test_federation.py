@@ -158,3 +158,31 @@ def test_a_process_that_fails_to_start_is_named_with_its_log(tmp_path):
     assert message.startswith("superlink (flower-superlink")
     assert "Last lines of" in message and "superlink.log" in message
     assert pids_in_groups({p.pid for p in fed.group.processes}) == []
+
+
+def test_audit_log_records_the_run_and_detects_tampering(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    log = run_dir.parent / "audit.jsonl"
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    kinds = [e["event"] for e in events if e.get("run") == run_dir.name]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_completed"
+    joined = sorted(e["site"] for e in events if e["event"] == "site_joined")
+    assert joined == ["site-1", "site-2"]
+    ok = subprocess.run(
+        [sys.executable, "-m", "fedgan.cli", "audit", "verify-log", str(log)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0 and f"{len(events)} entries, chain intact" in ok.stdout
+    copy = tmp_path / "audit.jsonl"
+    lines = log.read_text().splitlines()
+    copy.write_text("\n".join([lines[0].replace("site", "sight"), *lines[1:]]) + "\n")
+    (tmp_path / "audit.jsonl.head").write_text((log.parent / "audit.jsonl.head").read_text())
+    bad = subprocess.run(
+        [sys.executable, "-m", "fedgan.cli", "audit", "verify-log", str(copy)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 1 and "line 2 does not follow line 1" in bad.stderr

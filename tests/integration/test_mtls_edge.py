@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from fedgan import pki
+from fedgan.deploy.local import TLS_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -133,3 +134,12 @@ def test_only_fleet_api_is_exposed(live_federation, path):
     status, _ = _request(live_federation, marker, cert=site.client_cert, key=site.client_key)
     assert status == 403
     _assert_not_proxied(live_federation, marker)
+
+
+def test_audit_probe_confirms_tls13_only_at_the_live_edge(live_federation):
+    from fedgan.audit_report import probe
+
+    fed = live_federation
+    seen = probe(f"127.0.0.1:{fed.edge_port}", fed.pki.ca_cert, server_name=TLS_NAME)
+    assert seen["negotiated"] == "TLSv1.3", seen
+    assert seen["cipher"].startswith("TLS_") and seen["tls12_refused"] is True

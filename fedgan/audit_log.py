@@ -1,0 +1,127 @@
+"""The aggregator's append-only audit log: JSON lines, each carrying the
+SHA-256 of the line before it, so an edited or deleted line breaks the
+chain; a head file (count and last hash, rewritten atomically after every
+append) makes a truncated tail visible too.
+
+What goes in: run submitted/completed/failed, a site joining or leaving a
+run, budget refusals, secure-aggregation aborts and rejected (tampered)
+messages. Ids, numbers and reasons only: never keys, pixels or patient data.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedgan.atomic import write_text_atomic
+from fedgan.errors import FedGanError
+
+GENESIS = "0" * 64
+
+
+class AuditLogError(FedGanError):
+    """The audit log cannot be written or read."""
+
+
+def _digest(line: str) -> str:
+    return hashlib.sha256(line.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    entries: int
+    problem: str = ""
+
+
+class AuditLog:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.head = self.path.with_name(self.path.name + ".head")
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one event (durably, under an exclusive lock: two ServerApps
+        may share the log)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with open(fd, "r+", encoding="utf-8", closefd=False) as fh:
+                fh.seek(0)
+                lines = fh.read().splitlines()
+            prev = _digest(lines[-1]) if lines else GENESIS
+            entry = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "event": event,
+                **fields,
+                "prev": prev,
+            }
+            line = json.dumps(entry, sort_keys=True, ensure_ascii=False)
+            os.write(fd, (line + "\n").encode())
+            os.fsync(fd)
+            write_text_atomic(
+                self.head, json.dumps({"entries": len(lines) + 1, "last": _digest(line)}) + "\n"
+            )
+        finally:
+            os.close(fd)
+        return entry
+
+    def verify(self) -> Verdict:
+        """Check the chain line by line, then the head against the end."""
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return Verdict(False, 0, f"{self.path} not found")
+        prev = GENESIS
+        for number, line in enumerate(lines, start=1):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                return Verdict(False, number - 1, f"line {number} is not JSON (edited or torn)")
+            if entry.get("prev") != prev:
+                return Verdict(
+                    False,
+                    number - 1,
+                    f"line {number} does not follow line {number - 1} (a line was edited, "
+                    "inserted or deleted)",
+                )
+            prev = _digest(line)
+        try:
+            head = json.loads(self.head.read_text())
+        except (OSError, ValueError):
+            return Verdict(False, len(lines), f"{self.head} is missing or unreadable")
+        if head.get("entries") != len(lines) or head.get("last") != prev:
+            return Verdict(
+                False,
+                len(lines),
+                f"the log ends at entry {len(lines)} but {self.head.name} records "
+                f"{head.get('entries')} (truncated, or lines removed from the end)",
+            )
+        return Verdict(True, len(lines))
+
+
+def record_round(log: AuditLog, run: str, record: dict[str, Any], seen: set[str]) -> None:
+    """The audit events of one round, from its metrics record: sites that
+    joined (first round in the sum), refused for budget, dropped out or
+    failed (with the reason), rejected messages, an abandoned round."""
+    r = record["round"]
+    for site in record.get("sites", []):
+        if site not in seen:
+            seen.add(site)
+            log.append("site_joined", run=run, round=r, site=site)
+    for site, why in sorted(record.get("budget_exhausted", {}).items()):
+        log.append("budget_refused", run=run, round=r, site=site, **why)
+    for site, why in sorted(record.get("secagg", {}).get("failures", {}).items()):
+        event = "secagg_rejected" if "authentication failed" in why else "site_dropped"
+        log.append(event, run=run, round=r, site=site, reason=why)
+    for why in record.get("failures", []):
+        log.append("site_failed", run=run, round=r, reason=why)
+    if "skipped" in record:
+        event = "secagg_aborted" if "secagg" in record else "round_skipped"
+        log.append(event, run=run, round=r, reason=record["skipped"])

@@ -1,0 +1,50 @@
+"""The audit log's hash chain catches an edited, deleted, inserted or
+truncated line."""
+
+from __future__ import annotations
+
+import json
+
+from fedgan.audit_log import AuditLog
+
+
+def _log(tmp_path, n=4):
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for i in range(n):
+        log.append("site_joined", run="r", site=f"site-{i}", round=1)
+    return log
+
+
+def test_intact_log_verifies_and_chains(tmp_path):
+    log = _log(tmp_path)
+    verdict = log.verify()
+    assert verdict.ok and verdict.entries == 4
+    lines = log.path.read_text().splitlines()
+    assert json.loads(lines[0])["prev"] == "0" * 64
+    assert all(json.loads(line)["event"] == "site_joined" for line in lines)
+
+
+def test_edit_delete_insert_and_truncation_are_detected(tmp_path):
+    for i, (damage, fragment) in enumerate(
+        [
+            (
+                lambda ls: [*ls[:1], ls[1].replace("site-1", "site-9"), *ls[2:]],
+                "line 3 does not follow",
+            ),
+            (lambda ls: ls[:1] + ls[2:], "line 2 does not follow"),
+            (lambda ls: [*ls[:2], ls[1], *ls[2:]], "line 3 does not follow"),
+            (lambda ls: ls[:-1], "truncated"),
+            (lambda ls: [*ls[:2], "{not json", *ls[3:]], "line 3 is not JSON"),
+        ]
+    ):
+        log = _log(tmp_path / str(i))
+        lines = log.path.read_text().splitlines()
+        log.path.write_text("\n".join(damage(lines)) + "\n")
+        verdict = log.verify()
+        assert not verdict.ok and fragment in verdict.problem, (fragment, verdict)
+
+
+def test_appending_after_a_verified_log_keeps_it_valid(tmp_path):
+    log = _log(tmp_path, 2)
+    AuditLog(log.path).append("run_completed", run="r")
+    assert log.verify().entries == 3 and log.verify().ok
