@@ -177,7 +177,7 @@ def test_audit_log_records_the_run_and_detects_tampering(finished_run, tmp_path)
     assert ok.returncode == 0 and f"{len(events)} entries, chain intact" in ok.stdout
     copy = tmp_path / "audit.jsonl"
     lines = log.read_text().splitlines()
-    copy.write_text("\n".join([lines[0].replace("site", "sight"), *lines[1:]]) + "\n")
+    copy.write_text("\n".join([lines[0].replace("run_started", "run_startex"), *lines[1:]]) + "\n")
     (tmp_path / "audit.jsonl.head").write_text((log.parent / "audit.jsonl.head").read_text())
     bad = subprocess.run(
         [sys.executable, "-m", "fedgan.cli", "audit", "verify-log", str(copy)],
