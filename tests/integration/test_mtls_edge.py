@@ -143,3 +143,54 @@ def test_audit_probe_confirms_tls13_only_at_the_live_edge(live_federation):
     seen = probe(f"127.0.0.1:{fed.edge_port}", fed.pki.ca_cert, server_name=TLS_NAME)
     assert seen["negotiated"] == "TLSv1.3", seen
     assert seen["cipher"].startswith("TLS_") and seen["tls12_refused"] is True
+
+
+def test_audit_json_reports_what_the_deployment_configured(live_federation, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    fed = live_federation
+    config = tmp_path / "federation.yaml"
+
+    def audit() -> dict:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedgan.cli",
+                "audit",
+                "--json",
+                "--certs",
+                str(fed.pki.root),
+                "--config",
+                str(config),
+                "--runs",
+                str(tmp_path / "none"),
+                "--nginx-conf",
+                str(fed.run_dir / "nginx" / "edge" / "nginx.conf"),
+                "--probe",
+                f"127.0.0.1:{fed.edge_port}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    config.write_text("secure_aggregation:\n  bits: 8\nprivacy:\n  target_epsilon: 4.0\n")
+    first = audit()
+    (edge,) = first["tls"]
+    assert edge["protocols"] == ["TLSv1.3"] and edge["client_certificate"] == "on" and edge["crl"]
+    assert first["probe"]["negotiated"] == "TLSv1.3" and first["probe"]["tls12_refused"]
+    assert first["secure_aggregation"]["bits"] == 8
+    assert first["differential_privacy"]["target-epsilon"] == 4.0
+    subjects = {c["subject"] for c in first["pki"]["certificates"]}
+    assert {"CN=site-1", "CN=site-1-secagg", "CN=site-1-sidecar"} <= subjects
+    assert not any("off" in w for w in first["warnings"])
+    config.write_text("secure_aggregation:\n  enabled: false\n  bits: 16\nprivacy:\n  dp: false\n")
+    second = audit()
+    assert second["secure_aggregation"]["bits"] == 16
+    assert "secure aggregation is off: the aggregator sees each site's update" in second["warnings"]
+    assert "differential privacy is off" in second["warnings"]
