@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,3 +126,47 @@ def record_round(log: AuditLog, run: str, record: dict[str, Any], seen: set[str]
     if "skipped" in record:
         event = "secagg_aborted" if "secagg" in record else "round_skipped"
         log.append(event, run=run, round=r, reason=record["skipped"])
+
+
+_EDGE_LINE = re.compile(
+    r'^(?P<time>\S+) edge (?P<remote>\S+) "(?P<request>[^"]*)" (?P<status>\d+) '
+    r"verify=(?P<verify>.*?) proto="
+)
+
+
+def ingest_edge_log(log: AuditLog, edge_log: Path) -> int:
+    """Append a ``certificate_rejected`` event for each new edge access-log
+    line whose client certificate did not verify; returns how many. The
+    offset read so far is kept beside the audit log, so each line is
+    recorded once however often this runs (a rotated, shorter log restarts
+    from its beginning)."""
+    state = log.path.with_name(log.path.name + ".edge-offset")
+    try:
+        offset = int(state.read_text().strip() or 0)
+    except (OSError, ValueError):
+        offset = 0
+    try:
+        size = Path(edge_log).stat().st_size
+    except OSError:
+        return 0
+    if size < offset:
+        offset = 0
+    added = 0
+    with open(edge_log, "rb") as fh:
+        fh.seek(offset)
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break  # a line still being written: next time
+            offset += len(raw)
+            m = _EDGE_LINE.match(raw.decode("utf-8", errors="replace"))
+            if m and m["verify"] != "SUCCESS":
+                log.append(
+                    "certificate_rejected",
+                    at=m["time"],
+                    remote=m["remote"],
+                    status=int(m["status"]),
+                    verify=m["verify"],
+                )
+                added += 1
+    write_text_atomic(state, f"{offset}\n")
+    return added

@@ -379,7 +379,11 @@ def exporter(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     edge_log: Annotated[
         list[Path] | None,
-        typer.Option("--edge-log", help="The edge's access log (repeatable), for TLS rejections."),
+        typer.Option(
+            "--edge-log",
+            help="The edge's access log (repeatable): TLS rejections are counted and "
+            "recorded in <runs>/audit.jsonl.",
+        ),
     ] = None,
 ) -> None:
     """Serve every run's round metrics to Prometheus until stopped."""

@@ -64,9 +64,13 @@ def tls_rejections(edge_logs: Iterable[Path]) -> int:
 
 
 class RunsCollector(Collector):
-    def __init__(self, runs_root: Path, edge_logs: Iterable[Path] = ()) -> None:
+    def __init__(
+        self, runs_root: Path, edge_logs: Iterable[Path] = (), audit: bool = False
+    ) -> None:
         self.runs_root = Path(runs_root)
         self.edge_logs = list(edge_logs)
+        # Also copy new certificate rejections into <runs>/audit.jsonl.
+        self.audit = audit
 
     def runs(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
         if not self.runs_root.is_dir():
@@ -77,6 +81,12 @@ class RunsCollector(Collector):
                 yield path.parent.name, records
 
     def collect(self) -> Iterator[Metric]:
+        if self.audit:
+            from fedgan.audit_log import AuditLog, ingest_edge_log
+
+            log = AuditLog(self.runs_root / "audit.jsonl")
+            for edge_log in self.edge_logs:
+                ingest_edge_log(log, edge_log)
         g = {
             "round": GaugeMetricFamily(
                 "fedgan_round", "Last completed round of the run.", labels=["run"]
@@ -166,13 +176,17 @@ class RunsCollector(Collector):
 
 
 def serve(
-    runs_root: Path, port: int, host: str = "127.0.0.1", edge_logs: Iterable[Path] = ()
+    runs_root: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    edge_logs: Iterable[Path] = (),
+    audit: bool = True,
 ) -> WSGIServer:
     """Start the HTTP endpoint (``/metrics``) in a background thread; returns
     the server so a caller can shut it down."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
-    registry.register(RunsCollector(runs_root, edge_logs))
+    registry.register(RunsCollector(runs_root, edge_logs, audit))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

@@ -4,6 +4,7 @@ the Fleet API, and nothing reaches the Control API."""
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import socket
 import ssl
@@ -194,3 +195,18 @@ def test_audit_json_reports_what_the_deployment_configured(live_federation, tmp_
     assert second["secure_aggregation"]["bits"] == 16
     assert "secure aggregation is off: the aggregator sees each site's update" in second["warnings"]
     assert "differential privacy is off" in second["warnings"]
+
+
+def test_refused_certificates_land_in_the_audit_log(live_federation, tmp_path):
+    from fedgan.audit_log import AuditLog, ingest_edge_log
+
+    fed = live_federation
+    # Without a certificate: refused, and logged by the edge.
+    status, _ = _request(fed, "/v1/fleet/audit-probe")
+    assert status == 400
+    log = AuditLog(tmp_path / "audit.jsonl")
+    assert ingest_edge_log(log, fed.logs / "edge-access.log") >= 1
+    events = [json.loads(x) for x in log.path.read_text().splitlines()]
+    assert all(e["event"] == "certificate_rejected" for e in events)
+    assert any(e["verify"] == "NONE" and e["status"] == 400 for e in events)
+    assert log.verify().ok

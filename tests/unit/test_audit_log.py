@@ -48,3 +48,30 @@ def test_appending_after_a_verified_log_keeps_it_valid(tmp_path):
     log = _log(tmp_path, 2)
     AuditLog(log.path).append("run_completed", run="r")
     assert log.verify().entries == 3 and log.verify().ok
+
+
+def test_certificate_rejections_are_copied_once(tmp_path):
+    from fedgan.audit_log import ingest_edge_log
+
+    edge = tmp_path / "edge-access.log"
+    ok = '2026-11-23T08:00:00+00:00 edge 10.0.0.1 "POST /x" 200 verify=SUCCESS proto=TLSv1.3\n'
+    none = (
+        '2026-11-23T08:00:01+00:00 edge 10.0.0.2 "GET / HTTP/1.1" 400 verify=NONE proto=TLSv1.3\n'
+    )
+    revoked = (
+        '2026-11-23T08:00:02+00:00 edge 10.0.0.3 "GET / HTTP/1.1" 400 '
+        "verify=FAILED:certificate revoked proto=TLSv1.3\n"
+    )
+    edge.write_text(ok + none + revoked[:40])  # the last line is still being written
+    log = AuditLog(tmp_path / "audit.jsonl")
+    assert ingest_edge_log(log, edge) == 1
+    edge.write_text(ok + none + revoked)
+    assert ingest_edge_log(log, edge) == 1 and ingest_edge_log(log, edge) == 0
+    events = [json.loads(line) for line in log.path.read_text().splitlines()]
+    assert [(e["event"], e["verify"], e["remote"]) for e in events] == [
+        ("certificate_rejected", "NONE", "10.0.0.2"),
+        ("certificate_rejected", "FAILED:certificate revoked", "10.0.0.3"),
+    ]
+    edge.write_text(none)  # rotated: a shorter file starts over
+    assert ingest_edge_log(log, edge) == 1
+    assert log.verify().ok and log.verify().entries == 3
