@@ -372,6 +372,19 @@ def stop(
     typer.echo(f"stopped run {run_id}")
 
 
+@app.command("report")
+def report(
+    run: Annotated[Path, typer.Argument(help="The run folder (runs/<id>).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write [default: RUN/report.html].")
+    ] = None,
+) -> None:
+    """Write a self-contained HTML report of a run: samples, losses, ε per site, rounds."""
+    from fedgan.report import write
+
+    typer.echo(f"report {write(run, out)}")
+
+
 @app.command("exporter")
 def exporter(
     runs: Annotated[Path, typer.Option(help="The aggregator's runs folder.")] = Path("runs"),

@@ -215,7 +215,11 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
     if status.get("status") != "completed":
         reason = status.get("reason", "the ServerApp left no status")
         raise RunFailed(f"the run did not complete: {reason}; see {run_dir / 'logs'}")
+    from fedgan.report import write as write_report
+
+    report = write_report(run_dir)
     say("outputs")
+    say(f"  report      {report}")
     say(f"  generator   {outputs.generator_path}")
     say(f"  samples     {run_dir}/samples_round_*.png")
     say(f"  metrics     {outputs.metrics_path}")

@@ -35,6 +35,24 @@ def test_run_completes_with_outputs(finished_run):
     )
     assert (run_dir / "generator.pt").stat().st_size > 0
     assert any(line.startswith("round 2/2") for line in lines)
+    # The demo writes the report; `fedgan report` rewrites it the same way.
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "Secure aggregation was on" in page
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedgan.cli",
+            "report",
+            str(run_dir),
+            "--out",
+            str(run_dir / "r.html"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert again.returncode == 0 and (run_dir / "r.html").read_text() == page
 
 
 def test_global_model_is_the_securely_aggregated_mean_of_what_sites_sent(finished_run):

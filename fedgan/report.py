@@ -1,0 +1,266 @@
+"""`fedgan report RUN`: one self-contained HTML page per run (images
+embedded, charts as inline SVG, no script, nothing fetched), written to
+``runs/<id>/report.html``. It reads only what the run folder already holds:
+metrics, status, sample grids and this run's audit events.
+
+The evaluation issue adds quality, privacy-attack and utility tables here;
+until a run has been evaluated the page says so rather than guess."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from fedgan.atomic import write_text_atomic
+from fedgan.errors import FedGanError
+from fedgan.exporter import read_records
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
+
+
+class ReportError(FedGanError):
+    """The run folder holds nothing to report on."""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def line_chart(
+    title: str,
+    series: dict[str, list[tuple[float, float]]],
+    y_label: str,
+    hlines: dict | None = None,
+) -> str:
+    """A small SVG line chart: one polyline per series, optional dashed
+    horizontal lines (e.g. budgets)."""
+    width, height, pad = 560, 220, 40
+    points = [p for s in series.values() for p in s] + [(0.0, v) for v in (hlines or {}).values()]
+    if not points:
+        return ""
+    xs = [p[0] for p in points if p[0]] or [1.0]
+    ys = [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(0.0, min(ys)), max(ys) if max(ys) > min(0.0, min(ys)) else 1.0
+
+    def sx(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+
+    def sy(y: float) -> float:
+        return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="{_e(title)}">',
+        f'<text x="{pad}" y="16" font-size="13">{_e(title)}</text>',
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
+        'stroke="#999"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#999"/>',
+        f'<text x="4" y="{pad - 6}" font-size="11">{_e(y_label)}</text>',
+        f'<text x="{pad - 4}" y="{sy(y1) + 4:.1f}" font-size="10" text-anchor="end">'
+        f"{y1:.3g}</text>",
+        f'<text x="{pad - 4}" y="{sy(y0) + 4:.1f}" font-size="10" text-anchor="end">'
+        f"{y0:.3g}</text>",
+        f'<text x="{width - pad}" y="{height - pad + 16}" font-size="10" text-anchor="end">'
+        f"round {x1:g}</text>",
+    ]
+    for i, (name, pts) in enumerate(sorted(series.items())):
+        color = PALETTE[i % len(PALETTE)]
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{coords}"/>')
+        parts.append(
+            f'<text x="{width - pad + 4}" y="{pad + 14 * i}" font-size="11" fill="{color}">'
+            f"{_e(name)}</text>"
+        )
+    for i, (_name, value) in enumerate(sorted((hlines or {}).items())):
+        color = PALETTE[i % len(PALETTE)]
+        parts.append(
+            f'<line x1="{pad}" y1="{sy(value):.1f}" x2="{width - pad}" y2="{sy(value):.1f}" '
+            f'stroke="{color}" stroke-dasharray="4 3"/>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _png(path: Path, alt: str, width: int) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}" width="{width}">'
+
+
+def _audit_events(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir.parent / "audit.jsonl"
+    events = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("run") == run_dir.name:
+            events.append(e)
+    return events
+
+
+def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
+    """A short plain-language reading for clinicians."""
+    done = [r for r in records if "skipped" not in r]
+    sites = sorted({s for r in done for s in r["sites"]})
+    eps: dict[str, float] = {}
+    for r in records:
+        eps.update(r.get("epsilon", {}))
+    lines = [
+        f"{len(sites)} hospitals trained one image generator together over {len(records)} "
+        "rounds; no image left any hospital.",
+    ]
+    if eps:
+        worst = max(eps.values())
+        lines.append(
+            f"Each hospital's images are protected by differential privacy: the largest privacy "
+            f"loss spent is ε = {worst:.2f} (smaller is more private; a budget of about 10 or "
+            "less is common practice)."
+        )
+    else:
+        lines.append("This run trained without differential privacy: do not share its outputs.")
+    if any("secagg" in r for r in records):
+        lines.append(
+            "Secure aggregation was on: the coordinating server saw only the sum of the "
+            "hospitals' updates, never one hospital's."
+        )
+    if status.get("status") != "completed":
+        lines.append(f"The run is {status.get('status', 'unfinished')}: the pictures are interim.")
+    lines.append(
+        "The images are synthetic. How realistic, diverse and private they are is measured by "
+        "`fedgan evaluate` at a hospital; until then, treat them as unvalidated."
+    )
+    return lines
+
+
+def build(run_dir: Path) -> str:
+    run_dir = Path(run_dir)
+    records = read_records(run_dir / "metrics.jsonl")
+    if not records:
+        raise ReportError(f"{run_dir} holds no metrics.jsonl with a finished round")
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        status = {}
+    rounds = [r["round"] for r in records]
+    done = [r for r in records if "skipped" not in r]
+    losses = {
+        "G": [(r["round"], r["g_loss"]) for r in done],
+        "D": [(r["round"], r["d_loss"]) for r in done],
+    }
+    eps: dict[str, list[tuple[float, float]]] = {}
+    budgets: dict[str, float] = {}
+    for r in records:
+        for site, value in r.get("epsilon", {}).items():
+            eps.setdefault(site, []).append((r["round"], value))
+        budgets.update({f"budget {s}": b for s, b in r.get("epsilon_budget", {}).items()})
+    grids = sorted(run_dir.glob("samples_round_*.png"))
+    body = [
+        f"<h1>FedGAN run {_e(run_dir.name)}</h1>",
+        f"<p>Status: <b>{_e(status.get('status', 'unknown'))}</b>; rounds "
+        f"{min(rounds)}–{max(rounds)}; Flower run {_e(status.get('flower_run_id', '?'))}.</p>",
+        "<h2>Reading</h2><ul>"
+        + "".join(f"<li>{_e(x)}</li>" for x in reading(records, status))
+        + "</ul>",
+    ]
+    if grids:
+        body.append("<h2>Samples</h2>")
+        body.append(
+            f"<p>After round {int(grids[-1].stem[-3:])}:</p>" + _png(grids[-1], "last", 384)
+        )
+        body.append(
+            "<p>Every round (the same latent batch each time):</p><div>"
+            + "".join(
+                f"<figure style='display:inline-block'>{_png(g, g.stem, 128)}"
+                f"<figcaption>round {int(g.stem[-3:])}</figcaption></figure>"
+                for g in grids
+            )
+            + "</div>"
+        )
+    body.append("<h2>Losses</h2>" + line_chart("losses", losses, "loss"))
+    if eps:
+        body.append("<h2>Privacy spent per site</h2>" + line_chart("ε per site", eps, "ε", budgets))
+    head = (
+        "<tr><th>round</th><th>seconds</th><th>sites in the sum</th><th>sampled</th>"
+        "<th>G loss</th><th>D loss</th><th>ε max</th><th>bytes sent</th><th>note</th></tr>"
+    )
+    rows = []
+    for r in records:
+        e = r.get("epsilon", {})
+        note = r.get("skipped", "")
+        dropped = r.get("secagg", {}).get("dropped", [])
+        if dropped:
+            note = (note + " " if note else "") + f"dropped: {', '.join(dropped)}"
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{_e(v)}</td>"
+                for v in (
+                    r["round"],
+                    f"{r.get('seconds', 0):.1f}",
+                    ", ".join(r.get("sites", [])) if "skipped" not in r else "—",
+                    r.get("sites_sampled", ""),
+                    f"{r['g_loss']:.3f}" if "g_loss" in r else "—",
+                    f"{r['d_loss']:.3f}" if "d_loss" in r else "—",
+                    f"{max(e.values()):.3f}" if e else "—",
+                    sum(r.get("update_bytes", {}).values()) or "—",
+                    note,
+                )
+            )
+            + "</tr>"
+        )
+    body.append(f"<h2>Rounds</h2><table>{head}{''.join(rows)}</table>")
+    secagg = next((r["secagg"] for r in reversed(records) if "secagg" in r), None)
+    if secagg:
+        body.append(
+            "<h2>Secure aggregation</h2><p>"
+            + _e(
+                f"threshold {secagg['threshold']}, {secagg['bits']}-bit values summed modulo "
+                f"2^{secagg['modulus_bits']}, value range ±{secagg['value_range']:.3g}; "
+                "AES-256-GCM, X25519, HKDF-SHA256, AES-256-CTR masks, Shamir shares."
+            )
+            + "</p>"
+        )
+    events = _audit_events(run_dir)
+    if events:
+        body.append(
+            "<h2>Audit events</h2><ul>"
+            + "".join(
+                f"<li>{_e(e.get('time', ''))} {_e(e['event'])} "
+                + _e(
+                    ", ".join(
+                        f"{k}={v}"
+                        for k, v in e.items()
+                        if k not in ("time", "event", "prev", "run")
+                    )
+                )
+                + "</li>"
+                for e in events
+            )
+            + "</ul>"
+        )
+    body.append(
+        "<h2>Evaluation</h2><p>Not evaluated yet: quality (FID, precision/recall), privacy "
+        "attacks and utility are measured with <code>fedgan evaluate</code> at a site.</p>"
+    )
+    style = (
+        "body{font-family:sans-serif;max-width:960px;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
+        "font-size:13px}"
+    )
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>FedGAN run {_e(run_dir.name)}</title><style>{style}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+
+
+def write(run_dir: Path, out: Path | None = None) -> Path:
+    path = Path(out) if out else Path(run_dir) / "report.html"
+    write_text_atomic(path, build(run_dir))
+    return path

@@ -1,0 +1,90 @@
+"""`fedgan report`: one self-contained page from what a run folder holds."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+from PIL import Image
+
+from fedgan.audit_log import AuditLog
+from fedgan.report import ReportError, build, write
+
+
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _run(tmp_path):
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    records = [
+        {
+            "round": 1,
+            "seconds": 12.0,
+            "sites": ["site-1", "site-2"],
+            "sites_sampled": 2,
+            "g_loss": 1.5,
+            "d_loss": 1.2,
+            "epsilon": {"site-1": 2.0, "site-2": 2.5},
+            "epsilon_budget": {"site-1": 10.0, "site-2": 8.0},
+            "update_bytes": {"site-1": 100, "site-2": 100},
+            "secagg": {
+                "threshold": 2,
+                "bits": 12,
+                "modulus_bits": 13,
+                "value_range": 0.04,
+                "survivors": ["site-1", "site-2"],
+                "dropped": [],
+            },
+        },
+        {
+            "round": 2,
+            "seconds": 3.0,
+            "sites": [],
+            "sites_sampled": 2,
+            "skipped": "round 2 abandoned <at masked input>",
+            "secagg": {
+                "threshold": 2,
+                "bits": 12,
+                "modulus_bits": 13,
+                "value_range": 0.04,
+                "survivors": [],
+                "dropped": ["site-2"],
+            },
+        },
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (run / "status.json").write_text(json.dumps({"status": "completed", "flower_run_id": 7}))
+    (run / "samples_round_001.png").write_bytes(_png())
+    log = AuditLog(tmp_path / "runs" / "audit.jsonl")
+    log.append("run_started", run="r1")
+    log.append("run_started", run="other-run")
+    log.append("site_dropped", run="r1", round=2, site="site-2", reason="secagg_mask: timeout")
+    return run
+
+
+def test_report_is_self_contained_and_complete(tmp_path):
+    run = _run(tmp_path)
+    page = build(run)
+    assert page.count("data:image/png;base64,") == 2  # the last grid, then every round's
+    assert not re.search(r'(src|href)="https?:', page)  # nothing fetched
+    for svg in re.findall(r"<svg.*?</svg>", page, re.S):
+        ET.fromstring(svg)  # well-formed
+    assert "&lt;at masked input&gt;" in page and "<at masked input>" not in page
+    assert "dropped: site-2" in page and "largest privacy loss spent is ε = 2.50" in page
+    assert "Secure aggregation was on" in page and "threshold 2, 12-bit" in page
+    assert "site_dropped" in page and "other-run" not in page
+    assert "Not evaluated yet" in page
+    path = write(run)
+    assert path == run / "report.html" and path.read_text() == page
+
+
+def test_an_empty_run_folder_is_refused(tmp_path):
+    with pytest.raises(ReportError, match=r"no metrics\.jsonl"):
+        build(tmp_path)
