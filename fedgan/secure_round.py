@@ -6,7 +6,9 @@ moves records and notes who answered, with how many bytes."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -15,11 +17,12 @@ from flwr.serverapp import Grid
 from fedgan import wire
 from fedgan.messaging import exchange
 from fedgan.secagg import SecAggError, SecAggParams
-from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare, pack
+from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare, pack, unpack
 from fedgan.secagg.server import Aggregate, ServerSession
 from fedgan.update import Arrays
 
 log = logging.getLogger("fedgan.server")
+T = TypeVar("T")
 
 
 @dataclass
@@ -42,7 +45,16 @@ class SecureRound:
     def _count(self, site: str, *payloads: bytes) -> None:
         self.bytes_sent[site] = self.bytes_sent.get(site, 0) + sum(len(p) for p in payloads)
 
-    def _exchange(self, stage: str, requests: dict[str, RecordDict]) -> dict[str, RecordDict]:
+    def _exchange(
+        self,
+        stage: str,
+        requests: dict[str, RecordDict],
+        field: str,
+        parse: Callable[[bytes], T],
+    ) -> dict[str, T]:
+        """Send one stage's requests; each reply's ``field``, parsed. A site
+        that errs, times out or sends something unreadable is noted in
+        ``failures`` and left out; the bytes each site sent are counted."""
         messages = [
             Message(
                 content,
@@ -53,7 +65,7 @@ class SecureRound:
             for site, content in sorted(requests.items())
         ]
         by_node = {node: site for site, node in self.nodes.items()}
-        replies: dict[str, RecordDict] = {}
+        out: dict[str, T] = {}
         for reply in exchange(self.grid, messages, self.timeout):
             site = by_node.get(reply.metadata.src_node_id)
             if site is None:
@@ -68,11 +80,19 @@ class SecureRound:
                     reply.error.reason,
                 )
                 continue
-            replies[site] = reply.content
+            try:
+                raw = wire.secagg_bytes(reply.content, field)
+                out[site] = parse(raw)
+            except SecAggError as exc:
+                self.failures[site] = f"{stage}: {exc}"
+                continue
+            self._count(site, raw)
+            if wire.METRICS in reply.content.metric_records:
+                self.metrics[site] = dict(reply.content.metric_records[wire.METRICS])
         for site in requests:
-            if site not in replies and site not in self.failures:
+            if site not in out and site not in self.failures:
                 self.failures[site] = f"{stage}: no reply within {self.timeout:.0f} s"
-        return replies
+        return out
 
     def run(self, ads: dict[int, Advertisement]) -> Aggregate:
         """Stages 2-4 for the sites that trained and advertised (node → ad).
@@ -82,51 +102,32 @@ class SecureRound:
             self._count(ad.site_id, ad.c_pk, ad.s_pk, ad.cert_pem, ad.signature)
         roster = self.session.advertised(list(ads.values()))
         packed = pack([a.as_dict() for a in roster])
-        replies = self._exchange(
-            "secagg_share", {a.site_id: wire.secagg_message(roster=packed) for a in roster}
+        shares = self._exchange(
+            "secagg_share",
+            {a.site_id: wire.secagg_message(roster=packed) for a in roster},
+            "shares",
+            lambda raw: [EncryptedShare.from_dict(d) for d in unpack(raw)],
         )
-        shares: dict[str, list[EncryptedShare]] = {}
-        for site, content in replies.items():
-            try:
-                shares[site] = wire.secagg_list(content, "shares", EncryptedShare)
-            except SecAggError as exc:
-                self.failures[site] = f"secagg_share: {exc}"
-                continue
-            self._count(site, wire.secagg_bytes(content, "shares"))
         routed = self.session.shared(shares)
         u2 = self.session.u2
-        replies = self._exchange(
+        envelopes = self._exchange(
             "secagg_mask",
             {
                 site: wire.secagg_message(inbox=pack([s.as_dict() for s in inbox]), u2=u2)
                 for site, inbox in routed.items()
             },
+            "envelope",
+            lambda raw: raw,
         )
-        envelopes = {}
-        for site, content in replies.items():
-            try:
-                envelopes[site] = wire.secagg_bytes(content, "envelope")
-            except SecAggError as exc:
-                self.failures[site] = f"secagg_mask: {exc}"
-                continue
-            self._count(site, envelopes[site])
-            if wire.METRICS in content.metric_records:
-                self.metrics[site] = dict(content.metric_records[wire.METRICS])
         survivors, dropped = self.session.received_masked(envelopes)
         for site, why in self.session.refused.items():
             self.failures.setdefault(site, why)
-        replies = self._exchange(
+        reveals = self._exchange(
             "secagg_unmask",
             {s: wire.secagg_message(survivors=survivors, dropped=dropped) for s in survivors},
+            "reveals",
+            lambda raw: [RevealedShare.from_dict(d) for d in unpack(raw)],
         )
-        reveals: dict[str, list[RevealedShare]] = {}
-        for site, content in replies.items():
-            try:
-                reveals[site] = wire.secagg_list(content, "reveals", RevealedShare)
-            except SecAggError as exc:
-                self.failures[site] = f"secagg_unmask: {exc}"
-                continue
-            self._count(site, wire.secagg_bytes(content, "reveals"))
         return self.session.unmasked(reveals)
 
     def summary(self) -> dict:
