@@ -54,7 +54,7 @@ def advertise(
         raise SecAggError(f"site {site.site_id}: the update's size does not match the round's")
     signer = pki.load_signer(Path(site.signing_key), Path(site.signing_cert), site.site_id)
     session, ad = SiteSession.start(params, server_pk, signer, max(1, round(update.weight)))
-    state[SESSION] = ConfigRecord({"state": session.to_bytes()})
+    _save(state, session)
     state[PENDING] = ArrayRecord([flatten(update)])
     return ad
 
