@@ -266,3 +266,30 @@ def test_messages_round_trip_and_reject_garbage():
         unpack(b"{not json")
     with pytest.raises(SecAggError, match="'c_pk'"):
         Advertisement.from_dict({**ads[0].as_dict(), "c_pk": "text"})
+
+
+def test_a_server_lying_about_survivors_cannot_rebuild_both_secrets_of_a_site():
+    """The server tells two sites that site-04 survived and two others that it
+    dropped, hoping for its seed from the first and its mask key from the
+    second. With t > n/2 neither half reaches t shares."""
+    ids, params, server, sessions, ads = _setup(n=5)
+    assert params.threshold == 4
+    roster = server.advertised(ads)
+    routed = server.shared({s: sessions[s].share_keys(roster, CONSORTIUM.verifier()) for s in ids})
+    for s in ids:
+        sessions[s].masked_input(np.zeros(params.length), routed[s], server.u2)
+    target = ids[4]
+    seed_shares, key_shares = {}, {}
+    for s in ids[:2]:
+        for r in sessions[s].unmask(ids, []):
+            if r.owner == target:
+                seed_shares[r.x] = shamir.from_bytes(r.value)
+    for s in ids[2:4]:
+        for r in sessions[s].unmask(ids[:4], [target]):
+            if r.owner == target:
+                assert r.kind == "s"
+                key_shares[r.x] = shamir.from_bytes(r.value)
+    for shares in (seed_shares, key_shares):
+        assert len(shares) < params.threshold
+        with pytest.raises(SecAggError, match="cannot recover"):
+            shamir.reconstruct(shares, params.threshold)
