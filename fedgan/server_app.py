@@ -23,7 +23,7 @@ from fedgan import wire
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
 from fedgan.audit_log import AuditLog, record_round
-from fedgan.gan.models import Discriminator, Generator, build
+from fedgan.gan.models import Discriminator, Generator, build, recalibrate_batchnorm
 from fedgan.messaging import exchange
 from fedgan.outputs import RunOutputs
 from fedgan.progress import ROUND_MARKER
@@ -176,6 +176,13 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
         if attrs
         else None
     )
+
+    def g_inputs(n: int, rng: torch.Generator) -> tuple:
+        """Random inputs for G, drawn as the sites draw them for fakes."""
+        z = torch.randn(n, settings.spec.latent_dim, generator=rng)
+        y = torch.randint(0, classes, (n,), generator=rng) if classes else None
+        return z, y, sample_attributes(attrs, n, rng) if attrs else None
+
     # Secure aggregation needs two sites at least: a sum of one is that update.
     wanted = max(settings.min_sites, 2 if settings.secagg.enabled else 1)
     _wait_for_sites(grid, wanted, NODE_WAIT_SECONDS)
@@ -291,6 +298,7 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
             mean_gen, mean_disc = mean
             set_arrays(gen, apply_delta(global_gen, mean_gen))
             set_arrays(disc, apply_delta(global_disc, mean_disc))
+            recalibrate_batchnorm(gen, g_inputs, seed=server_round)
             out.save_generator(gen, server_round)
             gen.eval()
             with torch.no_grad():

@@ -10,6 +10,7 @@ touches real data.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +154,37 @@ class Discriminator(nn.Module):
         if self.attr_head is None:
             raise ValueError("this discriminator has no attribute head")
         return logit, self.attr_head(features.mean(dim=(2, 3)))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    gen: Generator,
+    inputs: Callable[[int, torch.Generator], tuple],
+    batches: int = 16,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> None:
+    """Recompute G's BatchNorm running statistics from its own outputs
+    (``inputs(n, rng)`` gives G's arguments). They are a function of G's
+    weights and random inputs only, so the server can recompute them after
+    averaging instead of averaging the sites' (secure aggregation clips each
+    value to a range sized for weight updates, which running variances
+    outgrow)."""
+    norms = [m for m in gen.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    was_training = gen.training
+    gen.train()
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        gen(*inputs(batch_size, rng))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    gen.train(was_training)
 
 
 def build(spec: GanSpec, seed: int | None = None) -> tuple[Generator, Discriminator]:

@@ -64,3 +64,29 @@ def test_local_training_moves_both_networks():
     assert any((a != b).any() for a, b in zip(d0, get_arrays(disc), strict=True))
     with pytest.raises(ValueError, match="non-empty"):
         train_local(gen, disc, torch.zeros(0, 1, 16, 16), TrainConfig())
+
+
+def test_server_recomputes_generator_batchnorm_statistics():
+    """Running statistics damaged (as per-value clipping in secure
+    aggregation once did) are rebuilt from G's own outputs: eval-mode
+    samples are then as varied as train-mode ones."""
+    from fedgan.gan.models import recalibrate_batchnorm
+
+    spec = GanSpec(image_size=16, channels=1, latent_dim=8, width=8)
+    gen, _ = build(spec, seed=0)
+    norms = [m for m in gen.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.running_var.fill_(50.0)  # far from the true activation variance
+    z = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    gen.eval()
+    with torch.no_grad():
+        damaged = gen(z).std().item()
+        gen.train()
+        wanted = gen(z).std().item()
+    recalibrate_batchnorm(gen, lambda n, g: (torch.randn(n, 8, generator=g),))
+    gen.eval()
+    with torch.no_grad():
+        repaired = gen(z).std().item()
+    assert damaged < 0.5 * wanted
+    assert abs(repaired - wanted) < 0.1 * wanted
+    assert all(m.momentum == 0.1 for m in norms) and not gen.training
