@@ -93,7 +93,6 @@ def read_train_reply(content: RecordDict) -> tuple[SiteUpdate | None, str, dict[
 # bytes in one ConfigRecord; these helpers only wrap and unwrap them.
 
 SECAGG = "secagg"
-SECAGG_STAGES = ("secagg_share", "secagg_mask", "secagg_unmask")
 
 
 def secagg_setup(params: SecAggParams, server_pk: bytes) -> ConfigRecord:

@@ -2,7 +2,8 @@
 
 Pure protocol: bytes and numpy arrays in, bytes and numpy arrays out; no
 Flower, no torch, no I/O. `client` holds a site's side, `server` the
-aggregator's; `wire`-level translation lives in `fedgan.secagg_wire`.
+aggregator's; `fedgan.site_secagg` and `fedgan.secure_round` drive them over
+Flower messages.
 
 Primitives, all from `cryptography`: X25519 key agreement, HKDF-SHA256,
 AES-256-GCM for every ciphertext, AES-256-CTR as the mask PRG, Ed25519
