@@ -15,7 +15,7 @@ from typing import Any
 from fedgan import pki
 from fedgan.audit_log import AuditLog
 from fedgan.deploy.commands import PRIVATE_ENV
-from fedgan.exporter import read_records
+from fedgan.exporter import latest_by_site, read_records
 from fedgan.secagg.params import min_modulus_bits
 
 TEMPLATES = Path(__file__).parent / "deploy" / "templates"
@@ -119,11 +119,9 @@ def privacy_spent(runs: Path) -> dict[str, dict[str, float]]:
     """Per run folder, each site's latest ε and its budget."""
     out: dict[str, dict[str, float]] = {}
     for path in sorted(Path(runs).glob("*/metrics.jsonl")):
-        eps: dict[str, float] = {}
-        budget: dict[str, float] = {}
-        for r in read_records(path):
-            eps.update(r.get("epsilon", {}))
-            budget.update(r.get("epsilon_budget", {}))
+        records = read_records(path)
+        eps = latest_by_site(records, "epsilon")
+        budget = latest_by_site(records, "epsilon_budget")
         if eps:
             out[path.parent.name] = {
                 site: {"epsilon": value, "budget": budget.get(site)}  # type: ignore[dict-item]

@@ -49,6 +49,15 @@ def read_records(metrics_path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def latest_by_site(records: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """Each site's last reported value of a per-site field (``epsilon``,
+    ``epsilon_budget``) across a run's rounds."""
+    out: dict[str, float] = {}
+    for r in records:
+        out.update(r.get(key, {}))
+    return out
+
+
 def tls_rejections(edge_logs: Iterable[Path]) -> int:
     count = 0
     for path in edge_logs:
@@ -138,13 +147,11 @@ class RunsCollector(Collector):
             if aggregated:
                 g["g_loss"].add_metric([run], float(aggregated[-1]["g_loss"]))
                 g["d_loss"].add_metric([run], float(aggregated[-1]["d_loss"]))
-            eps: dict[str, float] = {}
-            budget: dict[str, float] = {}
+            eps = latest_by_site(records, "epsilon")
+            budget = latest_by_site(records, "epsilon_budget")
             sent: dict[str, float] = {}
             lost = 0
             for r in records:
-                eps.update(r.get("epsilon", {}))
-                budget.update(r.get("epsilon_budget", {}))
                 for site, n in r.get("update_bytes", {}).items():
                     sent[site] = sent.get(site, 0) + n
                 refused = len(r.get("budget_exhausted", {}))

@@ -16,7 +16,7 @@ from typing import Any
 
 from fedgan.atomic import write_text_atomic
 from fedgan.errors import FedGanError
-from fedgan.exporter import read_records
+from fedgan.exporter import latest_by_site, read_records
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
 
@@ -107,9 +107,7 @@ def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
     """A short plain-language reading for clinicians."""
     done = [r for r in records if "skipped" not in r]
     sites = sorted({s for r in done for s in r["sites"]})
-    eps: dict[str, float] = {}
-    for r in records:
-        eps.update(r.get("epsilon", {}))
+    eps = latest_by_site(records, "epsilon")
     lines = [
         f"{len(sites)} hospitals trained one image generator together over {len(records)} "
         "rounds; no image left any hospital.",
@@ -153,11 +151,10 @@ def build(run_dir: Path) -> str:
         "D": [(r["round"], r["d_loss"]) for r in done],
     }
     eps: dict[str, list[tuple[float, float]]] = {}
-    budgets: dict[str, float] = {}
     for r in records:
         for site, value in r.get("epsilon", {}).items():
             eps.setdefault(site, []).append((r["round"], value))
-        budgets.update({f"budget {s}": b for s, b in r.get("epsilon_budget", {}).items()})
+    budgets = {f"budget {s}": b for s, b in latest_by_site(records, "epsilon_budget").items()}
     grids = sorted(run_dir.glob("samples_round_*.png"))
     body = [
         f"<h1>FedGAN run {_e(run_dir.name)}</h1>",

@@ -59,8 +59,8 @@ def site_images(
         len(report.skipped),
     )
     keep = list(range(len(data.labels)))
+    index = {c: i for i, c in enumerate(classes)}
     if classes:
-        index = {c: i for i, c in enumerate(classes)}
         keep = [i for i in keep if data.labels[i] in index]
         if not keep:
             raise SiloError(
@@ -86,10 +86,9 @@ def site_images(
     images = torch.from_numpy(data.as_float())
     if len(keep) < len(data.labels):
         images = images[keep]
-    labels = None
-    if classes:
-        index = {c: i for i, c in enumerate(classes)}
-        labels = torch.tensor([index[data.labels[i]] for i in keep], dtype=torch.long)
+    labels = (
+        torch.tensor([index[data.labels[i]] for i in keep], dtype=torch.long) if classes else None
+    )
     return images, labels, vectors
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from fedgan.secagg.encoding import fields
+from fedgan.secagg.errors import SecAggError
 
 BITS = (8, 12, 16)
 MIN_SITES = 2
@@ -67,8 +68,6 @@ class SecAggParams:
 
     def check(self) -> None:
         """Refuse parameters that could leak one site's update or wrap the sum."""
-        from fedgan.secagg.errors import SecAggError
-
         n, t = self.sites, self.threshold
         if n < MIN_SITES:
             raise SecAggError(

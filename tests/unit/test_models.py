@@ -83,8 +83,9 @@ def test_server_recomputes_generator_batchnorm_statistics():
         damaged = gen(z).std().item()
         gen.train()
         wanted = gen(z).std().item()
-    recalibrate_batchnorm(gen, lambda n, g: (torch.randn(n, 8, generator=g),))
     gen.eval()
+    recalibrate_batchnorm(gen, lambda n, g: (torch.randn(n, 8, generator=g),))
+    # It leaves G in the mode it found it in.
     with torch.no_grad():
         repaired = gen(z).std().item()
     assert damaged < 0.5 * wanted
