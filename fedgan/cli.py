@@ -24,6 +24,11 @@ app.add_typer(pki_app, name="pki")
 app.add_typer(silo_app, name="silo")
 audit_app = typer.Typer(help="For auditors: what protects the data, and the audit log.")
 app.add_typer(audit_app, name="audit")
+container_app = typer.Typer(
+    no_args_is_help=True,
+    help="Entrypoints of the aggregator and site images (settings from the environment).",
+)
+app.add_typer(container_app, name="container")
 
 CertsOpt = Annotated[Path, typer.Option("--out", "--certs", help="PKI root directory.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing keys and certificates.")]
@@ -82,6 +87,31 @@ def pki_issue_site(
         f"node key            {site.node_key} (0600), public {site.node_pub}\n"
         f"signing certificate {site.signing_cert}, key {site.signing_key} (0600)"
     )
+
+
+@pki_app.command("staging")
+def pki_staging(
+    sites: Annotated[int, typer.Option(help="Sites site-1..N.")] = 3,
+    san: Annotated[
+        list[str] | None,
+        typer.Option("--san", help="Extra aggregator DNS name or IP (repeatable)."),
+    ] = None,
+    out: CertsOpt = Path("certs"),
+) -> None:
+    """The PKI of the staging consortium (root docker-compose.yml): CA, aggregator with the
+    compose service names, sites, and nodes/<site>.pub for the SuperLink. Keeps what exists."""
+    from fedgan.deploy import kit
+
+    staged = kit.staging_pki(out, sites, san or [])
+    typer.echo(
+        f"PKI {staged.root}: sites {', '.join(staged.sites)}; node keys in {staged.node_keys}"
+    )
+    if staged.needs_chown:
+        typer.echo(
+            f"the containers run as uid {kit.CONTAINER_UID} and read these keys; run:\n"
+            f"  sudo chown {kit.CONTAINER_UID}:{kit.CONTAINER_UID} "
+            + " ".join(str(p) for p in staged.needs_chown)
+        )
 
 
 @pki_app.command("revoke")
@@ -247,6 +277,24 @@ def silo_split(
         counts = Counter(index.by_key.values())
         shown = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
         typer.echo(f"{site_dir}  {sum(counts.values())} images  ({shown})")
+
+
+@app.command("site-kit")
+def site_kit(
+    site_id: Annotated[str, typer.Argument(help="The site to hand the kit to.")],
+    certs: Annotated[Path, typer.Option(help="PKI root directory.")] = Path("certs"),
+    kit: Annotated[Path, typer.Option(help="The kit's files.")] = Path("deploy/site"),
+    out: Annotated[Path, typer.Option(help="Where to write the tarball.")] = Path("dist"),
+) -> None:
+    """Package the site kit with this site's certificates and keys for hand-over."""
+    from fedgan.deploy.kit import site_kit as build
+
+    path = build(certs, site_id, kit, out)
+    typer.echo(
+        f"site kit {path}\n"
+        "hand it over privately (it holds the site's private keys); the site unpacks it with\n"
+        f"  sudo tar -xzf {path.name}   (keeps the files owned by the containers' uid)"
+    )
 
 
 @app.command("demo")
@@ -464,6 +512,73 @@ def audit_verify_log(
     if not verdict.ok:
         fail(f"{path}: {verdict.problem} (first {verdict.entries} entries intact)")
     typer.echo(f"{path}: {verdict.entries} entries, chain intact")
+
+
+@container_app.command("superlink")
+def container_superlink() -> None:
+    """The aggregator: SuperLink (+ ServerApp), then register the mounted node keys."""
+    import os
+
+    from fedgan.deploy import container
+
+    raise typer.Exit(container.run_superlink(os.environ, say=typer.echo))
+
+
+@container_app.command("supernode")
+def container_supernode(
+    print_only: Annotated[
+        bool, typer.Option("--print", help="Print the command line instead of running it.")
+    ] = False,
+) -> None:
+    """A hospital site: the SuperNode (+ ClientApp) behind its nginx sidecar."""
+    import os
+
+    from fedgan.deploy import container
+
+    launch = container.supernode_launch(os.environ)
+    if print_only:
+        typer.echo(json.dumps(launch.argv))
+        return
+    container.exec_launch(launch)
+
+
+@container_app.command("exporter")
+def container_exporter() -> None:
+    """The aggregator's Prometheus exporter over the runs on the state volume."""
+    import os
+
+    from fedgan.deploy import container
+
+    container.exec_launch(container.exporter_launch(os.environ))
+
+
+@container_app.command(
+    "operator", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def container_operator(ctx: typer.Context) -> None:
+    """Run a `fedgan` operator command (run, status, sites, stop, report…) against the
+    SuperLink on the aggregator's internal network."""
+    import os
+
+    from fedgan.deploy import commands, container
+
+    home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    container.write_operator_home(os.environ, home)
+    argv = [commands.venv_bin("fedgan"), *ctx.args]
+    container.exec_launch(container.Launch(argv, {"FLWR_HOME": str(home)}, Path.cwd()))
+
+
+@container_app.command("health")
+def container_health(
+    role: Annotated[str, typer.Argument(help="superlink, supernode or exporter.")],
+) -> None:
+    """Exit 0 when this container's service answers (compose healthcheck)."""
+    import os
+
+    from fedgan.deploy import container
+
+    if not container.health(role, os.environ):
+        raise typer.Exit(1)
 
 
 def _terminate(signum: int, _frame: object) -> NoReturn:

@@ -355,7 +355,8 @@ def issue_site(
         uris=(site_uri(site_id),),
     )
     sidecar_key = ec.generate_private_key(_CURVE)
-    sidecar_names = list(sidecar_sans or DEFAULT_SITE_SIDECAR_SANS)
+    # `<site-id>-sidecar`: the sidecar's service name in the staging compose file.
+    sidecar_names = list(sidecar_sans or (*DEFAULT_SITE_SIDECAR_SANS, f"{site_id}-sidecar"))
     sidecar = _leaf(
         paths,
         f"{site_id}-sidecar",

@@ -6,6 +6,7 @@ that is right in the tests is right in production.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -108,6 +109,70 @@ def supernode_command(
         "--max-wait-time",
         "300",
     ]
+
+
+def site_node_config(
+    *,
+    site_id: str,
+    data_dir: Path,
+    kind: str,
+    work_dir: Path,
+    signing_key: Path,
+    signing_cert: Path,
+    ca: Path,
+    crl: Path,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str | int | float]:
+    """The SuperNode's ``--node-config``: what the site decides (its silo, its
+    keys), never the operator. Extra keys are the site's own settings
+    (silo options, ε budget, device, precision)."""
+    config: dict[str, str | int | float] = {
+        "site-id": site_id,
+        "data-dir": str(data_dir),
+        "kind": kind,
+        "work-dir": str(work_dir),
+        "signing-key": str(signing_key),
+        "signing-cert": str(signing_cert),
+        "ca-cert": str(ca),
+        "crl": str(crl),
+    }
+    config.update(extra or {})
+    return config
+
+
+def flwr_register_command(public_key: Path, connection: str, name: str) -> list[str]:
+    """Register a site's SuperNode key (node auth) on the SuperLink."""
+    return [
+        venv_bin("flwr"),
+        "supernode",
+        "register",
+        str(public_key),
+        connection,
+        "--name",
+        name,
+        "--format",
+        "json",
+    ]
+
+
+def registered_node_id(output: str) -> int | None:
+    """The node id in `flwr supernode register --format json` output."""
+    try:
+        data = json.loads(output[output.index("{") :])
+        return int(data["node-id"] if "node-id" in data else data["node_id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def connection_config(name: str, address: str, ca: Path) -> str:
+    """FLWR_HOME/config.toml naming one SuperLink (Control API over TLS)."""
+    return (
+        "[superlink]\n"
+        f'default = "{name}"\n\n'
+        f"[superlink.{name}]\n"
+        f'address = "{address}"\n'
+        f'root-certificates = "{ca}"\n'
+    )
 
 
 def nginx_command(config: Path) -> list[str]:

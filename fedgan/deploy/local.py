@@ -118,19 +118,24 @@ class LocalFederation:
         flwr_home.mkdir(parents=True, exist_ok=True)
         return commands.process_env({"FLWR_HOME": str(flwr_home)})
 
+    def superlink_argv(self, port: int, database: Path) -> list[str]:
+        return commands.superlink_command(
+            host=LOOPBACK,
+            port=port,
+            cert=self.pki.server_cert,
+            key=self.pki.server_key,
+            ca=self.pki.ca_cert,
+            database=database,
+        )
+
     def _start_superlink(self) -> None:
         self.superlink_port = free_port()
         state = self.run_dir / "aggregator"
         state.mkdir(parents=True, exist_ok=True)
-        argv = commands.superlink_command(
-            host=LOOPBACK,
-            port=self.superlink_port,
-            cert=self.pki.server_cert,
-            key=self.pki.server_key,
-            ca=self.pki.ca_cert,
-            # A new state database per start: a resumed demo registers its
-            # sites' node keys afresh.
-            database=state / f"superlink-{time.strftime('%Y%m%d-%H%M%S')}.db",
+        # A new state database per start: a resumed demo registers its sites'
+        # node keys afresh.
+        argv = self.superlink_argv(
+            self.superlink_port, state / f"superlink-{time.strftime('%Y%m%d-%H%M%S')}.db"
         )
         proc = self.group.start(
             "superlink",
@@ -238,28 +243,32 @@ class LocalFederation:
     def site_work_dir(self, site_id: str) -> Path:
         return self.run_dir / "sites" / site_id
 
+    def supernode_argv(self, site: SiteSpec, sidecar_port: int, runtime_port: int) -> list[str]:
+        paths = self.pki.site(site.site_id)
+        return commands.supernode_command(
+            superlink=f"{TLS_NAME}:{sidecar_port}",
+            ca=self.pki.ca_cert,
+            node_key=paths.node_key,
+            runtime_port=runtime_port,
+            node_config=commands.site_node_config(
+                site_id=site.site_id,
+                data_dir=Path(site.data_dir).resolve(),
+                kind=site.kind,
+                work_dir=self.site_work_dir(site.site_id),
+                signing_key=paths.signing_key.resolve(),
+                signing_cert=paths.signing_cert.resolve(),
+                ca=self.pki.ca_cert.resolve(),
+                crl=self.pki.crl.resolve(),
+                extra=site.node_config,
+            ),
+        )
+
     def _start_supernode(self, site: SiteSpec, sidecar_port: int) -> None:
         paths = self.pki.site(site.site_id)
         work = self.site_work_dir(site.site_id)
         work.mkdir(parents=True, exist_ok=True)
         runtime_port = free_port()
-        argv = commands.supernode_command(
-            superlink=f"{TLS_NAME}:{sidecar_port}",
-            ca=self.pki.ca_cert,
-            node_key=paths.node_key,
-            runtime_port=runtime_port,
-            node_config={
-                "site-id": site.site_id,
-                "data-dir": str(Path(site.data_dir).resolve()),
-                "kind": site.kind,
-                "work-dir": str(work),
-                "signing-key": str(paths.signing_key.resolve()),
-                "signing-cert": str(paths.signing_cert.resolve()),
-                "ca-cert": str(self.pki.ca_cert.resolve()),
-                "crl": str(self.pki.crl.resolve()),
-                **site.node_config,
-            },
-        )
+        argv = self.supernode_argv(site, sidecar_port, runtime_port)
         # Sites share this machine's cores: oversubscribed OpenMP threads
         # spin against each other and slow every round down several-fold.
         threads = max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
@@ -279,12 +288,8 @@ class LocalFederation:
     # -- operator side --------------------------------------------------------
 
     def _write_operator_config(self) -> None:
-        text = (
-            "[superlink]\n"
-            f'default = "{CONNECTION}"\n\n'
-            f"[superlink.{CONNECTION}]\n"
-            f'address = "{LOOPBACK}:{self.superlink_port}"\n'
-            f'root-certificates = "{self.pki.ca_cert}"\n'
+        text = commands.connection_config(
+            CONNECTION, f"{LOOPBACK}:{self.superlink_port}", self.pki.ca_cert
         )
         write_text_atomic(self.operator_home / "config.toml", text)
 
@@ -301,17 +306,15 @@ class LocalFederation:
 
     def _register(self, site_id: str) -> int:
         pub = self.pki.site(site_id).node_pub
-        result = self.flwr(
-            "supernode", "register", str(pub), CONNECTION, "--name", site_id, "--format", "json"
-        )
-        try:
-            data = json.loads(result.stdout)
-            return int(data["node-id"] if "node-id" in data else data["node_id"])
-        except (ValueError, KeyError, TypeError):
+        argv = commands.flwr_register_command(pub, CONNECTION, site_id)
+        result = self.flwr(*argv[1:])
+        node_id = commands.registered_node_id(result.stdout)
+        if node_id is None:
             raise ProcessFailed(
                 f"registering the node key of site {site_id} ({pub}) failed "
                 f"(exit {result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
-            ) from None
+            )
+        return node_id
 
     def online_nodes(self) -> set[int]:
         result = self.flwr("supernode", "list", CONNECTION, "--format", "json")
