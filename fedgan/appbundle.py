@@ -65,6 +65,16 @@ def stage_app_dir(dest: Path, pyproject: Path | None = None) -> Path:
     return dest
 
 
+def fab_sha256(app_dir: Path) -> str:
+    """The SHA-256 of the FAB `flwr run` builds from ``app_dir`` (Flower's
+    build is deterministic), which sites under a hash-only policy approve."""
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+
+
 def write_run_config(path: Path, values: dict[str, Any]) -> Path:
     """A TOML file of run-config overrides for `flwr run --run-config`."""
     write_text_atomic(path, tomli_w.dumps(values))

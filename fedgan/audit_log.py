@@ -109,8 +109,9 @@ class AuditLog:
 
 def record_round(log: AuditLog, run: str, record: dict[str, Any], seen: set[str]) -> None:
     """The audit events of one round, from its metrics record: sites that
-    joined (first round in the sum), refused for budget, dropped out or
-    failed (with the reason), rejected messages, an abandoned round."""
+    joined (first round in the sum), refused for budget or by their approval
+    policy, dropped out or failed (with the reason), rejected messages, an
+    abandoned round."""
     r = record["round"]
     for site in record.get("sites", []):
         if site not in seen:
@@ -118,6 +119,8 @@ def record_round(log: AuditLog, run: str, record: dict[str, Any], seen: set[str]
             log.append("site_joined", run=run, round=r, site=site)
     for site, why in sorted(record.get("budget_exhausted", {}).items()):
         log.append("budget_refused", run=run, round=r, site=site, **why)
+    for site, why in sorted(record.get("refused", {}).items()):
+        log.append("site_refused", run=run, round=r, site=site, reason=why)
     for site, why in sorted(record.get("secagg", {}).get("failures", {}).items()):
         event = "secagg_rejected" if "authentication failed" in why else "site_dropped"
         log.append(event, run=run, round=r, site=site, reason=why)

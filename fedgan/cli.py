@@ -24,6 +24,11 @@ app.add_typer(pki_app, name="pki")
 app.add_typer(silo_app, name="silo")
 audit_app = typer.Typer(help="For auditors: what protects the data, and the audit log.")
 app.add_typer(audit_app, name="audit")
+site_app = typer.Typer(
+    no_args_is_help=True,
+    help="At a hospital: which app bundles and run settings this site accepts.",
+)
+app.add_typer(site_app, name="site")
 container_app = typer.Typer(
     no_args_is_help=True,
     help="Entrypoints of the aggregator and site images (settings from the environment).",
@@ -378,7 +383,10 @@ def run(
 
     settings = operator.prepare(config, run_dir=run_dir, resume=resume)
     if check:
-        typer.echo(f"{config}: valid ({settings['num-server-rounds']} rounds)")
+        typer.echo(
+            f"{config}: valid ({settings['num-server-rounds']} rounds); app bundle (configuration "
+            f"only) sha256 {operator.bundle_hash()}"
+        )
         return
     code = operator.submit(settings, connection, flwr_home, say=typer.echo, log_path=log)
     if code != 0:
@@ -512,6 +520,107 @@ def audit_verify_log(
     if not verdict.ok:
         fail(f"{path}: {verdict.problem} (first {verdict.entries} entries intact)")
     typer.echo(f"{path}: {verdict.entries} entries, chain intact")
+
+
+WorkDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--work-dir",
+        envvar="FEDGAN_WORK_DIR",
+        help="The site's work dir (ledger, approval file) [in the site image: /var/lib/fedgan].",
+    ),
+]
+
+
+def _site_store(work_dir: Path):
+    from fedgan.approval import PolicyStore
+
+    if not work_dir.is_dir():
+        fail(f"{work_dir} is not a folder; pass the site's work dir with --work-dir")
+    import os
+
+    return PolicyStore(work_dir, os.environ.get("FEDGAN_SITE_ID", ""))
+
+
+@site_app.command("approve")
+def site_approve(
+    fab_hash: Annotated[
+        str | None, typer.Argument(help="SHA-256 of an app bundle (fedgan run --check prints it).")
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option(help="A fedgan version whose code this site reviewed.")
+    ] = None,
+    work_dir: WorkDirOpt = Path("/var/lib/fedgan"),
+) -> None:
+    """Approve an app bundle's hash, or a fedgan version, after review."""
+    from fedgan.approval import describe
+
+    if fab_hash is None and version is None:
+        fail("name what to approve: a bundle's SHA-256, or --version VERSION")
+    store = _site_store(work_dir)
+    typer.echo(describe(store.approve(fab_hash=fab_hash, version=version), store.path))
+
+
+@site_app.command("revoke")
+def site_revoke(
+    fab_hash: Annotated[str | None, typer.Argument(help="SHA-256 to withdraw.")] = None,
+    version: Annotated[str | None, typer.Option(help="A fedgan version to withdraw.")] = None,
+    work_dir: WorkDirOpt = Path("/var/lib/fedgan"),
+) -> None:
+    """Withdraw an approval; later tasks of that bundle or version are refused."""
+    from fedgan.approval import describe
+
+    if fab_hash is None and version is None:
+        fail("name what to revoke: a bundle's SHA-256, or --version VERSION")
+    store = _site_store(work_dir)
+    typer.echo(describe(store.revoke(fab_hash=fab_hash, version=version), store.path))
+
+
+@site_app.command("policy")
+def site_policy(
+    mode: Annotated[
+        str | None,
+        typer.Option(help="config-only: any config-only bundle; hash-only: approved hashes only."),
+    ] = None,
+    min_noise: Annotated[
+        float | None, typer.Option(help="Smallest DP noise multiplier σ this site trains with.")
+    ] = None,
+    max_epsilon: Annotated[
+        str | None, typer.Option(help="Largest target ε a run may ask for ('none': no limit).")
+    ] = None,
+    require_dp: Annotated[
+        bool | None, typer.Option("--require-dp/--allow-no-dp", help="Refuse runs without DP.")
+    ] = None,
+    require_secagg: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-secagg/--allow-no-secagg", help="Refuse runs without secure aggregation."
+        ),
+    ] = None,
+    work_dir: WorkDirOpt = Path("/var/lib/fedgan"),
+) -> None:
+    """Print this site's approval policy and limits; change them with the options."""
+    from fedgan.approval import MODES, describe
+
+    store = _site_store(work_dir)
+    limits: dict[str, object] = {}
+    if min_noise is not None:
+        limits["min_noise_multiplier"] = min_noise
+    if max_epsilon is not None:
+        try:
+            limits["max_target_epsilon"] = (
+                None if max_epsilon.lower() == "none" else float(max_epsilon)
+            )
+        except ValueError:
+            fail(f"--max-epsilon {max_epsilon!r}: give a number or 'none'")
+    if require_dp is not None:
+        limits["require_dp"] = require_dp
+    if require_secagg is not None:
+        limits["require_secure_aggregation"] = require_secagg
+    if mode is not None and mode not in MODES:
+        fail(f"--mode {mode!r}: use one of {', '.join(MODES)}")
+    policy = store.update(mode=mode, **limits) if mode or limits else store.load()
+    typer.echo(describe(policy, store.path))
 
 
 @container_app.command("superlink")

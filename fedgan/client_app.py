@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedgan import faults, site_secagg, wire
+from fedgan import approval, faults, site_runtime, site_secagg, wire
 from fedgan.run_config import SiteSettings
 
 log = logging.getLogger("fedgan.site")
@@ -31,9 +31,33 @@ def train(msg: Message, context: Context) -> Message:
     from fedgan.site_round import run_round
 
     site = SiteSettings.from_node_config(context.node_config)
-    global_gen, global_disc, cfg = wire.read_train_request(msg.content)
+    store = approval.PolicyStore(Path(site.work_dir), site.site_id)
     run_id = str(msg.metadata.run_id)
-    outcome = run_round(site, dict(context.node_config), run_id, cfg, global_gen, global_disc)
+    if site_runtime.admitted_fab is None:
+        raise store.refuse(
+            approval.AppRefused(
+                site.site_id,
+                "this SuperNode runs a ClientApp runtime that does not check app bundles; "
+                "start it with FedGAN's launcher or site image",
+            ),
+            run=run_id,
+        )
+    global_gen, global_disc, cfg = wire.read_train_request(msg.content)
+    secagg = wire.read_secagg_setup(msg.content)
+    try:
+        outcome = run_round(
+            site,
+            dict(context.node_config),
+            run_id,
+            cfg,
+            global_gen,
+            global_disc,
+            limits=store.load().limits,
+            secure=secagg is not None,
+        )
+    except approval.AppRefused as refusal:
+        # Raised to Flower, which replies to the ServerApp with the reason.
+        raise store.refuse(refusal, run=run_id, round=int(cfg["round"])) from None
     if outcome.update is None:
         refusal = outcome.refusal
         assert refusal is not None
@@ -55,7 +79,6 @@ def train(msg: Message, context: Context) -> Message:
                 "weight": [np.asarray(outcome.update.weight)],
             },
         )
-    secagg = wire.read_secagg_setup(msg.content)
     if secagg is not None:
         params, server_pk = secagg
         ad = site_secagg.advertise(context.state, site, params, server_pk, outcome.update)

@@ -14,6 +14,7 @@ from typing import Any
 
 from fedgan import pki
 from fedgan.appbundle import default_run_config, stage_app_dir, write_run_config
+from fedgan.approval import PolicyStore
 from fedgan.deploy.local import LocalFederation, SiteSpec
 from fedgan.errors import FedGanError
 from fedgan.outputs import RunOutputs
@@ -202,6 +203,12 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
     config_path = write_run_config(run_dir / "run-config.toml", config)
     outputs = RunOutputs(run_dir)
     with LocalFederation(run_dir, run_dir / "certs", sites) as fed:
+        if not config.get("dp", True):
+            # The demo plays the hospitals too: their default policy refuses
+            # runs without DP, so it allows them here, and says so.
+            for site in sites:
+                PolicyStore(fed.site_work_dir(site.site_id), site.site_id).update(require_dp=False)
+            say("sites         allow runs without DP (fedgan site policy --allow-no-dp)")
         fed.start(progress=say)
         say(f"deployment    {run_dir / 'deployment.json'}")
         shape = f"{opts.image_size}px {opts.kind}"

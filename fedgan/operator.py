@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgan import federation
-from fedgan.appbundle import default_run_config, stage_app_dir, write_run_config
+from fedgan.appbundle import default_run_config, fab_sha256, stage_app_dir, write_run_config
 from fedgan.deploy import commands
 from fedgan.errors import FedGanError
 from fedgan.progress import ROUND_MARKER, format_round
@@ -91,8 +91,8 @@ def submit(
         run_config = write_run_config(Path(tmp) / "run-config.toml", config)
         say(
             f"submitting to {connection or 'the default SuperLink'}: {rounds} rounds; "
-            "the app bundle carries "
-            "configuration only (pyproject.toml, no code)"
+            "the app bundle carries configuration only (pyproject.toml, no code), "
+            f"sha256 {fab_sha256(app_dir)}"
         )
         argv = commands.flwr_run_command(app_dir, connection, run_config)
         log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
@@ -106,11 +106,15 @@ def submit(
                 env=_env(flwr_home),
             )
             assert proc.stdout is not None
+            failed = False
             for line in proc.stdout:
                 if log:
                     log.write(line)
                 _follow(line, rounds, say)
-            return proc.wait()
+                # The ServerApp's own verdict (flwr exits 0 whatever it was).
+                failed = failed or "fedgan: no site will take part" in line
+            code = proc.wait()
+            return code if code != 0 or not failed else 1
         finally:
             if log:
                 log.close()
@@ -135,6 +139,12 @@ def _follow(line: str, rounds: int, say: Callable[[str], None]) -> None:
 
 def _conn(connection: str | None) -> list[str]:
     return [connection] if connection else []
+
+
+def bundle_hash() -> str:
+    """The SHA-256 of the config-only app bundle `submit` sends."""
+    with tempfile.TemporaryDirectory(prefix="fedgan-fab-") as tmp:
+        return fab_sha256(stage_app_dir(Path(tmp) / "app"))
 
 
 def runs(connection: str | None, flwr_home: Path | None) -> list[dict[str, Any]]:

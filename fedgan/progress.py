@@ -27,6 +27,8 @@ def format_round(r: dict[str, Any], rounds: int) -> list[str]:
             f"{head} {r['seconds']:6.1f} s  sites {len(r['sites'])}/{r['sites_sampled']}  "
             f"G loss {r['g_loss']:.3f}  D loss {r['d_loss']:.3f}{privacy}{secure}"
         ]
+    for site, why in r.get("refused", {}).items():
+        lines.append(f"  {site} refused: {why}; left out of later rounds")
     for site, why in r.get("budget_exhausted", {}).items():
         lines.append(
             f"  {site} refused: budget exhausted (ε {why['epsilon']:.2f} spent, "

@@ -20,6 +20,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedgan import wire
+from fedgan.approval import parse_refusal
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
 from fedgan.audit_log import AuditLog, record_round
@@ -96,6 +97,10 @@ def main(grid: Grid, context: Context) -> None:
         out.write_status("failed", flower_run_id=context.run_id, reason=str(exc))
         audit.append("run_failed", run=run, reason=str(exc) or type(exc).__name__)
         raise
+    if "stopped" in summary:
+        out.write_status("failed", flower_run_id=context.run_id, reason=summary["stopped"])
+        audit.append("run_failed", run=run, reason=summary["stopped"])
+        return
     out.write_status("completed", flower_run_id=context.run_id, rounds=settings.rounds, **summary)
     audit.append("run_completed", run=run, rounds=settings.rounds)
 
@@ -187,11 +192,16 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
     wanted = max(settings.min_sites, 2 if settings.secagg.enabled else 1)
     _wait_for_sites(grid, wanted, NODE_WAIT_SECONDS)
     exhausted: dict[int, str] = {}  # node id -> site id, left out for the rest of the run
+    # node id -> (site id, reason): sites that refused the app bundle or the
+    # run's settings (fedgan.approval); left out for the rest of the run too.
+    declined: dict[int, tuple[str, str]] = {}
     seen: set[str] = set()  # sites that have been in an aggregate (audit: joined)
     clipped: dict[str, list[bool]] = {}
     for server_round in range(first_round, settings.rounds + 1):
         started = time.perf_counter()
-        available = [n for n in sorted(grid.get_node_ids()) if n not in exhausted]
+        available = [
+            n for n in sorted(grid.get_node_ids()) if n not in exhausted and n not in declined
+        ]
         nodes = _sample(available, settings.fraction_sites, settings.train.seed, server_round)
         global_gen, global_disc = get_arrays(gen), get_arrays(disc)
         config = settings.round_config(server_round)
@@ -211,10 +221,21 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
         updates: list[SiteUpdate] = []
         ads: dict[int, Advertisement] = {}
         refused: dict[str, dict[str, float]] = {}
+        declined_now: dict[str, str] = {}
         failures: list[str] = []
         for reply in exchange(grid, messages, settings.round_timeout) if messages else []:
             if reply.has_error():
-                failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                site_refusal = parse_refusal(reply.error.reason)
+                if site_refusal is None:
+                    failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                    continue
+                declined[reply.metadata.src_node_id] = site_refusal
+                declined_now[site_refusal[0]] = site_refusal[1]
+                log.warning(
+                    "round %d: site %s refused: %s; left out of later rounds",
+                    server_round,
+                    *site_refusal,
+                )
                 continue
             if secure:
                 update, site_id, metrics = None, *wire.read_train_reply_metrics(reply.content)
@@ -254,8 +275,10 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
             "sites_sampled": len(nodes),
             "sites_available": len(available),
             # errors and timeouts; a refusal is not a failure
-            "sites_failed": len(nodes) - len(received) - len(refused),
+            "sites_failed": len(nodes) - len(received) - len(refused) - len(declined_now),
         }
+        if declined_now:
+            record["refused"] = dict(sorted(declined_now.items()))
         if failures:
             record["failures"] = failures
         eps = {
@@ -329,9 +352,18 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
         # One JSON line per round for `fedgan run`, which reads the log stream.
         log.info("%s%s", ROUND_MARKER, json.dumps(record, sort_keys=True))
         record_round(audit, out.dir.name, record, seen)
+        if declined and all(n in declined or n in exhausted for n in grid.get_node_ids()):
+            # Returned, not raised: Flower streams the ServerApp's last log
+            # lines to the operator only when it ends normally.
+            stopped = "no site will take part any more: " + "; ".join(
+                f"{s} refused: {why}" for s, why in sorted(declined.values())
+            )
+            log.error("fedgan: %s", stopped)
+            return {"stopped": stopped}
     return {
         "update_clipped_fraction": {
             s: sum(flags) / len(flags) for s, flags in sorted(clipped.items())
         },
         "budget_exhausted": sorted(exhausted.values()),
+        "refused": {site: why for site, why in sorted(declined.values())},
     }

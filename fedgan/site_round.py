@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedgan.approval import Limits, check_run
 from fedgan.attributes import Attribute, read_site_attributes
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
@@ -122,7 +123,23 @@ def run_round(
     cfg: dict[str, Any],
     global_gen: list[np.ndarray],
     global_disc: list[np.ndarray],
+    *,
+    limits: Limits | None = None,
+    secure: bool = False,
 ) -> RoundOutcome:
+    """``limits``: the site's own (`fedgan.approval`); a run weaker than them
+    raises `AppRefused` before anything is trained or recorded."""
+    if limits is not None:
+        # Before the silo is read: what needs no calibration (σ is checked
+        # once the plan has it).
+        check_run(
+            limits,
+            site.site_id,
+            dp=bool(cfg["dp"]),
+            noise_multiplier=None,
+            target_epsilon=float(cfg["target-epsilon"]),
+            secure_aggregation=secure,
+        )
     classes = parse_classes(str(cfg["classes"]))
     attrs = parse_attributes(str(cfg.get("attributes", "")))
     spec = GanSpec(
@@ -172,6 +189,15 @@ def run_round(
             local_steps=train_cfg.local_steps,
             rounds=int(cfg["rounds"]),
         )
+        if limits is not None:
+            check_run(
+                limits,
+                site.site_id,
+                dp=True,
+                noise_multiplier=plan.noise_multiplier,
+                target_epsilon=float(cfg["target-epsilon"]),
+                secure_aggregation=secure,
+            )
         try:
             spend = ledger.spend(
                 run=str(cfg["run-name"]) or run_id,

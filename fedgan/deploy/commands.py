@@ -36,13 +36,17 @@ def nginx_binary() -> str:
     return found
 
 
-def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def process_env(
+    extra: dict[str, str] | None = None, path_first: list[Path] | None = None
+) -> dict[str, str]:
     """The environment for a Flower process: ours, private, venv bin first on
-    PATH (the SuperLink spawns `flower-superexec` by name)."""
+    PATH (the SuperLink spawns `flower-superexec` by name), after ``path_first``."""
     env = dict(os.environ)
     env.update(PRIVATE_ENV)
     bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["PATH"] = os.pathsep.join(
+        [*(str(p) for p in path_first or []), bindir, env.get("PATH", "")]
+    )
     env["PYTHONUNBUFFERED"] = "1"
     if extra:
         env.update(extra)
@@ -109,6 +113,22 @@ def supernode_command(
         "--max-wait-time",
         "300",
     ]
+
+
+def clientapp_shim(directory: Path) -> Path:
+    """A directory whose ``flwr-clientapp`` is FedGAN's ClientApp runtime
+    (`fedgan.site_runtime`): the SuperNode launches that name from its PATH,
+    so with this directory first every task's app bundle is checked against
+    the site's approval before Flower installs it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    link = directory / "flwr-clientapp"
+    target = venv_bin("fedgan-clientapp")
+    if not (link.is_symlink() and os.readlink(link) == target):
+        tmp = directory / ".flwr-clientapp.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        os.replace(tmp, link)
+    return directory
 
 
 def site_node_config(

@@ -48,11 +48,13 @@ class ContainerConfigError(FedGanError):
 
 @dataclass(frozen=True)
 class Launch:
-    """A process to start: its argv, environment additions and working directory."""
+    """A process to start: its argv, environment additions, working directory,
+    and directories to put first on its PATH."""
 
     argv: list[str]
     env: dict[str, str]
     cwd: Path
+    path_first: tuple[Path, ...] = ()
 
 
 def _get(env: Mapping[str, str], key: str, default: str | None = None) -> str:
@@ -150,7 +152,9 @@ def supernode_launch(env: Mapping[str, str]) -> Launch:
         node_config=node_config,
     )
     flwr_home = work_dir / "flwr-home"
-    return Launch(argv, {"FLWR_HOME": str(flwr_home)}, work_dir)
+    # Every task's app bundle is checked against the site's approval first.
+    shim = commands.clientapp_shim(work_dir / "bin")
+    return Launch(argv, {"FLWR_HOME": str(flwr_home)}, work_dir, (shim,))
 
 
 def superlink_launch(env: Mapping[str, str]) -> Launch:
@@ -278,4 +282,8 @@ def exec_launch(launch: Launch) -> None:
     """Replace this process, so the engine's signals reach Flower directly."""
     sys.stdout.flush()
     os.chdir(launch.cwd)
-    os.execvpe(launch.argv[0], launch.argv, commands.process_env(launch.env))
+    os.execvpe(
+        launch.argv[0],
+        launch.argv,
+        commands.process_env(launch.env, path_first=list(launch.path_first)),
+    )

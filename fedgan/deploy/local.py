@@ -272,7 +272,11 @@ class LocalFederation:
         # Sites share this machine's cores: oversubscribed OpenMP threads
         # spin against each other and slow every round down several-fold.
         threads = max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
-        env = self._env(work / "flwr-home")
+        (work / "flwr-home").mkdir(parents=True, exist_ok=True)
+        env = commands.process_env(
+            {"FLWR_HOME": str(work / "flwr-home")},
+            path_first=[commands.clientapp_shim(work / "bin")],
+        )
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
         env.update(site.env)
         self.group.start(

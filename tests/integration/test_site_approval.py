@@ -1,0 +1,143 @@
+"""A hospital runs only the code and settings it approved, in a real 3-site
+federation (SuperLink, edge, sidecars, SuperNodes with FedGAN's ClientApp
+runtime):
+
+1. the config-only bundle: site-1 (hash-only policy, hash not approved) and
+   site-3 (requires σ ≥ 5, the run asks for 1) refuse it with their reasons,
+   the run goes on with site-2 alone and the two are left out of round 2;
+2. a bundle with an added Python file, whose ClientApp would write a marker
+   file at import, is refused by every site before any of it runs: the
+   marker never appears, and the run stops, naming each refusal.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import tomllib
+
+import pytest
+import tomli_w
+
+from fedgan import pki
+from fedgan.appbundle import default_run_config, fab_sha256, stage_app_dir, write_run_config
+from fedgan.approval import PolicyStore
+from fedgan.audit_log import AuditLog
+from fedgan.deploy.local import LocalFederation, SiteSpec
+from fedgan.progress import format_round
+from fedgan.silo.synth import synth_silo
+
+pytestmark = pytest.mark.integration
+
+SMALL = {
+    "image-size": 16,
+    "width": 8,
+    "latent-dim": 16,
+    "local-steps": 2,
+    "batch-size": 4,
+    "noise-multiplier": 1.0,
+    "secagg": False,  # a secure sum of one site's update is refused; this is about approval
+    "min-sites": 3,
+    "round-timeout": 300.0,
+}
+
+
+def _events(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("approval")
+    certs = root / "certs"
+    pki.init_ca(certs, "Approval")
+    pki.issue_aggregator(certs)
+    sites = []
+    for i in (1, 2, 3):
+        pki.issue_site(certs, f"site-{i}")
+        silo = synth_silo(root / f"silo-{i}", "fundus", 12, seed=i, size=16)
+        sites.append(SiteSpec(f"site-{i}", silo, "fundus"))
+    fed = LocalFederation(root / "fed", certs, sites)
+    # Each hospital's own choice, made before it joins.
+    PolicyStore(fed.site_work_dir("site-1"), "site-1").update(mode="hash-only")
+    PolicyStore(fed.site_work_dir("site-3"), "site-3").update(min_noise_multiplier=5.0)
+    with fed:
+        fed.start()
+        yield fed, root
+
+
+def test_sites_refuse_what_they_did_not_approve_and_the_run_goes_on(federation):
+    fed, root = federation
+    app_dir = stage_app_dir(root / "app-ok")
+    digest = fab_sha256(app_dir)
+    config = default_run_config() | SMALL | {"num-server-rounds": 2, "run-dir": str(root / "ok")}
+    fed.run(app_dir, write_run_config(root / "ok.toml", config), timeout=900)
+
+    rounds = [json.loads(x) for x in (root / "ok" / "metrics.jsonl").read_text().splitlines()]
+    first, second = rounds
+    assert first["sites"] == ["site-2"] and first["sites_failed"] == 0
+    assert set(first["refused"]) == {"site-1", "site-3"}
+    assert f"app bundle {digest} is not approved" in first["refused"]["site-1"]
+    assert "fedgan site approve " + digest in first["refused"]["site-1"]
+    assert (
+        "noise multiplier 1.000; this site requires at least 5.000" in (first["refused"]["site-3"])
+    )
+    assert second["sites"] == ["site-2"] and second["sites_sampled"] == 1
+    assert "refused" not in second
+    # The operator's view of round 1 names both refusals with their reasons.
+    lines = format_round(first, 2)
+    assert any(line.startswith("  site-1 refused: app bundle") for line in lines)
+    assert any(line.startswith("  site-3 refused: the run would train") for line in lines)
+    # Audit lines: at each refusing site, and at the aggregator.
+    for site, why in (("site-1", "hash-only"), ("site-3", "noise multiplier")):
+        log = AuditLog(fed.site_work_dir(site) / "audit.jsonl")
+        assert log.verify().ok
+        refused = [e for e in _events(log.path) if e["event"] == "refused"]
+        assert refused and why in refused[0]["reason"] and refused[0]["site"] == site
+    assert not [
+        e for e in _events(fed.site_work_dir("site-2") / "audit.jsonl") if e["event"] == "refused"
+    ]
+    agg = [e for e in _events(root / "audit.jsonl") if e["event"] == "site_refused"]
+    assert {(e["site"], e["round"]) for e in agg} == {("site-1", 1), ("site-3", 1)}
+    # Site-3 refused before its ledger recorded a spend; site-2 spent twice.
+    assert not (fed.site_work_dir("site-3") / "privacy-ledger.jsonl").exists()
+    spends = (fed.site_work_dir("site-2") / "privacy-ledger.jsonl").read_text()
+    assert spends.count('"type": "spend"') == 2
+
+
+def test_a_bundle_carrying_code_is_refused_before_any_of_it_runs(federation):
+    fed, root = federation
+    marker = root / "evil-ran"
+    app_dir = root / "app-evil"
+    stage_app_dir(app_dir)
+    pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    pyproject["tool"]["flwr"]["app"]["components"]["clientapp"] = "evil_client:app"
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    (app_dir / "evil_client.py").write_text(
+        textwrap.dedent(
+            f"""
+            from pathlib import Path
+
+            import fedgan.client_app
+
+            Path({str(marker)!r}).write_text("imported")
+            app = fedgan.client_app.app
+            """
+        )
+    )
+    config = default_run_config() | SMALL | {"num-server-rounds": 1, "run-dir": str(root / "evil")}
+    fed.run(app_dir, write_run_config(root / "evil.toml", config), timeout=600)
+
+    assert not marker.exists(), "the bundle's code ran at a site"
+    (record,) = [json.loads(x) for x in (root / "evil" / "metrics.jsonl").read_text().splitlines()]
+    assert record["sites"] == [] and set(record["refused"]) == {"site-1", "site-2", "site-3"}
+    for site, why in record["refused"].items():
+        assert "carries files other than configuration (evil_client.py)" in why, site
+        events = _events(fed.site_work_dir(site) / "audit.jsonl")
+        assert any("evil_client.py" in e.get("reason", "") for e in events), site
+    status = json.loads((root / "evil" / "status.json").read_text())
+    assert status["status"] == "failed" and "no site will take part" in status["reason"]
+    # What the operator's `flwr run --stream` (and so `fedgan run`) showed.
+    log = (fed.logs / "flwr-run.log").read_text()
+    assert "site site-2 refused: app bundle" in log
+    assert "fedgan: no site will take part any more" in log
