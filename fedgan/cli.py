@@ -428,6 +428,86 @@ def stop(
     typer.echo(f"stopped run {run_id}")
 
 
+@app.command("evaluate")
+def evaluate_run(
+    run: Annotated[Path, typer.Argument(help="The run folder (generator.pt, checkpoint.pt).")],
+    real: Annotated[Path, typer.Option(help="This site's training silo (members).")],
+    kind: Annotated[str, typer.Option(help="dicom or fundus.")] = "dicom",
+    holdout: Annotated[
+        Path | None,
+        typer.Option(
+            help="Images this site kept out of training (non-members): enables the "
+            "membership-inference attacks and TSTR."
+        ),
+    ] = None,
+    site: Annotated[
+        str, typer.Option(envvar="FEDGAN_SITE_ID", help="The evaluating site's id.")
+    ] = "local",
+    n: Annotated[int, typer.Option(help="Synthetic images to draw.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic draw.")] = 0,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", help="Silo option key=value, as at training (repeatable)."),
+    ] = None,
+) -> None:
+    """Measure a run's synthetic images against this site's real images, at the site:
+    quality, privacy attacks, utility. Writes RUN/evaluation/SITE.json (numbers only)."""
+    from fedgan.evaluate.site import evaluate
+
+    options = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--option {item!r} is not key=value")
+        options[key] = value
+    path = evaluate(
+        run,
+        real,
+        kind,
+        site_id=site,
+        holdout=holdout,
+        silo_options=options,
+        n_synthetic=n,
+        seed=seed,
+        say=typer.echo,
+    )
+    typer.echo(f"evaluation    {path} (fedgan report {run} adds it to the report)")
+
+
+@app.command("sample")
+def sample(
+    generator: Annotated[Path, typer.Option(help="A generator.pt from a run folder.")],
+    n: Annotated[int, typer.Option(help="How many images.")] = 64,
+    out: Annotated[Path, typer.Option(help="Folder to write them to.")] = Path("synthetic"),
+    fmt: Annotated[str, typer.Option("--format", help="png or dicom.")] = "png",
+    seed: Annotated[int, typer.Option(help="Seed of the draw.")] = 0,
+    class_index: Annotated[
+        int | None, typer.Option("--class", help="Class index, for a conditional generator.")
+    ] = None,
+    attributes: Annotated[
+        str, typer.Option(help="The run's attributes, for an attribute-conditioned generator.")
+    ] = "",
+) -> None:
+    """Draw synthetic images; DICOM files are marked synthetic (DERIVED\\SECONDARY, SYN)."""
+    from fedgan.synthetic import export
+
+    def progress(done: int, total: int) -> None:
+        typer.echo(f"\r{done}/{total} images", nl=False, err=True)
+
+    paths = export(
+        generator,
+        n,
+        out,
+        fmt,
+        seed=seed,
+        class_index=class_index,
+        attributes=attributes,
+        progress=progress,
+    )
+    typer.echo("", err=True)
+    typer.echo(f"wrote {len(paths)} {fmt} images to {out}")
+
+
 @app.command("report")
 def report(
     run: Annotated[Path, typer.Argument(help="The run folder (runs/<id>).")],

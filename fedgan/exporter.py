@@ -89,6 +89,46 @@ class RunsCollector(Collector):
             if records:
                 yield path.parent.name, records
 
+    def _evaluations(self) -> Iterator[Metric]:
+        """Sites' `fedgan evaluate` numbers (quality, privacy, utility)."""
+        from fedgan.evaluate.results import load_all
+
+        series = {
+            ("quality", "domain_fid"): ("fedgan_eval_domain_fid", "Domain-FID at a site."),
+            ("quality", "precision"): ("fedgan_eval_precision", "k-NN precision (fidelity)."),
+            ("quality", "recall"): ("fedgan_eval_recall", "k-NN recall (diversity)."),
+            ("privacy", "memorized_fraction"): (
+                "fedgan_eval_memorized_fraction",
+                "Synthetic images closer to a training image than real images are to each other.",
+            ),
+            ("utility", "tstr_ratio"): (
+                "fedgan_eval_tstr_ratio",
+                "Train-on-synthetic accuracy over train-on-real accuracy.",
+            ),
+        }
+        families = {
+            k: GaugeMetricFamily(name, doc, labels=["run", "site"])
+            for k, (name, doc) in series.items()
+        }
+        mia = GaugeMetricFamily(
+            "fedgan_eval_mia_auc",
+            "Membership-inference ROC AUC at a site (0.5: guessing).",
+            labels=["run", "site", "attack"],
+        )
+        for run_dir in sorted(p.parent for p in self.runs_root.glob("*/metrics.jsonl")):
+            for ev in load_all(run_dir):
+                labels = [run_dir.name, str(ev["site"])]
+                for (group, key), family in families.items():
+                    value = ev.get(group, {}).get(key)
+                    if isinstance(value, int | float):
+                        family.add_metric(labels, float(value))
+                for attack in ("discriminator", "generator"):
+                    value = ev.get("privacy", {}).get(f"mia_{attack}_auc")
+                    if isinstance(value, int | float):
+                        mia.add_metric([*labels, attack], float(value))
+        yield from families.values()
+        yield mia
+
     def collect(self) -> Iterator[Metric]:
         if self.audit:
             from fedgan.audit_log import AuditLog, ingest_edge_log
@@ -154,7 +194,7 @@ class RunsCollector(Collector):
             for r in records:
                 for site, n in r.get("update_bytes", {}).items():
                     sent[site] = sent.get(site, 0) + n
-                refused = len(r.get("budget_exhausted", {}))
+                refused = len(r.get("budget_exhausted", {})) + len(r.get("refused", {}))
                 in_sum = len(r.get("sites", [])) if "skipped" not in r else 0
                 lost += max(0, r.get("sites_sampled", 0) - refused - in_sum)
             for site, value in sorted(eps.items()):
@@ -174,6 +214,7 @@ class RunsCollector(Collector):
             duration.add_metric([run], [*buckets, ("+Inf", float(len(seconds)))], sum(seconds))
         yield from g.values()
         yield from (dropped, update_bytes, aborted, duration)
+        yield from self._evaluations()
         rejections = CounterMetricFamily(
             "fedgan_tls_rejections",
             "Requests at the edge whose client certificate did not verify.",

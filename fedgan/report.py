@@ -240,10 +240,7 @@ def build(run_dir: Path) -> str:
             )
             + "</ul>"
         )
-    body.append(
-        "<h2>Evaluation</h2><p>Not evaluated yet: quality (FID, precision/recall), privacy "
-        "attacks and utility are measured with <code>fedgan evaluate</code> at a site.</p>"
-    )
+    body.append(_evaluation(run_dir))
     style = (
         "body{font-family:sans-serif;max-width:960px;margin:2em auto;line-height:1.4}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
@@ -261,3 +258,63 @@ def write(run_dir: Path, out: Path | None = None) -> Path:
     path = Path(out) if out else Path(run_dir) / "report.html"
     write_text_atomic(path, build(run_dir))
     return path
+
+
+EVAL_COLUMNS = (
+    ("quality", "domain_fid", "domain-FID", "{:.2f}"),
+    ("quality", "domain_kid_x1000", "KID×1000", "{:.2f}"),
+    ("quality", "precision", "precision", "{:.2f}"),
+    ("quality", "recall", "recall", "{:.2f}"),
+    ("quality", "ssim_nearest", "SSIM (nearest real)", "{:.3f}"),
+    ("quality", "psnr_nearest_db", "PSNR dB (nearest real)", "{:.1f}"),
+    ("quality", "realism", "realism (D)", "{:.2f}"),
+    ("privacy", "mia_discriminator_auc", "MIA AUC (D)", "{:.3f}"),
+    ("privacy", "mia_generator_auc", "MIA AUC (G, nearest)", "{:.3f}"),
+    ("privacy", "memorized_fraction", "memorized", "{:.1%}"),
+    ("utility", "tstr_accuracy", "TSTR accuracy", "{:.3f}"),
+    ("utility", "trtr_accuracy", "train-on-real accuracy", "{:.3f}"),
+)
+
+
+def _evaluation(run_dir: Path) -> str:
+    """Each site's `fedgan evaluate` numbers, a table and a plain reading."""
+    from fedgan.evaluate.results import load_all, reading
+
+    evaluations = load_all(run_dir)
+    if not evaluations:
+        return (
+            "<h2>Evaluation</h2><p>Not evaluated yet: each site measures quality (domain-FID, "
+            "precision/recall), privacy attacks and utility with <code>fedgan evaluate "
+            f"{_e(run_dir)} --real SILO --holdout HELD_OUT</code>, on its own images.</p>"
+        )
+    head = (
+        "<tr><th>metric</th>"
+        + "".join(f"<th>{_e(ev['site'])}</th>" for ev in evaluations)
+        + "</tr>"
+    )
+    rows = []
+    for group, key, label, fmt in EVAL_COLUMNS:
+        values = [ev.get(group, {}).get(key) for ev in evaluations]
+        if all(v is None for v in values):
+            continue
+        rows.append(
+            f"<tr><td>{_e(label)}</td>"
+            + "".join(
+                f"<td>{_e(fmt.format(v)) if isinstance(v, int | float) else '—'}</td>"
+                for v in values
+            )
+            + "</tr>"
+        )
+    counts = "; ".join(
+        f"{ev['site']}: {ev['images']['members']} training, {ev['images']['held_out']} held-out, "
+        f"{ev['images']['synthetic']} synthetic images"
+        for ev in evaluations
+        if "images" in ev
+    )
+    plain = "".join(f"<li>{_e(line)}</li>" for ev in evaluations for line in reading(ev))
+    return (
+        "<h2>Evaluation</h2><p>Measured at each site on its own images (they never left it); "
+        "domain-FID and KID are on that site's own encoder, so compare them between runs "
+        f"evaluated with the same encoder only. {_e(counts)}.</p>"
+        f"<table>{head}{''.join(rows)}</table><ul>{plain}</ul>"
+    )

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedgan import wire
 from fedgan.approval import parse_refusal
+from fedgan.atomic import write_text_atomic
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
 from fedgan.audit_log import AuditLog, record_round
@@ -82,6 +83,10 @@ def main(grid: Grid, context: Context) -> None:
     audit = AuditLog(out.dir.parent / "audit.jsonl")
     run = out.dir.name
     out.write_status("running", flower_run_id=context.run_id, rounds=settings.rounds)
+    # What `fedgan evaluate` needs to draw like the run (class names, attributes).
+    write_text_atomic(
+        out.dir / "run-config.json", json.dumps(dict(context.run_config), indent=1, sort_keys=True)
+    )
     audit.append(
         "run_started",
         run=run,

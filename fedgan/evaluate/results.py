@@ -1,0 +1,66 @@
+"""Reading sites' evaluations of a run (``<run>/evaluation/<site>.json``),
+for the report and the exporter, and saying what they mean in plain words.
+No torch here: the exporter imports it at every scrape."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+EVALUATION_DIR = "evaluation"
+# Above this, a membership-inference attacker does better than guessing by
+# enough to matter (the issue's goal is ≤ 0.55).
+MIA_WARN = 0.55
+
+
+def load_all(run_dir: Path) -> list[dict[str, Any]]:
+    """Every site's evaluation of a run; a file that is not JSON is skipped."""
+    folder = Path(run_dir) / EVALUATION_DIR
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            doc = json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and "site" in doc:
+            found.append(doc)
+    return found
+
+
+def reading(ev: dict[str, Any]) -> list[str]:
+    """What one site's numbers mean, for clinicians."""
+    q, p, u = ev.get("quality", {}), ev.get("privacy", {}), ev.get("utility", {})
+    site = ev["site"]
+    out = []
+    if "precision" in q:
+        out.append(
+            f"At {site}, {q['precision']:.0%} of synthetic images fall among the kinds of images "
+            f"the site really has (fidelity), and they cover {q['recall']:.0%} of the variety of "
+            "its real images (diversity)."
+        )
+    mia = {k: v for k, v in p.items() if k.startswith("mia_") and isinstance(v, float)}
+    if mia:
+        worst = max(mia.values())
+        verdict = (
+            "barely better than guessing" if worst <= MIA_WARN else "better than guessing: review"
+        )
+        out.append(
+            f"An attacker trying to tell whether an image of {site} was used in training scores "
+            f"at most {worst:.2f} (0.5 is a coin flip, 1.0 certainty): {verdict}."
+        )
+    elif "mia" in p:
+        out.append(f"Membership inference at {site}: {p['mia']}.")
+    if "memorized_fraction" in p:
+        frac = p["memorized_fraction"]
+        out.append(
+            f"{frac:.1%} of synthetic images are closer to one of {site}'s training images than "
+            "real images are to each other"
+            + (": no sign of copying." if frac == 0 else ": possible copies; do not share them.")
+        )
+    if "tstr_ratio" in u:
+        out.append(
+            f"A classifier trained only on synthetic images reaches {u['tstr_accuracy']:.0%} on "
+            f"{site}'s held-out images, {u['tstr_ratio']:.0%} of one trained on real images."
+        )
+    return out

@@ -1,0 +1,187 @@
+"""`fedgan evaluate`: one site measures a run's synthetic images against its
+own real images, at the site. Real images never leave it; what it writes is
+numbers (``<run>/evaluation/<site>.json``) and the domain encoder it trained
+(``<run>/evaluation/<site>-encoder.pt``), which holds no images.
+
+Members are the site's training silo (``--real``); non-members are images
+the site held out of training (``--holdout``). Without a holdout the
+membership-inference attacks cannot be run and the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedgan.atomic import write_text_atomic
+from fedgan.errors import FedGanError
+from fedgan.evaluate import encoder as domain
+from fedgan.evaluate import metrics
+from fedgan.evaluate.results import EVALUATION_DIR
+from fedgan.evaluate.utility import tstr
+from fedgan.gan.models import Discriminator
+from fedgan.run_config import parse_classes
+from fedgan.silo.loader import load_silo
+from fedgan.silo.options import SiloOptions
+from fedgan.synthetic import generate, load_generator
+
+
+class EvaluationError(FedGanError):
+    """The run or the real images cannot be evaluated; says which and why."""
+
+
+def run_settings(run_dir: Path) -> dict[str, Any]:
+    """The run's configuration as its folder records it (classes, attributes)."""
+    for name in ("run-config.json", "run-config.toml"):
+        path = run_dir / name
+        if path.exists():
+            text = path.read_text("utf-8")
+            return json.loads(text) if name.endswith(".json") else tomllib.loads(text)
+    return {}
+
+
+def _images(directory: Path, kind: str, spec, options: dict[str, str], classes: tuple[str, ...]):
+    data = load_silo(
+        Path(directory), SiloOptions.from_mapping(kind, spec.image_size, spec.channels, options)
+    ).require_images(str(directory))
+    images = torch.from_numpy(data.as_float())
+    labels = None
+    if classes:
+        index = {c: i for i, c in enumerate(classes)}
+        keep = [i for i, lab in enumerate(data.labels) if lab in index]
+        images = images[keep]
+        labels = torch.tensor([index[data.labels[i]] for i in keep], dtype=torch.long)
+    return images, labels
+
+
+def _disc_scores(disc: Discriminator, images: torch.Tensor, labels: torch.Tensor | None):
+    with torch.no_grad():
+        out = [
+            disc(images[i : i + 256], None if labels is None else labels[i : i + 256])
+            for i in range(0, images.shape[0], 256)
+        ]
+    return torch.cat(out)
+
+
+def evaluate(
+    run_dir: Path,
+    real: Path,
+    kind: str,
+    *,
+    site_id: str,
+    holdout: Path | None = None,
+    silo_options: dict[str, str] | None = None,
+    n_synthetic: int = 512,
+    seed: int = 0,
+    encoder_steps: int = 400,
+    say: Callable[[str], None] = print,
+) -> Path:
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    gen = load_generator(run_dir / "generator.pt")
+    spec = gen.spec
+    settings = run_settings(run_dir)
+    classes = parse_classes(str(settings.get("classes", ""))) if spec.num_classes else ()
+    if spec.num_classes and len(classes) != spec.num_classes:
+        raise EvaluationError(
+            f"{run_dir}: the generator has {spec.num_classes} classes but the run folder does "
+            "not name them (run-config.json); evaluate it where it was run"
+        )
+    options = silo_options or {}
+    members, member_labels = _images(real, kind, spec, options, classes)
+    say(f"real          {members.shape[0]} training images from {real}")
+    held = held_labels = None
+    if holdout is not None:
+        held, held_labels = _images(holdout, kind, spec, options, classes)
+        say(f"held out      {held.shape[0]} images from {holdout}")
+    fake, fake_labels = generate(
+        gen, n_synthetic, seed=seed, attributes=str(settings.get("attributes", ""))
+    )
+    say(f"synthetic     {fake.shape[0]} images from {run_dir / 'generator.pt'}")
+
+    out_dir = run_dir / EVALUATION_DIR
+    enc_path = out_dir / f"{site_id}-encoder.pt"
+    if enc_path.exists():
+        enc = domain.load(enc_path)
+        say(f"encoder       {enc_path} (reused: numbers stay comparable)")
+    else:
+        enc = domain.train_encoder(members, steps=encoder_steps, seed=seed)
+        domain.save(enc, enc_path)
+        say(f"encoder       trained on the real images, saved to {enc_path}")
+
+    real_all = members if held is None else torch.cat([members, held])
+    result: dict[str, Any] = {
+        "site": site_id,
+        "run": run_dir.name,
+        "time": time.time(),
+        "images": {
+            "members": int(members.shape[0]),
+            "held_out": 0 if held is None else int(held.shape[0]),
+            "synthetic": int(fake.shape[0]),
+        },
+        "encoder": enc_path.name,
+    }
+    with torch.no_grad():
+        fid, kid = metrics.fid_kid(real_all, fake, enc)
+        precision, recall = metrics.precision_recall(enc(real_all), enc(fake))
+    ssim, psnr = metrics.ssim_psnr_to_nearest(fake, real_all)
+    quality: dict[str, Any] = {
+        "domain_fid": fid,
+        "domain_kid_x1000": kid,
+        "precision": precision,
+        "recall": recall,
+        "ssim_nearest": ssim,
+        "psnr_nearest_db": psnr if math.isfinite(psnr) else None,
+    }
+    disc = None
+    ckpt_path = run_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        disc = Discriminator(spec)
+        disc.load_state_dict(ckpt["disc"])
+        disc.eval()
+        quality["realism"] = float(torch.sigmoid(_disc_scores(disc, fake, fake_labels)).mean())
+    result["quality"] = quality
+    say(
+        f"quality       domain-FID {fid:.2f}  KID×1000 {kid:.2f}  precision {precision:.2f}  "
+        f"recall {recall:.2f}  SSIM {ssim:.3f}"
+    )
+
+    memorized, threshold, _ = metrics.memorization(fake, members, held)
+    privacy: dict[str, Any] = {"memorized_fraction": memorized, "memorization_threshold": threshold}
+    if held is not None and held.shape[0] >= 2:
+        privacy["mia_generator_auc"] = metrics.mia_generator_auc(fake, members, held)
+        if disc is not None:
+            privacy["mia_discriminator_auc"] = metrics.auc(
+                _disc_scores(disc, members, member_labels), _disc_scores(disc, held, held_labels)
+            )
+    else:
+        privacy["mia"] = "not run: pass --holdout with images this site kept out of training"
+    result["privacy"] = privacy
+    say(
+        f"privacy       memorized {memorized:.1%}"
+        + "".join(
+            f"  {k.replace('_', ' ')} {v:.3f}" for k, v in privacy.items() if k.startswith("mia_")
+        )
+    )
+
+    if classes and held is not None and fake_labels is not None and held_labels is not None:
+        result["utility"] = tstr(
+            fake, fake_labels, members, member_labels, held, held_labels, len(classes), seed=seed
+        )
+        u = result["utility"]
+        say(
+            f"utility       TSTR accuracy {u['tstr_accuracy']:.3f} vs train-on-real "
+            f"{u['trtr_accuracy']:.3f} ({u['tstr_ratio']:.0%})"
+        )
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    path = out_dir / f"{site_id}.json"
+    write_text_atomic(path, json.dumps(result, indent=1, sort_keys=True))
+    return path

@@ -1,0 +1,261 @@
+"""Evaluation: the metrics' known answers, the synthetic DICOM export, a
+whole `fedgan evaluate` on a small run, and its place in the report and the
+exporter."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pydicom
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedgan.cli import app
+from fedgan.evaluate import encoder as domain
+from fedgan.evaluate import metrics
+from fedgan.evaluate.results import load_all, reading
+from fedgan.evaluate.site import evaluate
+from fedgan.exporter import RunsCollector
+from fedgan.gan.models import GanSpec, build
+from fedgan.outputs import RunOutputs
+from fedgan.report import write as write_report
+from fedgan.silo.loader import load_silo
+from fedgan.silo.options import SiloOptions
+from fedgan.silo.synth import synth_silo
+from fedgan.synthetic import SERIES_DESCRIPTION, SampleError, export
+from fedgan.train import TrainConfig, train_local
+
+
+def _blobs(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    """Smooth random images in [-1, 1] (N×1×16×16)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.avg_pool2d(torch.randn(n, 1, 32, 32, generator=g), 2)
+    return (x * 2 + shift).clamp(-1, 1)
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return domain.train_encoder(_blobs(128, 0), steps=60)
+
+
+def test_identical_sets_have_zero_fid_and_full_precision_recall(enc):
+    x = _blobs(96, 1)
+    fid, kid = metrics.fid_kid(x, x.clone(), enc)
+    _, kid_far = metrics.fid_kid(x, _blobs(96, 2, shift=1.5), enc)
+    # KID is an unbiased estimate over random subsets: near 0, either sign.
+    assert abs(fid) < 1e-2 and abs(kid) < 0.05 * kid_far
+    with torch.no_grad():
+        assert metrics.precision_recall(enc(x), enc(x)) == (1.0, 1.0)
+
+
+def test_a_shifted_set_is_far_and_outside_the_real_manifold(enc):
+    real, fake = _blobs(96, 1), _blobs(96, 2, shift=1.5)
+    fid, kid = metrics.fid_kid(real, fake, enc)
+    same, _ = metrics.fid_kid(real, _blobs(96, 3), enc)
+    assert fid > 10 * max(same, 0.1) and kid > 0
+    with torch.no_grad():
+        precision, recall = metrics.precision_recall(enc(real), enc(fake))
+    assert precision < 0.2 and recall < 0.2
+
+
+def test_a_generator_that_returns_training_images_is_caught():
+    members, non_members = _blobs(80, 4), _blobs(80, 5)
+    copies = members[torch.randperm(80)[:64]]
+    memorized, threshold, _ = metrics.memorization(copies, members, non_members)
+    assert memorized == 1.0 and threshold > 0
+    assert metrics.mia_generator_auc(copies, members, non_members) > 0.85
+    ssim, psnr = metrics.ssim_psnr_to_nearest(copies, members)
+    assert ssim > 0.999 and psnr > 60
+
+
+def test_a_model_that_never_saw_the_members_gives_attacks_nothing(tmp_path):
+    """Members and non-members from the same distribution; the GAN trained on
+    a third, disjoint set: both attacks are near a coin flip."""
+    opts = SiloOptions.from_mapping("fundus", 16, 3, {})
+
+    def images(seed: int, n: int) -> torch.Tensor:
+        silo = synth_silo(tmp_path / f"s{seed}", "fundus", n, seed=seed, size=16)
+        return torch.from_numpy(load_silo(silo, opts).as_float())
+
+    others, members, non_members = images(1, 64), images(2, 96), images(3, 96)
+    spec = GanSpec(image_size=16, channels=3, latent_dim=16, width=8)
+    gen, disc = build(spec, seed=0)
+    train_local(gen, disc, others, TrainConfig(local_steps=30, batch_size=16))
+    gen.eval()
+    disc.eval()
+    with torch.no_grad():
+        fake = gen(torch.randn(256, 16, generator=torch.Generator().manual_seed(0)))
+        auc_d = metrics.auc(disc(members), disc(non_members))
+    auc_g = metrics.mia_generator_auc(fake, members, non_members)
+    assert abs(auc_d - 0.5) < 0.15 and abs(auc_g - 0.5) < 0.15
+    memorized, _, _ = metrics.memorization(fake, members, non_members)
+    assert memorized < 0.1
+
+
+def test_auc_orders_scores():
+    assert metrics.auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert metrics.auc(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])) == 0.0
+
+
+# -- synthetic export --------------------------------------------------------------
+
+
+@pytest.fixture()
+def generator_file(tmp_path):
+    spec = GanSpec(image_size=16, channels=1, latent_dim=8, width=8, num_classes=2)
+    gen, _ = build(spec, seed=0)
+    out = RunOutputs(tmp_path / "run")
+    out.save_generator(gen, 1)
+    return out.generator_path
+
+
+def test_dicom_export_rereads_and_is_marked_synthetic(generator_file, tmp_path):
+    paths = export(generator_file, 515, tmp_path / "dcm", "dicom", seed=3, class_index=1)
+    assert len(paths) == 515 and len(set(paths)) == 515  # two chunks, no name reused
+    first, last = pydicom.dcmread(paths[0]), pydicom.dcmread(paths[-1])
+    for ds in (first, last):
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+        assert ds.ConversionType == "SYN" and "SYNTHETIC" in ds.SeriesDescription
+        assert ds.SeriesDescription == SERIES_DESCRIPTION
+        assert str(ds.PatientName) == "" and ds.PatientID == "" and ds.PatientBirthDate == ""
+        assert ds.pixel_array.shape == (16, 16) and ds.PhotometricInterpretation == "MONOCHROME2"
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert first.SeriesInstanceUID == last.SeriesInstanceUID  # one synthetic series
+    assert first.SOPInstanceUID != last.SOPInstanceUID
+    assert (first.InstanceNumber, last.InstanceNumber) == (1, 515)
+
+
+def test_png_export_and_its_errors(generator_file, tmp_path):
+    paths = export(generator_file, 3, tmp_path / "png", "png")
+    assert [p.name for p in paths] == [f"synthetic_{i:05d}.png" for i in range(3)]
+    with pytest.raises(SampleError, match="--format 'jpeg'"):
+        export(generator_file, 3, tmp_path / "x", "jpeg")
+    with pytest.raises(SampleError, match="class 5 does not exist"):
+        export(generator_file, 3, tmp_path / "x", "png", class_index=5)
+    (tmp_path / "bad.pt").write_bytes(b"not torch")
+    result = CliRunner().invoke(app, ["sample", "--generator", str(tmp_path / "bad.pt")])
+    assert result.exit_code != 0
+
+
+# -- a whole evaluation ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A small conditional run trained on site-1's silo, evaluated there with
+    a held-out silo, then reported."""
+    root = tmp_path_factory.mktemp("eval")
+    silo = synth_silo(root / "silo", "fundus", 48, seed=1, size=16)
+    held = synth_silo(root / "held", "fundus", 32, seed=2, size=16)
+    opts = SiloOptions.from_mapping("fundus", 16, 3, {})
+    data = load_silo(silo, opts)
+    classes = sorted({lab for lab in data.labels if lab is not None})
+    labels = torch.tensor([classes.index(lab) for lab in data.labels])
+    spec = GanSpec(image_size=16, channels=3, latent_dim=16, width=8, num_classes=len(classes))
+    gen, disc = build(spec, seed=0)
+    train_local(
+        gen,
+        disc,
+        torch.from_numpy(data.as_float()),
+        TrainConfig(local_steps=20, batch_size=16),
+        labels=labels,
+    )
+    run = RunOutputs(root / "runs" / "r1")
+    run.save_generator(gen, 1)
+    run.save_checkpoint(gen, disc, 1)
+    run.append_metrics(
+        {
+            "round": 1,
+            "sites": ["site-1"],
+            "sites_sampled": 1,
+            "seconds": 1.0,
+            "g_loss": 1.0,
+            "d_loss": 1.0,
+        }
+    )
+    run.write_status("completed", rounds=1)
+    (run.dir / "run-config.json").write_text(json.dumps({"classes": ",".join(classes)}))
+    lines: list[str] = []
+    path = evaluate(
+        run.dir,
+        silo,
+        "fundus",
+        site_id="site-1",
+        holdout=held,
+        n_synthetic=96,
+        encoder_steps=40,
+        say=lines.append,
+    )
+    return run.dir, path, lines
+
+
+def test_evaluation_writes_numbers_only_and_names_the_site(evaluated):
+    run_dir, path, lines = evaluated
+    result = json.loads(path.read_text())
+    assert result["site"] == "site-1" and result["images"] == {
+        "members": 48,
+        "held_out": 32,
+        "synthetic": 96,
+    }
+    q, p, u = result["quality"], result["privacy"], result["utility"]
+    assert q["domain_fid"] > 0 and 0 <= q["precision"] <= 1 and 0 <= q["recall"] <= 1
+    assert 0 < q["realism"] < 1 and -1 <= q["ssim_nearest"] <= 1
+    assert 0 <= p["mia_discriminator_auc"] <= 1 and 0 <= p["mia_generator_auc"] <= 1
+    assert 0 <= p["memorized_fraction"] <= 1
+    assert 0 <= u["tstr_accuracy"] <= 1 and 0 < u["trtr_accuracy"] <= 1
+    assert (run_dir / "evaluation" / "site-1-encoder.pt").exists()
+    # Nothing but numbers and names: no pixel arrays in the file.
+    assert not re.search(r"\[\s*-?\d+\.\d+\s*,\s*-?\d+\.\d+\s*,", path.read_text())
+    assert any(line.startswith("quality") for line in lines)
+
+
+def test_a_second_evaluation_reuses_the_encoder(evaluated, tmp_path):
+    run_dir, path, _ = evaluated
+    first = json.loads(path.read_text())["quality"]["domain_fid"]
+    lines: list[str] = []
+    silo = run_dir.parents[1] / "silo"
+    evaluate(
+        run_dir,
+        silo,
+        "fundus",
+        site_id="site-1",
+        holdout=run_dir.parents[1] / "held",
+        n_synthetic=96,
+        say=lines.append,
+    )
+    assert any("reused" in line for line in lines)
+    assert json.loads(path.read_text())["quality"]["domain_fid"] == pytest.approx(first)
+
+
+def test_report_and_exporter_show_the_evaluation(evaluated):
+    run_dir, _, _ = evaluated
+    html = write_report(run_dir).read_text()
+    assert "<h2>Evaluation</h2>" in html and "Not evaluated yet" not in html
+    assert "domain-FID" in html and "MIA AUC (D)" in html and "TSTR accuracy" in html
+    assert "coin flip" in html
+    (ev,) = load_all(run_dir)
+    assert len(reading(ev)) == 4
+    families = {m.name: m for m in RunsCollector(run_dir.parent).collect()}
+    fid = families["fedgan_eval_domain_fid"].samples
+    assert fid[0].labels == {"run": "r1", "site": "site-1"}
+    assert fid[0].value == pytest.approx(ev["quality"]["domain_fid"])
+    attacks = {s.labels["attack"] for s in families["fedgan_eval_mia_auc"].samples}
+    assert attacks == {"discriminator", "generator"}
+
+
+def test_evaluation_without_holdout_says_why_there_is_no_attack(evaluated):
+    run_dir, _, _ = evaluated
+    silo = run_dir.parents[1] / "silo"
+    path = evaluate(
+        run_dir,
+        silo,
+        "fundus",
+        site_id="site-2",
+        n_synthetic=32,
+        encoder_steps=5,
+        say=lambda _m: None,
+    )
+    privacy = json.loads(path.read_text())["privacy"]
+    assert "mia_generator_auc" not in privacy and "--holdout" in privacy["mia"]
