@@ -449,6 +449,13 @@ def evaluate_run(
         list[str] | None,
         typer.Option("--option", help="Silo option key=value, as at training (repeatable)."),
     ] = None,
+    normal_class: Annotated[
+        str | None,
+        typer.Option(
+            help="Class of normal images: adds the anomaly detector trained on "
+            "synthetic normals (conditional runs, needs --holdout)."
+        ),
+    ] = None,
 ) -> None:
     """Measure a run's synthetic images against this site's real images, at the site:
     quality, privacy attacks, utility. Writes RUN/evaluation/SITE.json (numbers only)."""
@@ -469,6 +476,7 @@ def evaluate_run(
         silo_options=options,
         n_synthetic=n,
         seed=seed,
+        normal_class=normal_class,
         say=typer.echo,
     )
     typer.echo(f"evaluation    {path} (fedgan report {run} adds it to the report)")

@@ -273,6 +273,7 @@ EVAL_COLUMNS = (
     ("privacy", "memorized_fraction", "memorized", "{:.1%}"),
     ("utility", "tstr_accuracy", "TSTR accuracy", "{:.3f}"),
     ("utility", "trtr_accuracy", "train-on-real accuracy", "{:.3f}"),
+    ("utility", "anomaly_auc", "anomaly detector AUC", "{:.3f}"),
 )
 
 

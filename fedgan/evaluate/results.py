@@ -63,4 +63,11 @@ def reading(ev: dict[str, Any]) -> list[str]:
             f"A classifier trained only on synthetic images reaches {u['tstr_accuracy']:.0%} on "
             f"{site}'s held-out images, {u['tstr_ratio']:.0%} of one trained on real images."
         )
+    if "anomaly_auc" in u:
+        out.append(
+            f"An anomaly detector that learned 'normal' ({u['normal_class']}) from synthetic "
+            "images "
+            f"only separates {site}'s held-out normal and abnormal images with AUC "
+            f"{u['anomaly_auc']:.2f} (0.5 is a coin flip)."
+        )
     return out

@@ -25,7 +25,7 @@ from fedgan.errors import FedGanError
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate import metrics
 from fedgan.evaluate.results import EVALUATION_DIR
-from fedgan.evaluate.utility import tstr
+from fedgan.evaluate.utility import anomaly_auc, tstr
 from fedgan.gan.models import Discriminator
 from fedgan.run_config import parse_classes
 from fedgan.silo.loader import load_silo
@@ -81,8 +81,12 @@ def evaluate(
     n_synthetic: int = 512,
     seed: int = 0,
     encoder_steps: int = 400,
+    normal_class: str | None = None,
     say: Callable[[str], None] = print,
 ) -> Path:
+    """``normal_class`` (a class of a conditional run): also train the
+    anomaly detector on synthetic images of that class and score the
+    held-out images."""
     run_dir = Path(run_dir)
     started = time.perf_counter()
     gen = load_generator(run_dir / "generator.pt")
@@ -180,6 +184,22 @@ def evaluate(
         say(
             f"utility       TSTR accuracy {u['tstr_accuracy']:.3f} vs train-on-real "
             f"{u['trtr_accuracy']:.3f} ({u['tstr_ratio']:.0%})"
+        )
+    if normal_class is not None:
+        if normal_class not in classes:
+            raise EvaluationError(
+                f"--normal-class {normal_class!r} is not one of the run's classes "
+                f"({', '.join(classes) or 'the run is not class-conditional'})"
+            )
+        if held is None or held_labels is None:
+            raise EvaluationError("the anomaly detector needs held-out images: pass --holdout")
+        normal = classes.index(normal_class)
+        fake_normal, _ = generate(gen, n_synthetic, seed=seed + 1, class_index=normal)
+        anomaly = anomaly_auc(fake_normal, held, held_labels != normal, seed=seed)
+        result.setdefault("utility", {}).update(anomaly, normal_class=normal_class)
+        say(
+            f"anomaly       AUC {anomaly['anomaly_auc']:.3f} (normal: {normal_class}); "
+            f"{anomaly['anomaly_detected']:.0%} of abnormal held-out images flagged"
         )
     result["seconds"] = round(time.perf_counter() - started, 1)
     path = out_dir / f"{site_id}.json"

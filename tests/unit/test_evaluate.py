@@ -16,7 +16,8 @@ from fedgan.cli import app
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate import metrics
 from fedgan.evaluate.results import load_all, reading
-from fedgan.evaluate.site import evaluate
+from fedgan.evaluate.site import EvaluationError, evaluate
+from fedgan.evaluate.utility import anomaly_auc
 from fedgan.exporter import RunsCollector
 from fedgan.gan.models import GanSpec, build
 from fedgan.outputs import RunOutputs
@@ -92,6 +93,15 @@ def test_a_model_that_never_saw_the_members_gives_attacks_nothing(tmp_path):
     assert abs(auc_d - 0.5) < 0.15 and abs(auc_g - 0.5) < 0.15
     memorized, _, _ = metrics.memorization(fake, members, non_members)
     assert memorized < 0.1
+
+
+def test_anomaly_detector_trained_on_normals_separates_abnormal_images():
+    normal = _blobs(200, 6)
+    test = torch.cat([_blobs(60, 7), _blobs(60, 8, shift=1.2)])
+    abnormal = torch.cat([torch.zeros(60), torch.ones(60)])
+    result = anomaly_auc(normal, test, abnormal, steps=150)
+    assert result["anomaly_auc"] > 0.9 and result["anomaly_detected"] > 0.5
+    assert result["anomaly_false_alarms"] < 0.3
 
 
 def test_auc_orders_scores():
@@ -186,6 +196,7 @@ def evaluated(tmp_path_factory):
         holdout=held,
         n_synthetic=96,
         encoder_steps=40,
+        normal_class=classes[0],
         say=lines.append,
     )
     return run.dir, path, lines
@@ -205,6 +216,7 @@ def test_evaluation_writes_numbers_only_and_names_the_site(evaluated):
     assert 0 <= p["mia_discriminator_auc"] <= 1 and 0 <= p["mia_generator_auc"] <= 1
     assert 0 <= p["memorized_fraction"] <= 1
     assert 0 <= u["tstr_accuracy"] <= 1 and 0 < u["trtr_accuracy"] <= 1
+    assert 0 <= u["anomaly_auc"] <= 1 and 0 <= u["anomaly_detected"] <= 1
     assert (run_dir / "evaluation" / "site-1-encoder.pt").exists()
     # Nothing but numbers and names: no pixel arrays in the file.
     assert not re.search(r"\[\s*-?\d+\.\d+\s*,\s*-?\d+\.\d+\s*,", path.read_text())
@@ -216,6 +228,7 @@ def test_a_second_evaluation_reuses_the_encoder(evaluated, tmp_path):
     first = json.loads(path.read_text())["quality"]["domain_fid"]
     lines: list[str] = []
     silo = run_dir.parents[1] / "silo"
+    classes = json.loads((run_dir / "run-config.json").read_text())["classes"].split(",")
     evaluate(
         run_dir,
         silo,
@@ -223,6 +236,7 @@ def test_a_second_evaluation_reuses_the_encoder(evaluated, tmp_path):
         site_id="site-1",
         holdout=run_dir.parents[1] / "held",
         n_synthetic=96,
+        normal_class=classes[0],
         say=lines.append,
     )
     assert any("reused" in line for line in lines)
@@ -236,7 +250,7 @@ def test_report_and_exporter_show_the_evaluation(evaluated):
     assert "domain-FID" in html and "MIA AUC (D)" in html and "TSTR accuracy" in html
     assert "coin flip" in html
     (ev,) = load_all(run_dir)
-    assert len(reading(ev)) == 4
+    assert len(reading(ev)) == 5 and "anomaly detector AUC" in html
     families = {m.name: m for m in RunsCollector(run_dir.parent).collect()}
     fid = families["fedgan_eval_domain_fid"].samples
     assert fid[0].labels == {"run": "r1", "site": "site-1"}
@@ -259,3 +273,18 @@ def test_evaluation_without_holdout_says_why_there_is_no_attack(evaluated):
     )
     privacy = json.loads(path.read_text())["privacy"]
     assert "mia_generator_auc" not in privacy and "--holdout" in privacy["mia"]
+
+
+def test_an_unknown_normal_class_is_named(evaluated):
+    run_dir, _, _ = evaluated
+    with pytest.raises(EvaluationError, match="--normal-class 'tumour' is not one of"):
+        evaluate(
+            run_dir,
+            run_dir.parents[1] / "silo",
+            "fundus",
+            site_id="x",
+            holdout=run_dir.parents[1] / "held",
+            normal_class="tumour",
+            n_synthetic=8,
+            say=lambda _m: None,
+        )
