@@ -184,6 +184,16 @@ def registered_node_id(output: str) -> int | None:
         return None
 
 
+def flwr_error(output: str) -> str:
+    """The reason in a failed `flwr ... --format json` answer, one line."""
+    try:
+        message = str(json.loads(output[output.index("{") :])["error-message"])
+    except (ValueError, KeyError, TypeError):
+        message = output
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
 def connection_config(name: str, address: str, ca: Path) -> str:
     """FLWR_HOME/config.toml naming one SuperLink (Control API over TLS)."""
     return (

@@ -217,8 +217,9 @@ def register_nodes(
         if node_id is not None:
             say(f"registered site {site_id} as node {node_id}")
         else:
-            last = (done.stderr or done.stdout).strip().splitlines()
-            say(f"site {site_id} not registered now ({last[-1] if last else 'no output'})")
+            # A restarted SuperLink keeps its database: "Public key already in use".
+            why = commands.flwr_error(done.stdout + done.stderr)
+            say(f"site {site_id} not registered now: {why}")
     return results
 
 

@@ -452,3 +452,14 @@ def test_site_kit_refuses_an_unknown_site(tmp_path):
     with pytest.raises(kit.KitError, match="issue-site site-9"):
         kit.site_kit(tmp_path / "certs", "site-9", SITE_KIT, tmp_path / "dist")
     assert not (tmp_path / "dist" / "fedgan-site-site-9.tar.gz").exists()
+
+
+def test_flwr_refusal_is_reported_in_one_line():
+    from fedgan.deploy.commands import flwr_error
+
+    answer = (
+        '{\n  "success": false,\n  "error-message": "Using SuperLink: fedgan (127.0.0.1:1)'
+        '\\n\\n[code: 23] Public key already in use."\n}\n'
+    )
+    assert flwr_error(answer) == "[code: 23] Public key already in use."
+    assert flwr_error("boom\nlast words\n") == "last words"
