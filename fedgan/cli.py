@@ -449,6 +449,13 @@ def evaluate_run(
         list[str] | None,
         typer.Option("--option", help="Silo option key=value, as at training (repeatable)."),
     ] = None,
+    encoder: Annotated[
+        Path | None,
+        typer.Option(
+            help="A domain encoder from an earlier evaluation (e.g. of a baseline run), so "
+            "domain-FIDs compare."
+        ),
+    ] = None,
     normal_class: Annotated[
         str | None,
         typer.Option(
@@ -477,6 +484,7 @@ def evaluate_run(
         n_synthetic=n,
         seed=seed,
         normal_class=normal_class,
+        encoder_path=encoder,
         say=typer.echo,
     )
     typer.echo(f"evaluation    {path} (fedgan report {run} adds it to the report)")
@@ -522,11 +530,26 @@ def report(
     out: Annotated[
         Path | None, typer.Option(help="Where to write [default: RUN/report.html].")
     ] = None,
+    baseline: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--baseline",
+            help="LABEL=RUN_DIR of a run to compare with (repeatable), e.g. "
+            "centralized=runs/rehearsal.",
+        ),
+    ] = None,
 ) -> None:
-    """Write a self-contained HTML report of a run: samples, losses, ε per site, rounds."""
+    """Write a self-contained HTML report of a run: samples, losses, ε per site, rounds,
+    the sites' evaluations, and baselines."""
     from fedgan.report import write
 
-    typer.echo(f"report {write(run, out)}")
+    pairs = []
+    for item in baseline or []:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not Path(folder).is_dir():
+            fail(f"--baseline {item!r}: give LABEL=RUN_DIR with an existing run folder")
+        pairs.append((label, Path(folder)))
+    typer.echo(f"report {write(run, out, pairs)}")
 
 
 @app.command("exporter")

@@ -135,7 +135,10 @@ def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
     return lines
 
 
-def build(run_dir: Path) -> str:
+def build(run_dir: Path, baselines: list[tuple[str, Path]] | None = None) -> str:
+    """``baselines``: (label, run folder) of runs to compare with, e.g. a
+    centralized rehearsal and a federated run without DP, evaluated by the
+    same sites with the same encoders."""
     run_dir = Path(run_dir)
     records = read_records(run_dir / "metrics.jsonl")
     if not records:
@@ -241,6 +244,8 @@ def build(run_dir: Path) -> str:
             + "</ul>"
         )
     body.append(_evaluation(run_dir))
+    if baselines:
+        body.append(_baselines(run_dir, baselines))
     style = (
         "body{font-family:sans-serif;max-width:960px;margin:2em auto;line-height:1.4}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
@@ -254,9 +259,11 @@ def build(run_dir: Path) -> str:
     )
 
 
-def write(run_dir: Path, out: Path | None = None) -> Path:
+def write(
+    run_dir: Path, out: Path | None = None, baselines: list[tuple[str, Path]] | None = None
+) -> Path:
     path = Path(out) if out else Path(run_dir) / "report.html"
-    write_text_atomic(path, build(run_dir))
+    write_text_atomic(path, build(run_dir, baselines))
     return path
 
 
@@ -319,3 +326,51 @@ def _evaluation(run_dir: Path) -> str:
         f"evaluated with the same encoder only. {_e(counts)}.</p>"
         f"<table>{head}{''.join(rows)}</table><ul>{plain}</ul>"
     )
+
+
+BASELINE_COLUMNS = (
+    ("quality", "domain_fid", "domain-FID", "{:.2f}"),
+    ("quality", "precision", "precision", "{:.2f}"),
+    ("quality", "recall", "recall", "{:.2f}"),
+    ("privacy", "mia_discriminator_auc", "MIA AUC (D)", "{:.3f}"),
+    ("privacy", "mia_generator_auc", "MIA AUC (G)", "{:.3f}"),
+    ("privacy", "memorized_fraction", "memorized", "{:.1%}"),
+    ("utility", "tstr_accuracy", "TSTR accuracy", "{:.3f}"),
+)
+
+
+def _baselines(run_dir: Path, baselines: list[tuple[str, Path]]) -> str:
+    """This run against its baselines, per evaluating site. Domain-FID is
+    comparable only on the same encoder, so a row evaluated with another
+    encoder is marked."""
+    from fedgan.evaluate.results import load_all
+
+    runs = [("this run", Path(run_dir)), *((label, Path(d)) for label, d in baselines)]
+    by_run = {label: {ev["site"]: ev for ev in load_all(d)} for label, d in runs}
+    sites = sorted({site for evs in by_run.values() for site in evs})
+    if not sites:
+        return "<h2>Baselines</h2><p>No evaluation in this run or its baselines yet.</p>"
+    parts = ["<h2>Baselines</h2>"]
+    head = (
+        "<tr><th>configuration</th>"
+        + "".join(f"<th>{_e(label)}</th>" for _, _, label, _ in BASELINE_COLUMNS)
+        + "<th>encoder</th></tr>"
+    )
+    for site in sites:
+        own = by_run["this run"].get(site, {}).get("encoder_sha256")
+        rows = []
+        for label, _ in runs:
+            ev = by_run[label].get(site)
+            if ev is None:
+                rows.append(f"<tr><td>{_e(label)}</td><td colspan='8'>not evaluated</td></tr>")
+                continue
+            cells = "".join(
+                f"<td>{_e(fmt.format(v)) if isinstance(v, int | float) else '—'}</td>"
+                for group, key, _, fmt in BASELINE_COLUMNS
+                for v in [ev.get(group, {}).get(key)]
+            )
+            same = ev.get("encoder_sha256") == own and own is not None
+            encoder = "same" if same else "other: FID not comparable"
+            rows.append(f"<tr><td>{_e(label)}</td>{cells}<td>{encoder}</td></tr>")
+        parts.append(f"<h3>At {_e(site)}</h3><table>{head}{''.join(rows)}</table>")
+    return "".join(parts)

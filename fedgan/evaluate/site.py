@@ -10,6 +10,7 @@ membership-inference attacks cannot be run and the report says so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -82,6 +83,7 @@ def evaluate(
     seed: int = 0,
     encoder_steps: int = 400,
     normal_class: str | None = None,
+    encoder_path: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> Path:
     """``normal_class`` (a class of a conditional run): also train the
@@ -111,7 +113,9 @@ def evaluate(
     say(f"synthetic     {fake.shape[0]} images from {run_dir / 'generator.pt'}")
 
     out_dir = run_dir / EVALUATION_DIR
-    enc_path = out_dir / f"{site_id}-encoder.pt"
+    enc_path = Path(encoder_path) if encoder_path else out_dir / f"{site_id}-encoder.pt"
+    if encoder_path and not enc_path.exists():
+        raise EvaluationError(f"--encoder {enc_path} not found")
     if enc_path.exists():
         enc = domain.load(enc_path)
         say(f"encoder       {enc_path} (reused: numbers stay comparable)")
@@ -131,6 +135,8 @@ def evaluate(
             "synthetic": int(fake.shape[0]),
         },
         "encoder": enc_path.name,
+        # Which encoder: domain-FIDs compare only on the same one.
+        "encoder_sha256": hashlib.sha256(enc_path.read_bytes()).hexdigest(),
     }
     with torch.no_grad():
         fid, kid = metrics.fid_kid(real_all, fake, enc)

@@ -288,3 +288,36 @@ def test_an_unknown_normal_class_is_named(evaluated):
             n_synthetic=8,
             say=lambda _m: None,
         )
+
+
+def test_report_compares_baselines_evaluated_with_the_same_encoder(evaluated, tmp_path):
+    import shutil
+
+    run_dir, _, _ = evaluated
+    root = run_dir.parents[1]
+    same, other = tmp_path / "centralized", tmp_path / "no-dp"
+    for dest in (same, other):
+        shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("evaluation", "report.html"))
+    quiet = {"n_synthetic": 48, "say": lambda _m: None, "holdout": root / "held"}
+    evaluate(
+        same,
+        root / "silo",
+        "fundus",
+        site_id="site-1",
+        encoder_path=run_dir / "evaluation" / "site-1-encoder.pt",
+        **quiet,
+    )
+    evaluate(other, root / "silo", "fundus", site_id="site-1", encoder_steps=5, **quiet)
+    html = write_report(run_dir, tmp_path / "r.html", [("centralized", same), ("no DP", other)])
+    section = html.read_text().split("<h2>Baselines</h2>")[1]
+    assert "<h3>At site-1</h3>" in section
+    rows = re.findall(
+        r"<tr><td>([^<]+)</td>.*?<td>(same|other: FID not comparable)</td></tr>", section
+    )
+    assert rows == [
+        ("this run", "same"),
+        ("centralized", "same"),
+        ("no DP", "other: FID not comparable"),
+    ]
+    bad = CliRunner().invoke(app, ["report", str(run_dir), "--baseline", "nolabel"])
+    assert bad.exit_code != 0
