@@ -88,6 +88,22 @@ def test_dashboard_asks_only_for_served_series(tmp_path):
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text(json.dumps(_round(1)) + "\n")
+    # A site's `fedgan evaluate` result, for the evaluation panel.
+    (run / "evaluation").mkdir()
+    (run / "evaluation" / "site-1.json").write_text(
+        json.dumps(
+            {
+                "site": "site-1",
+                "quality": {"domain_fid": 30.0, "precision": 0.5, "recall": 0.4},
+                "privacy": {
+                    "memorized_fraction": 0.0,
+                    "mia_discriminator_auc": 0.51,
+                    "mia_generator_auc": 0.5,
+                },
+                "utility": {"tstr_ratio": 0.8},
+            }
+        )
+    )
     served = {name for name, _ in _samples(tmp_path)}
     dashboard = json.loads(DASHBOARD.read_text())
     asked = set()
