@@ -18,7 +18,10 @@ def test_stop_all_also_stops_grandchildren(tmp_path):
         "time.sleep(300)\n"
     )
     proc = group.start("stubborn", "test", [sys.executable, "-c", script], env=dict(os.environ))
-    time.sleep(0.5)
+    # Wait for the grandchild: on a loaded machine Python starts slowly.
+    deadline = time.monotonic() + 15
+    while len(pids_in_groups({proc.pid})) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert len(pids_in_groups({proc.pid})) == 2
     group.stop_all()
     assert pids_in_groups({proc.pid}) == []
