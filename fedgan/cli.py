@@ -4,6 +4,7 @@ reason on bad input; tracebacks are for bugs, not for operators."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -648,8 +649,6 @@ def _site_store(work_dir: Path):
 
     if not work_dir.is_dir():
         fail(f"{work_dir} is not a folder; pass the site's work dir with --work-dir")
-    import os
-
     return PolicyStore(work_dir, os.environ.get("FEDGAN_SITE_ID", ""))
 
 
