@@ -314,7 +314,7 @@ def demo(
     image_size: Annotated[int, typer.Option(help="16, 32, 64 or 128.")] = 32,
     images_per_site: Annotated[int, typer.Option(help="Synthetic images per site.")] = 256,
     local_steps: Annotated[
-        int | None, typer.Option(help="GAN steps per site per round [default: run config's].")
+        int | None, typer.Option(help="GAN steps per site per round (default: the run config's).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
@@ -464,6 +464,13 @@ def evaluate_run(
             "synthetic normals (conditional runs, needs --holdout)."
         ),
     ] = None,
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="A local copy of pytorch-fid's pt_inception-2015-12-05-6726825d.pth: adds "
+            "the Inception FID published numbers use (nothing is downloaded)."
+        ),
+    ] = None,
 ) -> None:
     """Measure a run's synthetic images against this site's real images, at the site:
     quality, privacy attacks, utility. Writes RUN/evaluation/SITE.json (numbers only)."""
@@ -486,6 +493,7 @@ def evaluate_run(
         seed=seed,
         normal_class=normal_class,
         encoder_path=encoder,
+        inception_weights=inception_weights,
         say=typer.echo,
     )
     typer.echo(f"evaluation    {path} (fedgan report {run} adds it to the report)")

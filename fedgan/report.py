@@ -270,6 +270,7 @@ def write(
 EVAL_COLUMNS = (
     ("quality", "domain_fid", "domain-FID", "{:.2f}"),
     ("quality", "domain_kid_x1000", "KID×1000", "{:.2f}"),
+    ("quality", "inception_fid", "Inception FID", "{:.2f}"),
     ("quality", "precision", "precision", "{:.2f}"),
     ("quality", "recall", "recall", "{:.2f}"),
     ("quality", "ssim_nearest", "SSIM (nearest real)", "{:.3f}"),

@@ -12,6 +12,7 @@ images closer to a training image than real images are to each other).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torchmetrics.functional.classification import binary_auroc
@@ -61,6 +62,28 @@ def fid_kid(
             metric.update(fake, real=False)
         kid_mean, _ = kid.compute()
         return float(fid.compute()), 1000.0 * float(kid_mean)
+
+
+def fid_chunked(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    network: torch.nn.Module,
+    chunk: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> float:
+    """FID on a large network's features (Inception at 299×299), fed in
+    chunks so memory stays bounded; ``progress(done, total)`` after each."""
+    fid = FrechetInceptionDistance(feature=network, reset_real_features=True)
+    total, done = real.shape[0] + fake.shape[0], 0
+    with torch.no_grad():
+        for images, is_real in ((real, True), (fake, False)):
+            for start in range(0, images.shape[0], chunk):
+                part = images[start : start + chunk]
+                fid.update(part, real=is_real)
+                done += part.shape[0]
+                if progress is not None:
+                    progress(done, total)
+        return float(fid.compute())
 
 
 def precision_recall(

@@ -39,6 +39,17 @@ def reading(ev: dict[str, Any]) -> list[str]:
             f"the site really has (fidelity), and they cover {q['recall']:.0%} of the variety of "
             "its real images (diversity)."
         )
+    if "inception_fid" in q:
+        standard = ev.get("inception_weights", {}).get("standard", False)
+        out.append(
+            f"On the Inception features published studies use, {site}'s FID is "
+            f"{q['inception_fid']:.1f} (lower is closer to real; "
+            + (
+                "comparable with published values)."
+                if standard
+                else "computed with non-standard weights: compare only within this consortium)."
+            )
+        )
     mia = {k: v for k, v in p.items() if k.startswith("mia_") and isinstance(v, float)}
     if mia:
         worst = max(mia.values())

@@ -24,7 +24,7 @@ import torch
 from fedgan.atomic import write_text_atomic
 from fedgan.errors import FedGanError
 from fedgan.evaluate import encoder as domain
-from fedgan.evaluate import metrics
+from fedgan.evaluate import inception, metrics
 from fedgan.evaluate.results import EVALUATION_DIR
 from fedgan.evaluate.utility import anomaly_auc, tstr
 from fedgan.gan.models import Discriminator
@@ -71,6 +71,19 @@ def _disc_scores(disc: Discriminator, images: torch.Tensor, labels: torch.Tensor
     return torch.cat(out)
 
 
+def _inception_fid(net, real: torch.Tensor, fake: torch.Tensor, say: Callable[[str], None]):
+    """Minutes on a CPU (299×299 Inception), so progress every tenth."""
+    shown = [0]
+
+    def progress(done: int, total: int) -> None:
+        tenth = 10 * done // total
+        if tenth > shown[0]:
+            shown[0] = tenth
+            say(f"inception     {done}/{total} images")
+
+    return metrics.fid_chunked(real, fake, net, progress=progress)
+
+
 def evaluate(
     run_dir: Path,
     real: Path,
@@ -84,13 +97,19 @@ def evaluate(
     encoder_steps: int = 400,
     normal_class: str | None = None,
     encoder_path: Path | None = None,
+    inception_weights: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> Path:
     """``normal_class`` (a class of a conditional run): also train the
     anomaly detector on synthetic images of that class and score the
-    held-out images."""
+    held-out images. ``inception_weights`` (a local file): also the
+    Inception FID that published numbers use."""
     run_dir = Path(run_dir)
     started = time.perf_counter()
+    inception_net = None
+    if inception_weights is not None:
+        # Loaded first: a wrong file should fail before minutes of work.
+        inception_net, inception_sha = inception.load(inception_weights)
     gen = load_generator(run_dir / "generator.pt")
     spec = gen.spec
     settings = run_settings(run_dir)
@@ -100,6 +119,15 @@ def evaluate(
             f"{run_dir}: the generator has {spec.num_classes} classes but the run folder does "
             "not name them (run-config.json); evaluate it where it was run"
         )
+    if normal_class is not None:
+        # Checked before minutes of work, not after.
+        if normal_class not in classes:
+            raise EvaluationError(
+                f"--normal-class {normal_class!r} is not one of the run's classes "
+                f"({', '.join(classes) or 'the run is not class-conditional'})"
+            )
+        if holdout is None:
+            raise EvaluationError("the anomaly detector needs held-out images: pass --holdout")
     options = silo_options or {}
     members, member_labels = _images(real, kind, spec, options, classes)
     say(f"real          {members.shape[0]} training images from {real}")
@@ -163,6 +191,23 @@ def evaluate(
         f"quality       domain-FID {fid:.2f}  KID×1000 {kid:.2f}  precision {precision:.2f}  "
         f"recall {recall:.2f}  SSIM {ssim:.3f}"
     )
+    if inception_net is not None:
+        quality["inception_fid"] = _inception_fid(inception_net, real_all, fake, say)
+        standard = inception.is_standard(inception_sha)
+        result["inception_weights"] = {
+            "file": Path(inception_weights).name,
+            "sha256": inception_sha,
+            "standard": standard,
+        }
+        say(
+            f"quality       Inception FID {quality['inception_fid']:.2f}"
+            + (
+                ""
+                if standard
+                else "  (weights are not pt_inception-2015-12-05-6726825d: not comparable "
+                "with published FIDs)"
+            )
+        )
 
     memorized, threshold, _ = metrics.memorization(fake, members, held)
     privacy: dict[str, Any] = {"memorized_fraction": memorized, "memorization_threshold": threshold}
@@ -192,13 +237,6 @@ def evaluate(
             f"{u['trtr_accuracy']:.3f} ({u['tstr_ratio']:.0%})"
         )
     if normal_class is not None:
-        if normal_class not in classes:
-            raise EvaluationError(
-                f"--normal-class {normal_class!r} is not one of the run's classes "
-                f"({', '.join(classes) or 'the run is not class-conditional'})"
-            )
-        if held is None or held_labels is None:
-            raise EvaluationError("the anomaly detector needs held-out images: pass --holdout")
         normal = classes.index(normal_class)
         fake_normal, _ = generate(gen, n_synthetic, seed=seed + 1, class_index=normal)
         anomaly = anomaly_auc(fake_normal, held, held_labels != normal, seed=seed)

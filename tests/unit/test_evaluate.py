@@ -27,6 +27,7 @@ from fedgan.silo.options import SiloOptions
 from fedgan.silo.synth import synth_silo
 from fedgan.synthetic import SERIES_DESCRIPTION, SampleError, export
 from fedgan.train import TrainConfig, train_local
+from tests import inception_weights as stand_in
 
 
 def _blobs(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
@@ -273,6 +274,30 @@ def test_evaluation_without_holdout_says_why_there_is_no_attack(evaluated):
     )
     privacy = json.loads(path.read_text())["privacy"]
     assert "mia_generator_auc" not in privacy and "--holdout" in privacy["mia"]
+
+
+def test_inception_fid_is_added_from_a_local_weights_file(evaluated, tmp_path):
+    run_dir, _, _ = evaluated
+    weights = stand_in.write(stand_in.network(), tmp_path / "pt_inception-test.pth")
+    lines: list[str] = []
+    path = evaluate(
+        run_dir,
+        run_dir.parents[1] / "silo",
+        "fundus",
+        site_id="site-3",
+        n_synthetic=16,
+        encoder_steps=5,
+        inception_weights=weights,
+        say=lines.append,
+    )
+    ev = json.loads(path.read_text())
+    assert ev["quality"]["inception_fid"] > 0
+    assert ev["inception_weights"]["file"] == weights.name
+    assert ev["inception_weights"]["standard"] is False
+    assert any(line.startswith("inception     ") for line in lines)  # progress
+    assert any("not comparable with published FIDs" in line for line in lines)
+    assert any("non-standard weights" in line for line in reading(ev))
+    assert "Inception FID" in write_report(run_dir, tmp_path / "r.html").read_text()
 
 
 def test_an_unknown_normal_class_is_named(evaluated):
