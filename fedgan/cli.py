@@ -212,7 +212,7 @@ def silo_check(
     kind: Annotated[str, typer.Option(help="dicom or fundus.")] = "dicom",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     image_size: Annotated[int, typer.Option(help="Training image size.")] = 64,
-    channels: Annotated[int | None, typer.Option(help="1 or 3 [default: by kind].")] = None,
+    channels: Annotated[int | None, typer.Option(help="1 or 3 (default: by kind).")] = None,
     modality: Annotated[str, typer.Option(help="Keep these Modality values, e.g. CR,DX.")] = "",
     body_part: Annotated[str, typer.Option(help="Keep these BodyPartExamined values.")] = "",
     view_position: Annotated[str, typer.Option(help="Keep these ViewPosition values.")] = "",
@@ -353,12 +353,12 @@ def demo(
 ConnOpt = Annotated[
     str | None,
     typer.Option(
-        help="SuperLink connection name in FLWR_HOME's config.toml [default: its default]."
+        help="SuperLink connection name in FLWR_HOME's config.toml (default: its default)."
     ),
 ]
 HomeOpt = Annotated[
     Path | None,
-    typer.Option(help="The operator's FLWR_HOME [default: $FLWR_HOME or ~/.flwr]."),
+    typer.Option(help="The operator's FLWR_HOME (default: $FLWR_HOME or ~/.flwr)."),
 ]
 
 
@@ -537,7 +537,7 @@ def sample(
 def report(
     run: Annotated[Path, typer.Argument(help="The run folder (runs/<id>).")],
     out: Annotated[
-        Path | None, typer.Option(help="Where to write [default: RUN/report.html].")
+        Path | None, typer.Option(help="Where to write (default: RUN/report.html).")
     ] = None,
     baseline: Annotated[
         list[str] | None,
@@ -598,7 +598,7 @@ def audit(
     ),
     nginx_conf: Annotated[
         list[Path] | None,
-        typer.Option("--nginx-conf", help="A deployed nginx config (repeatable) [default: ours]."),
+        typer.Option("--nginx-conf", help="A deployed nginx config (repeatable) (default: ours)."),
     ] = None,
     runs: Annotated[Path | None, typer.Option(help="The aggregator's runs folder.")] = Path("runs"),
     probe: Annotated[
