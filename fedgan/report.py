@@ -17,6 +17,7 @@ from typing import Any
 from fedgan.atomic import write_text_atomic
 from fedgan.errors import FedGanError
 from fedgan.exporter import latest_by_site, read_records
+from fedgan.run_config import ConfigError, parse_classes
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
 
@@ -135,6 +136,23 @@ def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _class_rows(run_dir: Path, rows: int = 8) -> str:
+    """A conditional run's grid has one class per row (the ServerApp asks row
+    i for class i mod the number of classes): say which."""
+    try:
+        config = json.loads((run_dir / "run-config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return ""
+    try:
+        classes = parse_classes(str(config.get("classes", ""))) if isinstance(config, dict) else ()
+    except ConfigError:
+        return ""
+    if not classes:
+        return ""
+    names = ", ".join(f"{i + 1}: {classes[i % len(classes)]}" for i in range(rows))
+    return f", one class per row ({_e(names)})"
+
+
 def build(run_dir: Path, baselines: list[tuple[str, Path]] | None = None) -> str:
     """``baselines``: (label, run folder) of runs to compare with, e.g. a
     centralized rehearsal and a federated run without DP, evaluated by the
@@ -170,7 +188,8 @@ def build(run_dir: Path, baselines: list[tuple[str, Path]] | None = None) -> str
     if grids:
         body.append("<h2>Samples</h2>")
         body.append(
-            f"<p>After round {int(grids[-1].stem[-3:])}:</p>" + _png(grids[-1], "last", 384)
+            f"<p>After round {int(grids[-1].stem[-3:])}{_class_rows(run_dir)}:</p>"
+            + _png(grids[-1], "last", 384)
         )
         body.append(
             "<p>Every round (the same latent batch each time):</p><div>"

@@ -88,3 +88,13 @@ def test_report_is_self_contained_and_complete(tmp_path):
 def test_an_empty_run_folder_is_refused(tmp_path):
     with pytest.raises(ReportError, match=r"no metrics\.jsonl"):
         build(tmp_path)
+
+
+def test_a_conditional_runs_grid_names_the_class_of_each_row(tmp_path):
+    run = _run(tmp_path)
+    assert "one class per row" not in build(run)
+    (run / "run-config.json").write_text(json.dumps({"classes": "normal,pneumonia,<b>"}))
+    page = build(run)
+    assert "one class per row (1: normal, 2: pneumonia, 3: &lt;b&gt;, 4: normal," in page
+    (run / "run-config.json").write_text(json.dumps({"classes": "a,a"}))  # broken: no caption
+    assert "one class per row" not in build(run)
