@@ -149,6 +149,7 @@ def run_round(
         width=int(cfg["width"]),
         num_classes=len(classes),
         attr_dim=attribute_width(attrs),
+        aux_classifier=bool(cfg.get("aux-classifier", False)),
     )
     server_round = int(cfg["round"])
     gen, disc = build(spec)
