@@ -95,6 +95,10 @@ class RunsCollector(Collector):
 
         series = {
             ("quality", "domain_fid"): ("fedgan_eval_domain_fid", "Domain-FID at a site."),
+            ("quality", "inception_fid"): (
+                "fedgan_eval_inception_fid",
+                "Inception FID at a site (only where it passed --inception-weights).",
+            ),
             ("quality", "precision"): ("fedgan_eval_precision", "k-NN precision (fidelity)."),
             ("quality", "recall"): ("fedgan_eval_recall", "k-NN recall (diversity)."),
             ("privacy", "memorized_fraction"): (

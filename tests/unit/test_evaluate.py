@@ -298,6 +298,10 @@ def test_inception_fid_is_added_from_a_local_weights_file(evaluated, tmp_path):
     assert any("not comparable with published FIDs" in line for line in lines)
     assert any("non-standard weights" in line for line in reading(ev))
     assert "Inception FID" in write_report(run_dir, tmp_path / "r.html").read_text()
+    families = {m.name: m for m in RunsCollector(run_dir.parent).collect()}
+    (served,) = families["fedgan_eval_inception_fid"].samples  # only site-3 passed weights
+    assert served.labels["site"] == "site-3"
+    assert served.value == pytest.approx(ev["quality"]["inception_fid"])
 
 
 def test_an_unknown_normal_class_is_named(evaluated):
