@@ -18,6 +18,7 @@ with the first key that does not.
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import torch
@@ -234,9 +235,10 @@ def load(path: Path) -> tuple[FidInception, str]:
             f"--inception-weights {path} not found: copy pt_inception-2015-12-05-6726825d.pth "
             "(pytorch-fid's FID weights) to the site and pass its path"
         )
+    # The bytes hashed are the bytes loaded: no window for the file to change.
     data = path.read_bytes()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a bad file
         raise InceptionWeightsError(
             f"--inception-weights {path} is not a PyTorch weights file ({type(exc).__name__}); "
