@@ -3,11 +3,10 @@
 Privacy argument (DP-SGD on the discriminator, Abadi et al. 2016):
 
 * Only the discriminator D reads patient images, and only through the "real"
-  half of its loss (with the attribute and auxiliary-class terms of real
-  images and their own attributes and classes, which are part of it). Each
-  step draws a Poisson sample of the silo (each image independently with
-  probability q, from a generator seeded by the OS's CSPRNG so nobody, the
-  server included, can predict it), computes per-sample
+  half of its loss (with the attribute term, which reads real images and
+  their own attributes). Each step draws a Poisson sample of the silo (each
+  image independently with probability q, from a generator seeded by the OS's
+  CSPRNG so nobody, the server included, can predict it), computes per-sample
   gradients of the real half with Opacus, clips each to L2 norm
   ``max_grad_norm`` = C, sums them and adds Gaussian noise N(0, σ²C²)
   (Opacus's secure mode, robust to floating-point attacks). That is the
