@@ -21,8 +21,7 @@ memorized fraction, and TSTR accuracy against train-on-real. Goals (issue 8):
 - TSTR ≥ 90 % of train-on-real.
 
     python bench/quality.py [--data digits synth] [--rounds 20] [--steps 40] [--device cpu]
-        [--batch 32] [--dp-batch B] [--width 32] [--aux-classifier]
-        [--only "DP ε=10" ...] [--json FILE]
+        [--batch 32] [--dp-batch B] [--width 32] [--only "DP ε=10" ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -167,11 +166,6 @@ def main() -> None:
         "--dp-batch", type=int, help="Batch of the DP rows (default: --batch); DP noise is σ/B."
     )
     ap.add_argument(
-        "--aux-classifier",
-        action="store_true",
-        help="An auxiliary classifier head on D (the run config's aux-classifier).",
-    )
-    ap.add_argument(
         "--only", nargs="+", help="Run only the configurations whose name contains one of these."
     )
     ap.add_argument("--width", type=int, default=32)
@@ -202,12 +196,7 @@ def main() -> None:
         train_x, train_y, test_x, test_y = x[tr], y[tr], x[te], y[te]
         classes = int(y.max()) + 1
         spec = GanSpec(
-            image_size=32,
-            channels=x.shape[1],
-            latent_dim=64,
-            width=args.width,
-            num_classes=classes,
-            aux_classifier=args.aux_classifier,
+            image_size=32, channels=x.shape[1], latent_dim=64, width=args.width, num_classes=classes
         )
         enc = domain.train_encoder(train_x, steps=600, seed=args.seed)
         trtr = accuracy(train_classifier(train_x, train_y, classes, seed=args.seed), test_x, test_y)

@@ -75,7 +75,6 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "classes": Field("classes", list),
         "attributes": Field("attributes", str),
         "cond_lambda": Field("cond-lambda", float, _non_negative),
-        "aux_classifier": Field("aux-classifier", bool),
     },
     "training": {
         "local_steps": Field("local-steps", int, _positive),

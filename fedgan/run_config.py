@@ -240,7 +240,6 @@ class RunSettings:
                 width=_get(cfg, "width", int),
                 num_classes=len(parse_classes(_get(cfg, "classes", str))),
                 attr_dim=attribute_width(parse_attributes(_get(cfg, "attributes", str))),
-                aux_classifier=_get(cfg, "aux-classifier", bool),
             )
             train = TrainConfig(
                 local_steps=_get(cfg, "local-steps", int),
@@ -307,7 +306,6 @@ class RunSettings:
             "classes": ",".join(self.classes),
             "attributes": self.attributes,
             "cond-lambda": self.cond_lambda,
-            "aux-classifier": self.spec.aux_classifier,
             "local-steps": self.train.local_steps,
             "local-epochs": self.local_epochs,
             "batch-size": self.train.batch_size,

@@ -123,8 +123,8 @@ def _start(settings: RunSettings, out: RunOutputs) -> tuple[Generator, Discrimin
             )
         return gen, disc, 1
     ckpt = out.load_checkpoint()
-    # Through GanSpec: a checkpoint from before a spec field existed has that
-    # field's default.
+    # Through GanSpec: a checkpoint from before a spec field existed reads
+    # that field's default.
     if GanSpec(**ckpt["spec"]) != settings.spec:
         raise ConfigError(
             f"{out.checkpoint_path} was trained with {ckpt['spec']}; the run config asks for "

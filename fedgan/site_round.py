@@ -149,7 +149,6 @@ def run_round(
         width=int(cfg["width"]),
         num_classes=len(classes),
         attr_dim=attribute_width(attrs),
-        aux_classifier=bool(cfg.get("aux-classifier", False)),
     )
     server_round = int(cfg["round"])
     gen, disc = build(spec)

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedgan.gan.losses import attribute_loss, class_loss, discriminator_loss, generator_loss
-from fedgan.gan.models import Discriminator, Generator, Heads
+from fedgan.gan.losses import attribute_loss, discriminator_loss, generator_loss
+from fedgan.gan.models import Discriminator, Generator
 
 # Opacus's full backward hooks fire on D's first layer, whose input (an image)
 # needs no gradient; torch warns about that on every step. It is expected.
@@ -192,10 +192,13 @@ def train_local(
             d_step.hooks(False)
             opt_g.zero_grad(set_to_none=True)
             with autocast():
-                heads = disc(fake, fake_y, True)
-                g_loss = generator_loss(heads.logit) + conditional_loss(
-                    heads, fake_y, fake_a, cfg.cond_lambda
-                )
+                if attr_dim:
+                    logits, predicted = disc(fake, fake_y, with_attributes=True)
+                    g_loss = generator_loss(logits) + cfg.cond_lambda * attribute_loss(
+                        predicted, fake_a
+                    )
+                else:
+                    g_loss = generator_loss(disc(fake, fake_y))
             g_loss.backward(inputs=list(gen.parameters()))
             g_prox.add_gradient()
             opt_g.step()
@@ -212,20 +215,6 @@ def train_local(
         examples=n,
         seconds=time.perf_counter() - start,
     )
-
-
-def conditional_loss(
-    heads: Heads, labels: torch.Tensor | None, attributes: torch.Tensor | None, weight: float
-) -> torch.Tensor | float:
-    """λ·(attribute cosine loss + auxiliary class cross-entropy), for the
-    heads the model has: D's on real images and their own attributes and
-    classes, G's on generated images and what they were asked for."""
-    loss: torch.Tensor | float = 0.0
-    if heads.attributes is not None and attributes is not None:
-        loss = loss + weight * attribute_loss(heads.attributes, attributes)
-    if heads.classes is not None and labels is not None:
-        loss = loss + weight * class_loss(heads.classes, labels)
-    return loss
 
 
 def adam(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
@@ -287,9 +276,12 @@ class PlainDiscriminatorStep:
     ) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
-            heads = self.disc(real, real_y, True)
-            loss = discriminator_loss(heads.logit, self.disc(fake, fake_y))
-            loss = loss + conditional_loss(heads, real_y, real_a, self.cond_lambda)
+            if real_a is None:
+                loss = discriminator_loss(self.disc(real, real_y), self.disc(fake, fake_y))
+            else:
+                logits, predicted = self.disc(real, real_y, with_attributes=True)
+                loss = discriminator_loss(logits, self.disc(fake, fake_y))
+                loss = loss + self.cond_lambda * attribute_loss(predicted, real_a)
         loss.backward()
         self.prox.add_gradient()
         self.opt.step()
@@ -366,12 +358,17 @@ class DPDiscriminatorStep:
             loss_value = torch.zeros((), device=self.params[0].device)
         else:
             with self.autocast():
-                # The attribute and class terms read the real images and their
-                # attributes and classes: part of the private per-sample loss.
-                heads = self.module(real, real_y, True)
+                # The attribute term reads the real images and their
+                # attributes: it is part of the private per-sample loss.
+                if real_a is None:
+                    logits = self.module(real, real_y)
+                else:
+                    logits, predicted = self.module(real, real_y, True)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                    heads.logit, torch.ones_like(heads.logit)
-                ) + conditional_loss(heads, real_y, real_a, self.cond_lambda)
+                    logits, torch.ones_like(logits)
+                )
+                if real_a is not None:
+                    loss = loss + self.cond_lambda * attribute_loss(predicted, real_a)
             loss.backward()
             loss_value = loss.detach().float()
         self.opt.pre_step()
@@ -392,7 +389,7 @@ class DPDiscriminatorStep:
             fake_loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, torch.zeros_like(logits)
             )
-        # The attribute and class heads play no part in D's fake half.
+        # The attribute head plays no part in the fake half.
         grads = torch.autograd.grad(fake_loss, self.params, allow_unused=True)
         for p, g in zip(self.params, grads, strict=True):
             if g is not None:

@@ -20,10 +20,3 @@ def attribute_loss(predicted: torch.Tensor, wanted: torch.Tensor) -> torch.Tenso
     """L_cond = mean(1 − cos(predicted, wanted)): 0 when the attribute head
     reads the wanted attributes off the image, up to 2 when opposite."""
     return (1 - F.cosine_similarity(predicted.float(), wanted.float(), dim=1, eps=1e-6)).mean()
-
-
-def class_loss(class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The auxiliary classifier's cross-entropy (AC-GAN): for D on real
-    images and their classes, for G on generated images and the classes
-    they were asked for."""
-    return F.cross_entropy(class_logits.float(), labels)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,11 +32,6 @@ class GanSpec:
     # > 0: conditioned on a vector of tabular attributes (concatenated to G's
     # latent; an attribute head on D's features, trained with a cosine loss).
     attr_dim: int = 0
-    # Conditional only: an auxiliary classifier head on D's features (AC-GAN,
-    # Odena et al. 2017) beside the projection. D learns to name the class of
-    # real images and G to make its images name the class they were asked
-    # for, which the projection alone enforces weakly under DP noise.
-    aux_classifier: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size not in SUPPORTED_SIZES:
@@ -52,8 +46,6 @@ class GanSpec:
             raise ValueError("a conditional model needs at least 2 classes")
         if self.attr_dim < 0:
             raise ValueError("attr-dim must be >= 0")
-        if self.aux_classifier and not self.num_classes:
-            raise ValueError("aux-classifier needs a class-conditional model (classes)")
 
     @property
     def blocks(self) -> int:
@@ -118,16 +110,6 @@ def _groups(channels: int) -> int:
     return math.gcd(channels, 8)
 
 
-class Heads(NamedTuple):
-    """Everything D reads off one forward pass (Opacus needs one): the
-    real/fake logit [B], predicted attributes [B, attr_dim] and class
-    logits [B, num_classes] where the spec has those heads."""
-
-    logit: torch.Tensor
-    attributes: torch.Tensor | None
-    classes: torch.Tensor | None
-
-
 class Discriminator(nn.Module):
     def __init__(self, spec: GanSpec) -> None:
         super().__init__()
@@ -150,32 +132,28 @@ class Discriminator(nn.Module):
         self.embed = nn.Embedding(spec.num_classes, ch) if spec.num_classes else None
         # Tabular conditioning: predicts the attribute vector from the features.
         self.attr_head = nn.Linear(ch, spec.attr_dim) if spec.attr_dim else None
-        self.class_head = nn.Linear(ch, spec.num_classes) if spec.aux_classifier else None
         self.apply(_init)
 
     def forward(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None, heads: bool = False
-    ) -> torch.Tensor | Heads:
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, with_attributes: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One logit per image, shape [B] (a [B, 1] shape breaks Opacus' ghost
-        clipping, which then over-scales updates ~30x); with ``heads``, a
-        `Heads` from the same forward pass."""
-        if self.embed is None and self.attr_head is None and self.class_head is None:
-            logit = self.net(x).view(-1)
-            return Heads(logit, None, None) if heads else logit
+        clipping, which then over-scales updates ~30x); with
+        ``with_attributes``, also the predicted attributes [B, attr_dim], from
+        the same forward pass (Opacus needs one)."""
+        if self.embed is None and self.attr_head is None:
+            return self.net(x).view(-1)
         features = self.net[:-1](x)
         logit = self.net[-1](features).view(-1)
         if self.embed is not None:
             if labels is None:
                 raise ValueError("a conditional discriminator needs labels")
             logit = logit + (self.embed(labels) * features.sum(dim=(2, 3))).sum(dim=1)
-        if not heads:
+        if not with_attributes:
             return logit
-        pooled = features.mean(dim=(2, 3))
-        return Heads(
-            logit,
-            None if self.attr_head is None else self.attr_head(pooled),
-            None if self.class_head is None else self.class_head(pooled),
-        )
+        if self.attr_head is None:
+            raise ValueError("this discriminator has no attribute head")
+        return logit, self.attr_head(features.mean(dim=(2, 3)))
 
 
 @torch.no_grad()

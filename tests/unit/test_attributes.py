@@ -129,3 +129,24 @@ def test_attribute_models_need_vectors_and_train_with_dp():
     assert result.steps == 2
     # The attribute head learns, privately: it is part of D's DP step.
     assert not torch.equal(before, disc.attr_head.weight)
+
+
+def test_cond_lambda_weighs_the_discriminators_attribute_term_too():
+    """λ = 0 leaves D's attribute head untouched (no gradient reaches it);
+    a λ > 0 trains it. Before, D used λ = 1 whatever the run config said."""
+    spec = GanSpec(image_size=16, channels=1, latent_dim=8, width=8, attr_dim=2)
+    x, attrs = torch.rand(12, 1, 16, 16) * 2 - 1, torch.rand(12, 2)
+    heads = {}
+    for weight in (0.0, 2.0):
+        gen, disc = build(spec, seed=0)
+        before = disc.attr_head.weight.detach().clone()
+        train_local(
+            gen,
+            disc,
+            x,
+            TrainConfig(local_steps=2, batch_size=4, cond_lambda=weight),
+            attributes=attrs,
+            sample_attributes=lambda n, g: torch.rand(n, 2, generator=g),
+        )
+        heads[weight] = torch.equal(before, disc.attr_head.weight)
+    assert heads == {0.0: True, 2.0: False}

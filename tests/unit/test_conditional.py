@@ -36,20 +36,12 @@ def _classifier(x, y):
     return clf
 
 
-@pytest.mark.parametrize("aux_classifier", [False, True], ids=["projection", "projection+AC"])
-def test_conditional_generator_draws_the_requested_class(aux_classifier):
+def test_conditional_generator_draws_the_requested_class():
     x, y = _two_classes(256, 0)
     clf = _classifier(x, y)
     test_x, test_y = _two_classes(200, 1)
     assert (clf(test_x.flatten(1)).argmax(1) == test_y).float().mean() > 0.95
-    spec = GanSpec(
-        image_size=16,
-        channels=1,
-        latent_dim=16,
-        width=16,
-        num_classes=2,
-        aux_classifier=aux_classifier,
-    )
+    spec = GanSpec(image_size=16, channels=1, latent_dim=16, width=16, num_classes=2)
     gen, disc = build(spec, seed=0)
     cfg = TrainConfig(local_steps=300, batch_size=32, lr_g=2e-3, lr_d=2e-3)
     train_local(gen, disc, x, cfg, labels=y)
@@ -74,18 +66,6 @@ def test_conditional_models_need_labels_and_train_with_dp():
         gen, disc, x, TrainConfig(local_steps=2, batch_size=4), labels=y, dp=DPConfig(1.0, 1.0, 0.3)
     )
     assert result.steps == 2
-
-
-def test_the_auxiliary_classifier_needs_classes_and_names_them():
-    with pytest.raises(ValueError, match="aux-classifier needs a class-conditional model"):
-        GanSpec(image_size=16, aux_classifier=True)
-    spec = GanSpec(image_size=16, channels=1, width=8, num_classes=4, aux_classifier=True)
-    _, disc = build(spec, seed=0)
-    heads = disc(torch.zeros(5, 1, 16, 16), torch.arange(5) % 4, True)
-    assert heads.logit.shape == (5,) and heads.classes.shape == (5, 4)
-    assert heads.attributes is None
-    plain = build(GanSpec(image_size=16, channels=1, width=8, num_classes=4))[1]
-    assert plain(torch.zeros(5, 1, 16, 16), torch.arange(5) % 4, True).classes is None
 
 
 def test_site_maps_silo_labels_to_the_runs_classes(tmp_path):

@@ -28,18 +28,14 @@ def _data(n=12, seed=0):
     return torch.rand(n, 1, 16, 16, generator=g) * 2 - 1
 
 
-def _per_sample_clipped_mean(disc, real, clip, labels=None, weight=1.0):
-    """Σ clip(∇ℓ_i) / N, one sample at a time, no Opacus. With ``labels`` and
-    an auxiliary classifier, ℓ_i includes λ·CE of the class head."""
+def _per_sample_clipped_mean(disc, real, clip):
+    """Σ clip(∇ℓ_i) / N, one sample at a time, no Opacus."""
     params = list(disc.parameters())
     total = [torch.zeros_like(p) for p in params]
     norms = []
-    for i, x in enumerate(real):
-        y = None if labels is None else labels[i : i + 1]
-        logit, _, classes = disc(x[None], y, True)
+    for x in real:
+        logit = disc(x[None])
         loss = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
-        if classes is not None:
-            loss = loss + weight * F.cross_entropy(classes, y)
         grads = torch.autograd.grad(loss, params)
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         factor = min(1.0, clip / (float(norm) + 1e-6))
@@ -62,40 +58,6 @@ def test_real_half_is_per_sample_clipped_mean():
     for p, e in zip(step.params, expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-7)
     step.close()
-
-
-def test_the_auxiliary_class_term_is_inside_the_private_per_sample_loss():
-    """The class head reads real images and their labels, so its gradient
-    must be clipped per sample with the rest: checked against the reference
-    that clips BCE + λ·CE one image at a time."""
-    spec = GanSpec(
-        image_size=16, channels=1, latent_dim=8, width=8, num_classes=3, aux_classifier=True
-    )
-    _, disc = build(spec, seed=1)
-    reference_disc = copy.deepcopy(disc)
-    real, labels = _data(), torch.arange(12) % 3
-    clip = 0.05
-    step = DPDiscriminatorStep(
-        disc, 1e-3, DPConfig(0.0, clip, 1.0), expected_batch=12, cond_lambda=0.5
-    )
-    step.private_real_gradient(real, labels)
-    expected, clipped_norms = _per_sample_clipped_mean(reference_disc, real, clip, labels, 0.5)
-    assert max(clipped_norms) <= clip + 1e-6
-    head = dict(disc.named_parameters())["class_head.weight"]
-    assert head.grad is not None and head.grad.abs().sum() > 0
-    for p, e in zip(step.params, expected, strict=True):
-        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-7)
-    step.close()
-    # Without noise and clipping it is the plain step, class term included.
-    _, disc = build(spec, seed=2)
-    twin = copy.deepcopy(disc)
-    fake = _data(12, 2)
-    dp = DPDiscriminatorStep(disc, 1e-3, DPConfig(0.0, 1e6, 1.0), expected_batch=12)
-    dp(real, labels, fake, labels.flip(0))
-    PlainDiscriminatorStep(twin, 1e-3)(real, labels, fake, labels.flip(0))
-    dp.close()
-    for a, b in zip(disc.parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_without_noise_and_clipping_dp_step_equals_plain_step():

@@ -121,36 +121,3 @@ def test_demo_refuses_secure_aggregation_with_one_site():
     with pytest.raises(ValueError, match=r"at least 2 sites.*secagg=false"):
         DemoOptions(sites=1)
     assert DemoOptions(sites=1, extra_config={"secagg": False}).sites == 1
-
-
-def test_aux_classifier_needs_classes_and_reaches_the_site(tmp_path):
-    from fedgan import site_round
-    from fedgan.gan.models import build
-    from fedgan.silo.synth import synth_silo
-    from fedgan.weights import get_arrays
-
-    cfg = {**default_run_config(), "aux-classifier": True}
-    with pytest.raises(ConfigError, match="aux-classifier needs a class-conditional"):
-        RunSettings.from_run_config(cfg)
-    settings = RunSettings.from_run_config(
-        {
-            **cfg,
-            "classes": "0,1,2,3,4",
-            "image-size": 16,
-            "batch-size": 4,
-            "local-steps": 2,
-            "dp": False,
-            "run-dir": str(tmp_path / "run"),
-        }
-    )
-    assert settings.spec.aux_classifier and settings.round_config(1)["aux-classifier"] is True
-    silo = synth_silo(tmp_path / "silo", "fundus", 12, seed=1, size=32)
-    site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", 10.0)
-    gen, disc = build(settings.spec, seed=0)
-    # The site builds its D from the round config: with the class head, or
-    # the global D's arrays would not fit it.
-    outcome = site_round.run_round(
-        site, {}, "r", settings.round_config(1), get_arrays(gen), get_arrays(disc)
-    )
-    assert outcome.update is not None
-    assert len(outcome.update.disc) == len(get_arrays(disc))
