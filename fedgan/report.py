@@ -17,7 +17,7 @@ from typing import Any
 from fedgan.atomic import write_text_atomic
 from fedgan.errors import FedGanError
 from fedgan.exporter import latest_by_site, read_records
-from fedgan.run_config import ConfigError, parse_classes
+from fedgan.run_config import parse_classes
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
 
@@ -141,11 +141,8 @@ def _class_rows(run_dir: Path, rows: int = 8) -> str:
     i for class i mod the number of classes): say which."""
     try:
         config = json.loads((run_dir / "run-config.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        return ""
-    try:
         classes = parse_classes(str(config.get("classes", ""))) if isinstance(config, dict) else ()
-    except ConfigError:
+    except (OSError, ValueError):  # ConfigError (a class named twice) is a ValueError
         return ""
     if not classes:
         return ""

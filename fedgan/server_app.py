@@ -25,7 +25,7 @@ from fedgan.atomic import write_text_atomic
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
 from fedgan.audit_log import AuditLog, record_round
-from fedgan.gan.models import Discriminator, GanSpec, Generator, build, recalibrate_batchnorm
+from fedgan.gan.models import Discriminator, Generator, build, recalibrate_batchnorm
 from fedgan.messaging import exchange
 from fedgan.outputs import RunOutputs
 from fedgan.progress import ROUND_MARKER
@@ -123,9 +123,7 @@ def _start(settings: RunSettings, out: RunOutputs) -> tuple[Generator, Discrimin
             )
         return gen, disc, 1
     ckpt = out.load_checkpoint()
-    # Through GanSpec: a checkpoint from before a spec field existed reads
-    # that field's default.
-    if GanSpec(**ckpt["spec"]) != settings.spec:
+    if ckpt["spec"] != dataclasses.asdict(settings.spec):
         raise ConfigError(
             f"{out.checkpoint_path} was trained with {ckpt['spec']}; the run config asks for "
             f"{dataclasses.asdict(settings.spec)}"

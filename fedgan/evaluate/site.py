@@ -71,7 +71,9 @@ def _disc_scores(disc: Discriminator, images: torch.Tensor, labels: torch.Tensor
     return torch.cat(out)
 
 
-def _inception_fid(net, real: torch.Tensor, fake: torch.Tensor, say: Callable[[str], None]):
+def _inception_fid(
+    net: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor, say: Callable[[str], None]
+) -> float:
     """Minutes on a CPU (299×299 Inception), so progress every tenth."""
     shown = [0]
 
