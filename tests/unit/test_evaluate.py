@@ -28,13 +28,7 @@ from fedgan.silo.synth import synth_silo
 from fedgan.synthetic import SERIES_DESCRIPTION, SampleError, export
 from fedgan.train import TrainConfig, train_local
 from tests import inception_weights as stand_in
-
-
-def _blobs(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
-    """Smooth random images in [-1, 1] (N×1×16×16)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.avg_pool2d(torch.randn(n, 1, 32, 32, generator=g), 2)
-    return (x * 2 + shift).clamp(-1, 1)
+from tests.images import blobs as _blobs
 
 
 @pytest.fixture(scope="module")

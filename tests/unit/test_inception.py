@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from fedgan.evaluate import inception, metrics
 from tests import inception_weights as stand_in
-
-
-def _blobs(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = nn.functional.avg_pool2d(torch.randn(n, 1, 32, 32, generator=g), 2)
-    return (x * 2 + shift).clamp(-1, 1)
+from tests.images import blobs as _blobs
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> tuple[inception.FidInception, object]:
+def weights(tmp_path_factory) -> tuple[inception.FidInception, Path]:
     """The network and a weights file laid out as pytorch-fid's (with the
     1008-class head and without batch-norm counters)."""
     net = stand_in.network()
