@@ -1,10 +1,11 @@
 """Images per second of a full local GAN step (D step + G step) at a site,
-without DP and with DP on D's real half (Opacus hooks or functorch).
+without DP and with DP on D's real half (Opacus hooks or functorch, or our
+ghost-norm clipping, fedgan.privacy.clipped_gradient).
 Prints figures; never part of the tests.
 
     .venv/bin/python bench/train_throughput.py [--device cuda] [--sizes 64 128]
         [--batches 64 256] [--steps 20] [--width 64]
-        [--modes plain dp-hooks dp-functorch plain+bf16 dp-hooks+bf16+cl ...]
+        [--modes plain dp-hooks dp-functorch dp-ghost plain+bf16 dp-ghost+bf16+cl ...]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fedgan.train import DPConfig, TrainConfig, train_local
 
 # A mode is the DP method, optionally followed by +bf16 (autocast) and +cl
 # (channels_last), e.g. "dp-hooks+bf16+cl".
-MODES = ("plain", "dp-hooks", "dp-functorch")
+MODES = ("plain", "dp-hooks", "dp-functorch", "dp-ghost")
 
 
 def throughput(size: int, batch: int, steps: int, width: int, mode: str, device: str) -> float:
@@ -59,6 +60,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, width {args.width}, {args.steps} steps"
     )
     print(f"{'size':>5} {'batch':>6} " + " ".join(f"{m:>16}" for m in args.modes) + "   DP/plain")
+    # DP/plain compares each DP mode with the plain mode of the same flags.
     for size in args.sizes:
         for batch in args.batches:
             rates = {}
@@ -68,9 +70,13 @@ def main() -> None:
                 except Exception as exc:  # a mode that fails still lets the others report
                     print(f"  {m} at {size}/{batch}: {type(exc).__name__}: {exc}"[:300])
                     rates[m] = float("nan")
-            ratio = ""
-            if "plain" in rates and "dp-hooks" in rates:
-                ratio = f"   {rates['dp-hooks'] / rates['plain']:.2f}x"
+            ratios = []
+            for m, rate in rates.items():
+                method, _, flags = m.partition("+")
+                plain = rates.get("plain" + (f"+{flags}" if flags else ""))
+                if method != "plain" and plain:
+                    ratios.append(f"{m} {rate / plain:.2f}x")
+            ratio = "   " + ", ".join(ratios)
             print(
                 f"{size:>5} {batch:>6} "
                 + " ".join(f"{r:>12.1f} i/s" for r in rates.values())

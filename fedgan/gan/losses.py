@@ -19,4 +19,9 @@ def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 def attribute_loss(predicted: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     """L_cond = mean(1 − cos(predicted, wanted)): 0 when the attribute head
     reads the wanted attributes off the image, up to 2 when opposite."""
-    return (1 - F.cosine_similarity(predicted.float(), wanted.float(), dim=1, eps=1e-6)).mean()
+    return per_sample_attribute_loss(predicted, wanted).mean()
+
+
+def per_sample_attribute_loss(predicted: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """1 − cos(predicted, wanted) for each sample, shape [B] (DP clips each)."""
+    return 1 - F.cosine_similarity(predicted.float(), wanted.float(), dim=1, eps=1e-6)

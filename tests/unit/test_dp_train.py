@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from fedgan.gan.models import GanSpec, build
 from fedgan.train import (
+    GRAD_SAMPLE_MODES,
     DPConfig,
     DPDiscriminatorStep,
     PlainDiscriminatorStep,
@@ -45,12 +46,14 @@ def _per_sample_clipped_mean(disc, real, clip):
     return [t / real.shape[0] for t in total], norms
 
 
-def test_real_half_is_per_sample_clipped_mean():
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_real_half_is_per_sample_clipped_mean(mode):
     _, disc = build(SPEC, seed=1)
     reference_disc = copy.deepcopy(disc)
     real = _data()
     clip = 0.05
-    step = DPDiscriminatorStep(disc, 1e-3, DPConfig(0.0, clip, 1.0), expected_batch=real.shape[0])
+    dp = DPConfig(0.0, clip, 1.0, grad_sample_mode=mode)
+    step = DPDiscriminatorStep(disc, 1e-3, dp, expected_batch=real.shape[0])
     step.private_real_gradient(real)
     expected, clipped_norms = _per_sample_clipped_mean(reference_disc, real, clip)
     assert max(clipped_norms) <= clip + 1e-6
@@ -60,11 +63,13 @@ def test_real_half_is_per_sample_clipped_mean():
     step.close()
 
 
-def test_without_noise_and_clipping_dp_step_equals_plain_step():
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_without_noise_and_clipping_dp_step_equals_plain_step(mode):
     _, disc = build(SPEC, seed=2)
     twin = copy.deepcopy(disc)
     real, fake = _data(10, 1), _data(10, 2)
-    dp = DPDiscriminatorStep(disc, 1e-3, DPConfig(0.0, 1e6, 1.0), expected_batch=10)
+    config = DPConfig(0.0, 1e6, 1.0, grad_sample_mode=mode)
+    dp = DPDiscriminatorStep(disc, 1e-3, config, expected_batch=10)
     plain = PlainDiscriminatorStep(twin, 1e-3)
     dp(real, None, fake, None)
     plain(real, None, fake, None)
@@ -73,11 +78,12 @@ def test_without_noise_and_clipping_dp_step_equals_plain_step():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_noise_has_the_calibrated_scale():
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_noise_has_the_calibrated_scale(mode):
     _, disc = build(SPEC, seed=3)
     real = _data(8)
-    clean = DPDiscriminatorStep(copy.deepcopy(disc), 1e-3, DPConfig(0.0, 0.1, 1.0, 5), 8)
-    noisy = DPDiscriminatorStep(disc, 1e-3, DPConfig(2.0, 0.1, 1.0, 5), 8)
+    clean = DPDiscriminatorStep(copy.deepcopy(disc), 1e-3, DPConfig(0.0, 0.1, 1.0, 5, mode), 8)
+    noisy = DPDiscriminatorStep(disc, 1e-3, DPConfig(2.0, 0.1, 1.0, 5, mode), 8)
     clean.private_real_gradient(real)
     noisy.private_real_gradient(real)
     diff = torch.cat(
@@ -89,12 +95,12 @@ def test_noise_has_the_calibrated_scale():
     noisy.close()
 
 
-def test_dp_training_runs_and_leaves_no_hooks():
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_dp_training_runs_and_leaves_no_hooks(mode):
     gen, disc = build(SPEC, seed=0)
     before = [p.detach().clone() for p in disc.parameters()]
-    result = train_local(
-        gen, disc, _data(16), TrainConfig(local_steps=3, batch_size=4), dp=DPConfig(1.0, 1.0, 0.25)
-    )
+    dp = DPConfig(1.0, 1.0, 0.25, grad_sample_mode=mode)
+    result = train_local(gen, disc, _data(16), TrainConfig(local_steps=3, batch_size=4), dp=dp)
     assert result.steps == 3 and np.isfinite(result.d_loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters(), strict=True))
     assert not any(
@@ -103,7 +109,8 @@ def test_dp_training_runs_and_leaves_no_hooks():
     assert not disc._forward_hooks and not any(m._forward_hooks for m in disc.modules())
 
 
-def test_empty_poisson_sample_still_steps_with_noise():
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_poisson_sample_still_steps_with_noise(mode):
     gen, disc = build(SPEC, seed=0)
     before = [p.detach().clone() for p in disc.parameters()]
     train_local(
@@ -111,7 +118,7 @@ def test_empty_poisson_sample_still_steps_with_noise():
         disc,
         _data(2),
         TrainConfig(local_steps=2, batch_size=1),
-        dp=DPConfig(1.0, 1.0, 1e-9, secret_seed=1),
+        dp=DPConfig(1.0, 1.0, 1e-9, secret_seed=1, grad_sample_mode=mode),
     )
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters(), strict=True))
 
