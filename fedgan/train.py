@@ -6,10 +6,11 @@ Privacy argument (DP-SGD on the discriminator, Abadi et al. 2016):
   half of its loss (with the attribute term, which reads real images and
   their own attributes). Each step draws a Poisson sample of the silo (each
   image independently with probability q, from a generator seeded by the OS's
-  CSPRNG so nobody, the server included, can predict it), computes per-sample
-  gradients of the real half with Opacus, clips each to L2 norm
-  ``max_grad_norm`` = C, sums them and adds Gaussian noise N(0, σ²C²)
-  (Opacus's secure mode, robust to floating-point attacks). That is the
+  CSPRNG so nobody, the server included, can predict it), clips the gradient
+  of the real half on each image to L2 norm ``max_grad_norm`` = C (by
+  `fedgan.privacy.clipped_gradient`, or Opacus's per-sample gradients), sums
+  them and adds Gaussian noise N(0, σ²C²) (Opacus's secure mode, robust to
+  floating-point attacks). That is the
   sampled Gaussian mechanism; the accountant (`fedgan.privacy`) composes it
   over every step ever run on the silo.
 * D's gradient on generated images depends on no patient record (G's output
