@@ -21,7 +21,8 @@ memorized fraction, and TSTR accuracy against train-on-real. Goals (issue 8):
 - TSTR ≥ 90 % of train-on-real.
 
     python bench/quality.py [--data digits synth] [--rounds 20] [--steps 40] [--device cpu]
-        [--batch 32] [--dp-batch B] [--width 32] [--only "DP ε=10" ...] [--json FILE]
+        [--batch 32] [--dp-batch B] [--width 32] [--mode-seeking λ]
+        [--only "federated 3 sites, DP ε=10" ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def dirichlet_split(labels: torch.Tensor, sites: int, alpha: float, seed: int) -
     return [np.array(sorted(p)) for p in parts]
 
 
-def train_federated(x, y, spec, *, sites, rounds, steps, batch, target_eps, device, seed):
+def train_federated(
+    x, y, spec, *, sites, rounds, steps, batch, target_eps, device, seed, mode_seeking=0.0
+):
     gen, disc = build(spec, seed=seed)
     silos = (
         [torch.arange(len(y))]
@@ -118,7 +121,12 @@ def train_federated(x, y, spec, *, sites, rounds, steps, batch, target_eps, devi
                 lg,
                 ld,
                 x[idx],
-                TrainConfig(local_steps=steps, batch_size=batch, seed=seed + r * 31 + s),
+                TrainConfig(
+                    local_steps=steps,
+                    batch_size=batch,
+                    seed=seed + r * 31 + s,
+                    mode_seeking=mode_seeking,
+                ),
                 device=device,
                 dp=dp,
                 labels=y[idx],
@@ -166,9 +174,12 @@ def main() -> None:
         "--dp-batch", type=int, help="Batch of the DP rows (default: --batch); DP noise is σ/B."
     )
     ap.add_argument(
-        "--only", nargs="+", help="Run only the configurations whose name contains one of these."
+        "--only",
+        nargs="+",
+        help='Run only these configurations, by full name (e.g. "federated 3 sites, DP ε=10").',
     )
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--mode-seeking", type=float, default=0.0, help="λ of G's mode-seeking term.")
     ap.add_argument("--n-fake", type=int, default=1000)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -184,9 +195,13 @@ def main() -> None:
         ("federated 3 sites, DP ε=1", 3, 1.0),
     ]
     if args.only:
-        configs = [c for c in configs if any(word in c[0] for word in args.only)]
-    if not configs:
-        ap.error("--only matches no configuration")
+        unknown = set(args.only) - {c[0] for c in configs}
+        if unknown:
+            ap.error(
+                f"--only: no configuration named {sorted(unknown)}; "
+                f"the names are {[c[0] for c in configs]}"
+            )
+        configs = [c for c in configs if c[0] in args.only]
     results = {}
     for name in args.data:
         x, y = digits() if name == "digits" else synth()
@@ -222,6 +237,7 @@ def main() -> None:
                 target_eps=eps,
                 device=args.device,
                 seed=args.seed,
+                mode_seeking=args.mode_seeking,
             )
             r = evaluate(
                 gen, disc, enc, train_x, train_y, test_x, test_y, classes, args.n_fake, args.seed

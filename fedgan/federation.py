@@ -82,6 +82,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "batch_size": Field("batch-size", int, _positive),
         "lr_g": Field("lr-g", float, _positive),
         "lr_d": Field("lr-d", float, _positive),
+        "mode_seeking": Field("mode-seeking", float, _non_negative),
     },
     "strategy": {
         "name": Field("strategy", str, _one_of("fedavg", "fedprox")),

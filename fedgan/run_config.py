@@ -232,6 +232,9 @@ class RunSettings:
         from fedgan.gan.models import GanSpec
         from fedgan.train import TrainConfig
 
+        for key in ("cond-lambda", "mode-seeking"):
+            if _get(cfg, key, float) < 0:
+                raise ConfigError(f"run config key '{key}' must be >= 0")
         try:
             spec = GanSpec(
                 image_size=_get(cfg, "image-size", int),
@@ -247,6 +250,7 @@ class RunSettings:
                 lr_g=_get(cfg, "lr-g", float),
                 lr_d=_get(cfg, "lr-d", float),
                 seed=_get(cfg, "seed", int),
+                mode_seeking=_get(cfg, "mode-seeking", float),
             )
         except ConfigError:
             raise
@@ -254,8 +258,6 @@ class RunSettings:
             raise ConfigError(str(exc)) from None
         except ValueError as exc:
             raise ConfigError(f"run config: {exc}") from None
-        if _get(cfg, "cond-lambda", float) < 0:
-            raise ConfigError("run config key 'cond-lambda' must be >= 0")
         return cls(
             rounds=rounds,
             spec=spec,
@@ -311,6 +313,7 @@ class RunSettings:
             "batch-size": self.train.batch_size,
             "lr-g": self.train.lr_g,
             "lr-d": self.train.lr_d,
+            "mode-seeking": self.train.mode_seeking,
             # Each site and round draws different batches and noise.
             "seed": self.train.seed * 100_003 + server_round,
             "dump-updates": self.dump_updates,

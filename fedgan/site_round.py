@@ -173,6 +173,7 @@ def run_round(
         prox_mu=float(cfg["prox-mu"]),
         precision=site.precision,
         cond_lambda=float(cfg.get("cond-lambda", 1.0)),
+        mode_seeking=float(cfg.get("mode-seeking", 0.0)),
     )
     metrics: dict[str, float] = {}
     dp = None

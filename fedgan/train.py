@@ -40,6 +40,8 @@ from fedgan.gan.losses import (
     attribute_loss,
     discriminator_loss,
     generator_loss,
+    mode_seeking_loss,
+    paired,
     per_sample_attribute_loss,
 )
 from fedgan.gan.models import Discriminator, Generator
@@ -65,6 +67,8 @@ class TrainConfig:
     channels_last: bool = False
     # λ of the tabular-conditioning loss L = L_GAN + λ·L_cond.
     cond_lambda: float = 1.0
+    # λ of G's mode-seeking term (gan.losses.mode_seeking_loss); 0: off.
+    mode_seeking: float = 0.0
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -77,6 +81,8 @@ class TrainConfig:
             raise ValueError("prox-mu must be >= 0")
         if self.cond_lambda < 0:
             raise ValueError("cond-lambda must be >= 0")
+        if self.mode_seeking < 0:
+            raise ValueError("mode-seeking must be >= 0")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision {self.precision!r}: use fp32 or bf16")
 
@@ -199,6 +205,9 @@ def train_local(
                 torch.randint(0, classes, (batch,), generator=rng).to(device) if classes else None
             )
             fake_a = sample_attributes(batch, rng).to(device) if attr_dim else None
+            if cfg.mode_seeking > 0:
+                # Pairs (i, i + B/2) share their condition and differ in z.
+                fake_y, fake_a = paired(fake_y), paired(fake_a)
             with autocast():
                 fake = gen(z, fake_y, fake_a).contiguous(memory_format=fmt)
             d_total += d_step(real, real_y, fake.detach(), fake_y, real_a)
@@ -213,6 +222,8 @@ def train_local(
                     )
                 else:
                     g_loss = generator_loss(disc(fake, fake_y))
+                if cfg.mode_seeking > 0:
+                    g_loss = g_loss + cfg.mode_seeking * mode_seeking_loss(fake, z)
             g_loss.backward(inputs=list(gen.parameters()))
             g_prox.add_gradient()
             opt_g.step()

@@ -18,6 +18,7 @@ def test_defaults_parse():
         ("local-steps", 2.5, "local-steps"),
         ("dump-updates", "maybe", "dump-updates"),
         ("lr-g", -1.0, "lr-g"),
+        ("mode-seeking", -1.0, "key 'mode-seeking' must be >= 0"),
     ],
 )
 def test_bad_values_name_their_key(key, value, match):
