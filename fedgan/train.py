@@ -10,16 +10,17 @@ Privacy argument (DP-SGD on the discriminator, Abadi et al. 2016):
   of the real half on each image to L2 norm ``max_grad_norm`` = C (by
   `fedgan.privacy.clipped_gradient`, or Opacus's per-sample gradients), sums
   them and adds Gaussian noise N(0, σ²C²) (Opacus's secure mode, robust to
-  floating-point attacks). That is the
-  sampled Gaussian mechanism; the accountant (`fedgan.privacy`) composes it
-  over every step ever run on the silo.
+  floating-point attacks). That is the sampled Gaussian mechanism; the
+  accountant (`fedgan.privacy`) composes it over every step ever run on the
+  silo.
 * D's gradient on generated images depends on no patient record (G's output
   is a function of G's weights and random latents, and G's weights so far
   are themselves a DP release), so it is computed without per-sample
   machinery and added to the noised real-half gradient before the optimizer
   step. Adding a data-independent term is post-processing.
-* G never sees an image; it learns only from D's output, so its update is
-  post-processing of D's private release. So is everything computed from the
+* G never sees an image; it learns only from D's output (and, with
+  mode-seeking, from the spread of its own samples over its own latents), so
+  its update is post-processing of D's private release. So is everything computed from the
   weights afterwards: the update Δ, its clipping, quantization and masking.
 Hence the site's (ε, δ) bounds what G, D and every update reveal about any
 one image in its silo.
