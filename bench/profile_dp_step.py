@@ -1,5 +1,6 @@
 """Where a DP training step's GPU time goes: torch.profiler over a few steps
-of `train_local`, plain and DP, printing the top kernels and the peak
+of `train_local`, plain and DP (our ghost clipping and Opacus's hooks),
+printing the top kernels and the peak
 memory. A diagnostic for the DP-speed work; never part of the tests.
 
     python bench/profile_dp_step.py [--size 64] [--batch 256] [--steps 10]
@@ -25,9 +26,11 @@ def main() -> None:
     args = parser.parse_args()
     spec = GanSpec(image_size=args.size, channels=3, latent_dim=100, width=64)
     images = torch.rand(4 * args.batch, 3, args.size, args.size) * 2 - 1
-    for mode in ("plain", "dp"):
+    for mode in ("plain", "dp-ghost", "dp-hooks"):
         gen, disc = build(spec, seed=0)
-        dp = DPConfig(1.0, 1.0, 0.25) if mode == "dp" else None
+        dp = None
+        if mode != "plain":
+            dp = DPConfig(1.0, 1.0, 0.25, grad_sample_mode=mode.removeprefix("dp-"))
         cfg = TrainConfig(local_steps=args.steps, batch_size=args.batch)
         train_local(
             gen, disc, images, TrainConfig(local_steps=2, batch_size=args.batch), "cuda", dp
