@@ -133,13 +133,6 @@ class Discriminator(nn.Module):
         # Tabular conditioning: predicts the attribute vector from the features.
         self.attr_head = nn.Linear(ch, spec.attr_dim) if spec.attr_dim else None
         self.apply(_init)
-        if self.embed is not None:
-            # Small, like the convolutions: at nn.Embedding's N(0, 1) the
-            # projection <e(y), Σ h> summed over ch × 4 × 4 features gave logits
-            # in the tens, both losses saturated (G's near 40 on digits) and G
-            # got no signal but the class; this model has no spectral norm to
-            # bound it. At N(0, 0.02) the losses start near log 2.
-            nn.init.normal_(self.embed.weight, 0.0, 0.02)
 
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor | None = None, with_attributes: bool = False
