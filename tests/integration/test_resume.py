@@ -28,6 +28,7 @@ def test_fedprox_sampling_checkpoint_and_resume(tmp_path):
             "fraction-sites": 0.5,
             "noise-multiplier": 2.0,
             "batch-size": 4,
+            "mode-seeking": 1.0,  # G's extra term, through real SuperNodes
         },
     )
     run_dir = run_demo(DemoOptions(rounds=2, **base), say=lambda _: None)

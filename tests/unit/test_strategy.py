@@ -83,6 +83,7 @@ def test_local_epochs_turn_into_steps_from_the_silo_size(tmp_path, monkeypatch):
 
     def spy(gen, disc, images, cfg, **kw):
         seen["steps"] = cfg.local_steps
+        seen["mode_seeking"] = cfg.mode_seeking
         return real_train(gen, disc, images, cfg, **kw)
 
     monkeypatch.setattr(site_round, "train_local", spy)
@@ -93,6 +94,7 @@ def test_local_epochs_turn_into_steps_from_the_silo_size(tmp_path, monkeypatch):
             "image-size": 16,
             "batch-size": 4,
             "local-epochs": 1.5,
+            "mode-seeking": 0.5,
             "dp": False,
             "run-dir": str(tmp_path / "run"),
         }
@@ -103,6 +105,7 @@ def test_local_epochs_turn_into_steps_from_the_silo_size(tmp_path, monkeypatch):
         site, {}, "r", cfg.round_config(1), get_arrays(gen), get_arrays(disc)
     )
     assert seen["steps"] == 4  # ⌈1.5 · 10 / 4⌉
+    assert seen["mode_seeking"] == 0.5  # the operator's key reaches the site's trainer
     assert outcome.update is not None and "epsilon" not in outcome.metrics
 
 
