@@ -23,7 +23,9 @@ accountants).
 Supported layers are those the discriminator is built from: Conv2d
 (groups = 1, zero padding), GroupNorm, Linear and Embedding (one index per
 sample). Anything else with parameters is refused when the engine is built,
-so a model change can never silently drop a layer from the norm.
+so a model change can never silently drop a layer from the norm, and so is
+BatchNorm in any form: the per-sample decomposition assumes no layer mixes
+the images of a batch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+# Layers that normalise across the batch: refused even without parameters.
+_MIXES_SAMPLES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 # Applies the clip factors [B] to a layer: sets its parameters' .grad.
 _Apply = Callable[[torch.Tensor], None]
@@ -62,15 +67,17 @@ class ClippedGradient:
             raise ValueError("max-grad-norm must be > 0")
         self.max_grad_norm = max_grad_norm
         self.layers: list[nn.Module] = []
+        self.params: list[nn.Parameter] = []
         for name, m in module.named_modules():
+            if isinstance(m, _MIXES_SAMPLES):
+                # Even without parameters it mixes the images of a batch, so
+                # one image's loss would reach the others' gradients.
+                raise ValueError(f"layer {name} ({type(m).__name__}) mixes samples; use GroupNorm")
             own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-            if not own:
-                continue
-            _check_supported(name or type(m).__name__, m)
-            self.layers.append(m)
-        self.params = [
-            p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad
-        ]
+            if own:
+                _check_supported(name or type(m).__name__, m)
+                self.layers.append(m)
+                self.params += own
         self._records: list[_Record] = []
 
     @contextlib.contextmanager
@@ -102,6 +109,8 @@ class ClippedGradient:
         c_i = min(1, C/(‖∇ℓ_i‖ + 1e-6)) (Opacus's factor); returns the
         unclipped per-sample norms ‖∇ℓ_i‖."""
         records, self._records = self._records, []
+        if not records:
+            raise RuntimeError("nothing was recorded: run the forward inside recording()")
         if per_sample_loss.ndim != 1:
             raise ValueError(
                 f"expected one loss per sample, got shape {tuple(per_sample_loss.shape)}"
@@ -111,14 +120,12 @@ class ClippedGradient:
         grads = torch.autograd.grad(per_sample_loss.sum(), outputs, allow_unused=True)
         squared = torch.zeros(batch, device=per_sample_loss.device, dtype=torch.float32)
         apply: list[_Apply] = []
-        touched: set[int] = set()
         for record, grad in zip(records, grads, strict=True):
             if grad is None:
                 continue  # the layer ran but does not reach this loss
             sq, fn = _LAYERS[type(record.module)](record.module, record.inputs, grad.float())
             squared += sq
             apply.append(fn)
-            touched.add(id(record.module))
         norms = squared.sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for p in self.params:

@@ -99,10 +99,20 @@ def test_ghost_equals_opacus_on_the_discriminator(classes, attributes):
 
 
 def test_unsupported_layers_are_refused_when_built():
-    with pytest.raises(ValueError, match=r"layer 1 \(BatchNorm2d\).*hooks"):
-        ClippedGradient(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), 1.0)
+    with pytest.raises(ValueError, match=r"layer 1 \(InstanceNorm2d\).*hooks"):
+        ClippedGradient(nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, affine=True)), 1.0)
     with pytest.raises(ValueError, match="groups=1"):
         ClippedGradient(nn.Conv2d(2, 2, 3, groups=2), 1.0)
+    # No parameters, still refused: it mixes the images of a batch.
+    with pytest.raises(ValueError, match=r"layer 1 \(BatchNorm2d\) mixes samples"):
+        ClippedGradient(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, affine=False)), 1.0)
+
+
+def test_a_forward_outside_recording_is_refused():
+    layer = nn.Linear(3, 1)
+    engine = ClippedGradient(layer, 1.0)
+    with pytest.raises(RuntimeError, match="inside recording"):
+        engine.clip_and_sum(layer(torch.randn(2, 3)).view(-1))
 
 
 def test_a_layer_run_twice_is_refused():
