@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from fedgan.gan.models import GanSpec, build
 from fedgan.privacy.clipped_gradient import ClippedGradient
 from fedgan.train import DPConfig, DPDiscriminatorStep
+from tests.per_sample import clipped_sum
 
 
 class _Mixed(nn.Module):
@@ -35,23 +36,6 @@ class _Mixed(nn.Module):
         return self.head(tokens).sum(dim=(1, 2)) + (self.embed(y) * h.sum(dim=(2, 3))).sum(1)
 
 
-def _reference(model, loss_of, batch, clip):
-    """Σ_i min(1, C/‖g_i‖)·g_i and the norms ‖g_i‖, one sample at a time."""
-    params = list(model.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    norms = []
-    for i in range(batch):
-        grads = torch.autograd.grad(loss_of(i).sum(), params, allow_unused=True)
-        grads = [
-            torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)
-        ]
-        norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
-        norms.append(norm)
-        for t, g in zip(total, grads, strict=True):
-            t += g * min(1.0, clip / (norm + 1e-6))
-    return total, torch.tensor(norms)
-
-
 def test_every_layer_kind_matches_per_sample_autograd():
     torch.manual_seed(0)
     model = _Mixed()
@@ -63,7 +47,7 @@ def test_every_layer_kind_matches_per_sample_autograd():
             return model(x, y) ** 2
         return model(x[i : i + 1], y[i : i + 1]) ** 2
 
-    expected, expected_norms = _reference(model, loss_of, 7, clip)
+    expected, expected_norms = clipped_sum(model, loss_of, 7, clip)
     engine = ClippedGradient(model, clip)
     with engine.recording():
         losses = loss_of()

@@ -20,6 +20,7 @@ from fedgan.train import (
     train_local,
 )
 from fedgan.update import SiteUpdate, clip_update, update_norm
+from tests.per_sample import clipped_sum
 
 SPEC = GanSpec(image_size=16, channels=1, latent_dim=8, width=8)
 
@@ -30,20 +31,15 @@ def _data(n=12, seed=0):
 
 
 def _per_sample_clipped_mean(disc, real, clip):
-    """Σ clip(∇ℓ_i) / N, one sample at a time, no Opacus."""
-    params = list(disc.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    norms = []
-    for x in real:
-        logit = disc(x[None])
-        loss = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
-        grads = torch.autograd.grad(loss, params)
-        norm = torch.sqrt(sum((g**2).sum() for g in grads))
-        factor = min(1.0, clip / (float(norm) + 1e-6))
-        norms.append(float(norm) * factor)
-        for t, g in zip(total, grads, strict=True):
-            t += g * factor
-    return [t / real.shape[0] for t in total], norms
+    """Σ clip(∇ℓ_i) / N and the clipped norms, one sample at a time, no Opacus."""
+
+    def loss_of(i):
+        logit = disc(real[i : i + 1])
+        return F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+
+    total, norms = clipped_sum(disc, loss_of, real.shape[0], clip)
+    clipped = [float(n) * min(1.0, clip / (float(n) + 1e-6)) for n in norms]
+    return [t / real.shape[0] for t in total], clipped
 
 
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
