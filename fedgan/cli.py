@@ -282,7 +282,8 @@ def silo_split(
         index = fundus_labels(site_dir) if kind == "fundus" else dicom_labels(site_dir)
         counts = Counter(index.by_key.values())
         shown = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-        typer.echo(f"{site_dir}  {sum(counts.values())} images  ({shown})")
+        extra = "  + attributes.csv" if (site_dir / "attributes.csv").exists() else ""
+        typer.echo(f"{site_dir}  {sum(counts.values())} images  ({shown}){extra}")
 
 
 @app.command("site-kit")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedgan.atomic import write_text_atomic
+from fedgan.attributes import KEY_COLUMNS
 from fedgan.silo.labels import dicom_labels, fundus_labels
 from fedgan.silo.loader import list_files
 from fedgan.silo.options import SiloError
@@ -91,9 +92,13 @@ def write_split(
     quantity_alpha: float | None = None,
 ) -> list[Path]:
     """Copy the source's files into ``out/site-N`` silos, each with its own
-    labels CSV in the source's layout. The source is only read."""
+    labels CSV in the source's layout and, when the source has an
+    ``attributes.csv``, the rows of it for the site's own images (a rehearsal
+    of an attribute-conditioned run needs them at every site). The source is
+    only read."""
     src, out = Path(src), Path(out)
     rels, labels = labelled_files(src, kind)
+    attributes = _attribute_rows(src, kind)
     parts = dirichlet_split(labels, sites, alpha, seed=seed, quantity_alpha=quantity_alpha)
     dirs = []
     for site, indices in enumerate(parts, start=1):
@@ -107,7 +112,48 @@ def write_split(
             target = site_dir / rels[i]
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rels[i], target)
-            writer.writerow([Path(rels[i]).stem if kind == "fundus" else rels[i], labels[i]])
+            writer.writerow([_file_key(rels[i], kind), labels[i]])
         write_text_atomic(site_dir / "labels.csv", text.getvalue())
+        if attributes is not None:
+            header, by_key = attributes
+            text = io.StringIO()
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerow(header)
+            for i in indices:
+                writer.writerows(by_key.get(_file_key(rels[i], kind), []))
+            write_text_atomic(site_dir / "attributes.csv", text.getvalue())
         dirs.append(site_dir)
     return dirs
+
+
+def _file_key(rel: str, kind: str) -> str:
+    """How labels and attributes name a file: its stem (fundus) or its path."""
+    return Path(rel).stem if kind == "fundus" else rel
+
+
+def _attribute_rows(src: Path, kind: str) -> tuple[list[str], dict[str, list[list[str]]]] | None:
+    """The source's ``attributes.csv`` as (header, key → its rows, unparsed),
+    or None when it has none. Values are copied as written: whether they
+    encode is the run's attributes declaration's business, checked at the
+    site."""
+    path = src / "attributes.csv"
+    if not path.exists():
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SiloError(f"{path} cannot be read as CSV ({type(exc).__name__})") from None
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    key_col = next((k for k in KEY_COLUMNS[kind] if k in header), None)
+    if key_col is None:
+        raise SiloError(
+            f"{path}: header needs a key column ({' or '.join(KEY_COLUMNS[kind])});"
+            " fix it or move the file out of the silo"
+        )
+    k = header.index(key_col)
+    by_key: dict[str, list[list[str]]] = defaultdict(list)
+    for row in rows[1:]:
+        if len(row) > k and row[k].strip():
+            by_key[_file_key(row[k].strip(), kind)].append(row)
+    return rows[0], by_key

@@ -97,4 +97,5 @@ def test_silo_split_writes_sites(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("images") == 2
+    assert r.stdout.count("+ attributes.csv") == 2
     assert (tmp_path / "out" / "site-2" / "labels.csv").exists()

@@ -5,6 +5,8 @@ from collections import Counter
 
 import pytest
 
+from fedgan.attributes import parse as parse_attributes
+from fedgan.attributes import read_site_attributes
 from fedgan.silo.labels import fundus_labels
 from fedgan.silo.loader import read_silo
 from fedgan.silo.options import SiloError, SiloOptions
@@ -70,3 +72,34 @@ def test_dicom_split_keeps_relative_paths(tmp_path):
     opts = SiloOptions(kind="dicom", image_size=16, channels=1)
     assert sum(read_silo(d, opts).report.images for d in dirs) == 12
     assert all(list(d.rglob("series*/IMG*.dcm")) for d in dirs)
+
+
+def test_split_gives_each_site_the_attribute_rows_of_its_images(tmp_path):
+    src = synth_silo(tmp_path / "src", "fundus", 30, seed=5, size=32)
+    source_rows = (src / "attributes.csv").read_text().splitlines()
+    dirs = write_split(src, tmp_path / "out", "fundus", 3, 0.5, seed=2)
+    declared = parse_attributes("age=0:100,sex=F|M")
+    rows = []
+    for d in dirs:
+        lines = (d / "attributes.csv").read_text().splitlines()
+        assert lines[0] == source_rows[0]
+        rows += lines[1:]
+        # Exactly the site's own images, and the site reads them as a run would.
+        assert set(read_site_attributes(d, "fundus", declared)) == set(fundus_labels(d).by_key)
+    assert sorted(rows) == sorted(source_rows[1:])
+
+
+def test_dicom_split_keys_attributes_by_path_and_refuses_a_keyless_file(tmp_path):
+    src = synth_silo(tmp_path / "src", "dicom", 8, seed=2, size=32)
+    dirs = write_split(src, tmp_path / "out", "dicom", 2, 5.0, seed=1)
+    declared = parse_attributes("age=0:100")
+    for d in dirs:
+        paths = {p.relative_to(d).as_posix() for p in d.rglob("*.dcm")}
+        assert set(read_site_attributes(d, "dicom", declared)) == paths
+    (src / "attributes.csv").unlink()
+    dirs = write_split(src, tmp_path / "bare", "dicom", 2, 5.0, seed=1)
+    assert not any((d / "attributes.csv").exists() for d in dirs)
+    (src / "attributes.csv").write_text("file,age\nx.dcm,40\n")
+    with pytest.raises(SiloError, match=r"attributes\.csv: header needs a key column \(path\)"):
+        write_split(src, tmp_path / "out2", "dicom", 2, 5.0, seed=1)
+    assert not (tmp_path / "out2").exists()
