@@ -23,9 +23,10 @@ def format_round(r: dict[str, Any], rounds: int) -> list[str]:
         eps = r.get("epsilon", {})
         privacy = f"  ε max {max(eps.values()):.2f}" if eps else "  no DP"
         secure = "  secure sum" if "secagg" in r else ""
+        ms = f"  mode-seeking {r['mode_seeking_loss']:.3f}" if "mode_seeking_loss" in r else ""
         lines = [
             f"{head} {r['seconds']:6.1f} s  sites {len(r['sites'])}/{r['sites_sampled']}  "
-            f"G loss {r['g_loss']:.3f}  D loss {r['d_loss']:.3f}{privacy}{secure}"
+            f"G loss {r['g_loss']:.3f}{ms}  D loss {r['d_loss']:.3f}{privacy}{secure}"
         ]
     for site, why in r.get("refused", {}).items():
         lines.append(f"  {site} refused: {why}; left out of later rounds")

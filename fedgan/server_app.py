@@ -335,6 +335,10 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
             record["examples"] = total
             for key, name in (("g-loss", "g_loss"), ("d-loss", "d_loss")):
                 record[name] = sum(w * m[key] for _, w, m in received) / total
+            if any(m.get("mode-seeking-loss", 0.0) for _, _, m in received):
+                record["mode_seeking_loss"] = (
+                    sum(w * m.get("mode-seeking-loss", 0.0) for _, w, m in received) / total
+                )
             record["updates_clipped"] = sum(bool(m["update-clipped"]) for _, _, m in received)
             record["update_bytes"] = (
                 secure.bytes_sent

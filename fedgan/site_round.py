@@ -243,6 +243,7 @@ def run_round(
         {
             "g-loss": result.g_loss,
             "d-loss": result.d_loss,
+            "mode-seeking-loss": result.mode_seeking_loss,
             "train-seconds": result.seconds,
             "update-norm": norm,
             "update-clipped": float(clipped),

@@ -120,11 +120,15 @@ class DPConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
+    # G's adversarial loss (with the attribute term), without mode-seeking's,
+    # so that it reads the same whether that term is on or not.
     g_loss: float
     d_loss: float
     steps: int
     examples: int
     seconds: float
+    # λ times the mode-seeking term, averaged over the steps; 0 when it is off.
+    mode_seeking_loss: float = 0.0
 
 
 def train_local(
@@ -195,6 +199,7 @@ def train_local(
     # stall the GPU's queue.
     g_total = torch.zeros((), device=device)
     d_total = torch.zeros((), device=device)
+    ms_total = torch.zeros((), device=device)
     try:
         for step in range(cfg.local_steps):
             index = d_step.sample(n, batch, rng).to(device)
@@ -223,13 +228,17 @@ def train_local(
                     )
                 else:
                     g_loss = generator_loss(disc(fake, fake_y))
-                if cfg.mode_seeking > 0:
-                    g_loss = g_loss + cfg.mode_seeking * mode_seeking_loss(fake, z)
-            g_loss.backward(inputs=list(gen.parameters()))
+                ms_loss = (
+                    cfg.mode_seeking * mode_seeking_loss(fake, z)
+                    if cfg.mode_seeking > 0
+                    else torch.zeros((), device=device)
+                )
+            (g_loss + ms_loss).backward(inputs=list(gen.parameters()))
             g_prox.add_gradient()
             opt_g.step()
             d_step.hooks(True)
             g_total += g_loss.detach().float()
+            ms_total += ms_loss.detach().float()
             if progress:
                 progress(step + 1, cfg.local_steps)
     finally:
@@ -240,6 +249,7 @@ def train_local(
         steps=cfg.local_steps,
         examples=n,
         seconds=time.perf_counter() - start,
+        mode_seeking_loss=float(ms_total) / cfg.local_steps,
     )
 
 

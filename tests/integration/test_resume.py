@@ -39,9 +39,12 @@ def test_fedprox_sampling_checkpoint_and_resume(tmp_path):
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(r["sites_sampled"] == 2 and r["sites_available"] == 3 for r in rounds)
+    # The term is reported apart from G's loss, before and after the resume.
+    assert all(r["mode_seeking_loss"] > 0 for r in rounds)
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"] == 3
     # The resumed run prints only its new round.
     assert [x.split()[1] for x in lines if x.startswith("round ")] == ["3/3"]
+    assert "mode-seeking" in next(x for x in lines if x.startswith("round "))
     trained = []
     for site in ("site-1", "site-2", "site-3"):
         spends = PrivacyLedger.in_work_dir(run_dir / "sites" / site).spends()

@@ -96,3 +96,6 @@ def test_the_operator_sees_rounds_from_the_log_stream():
     assert seen == format_round(record, 4)
     assert seen[0].startswith("round 2/4 [##########..........]") and "ε max 4.00" in seen[0]
     assert seen[1] == "  c dropped out: secagg_mask: no reply within 120 s"
+    assert "mode-seeking" not in seen[0]
+    line = format_round(record | {"mode_seeking_loss": 9.5}, 4)[0]
+    assert "G loss 1.000  mode-seeking 9.500  D loss 2.000" in line

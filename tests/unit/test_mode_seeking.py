@@ -51,6 +51,21 @@ def test_mode_seeking_spreads_samples_within_a_class():
     assert with_term > 2 * without
 
 
+def test_g_loss_is_reported_apart_from_the_mode_seeking_term():
+    # Unconditional, so pairing changes nothing: both runs see the same D
+    # step and the same G forward; only the term's own report may differ.
+    x, _ = _two_classes(64, 0)
+    spec = GanSpec(image_size=16, channels=1, latent_dim=16, width=8)
+    results = []
+    for weight in (0.0, 2.0):
+        gen, disc = build(spec, seed=0)
+        cfg = TrainConfig(local_steps=1, batch_size=16, mode_seeking=weight)
+        results.append(train_local(gen, disc, x, cfg))
+    off, on = results
+    assert off.mode_seeking_loss == 0.0 and on.mode_seeking_loss > 0.0
+    assert on.g_loss == pytest.approx(off.g_loss, rel=1e-5)
+
+
 def test_negative_weight_is_refused():
     with pytest.raises(ValueError, match="mode-seeking"):
         TrainConfig(mode_seeking=-1.0)
