@@ -74,6 +74,28 @@ def test_without_noise_and_clipping_dp_step_equals_plain_step(mode):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("clip", [0.01, 1e6])
+def test_fake_half_is_scaled_as_a_whole_to_the_clip_norm(clip):
+    _, disc = build(SPEC, seed=4)
+    reference = copy.deepcopy(disc)
+    fake = _data(10, 5)
+    step = DPDiscriminatorStep(disc, 1e-3, DPConfig(0.0, clip, 1.0), expected_batch=10)
+    loss, grads = step.fake_gradient(fake, None)
+    logit = reference(fake)
+    expected_loss = F.binary_cross_entropy_with_logits(logit, torch.zeros_like(logit))
+    expected = torch.autograd.grad(expected_loss, list(reference.parameters()))
+    raw = float(torch.sqrt(sum((g**2).sum() for g in expected)))
+    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-5)
+    scale = min(1.0, clip / (raw + 1e-6))
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e * scale, rtol=1e-4, atol=1e-8)
+    norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+    # A small C really clips (the raw norm is far above it); a large one leaves it.
+    assert norm == pytest.approx(min(raw, clip), rel=1e-4)
+    assert raw > 10 * 0.01
+    step.close()
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_noise_has_the_calibrated_scale(mode):
     _, disc = build(SPEC, seed=3)
