@@ -482,9 +482,7 @@ class DPDiscriminatorStep:
             )
         # The attribute head plays no part in the fake half.
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads if g is not None])
-        )
+        norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
         # Opacus's per-image factor, for one "image": the whole fake batch.
         scale = (self.dp.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         return loss.detach().float(), [None if g is None else g * scale for g in grads]
