@@ -96,6 +96,20 @@ def width(attributes: tuple[Attribute, ...]) -> int:
     return sum(a.width for a in attributes)
 
 
+def read_table(path: Path, kind: str) -> tuple[list[str], list[list[str]], int | None]:
+    """An ``attributes.csv`` as (its header as written, its data rows, the
+    index of its key column or None), the one reader of the file's layout
+    (the site's loader and ``silo split`` both use it)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise AttributesError(f"{path} cannot be read as CSV ({type(exc).__name__})") from None
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    key_col = next((k for k in KEY_COLUMNS[kind] if k in header), None)
+    return (rows[0] if rows else []), rows[1:], (header.index(key_col) if key_col else None)
+
+
 def read_site_attributes(
     silo: Path, kind: str, attributes: tuple[Attribute, ...]
 ) -> dict[str, np.ndarray]:
@@ -108,23 +122,18 @@ def read_site_attributes(
             f"needs it, with a header {KEY_COLUMNS[kind][0]},"
             + ",".join(a.name for a in attributes)
         )
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise AttributesError(f"{path} cannot be read as CSV ({type(exc).__name__})") from None
-    header = [h.strip().lower() for h in rows[0]] if rows else []
-    key_col = next((k for k in KEY_COLUMNS[kind] if k in header), None)
+    raw_header, rows, k = read_table(path, kind)
+    header = [h.strip().lower() for h in raw_header]
     missing = [a.name for a in attributes if a.name not in header]
-    if key_col is None or missing:
+    if k is None or missing:
         raise AttributesError(
             f"{path}: header needs {' or '.join(KEY_COLUMNS[kind])} and "
-            f"{', '.join(a.name for a in attributes)}; missing {', '.join(missing) or key_col}"
+            f"{', '.join(a.name for a in attributes)}; "
+            f"missing {', '.join(missing) or ' or '.join(KEY_COLUMNS[kind])}"
         )
-    k = header.index(key_col)
     cols = [header.index(a.name) for a in attributes]
     out: dict[str, np.ndarray] = {}
-    for row in rows[1:]:
+    for row in rows:
         if len(row) <= max(k, *cols):
             continue
         parts = [a.encode(row[c]) for a, c in zip(attributes, cols, strict=True)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedgan.atomic import write_text_atomic
-from fedgan.attributes import KEY_COLUMNS
+from fedgan.attributes import KEY_COLUMNS, read_table
 from fedgan.silo.labels import dicom_labels, fundus_labels
 from fedgan.silo.loader import list_files
 from fedgan.silo.options import SiloError
@@ -139,21 +139,14 @@ def _attribute_rows(src: Path, kind: str) -> tuple[list[str], dict[str, list[lis
     path = src / "attributes.csv"
     if not path.exists():
         return None
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise SiloError(f"{path} cannot be read as CSV ({type(exc).__name__})") from None
-    header = [h.strip().lower() for h in rows[0]] if rows else []
-    key_col = next((k for k in KEY_COLUMNS[kind] if k in header), None)
-    if key_col is None:
+    header, rows, k = read_table(path, kind)
+    if k is None:
         raise SiloError(
             f"{path}: header needs a key column ({' or '.join(KEY_COLUMNS[kind])});"
             " fix it or move the file out of the silo"
         )
-    k = header.index(key_col)
     by_key: dict[str, list[list[str]]] = defaultdict(list)
-    for row in rows[1:]:
+    for row in rows:
         if len(row) > k and row[k].strip():
             by_key[_file_key(row[k].strip(), kind)].append(row)
-    return rows[0], by_key
+    return header, by_key

@@ -61,6 +61,9 @@ def test_site_reads_attributes_csv_and_leaves_out_unusable_rows(tmp_path):
     (silo / "attributes.csv").write_text("id_code,age\nx,3\n")
     with pytest.raises(AttributesError, match="missing sex"):
         read_site_attributes(silo, "fundus", attrs)
+    (silo / "attributes.csv").write_text("file,age,sex\nx,3,F\n")
+    with pytest.raises(AttributesError, match=r"missing id_code or image$"):
+        read_site_attributes(silo, "fundus", attrs)
     (silo / "attributes.csv").unlink()
     with pytest.raises(AttributesError, match=r"attributes\.csv not found.*id_code,age,sex"):
         read_site_attributes(silo, "fundus", attrs)
