@@ -202,6 +202,7 @@ def train_local(
     g_total = torch.zeros((), device=device)
     d_total = torch.zeros((), device=device)
     ms_total = torch.zeros((), device=device)
+    no_term = torch.zeros((), device=device)
     try:
         for step in range(cfg.local_steps):
             index = d_step.sample(n, batch, rng).to(device)
@@ -233,7 +234,7 @@ def train_local(
                 ms_loss = (
                     cfg.mode_seeking * mode_seeking_loss(fake, z)
                     if cfg.mode_seeking > 0
-                    else torch.zeros((), device=device)
+                    else no_term
                 )
             (g_loss + ms_loss).backward(inputs=list(gen.parameters()))
             g_prox.add_gradient()
