@@ -21,7 +21,7 @@ memorized fraction, and TSTR accuracy against train-on-real. Goals (issue 8):
 - TSTR ≥ 90 % of train-on-real.
 
     python bench/quality.py [--data digits synth] [--rounds 20] [--steps 40] [--device cpu]
-        [--batch 32] [--dp-batch B] [--width 32] [--mode-seeking λ]
+        [--batch 32] [--dp-batch B] [--synth-images 1200] [--width 32] [--mode-seeking λ]
         [--only "federated 3 sites, DP ε=10" ...] [--json FILE]
 """
 
@@ -61,7 +61,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def synth(n: int = 1200, root: Path = Path("/tmp/fedgan-bench-quality")) -> tuple:
-    silo = synth_silo(root / "fundus", "fundus", n, seed=0, size=32)
+    silo = synth_silo(root / f"fundus-{n}", "fundus", n, seed=0, size=32)
     data = load_silo(silo, SiloOptions.from_mapping("fundus", 32, 3, {}))
     classes = sorted({lab for lab in data.labels if lab is not None})
     keep = [i for i, lab in enumerate(data.labels) if lab is not None]
@@ -178,6 +178,12 @@ def main() -> None:
         nargs="+",
         help='Run only these configurations, by full name (e.g. "federated 3 sites, DP ε=10").',
     )
+    ap.add_argument(
+        "--synth-images",
+        type=int,
+        default=1200,
+        help="Images in the synthetic fundus set; DP signal-to-noise grows with images per site.",
+    )
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--mode-seeking", type=float, default=0.0, help="λ of G's mode-seeking term.")
     ap.add_argument("--n-fake", type=int, default=1000)
@@ -204,7 +210,7 @@ def main() -> None:
         configs = [c for c in configs if c[0] in args.only]
     results = {}
     for name in args.data:
-        x, y = digits() if name == "digits" else synth()
+        x, y = digits() if name == "digits" else synth(args.synth_images)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
         cut = int(0.8 * len(y))
         tr, te = perm[:cut], perm[cut:]
