@@ -191,6 +191,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     args = ap.parse_args()
+    if args.synth_images < 100:
+        ap.error(f"--synth-images {args.synth_images}: use at least 100 (20 % are held out)")
     torch.manual_seed(args.seed)
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     configs = [
