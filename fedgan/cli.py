@@ -13,6 +13,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from fedgan import pki
+from fedgan.run_config import DEFAULT_EPSILON_BUDGET
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -693,6 +694,131 @@ def site_revoke(
         fail("name what to revoke: a bundle's SHA-256, or --version VERSION")
     store = _site_store(work_dir)
     typer.echo(describe(store.revoke(fab_hash=fab_hash, version=version), store.path))
+
+
+@site_app.command("plan")
+def site_plan(
+    images: Annotated[
+        int, typer.Option(help="Images in this site's silo (fedgan silo check counts them).")
+    ],
+    config: Annotated[
+        Path | None, typer.Option(help="The run's federation.yaml, as the operator shared it.")
+    ] = Path("deploy/federation.yaml"),
+    epsilon_budget: Annotated[
+        float,
+        typer.Option(envvar="FEDGAN_EPSILON_BUDGET", help="This site's lifetime ε budget."),
+    ] = DEFAULT_EPSILON_BUDGET,
+    new_silo: Annotated[
+        bool, typer.Option("--new-silo", help="No privacy ledger yet: plan from ε = 0.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    work_dir: WorkDirOpt = Path("/var/lib/fedgan"),
+) -> None:
+    """Before a run: the σ this silo would train with, how loud that noise is
+    against the signal, and the round at which this site's budget would stop it."""
+    from fedgan import federation
+    from fedgan.appbundle import default_run_config
+    from fedgan.gan.models import build, trainable_parameters
+    from fedgan.privacy.ledger import PrivacyLedger
+    from fedgan.privacy.plan import forecast_run, noise_to_signal, plan_round
+    from fedgan.run_config import RunSettings, site_local_steps
+
+    if images < 1:
+        fail(f"--images {images}: give the number of usable images in the silo (>= 1)")
+    run_config = default_run_config()
+    if config is not None:
+        if not config.exists():
+            fail(f"{config} not found; pass the run's federation.yaml with --config")
+        run_config |= federation.load(config)
+    run = RunSettings.from_run_config(run_config)
+    if not run.privacy.enabled:
+        typer.echo("this run trains without DP (privacy.dp: false): there is no ε to plan")
+        return
+    history = []
+    if new_silo:
+        ledger_note = "none (--new-silo)"
+    else:
+        if not work_dir.is_dir():
+            fail(
+                f"{work_dir} is not a folder; pass the site's work dir with --work-dir, "
+                "or --new-silo for a silo with no privacy history"
+            )
+        ledger = PrivacyLedger.in_work_dir(work_dir)
+        history = ledger.history()
+        ledger_note = f"{ledger.path}, {len(history)} rounds recorded"
+    batch = run.train.batch_size
+    plan = plan_round(
+        noise_multiplier=run.privacy.noise_multiplier,
+        target_epsilon=run.privacy.target_epsilon,
+        max_grad_norm=run.privacy.max_grad_norm,
+        delta=run.privacy.delta,
+        accountant=run.privacy.accountant,
+        num_examples=images,
+        batch_size=batch,
+        local_steps=site_local_steps(images, batch, run.local_epochs, run.train.local_steps),
+        rounds=run.rounds,
+    )
+    forecast = forecast_run(plan, run.rounds, history, epsilon_budget)
+    weights = trainable_parameters(build(run.spec)[1])
+    ratio = noise_to_signal(plan.noise_multiplier, plan.sample_rate * images, weights)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "images": images,
+                    "rounds": run.rounds,
+                    "local_steps": plan.steps,
+                    "batch_size": batch,
+                    "noise_multiplier": plan.noise_multiplier,
+                    "calibrated": run.privacy.noise_multiplier <= 0,
+                    "sample_rate": plan.sample_rate,
+                    "delta": plan.delta,
+                    "accountant": plan.accountant,
+                    "discriminator_weights": weights,
+                    "noise_to_signal": ratio,
+                    "epsilon_before": forecast.epsilon_before,
+                    "epsilon_after": forecast.epsilon_after,
+                    "epsilon_budget": epsilon_budget,
+                    "refused_from_round": forecast.refused_from,
+                },
+                indent=1,
+            )
+        )
+        return
+    how = (
+        f"calibrated to reach ε {run.privacy.target_epsilon:g} after round {run.rounds}"
+        if run.privacy.noise_multiplier <= 0
+        else "as the run sets it"
+    )
+    typer.echo(
+        f"run: {run.rounds} rounds × {plan.steps} local steps, batch {batch}, "
+        f"{run.spec.image_size} px, D with {weights:,} weights"
+    )
+    typer.echo(
+        f"silo of {images:,} images: q {plan.sample_rate:.4g}, δ {plan.delta:.3g}, "
+        f"σ {plan.noise_multiplier:.3f} ({how}, {plan.accountant.upper()})"
+    )
+    typer.echo(
+        f"noise: each step's noise is {ratio:.1f}× the largest clipped real-image gradient "
+        "(σ·√weights / batch; README, Privacy)"
+    )
+    typer.echo(f"ledger: {ledger_note}, ε {forecast.epsilon_before:.3f} spent")
+    if forecast.refused_from is None:
+        typer.echo(
+            f"this run: ε {forecast.epsilon_after:.3f} after round {run.rounds}, within the "
+            f"budget of {epsilon_budget:g}"
+        )
+    elif forecast.refused_from == 1:
+        typer.echo(
+            f"this run: refused from round 1: one round would take ε past the budget of "
+            f"{epsilon_budget:g}"
+        )
+    else:
+        typer.echo(
+            f"this run: rounds 1-{forecast.refused_from - 1} fit; round {forecast.refused_from} "
+            f"and later are refused (ε {forecast.epsilon_after:.3f} after round {run.rounds}, "
+            f"budget {epsilon_budget:g})"
+        )
 
 
 @site_app.command("policy")

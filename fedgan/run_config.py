@@ -7,6 +7,7 @@ value is reported with its key so the operator can fix the right line.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -95,6 +96,12 @@ def parse_classes(text: str) -> tuple[str, ...]:
     if len(set(classes)) != len(classes):
         raise ConfigError(f"run config key 'classes' = {text!r} names a class twice")
     return classes
+
+
+def site_local_steps(num_examples: int, batch_size: int, epochs: float, steps: int) -> int:
+    """A round's local steps at one site: ``epochs`` > 0 passes over its own
+    silo (so its size sets them), else the run's fixed ``steps``."""
+    return max(1, math.ceil(epochs * num_examples / batch_size) if epochs > 0 else steps)
 
 
 @dataclass(frozen=True)

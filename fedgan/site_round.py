@@ -5,7 +5,6 @@ to and from this."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +18,10 @@ from fedgan.attributes import Attribute, read_site_attributes
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
 from fedgan.attributes import width as attribute_width
-from fedgan.gan.models import GanSpec, build
+from fedgan.gan.models import GanSpec, build, trainable_parameters
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
-from fedgan.privacy.plan import plan_round
-from fedgan.run_config import SiteSettings, parse_classes, resolve_device
+from fedgan.privacy.plan import noise_to_signal, plan_round
+from fedgan.run_config import SiteSettings, parse_classes, resolve_device, site_local_steps
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
 from fedgan.train import DPConfig, TrainConfig, train_local
@@ -161,11 +160,10 @@ def run_round(
         attrs,
     )
     batch = int(cfg["batch-size"])
-    epochs = float(cfg["local-epochs"])
-    # Epochs are the site's own: its silo size turns them into steps.
-    steps = math.ceil(epochs * images.shape[0] / batch) if epochs > 0 else int(cfg["local-steps"])
     train_cfg = TrainConfig(
-        local_steps=max(1, steps),
+        local_steps=site_local_steps(
+            images.shape[0], batch, float(cfg["local-epochs"]), int(cfg["local-steps"])
+        ),
         batch_size=batch,
         lr_g=float(cfg["lr-g"]),
         lr_d=float(cfg["lr-d"]),
@@ -212,6 +210,19 @@ def run_round(
             log.warning("site %s round %d: %s", site.site_id, server_round, refusal)
             return RoundOutcome(None, refusal=refusal)
         dp = DPConfig(plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate)
+        log.info(
+            "site %s round %d: DP σ %.3f, q %.4f; each step's noise is %.1f× the largest "
+            "clipped real-image gradient (fedgan site plan)",
+            site.site_id,
+            server_round,
+            plan.noise_multiplier,
+            plan.sample_rate,
+            noise_to_signal(
+                plan.noise_multiplier,
+                plan.sample_rate * images.shape[0],
+                trainable_parameters(disc),
+            ),
+        )
         metrics.update(
             {
                 "epsilon": spend.epsilon_after,

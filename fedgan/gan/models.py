@@ -195,3 +195,8 @@ def build(spec: GanSpec, seed: int | None = None) -> tuple[Generator, Discrimina
             torch.manual_seed(seed)
             return Generator(spec), Discriminator(spec)
     return Generator(spec), Discriminator(spec)
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    """d in DP-SGD's noise: the Gaussian noise has one coordinate per weight."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

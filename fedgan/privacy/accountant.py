@@ -7,7 +7,9 @@ the history of every round ever spent on a silo is accounted together, so the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -21,6 +23,18 @@ def default_delta(num_examples: int) -> float:
     return min(1e-5, 1.0 / (10 * max(1, num_examples)))
 
 
+@contextlib.contextmanager
+def _quiet(kind: str) -> Iterator[None]:
+    """PRV sizes its numerical domain with an internal RDP bound, which warns
+    "Optimal order is the largest alpha" on every long history. That bound
+    only sizes the grid, not ε, so under PRV the warning says nothing to a
+    site; under RDP it stays (it means ε is looser than it could be)."""
+    with warnings.catch_warnings():
+        if kind == "prv":
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
+
+
 def _accountant(kind: str) -> PRVAccountant | RDPAccountant:
     if kind == "prv":
         return PRVAccountant()
@@ -31,14 +45,23 @@ def _accountant(kind: str) -> PRVAccountant | RDPAccountant:
 
 def epsilon(history: Iterable[Round], delta: float, kind: str = "prv") -> float:
     """ε spent by ``history`` at ``delta`` (0 for an empty history)."""
-    rounds = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
-    if not rounds:
+    # Composition is commutative, so rounds with the same (σ, q) are one
+    # entry of their summed steps. Opacus's PRV accountant costs grow faster
+    # than linearly in entries (26 s for 40 rounds of a run against 0.5 s
+    # merged), and a silo's ledger gains one per round for life.
+    steps: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        if n > 0:
+            key = (float(s), float(q))
+            steps[key] = steps.get(key, 0) + int(n)
+    if not steps:
         return 0.0
-    if any(s <= 0 for s, _, _ in rounds):
+    if any(s <= 0 for s, _ in steps):
         return float("inf")  # a noiseless step gives no DP guarantee at all
     accountant = _accountant(kind)
-    accountant.history = rounds
-    return float(accountant.get_epsilon(delta))
+    accountant.history = [(s, q, n) for (s, q), n in steps.items()]
+    with _quiet(kind):
+        return float(accountant.get_epsilon(delta))
 
 
 def calibrate_noise(
@@ -48,12 +71,13 @@ def calibrate_noise(
     ``target_epsilon`` (the whole planned run, so budget is not overspent)."""
     if target_epsilon <= 0:
         raise ValueError("target-epsilon must be > 0")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=kind,
+    with _quiet(kind):
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=kind,
+            )
         )
-    )

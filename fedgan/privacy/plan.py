@@ -7,9 +7,11 @@ site's, not the server's.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedgan.privacy.accountant import calibrate_noise, default_delta
+from fedgan.privacy.accountant import Round, calibrate_noise, default_delta, epsilon
 
 
 @dataclass(frozen=True)
@@ -47,3 +49,55 @@ def plan_round(
             target_epsilon, delta, sample_rate, rounds * local_steps, accountant
         )
     return RoundPlan(noise_multiplier, sample_rate, local_steps, delta, accountant, max_grad_norm)
+
+
+def noise_to_signal(noise_multiplier: float, expected_batch: float, parameters: int) -> float:
+    """σ·√d / B: the norm of one step's noise over the largest norm the
+    clipped real-image gradient sum can have (B images, each clipped to C; the
+    noise is N(0, σ²C²) on each of D's d weights, so C cancels). Above ~10 the
+    signal survives only by averaging over many steps; it is the number that
+    says whether a silo is large enough for the ε it is asked to meet."""
+    if expected_batch <= 0 or parameters <= 0:
+        raise ValueError("expected batch and parameter count must be > 0")
+    return noise_multiplier * math.sqrt(parameters) / expected_batch
+
+
+@dataclass(frozen=True)
+class RunForecast:
+    """What a whole run would spend on one silo, given its ledger so far."""
+
+    plan: RoundPlan
+    rounds: int
+    budget: float
+    epsilon_before: float  # the silo's ledger before the run
+    epsilon_after: float  # after every planned round (a site sampled every round)
+    # The first round the site would refuse as over budget; None if all fit.
+    refused_from: int | None
+
+
+def forecast_run(
+    plan: RoundPlan, rounds: int, history: Sequence[Round], budget: float
+) -> RunForecast:
+    """Compose the ledger's history with the planned rounds, as the site's
+    budget check will, round by round. Calibration aims the run alone at the
+    target ε, so a silo that already spent budget in earlier runs runs out
+    part-way; this says at which round, before any of it is spent."""
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+
+    def after(k: int) -> float:
+        return epsilon([*history, *[plan.as_round] * k], plan.delta, plan.accountant)
+
+    before, final = after(0), after(rounds)
+    refused = None
+    if final > budget:
+        # ε grows with every round, so bisect for the first one over budget.
+        low, high = 0, rounds  # after(low) <= budget (or low = 0), after(high) > budget
+        while high - low > 1:
+            middle = (low + high) // 2
+            if after(middle) > budget:
+                high = middle
+            else:
+                low = middle
+        refused = high
+    return RunForecast(plan, rounds, budget, before, final, refused)

@@ -1,0 +1,198 @@
+"""The numbers a site sees before it trains (`fedgan site plan`): the noise
+readout against a real private step, and the forecast against the ledger's own
+budget check, round by round."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+from typer.testing import CliRunner
+
+from fedgan.cli import app
+from fedgan.gan.models import GanSpec, build, trainable_parameters
+from fedgan.privacy.accountant import epsilon
+from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
+from fedgan.privacy.plan import forecast_run, noise_to_signal, plan_round
+from fedgan.train import DPConfig, DPDiscriminatorStep
+
+
+def _plan(images=300, rounds=6, steps=20, target=4.0, noise=0.0):
+    return plan_round(
+        noise_multiplier=noise,
+        target_epsilon=target,
+        max_grad_norm=1.0,
+        delta=0.0,
+        accountant="prv",
+        num_examples=images,
+        batch_size=32,
+        local_steps=steps,
+        rounds=rounds,
+    )
+
+
+@pytest.mark.parametrize(("sigma", "batch"), [(2.0, 16), (0.7, 8)])
+def test_noise_readout_is_the_norm_of_a_real_private_step(sigma, batch):
+    """‖noised sum‖ / (B·C) is √(ratio² + s²) with s ≤ 1 the clipped signal's
+    share: the readout says how loud a step really is."""
+    spec = GanSpec(image_size=16, channels=1, latent_dim=8, width=8)
+    _, disc = build(spec, seed=0)
+    clip = 0.5
+    step = DPDiscriminatorStep(
+        disc, 1e-3, DPConfig(sigma, clip, 1.0, secret_seed=3), expected_batch=batch
+    )
+    real = torch.rand(batch, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    step.private_real_gradient(real)
+    # Opacus divides the noised sum by the expected batch.
+    measured = math.sqrt(sum(float((p.grad**2).sum()) for p in step.params)) / clip
+    step.close()
+    ratio = noise_to_signal(sigma, batch, trainable_parameters(disc))
+    assert ratio > 3  # noise-dominated, as under DP at these sizes
+    assert ratio * 0.97 <= measured <= math.sqrt(ratio**2 + 1) * 1.03
+
+
+def test_noise_readout_falls_with_batch_and_grows_with_weights():
+    assert noise_to_signal(1.0, 64, 10_000) == pytest.approx(noise_to_signal(1.0, 32, 10_000) / 2)
+    assert noise_to_signal(1.0, 32, 40_000) == pytest.approx(noise_to_signal(1.0, 32, 10_000) * 2)
+    with pytest.raises(ValueError, match="must be > 0"):
+        noise_to_signal(1.0, 0, 10)
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("prv", PRVAccountant), ("rdp", RDPAccountant)])
+def test_repeated_rounds_are_accounted_as_opacus_accounts_them_one_by_one(kind, cls):
+    """ε merges rounds of the same (σ, q) (a ledger gains one per round for
+    life); the answer is Opacus's over the unmerged history."""
+    history = [(1.1, 0.05, 40), (0.9, 0.1, 25)] * 4 + [(1.1, 0.05, 40)]
+    reference = cls()
+    reference.history = history
+    assert epsilon(history, 1e-5, kind) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-6)
+
+
+def test_a_new_silo_fits_the_run_it_was_calibrated_for():
+    plan = _plan()
+    forecast = forecast_run(plan, 6, [], budget=10.0)
+    assert forecast.epsilon_before == 0.0
+    assert forecast.epsilon_after == pytest.approx(4.0, rel=0.02)
+    assert forecast.refused_from is None
+
+
+def test_forecast_names_the_round_the_ledger_will_refuse(tmp_path):
+    """A silo that already ran once: calibration aims this run alone at the
+    target, so the budget stops it part-way. Spend it for real, round by
+    round, and the ledger refuses at exactly the forecast round."""
+    plan = _plan()
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    for r in range(1, 7):  # an earlier run of the same plan: ε ≈ 4
+        ledger.spend(
+            run="earlier", server_round=r, round_=plan.as_round, delta=plan.delta, budget=1e9
+        )
+    forecast = forecast_run(plan, 6, ledger.history(), budget=5.0)
+    assert forecast.epsilon_before == pytest.approx(4.0, rel=0.02)
+    assert forecast.refused_from is not None and 1 < forecast.refused_from <= 6
+    refused = None
+    for r in range(1, 7):
+        try:
+            ledger.spend(
+                run="now", server_round=r, round_=plan.as_round, delta=plan.delta, budget=5.0
+            )
+        except BudgetExhausted:
+            refused = r
+            break
+    assert refused == forecast.refused_from
+
+
+def _yaml(tmp_path, rounds=6, steps=20, epsilon=4.0, dp="true"):
+    path = tmp_path / "federation.yaml"
+    path.write_text(
+        f"run: {{rounds: {rounds}}}\n"
+        "model: {image_size: 16, channels: 1, latent_dim: 8, width: 8}\n"
+        f"training: {{local_steps: {steps}, batch_size: 32}}\n"
+        f"privacy: {{dp: {dp}, target_epsilon: {epsilon}}}\n"
+    )
+    return path
+
+
+def test_site_plan_command_reads_the_ledger_and_the_run(tmp_path):
+    runner = CliRunner()
+    work = tmp_path / "work"
+    work.mkdir()
+    config = _yaml(tmp_path)
+    args = ["site", "plan", "--images", "300", "--config", str(config), "--work-dir", str(work)]
+    out = runner.invoke(app, [*args, "--json", "--epsilon-budget", "5"])
+    assert out.exit_code == 0, out.output
+    fresh = json.loads(out.output)
+    plan = _plan()
+    assert fresh["noise_multiplier"] == pytest.approx(plan.noise_multiplier)
+    assert fresh["local_steps"] == 20 and fresh["rounds"] == 6
+    spec = GanSpec(image_size=16, channels=1, latent_dim=8, width=8)
+    assert fresh["discriminator_weights"] == trainable_parameters(build(spec)[1])
+    assert fresh["refused_from_round"] is None and fresh["epsilon_before"] == 0.0
+
+    ledger = PrivacyLedger.in_work_dir(work)
+    for r in range(1, 7):
+        ledger.spend(run="a", server_round=r, round_=plan.as_round, delta=plan.delta, budget=1e9)
+    out = runner.invoke(app, [*args, "--epsilon-budget", "5"])
+    assert out.exit_code == 0, out.output
+    expected = forecast_run(plan, 6, ledger.history(), 5.0).refused_from
+    assert expected is not None
+    assert f"round {expected} and later are refused" in out.output
+    assert "6 rounds recorded" in out.output and "× the largest clipped" in out.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        (["--images", "0", "--new-silo"], "--images 0"),
+        (["--images", "10", "--work-dir", "{tmp}/none"], "--new-silo"),
+        (["--images", "10", "--new-silo", "--config", "{tmp}/missing.yaml"], "missing.yaml"),
+    ],
+)
+def test_site_plan_refuses_bad_input_with_the_fix(tmp_path, extra, expect):
+    out = CliRunner().invoke(app, ["site", "plan", *[a.format(tmp=tmp_path) for a in extra]])
+    assert out.exit_code == 1 and expect in out.output
+
+
+def test_site_plan_without_dp_says_there_is_nothing_to_plan(tmp_path):
+    config = _yaml(tmp_path, dp="false")
+    out = CliRunner().invoke(
+        app, ["site", "plan", "--images", "50", "--new-silo", "--config", str(config)]
+    )
+    assert out.exit_code == 0 and "without DP" in out.output
+
+
+def test_a_dp_round_logs_how_loud_its_noise_is(tmp_path, caplog):
+    """The site's log gives, for every DP round, the same noise figure that
+    `fedgan site plan` forecast: a hospital sees it without reading code."""
+    from fedgan import site_round
+    from fedgan.appbundle import default_run_config
+    from fedgan.run_config import RunSettings, SiteSettings
+    from fedgan.silo.synth import synth_silo
+    from fedgan.weights import get_arrays
+
+    silo = synth_silo(tmp_path / "silo", "fundus", 12, seed=1, size=32)
+    cfg = RunSettings.from_run_config(
+        {
+            **default_run_config(),
+            "image-size": 16,
+            "width": 8,
+            "batch-size": 4,
+            "local-steps": 2,
+            "num-server-rounds": 3,
+            "target-epsilon": 5.0,
+            "run-dir": str(tmp_path / "run"),
+        }
+    )
+    site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", 10.0)
+    gen, disc = build(cfg.spec, seed=0)
+    with caplog.at_level("INFO", logger="fedgan.site"):
+        outcome = site_round.run_round(
+            site, {}, "r", cfg.round_config(1), get_arrays(gen), get_arrays(disc)
+        )
+    assert outcome.update is not None
+    sigma = outcome.metrics["noise-multiplier"]
+    expected = noise_to_signal(sigma, 4, trainable_parameters(disc))  # q·N = 4/12·12
+    lines = [r.getMessage() for r in caplog.records if "× the largest clipped" in r.getMessage()]
+    assert len(lines) == 1 and f"noise is {expected:.1f}×" in lines[0], lines
