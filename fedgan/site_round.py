@@ -177,6 +177,7 @@ def run_round(
     dp = None
     ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
     if bool(cfg["dp"]):
+        run_name = str(cfg["run-name"]) or run_id
         plan = plan_round(
             noise_multiplier=float(cfg["noise-multiplier"]),
             target_epsilon=float(cfg["target-epsilon"]),
@@ -187,6 +188,7 @@ def run_round(
             batch_size=train_cfg.batch_size,
             local_steps=train_cfg.local_steps,
             rounds=int(cfg["rounds"]),
+            noise_hint=ledger.latest_noise(run_name),
         )
         if limits is not None:
             check_run(
@@ -199,7 +201,7 @@ def run_round(
             )
         try:
             spend = ledger.spend(
-                run=str(cfg["run-name"]) or run_id,
+                run=run_name,
                 server_round=server_round,
                 round_=plan.as_round,
                 delta=plan.delta,

@@ -84,6 +84,12 @@ class PrivacyLedger:
             if r["type"] == "spend"
         ]
 
+    def latest_noise(self, run: str) -> float | None:
+        """σ of the run's latest recorded round: a hint for the next round's
+        calibration, which checks it (`calibrate_noise`)."""
+        noises = [s.noise for s in self.spends() if s.run == run]
+        return noises[-1] if noises else None
+
     def history(self) -> list[Round]:
         return [(s.noise, s.sample_rate, s.steps) for s in self.spends()]
 

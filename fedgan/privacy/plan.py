@@ -39,14 +39,16 @@ def plan_round(
     batch_size: int,
     local_steps: int,
     rounds: int,
+    noise_hint: float | None = None,
 ) -> RoundPlan:
     """σ as requested, or calibrated so that ``rounds`` rounds of
-    ``local_steps`` steps reach ``target_epsilon`` and no more."""
+    ``local_steps`` steps reach ``target_epsilon`` and no more (``noise_hint``:
+    see `calibrate_noise`)."""
     sample_rate = min(1.0, batch_size / max(1, num_examples))
     delta = delta if delta > 0 else default_delta(num_examples)
     if noise_multiplier <= 0:
         noise_multiplier = calibrate_noise(
-            target_epsilon, delta, sample_rate, rounds * local_steps, accountant
+            target_epsilon, delta, sample_rate, rounds * local_steps, accountant, noise_hint
         )
     return RoundPlan(noise_multiplier, sample_rate, local_steps, delta, accountant, max_grad_norm)
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from fedgan.cli import app
 from fedgan.gan.models import GanSpec, build, trainable_parameters
-from fedgan.privacy.accountant import epsilon
+from fedgan.privacy import accountant
+from fedgan.privacy.accountant import calibrate_noise, epsilon
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
 from fedgan.privacy.plan import forecast_run, noise_to_signal, plan_round
 from fedgan.train import DPConfig, DPDiscriminatorStep
@@ -163,9 +164,36 @@ def test_site_plan_without_dp_says_there_is_nothing_to_plan(tmp_path):
     assert out.exit_code == 0 and "without DP" in out.output
 
 
-def test_a_dp_round_logs_how_loud_its_noise_is(tmp_path, caplog):
-    """The site's log gives, for every DP round, the same noise figure that
-    `fedgan site plan` forecast: a hospital sees it without reading code."""
+def _searches(monkeypatch):
+    calls = []
+    search = accountant.get_noise_multiplier
+
+    def spy(**kw):
+        calls.append(kw)
+        return search(**kw)
+
+    monkeypatch.setattr(accountant, "get_noise_multiplier", spy)
+    return calls
+
+
+def test_a_calibrated_hint_skips_the_search_and_a_wrong_one_does_not(monkeypatch):
+    args = (5.0, 1e-5, 0.05, 400)
+    sigma = calibrate_noise(*args)
+    calls = _searches(monkeypatch)
+    assert calibrate_noise(*args, hint=sigma) == sigma and calls == []
+    # Too little noise (ε over target) or far too much (ε well under it): searched again.
+    for wrong in (sigma * 0.8, sigma * 1.5):
+        assert calibrate_noise(*args, hint=wrong) == pytest.approx(sigma)
+    assert len(calls) == 2
+    assert epsilon([(sigma, 0.05, 400)], 1e-5) <= 5.0
+
+
+def test_dp_rounds_of_one_run_search_for_sigma_once_and_log_their_noise(
+    tmp_path, caplog, monkeypatch
+):
+    """Round 2 takes round 1's σ from the ledger (checked, not trusted). The
+    site's log gives every DP round the noise figure `fedgan site plan`
+    forecast: a hospital sees it without reading code."""
     from fedgan import site_round
     from fedgan.appbundle import default_run_config
     from fedgan.run_config import RunSettings, SiteSettings
@@ -187,12 +215,17 @@ def test_a_dp_round_logs_how_loud_its_noise_is(tmp_path, caplog):
     )
     site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", 10.0)
     gen, disc = build(cfg.spec, seed=0)
+    calls = _searches(monkeypatch)
     with caplog.at_level("INFO", logger="fedgan.site"):
-        outcome = site_round.run_round(
-            site, {}, "r", cfg.round_config(1), get_arrays(gen), get_arrays(disc)
-        )
-    assert outcome.update is not None
-    sigma = outcome.metrics["noise-multiplier"]
+        outcomes = [
+            site_round.run_round(
+                site, {}, "r", cfg.round_config(r), get_arrays(gen), get_arrays(disc)
+            )
+            for r in (1, 2)
+        ]
+    assert all(o.update is not None for o in outcomes)
+    sigma = outcomes[0].metrics["noise-multiplier"]
+    assert outcomes[1].metrics["noise-multiplier"] == sigma and len(calls) == 1
     expected = noise_to_signal(sigma, 4, trainable_parameters(disc))  # q·N = 4/12·12
     lines = [r.getMessage() for r in caplog.records if "× the largest clipped" in r.getMessage()]
-    assert len(lines) == 1 and f"noise is {expected:.1f}×" in lines[0], lines
+    assert len(lines) == 2 and all(f"noise is {expected:.1f}×" in line for line in lines), lines
