@@ -147,9 +147,16 @@ class PolicyStore:
 
     def load(self) -> SitePolicy:
         if not self.path.exists():
-            policy = SitePolicy(versions=[installed_version()])
+            policy = self.current()
             self._save(policy, "policy_created")
             return policy
+        return self.current()
+
+    def current(self) -> SitePolicy:
+        """The policy `load` would give, without creating the file (for
+        commands that only look, like `fedgan site plan`)."""
+        if not self.path.exists():
+            return SitePolicy(versions=[installed_version()])
         return SitePolicy.from_json(self.path.read_text("utf-8"), str(self.path))
 
     def _save(self, policy: SitePolicy, event: str, **details: Any) -> None:

@@ -718,6 +718,7 @@ def site_plan(
     against the signal, and the round at which this site's budget would stop it."""
     from fedgan import federation
     from fedgan.appbundle import default_run_config
+    from fedgan.approval import AppRefused, Limits, PolicyStore, check_run
     from fedgan.gan.models import build, trainable_parameters
     from fedgan.privacy.ledger import PrivacyLedger
     from fedgan.privacy.plan import forecast_run, noise_to_signal, plan_round
@@ -731,12 +732,10 @@ def site_plan(
             fail(f"{config} not found; pass the run's federation.yaml with --config")
         run_config |= federation.load(config)
     run = RunSettings.from_run_config(run_config)
-    if not run.privacy.enabled:
-        typer.echo("this run trains without DP (privacy.dp: false): there is no ε to plan")
-        return
     history = []
+    limits = Limits()
     if new_silo:
-        ledger_note = "none (--new-silo)"
+        ledger_note, policy_note = "none (--new-silo)", "defaults, --new-silo"
     else:
         if not work_dir.is_dir():
             fail(
@@ -746,6 +745,35 @@ def site_plan(
         ledger = PrivacyLedger.in_work_dir(work_dir)
         history = ledger.history()
         ledger_note = f"{ledger.path}, {len(history)} rounds recorded"
+        store = PolicyStore(work_dir)
+        limits = store.current().limits
+        policy_note = str(store.path) if store.path.exists() else "defaults, no approval file yet"
+
+    def refusal(noise: float | None) -> str | None:
+        """Why this site's own limits would refuse the run (None: they admit it)."""
+        try:
+            check_run(
+                limits,
+                "this site",
+                dp=run.privacy.enabled,
+                noise_multiplier=noise,
+                target_epsilon=run.privacy.target_epsilon,
+                secure_aggregation=run.secagg.enabled,
+            )
+        except AppRefused as refused:
+            return refused.reason
+        return None
+
+    def verdict(noise: float | None) -> str:
+        reason = refusal(noise)
+        return f"policy ({policy_note}): " + (
+            f"its limits REFUSE this run: {reason}" if reason else "its limits admit this run"
+        )
+
+    if not run.privacy.enabled:
+        typer.echo("this run trains without DP (privacy.dp: false): there is no ε to plan")
+        typer.echo(verdict(None))
+        return
     batch = run.train.batch_size
     plan = plan_round(
         noise_multiplier=run.privacy.noise_multiplier,
@@ -780,6 +808,7 @@ def site_plan(
                     "epsilon_after": forecast.epsilon_after,
                     "epsilon_budget": epsilon_budget,
                     "refused_from_round": forecast.refused_from,
+                    "policy_refusal": refusal(plan.noise_multiplier),
                 },
                 indent=1,
             )
@@ -802,6 +831,7 @@ def site_plan(
         f"noise: each step's noise is {ratio:.1f}× the largest clipped real-image gradient "
         "(σ·√weights / batch; README, Privacy)"
     )
+    typer.echo(verdict(plan.noise_multiplier))
     typer.echo(f"ledger: {ledger_note}, ε {forecast.epsilon_before:.3f} spent")
     if forecast.refused_from is None:
         typer.echo(

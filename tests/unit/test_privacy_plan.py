@@ -143,6 +143,26 @@ def test_site_plan_command_reads_the_ledger_and_the_run(tmp_path):
     assert "6 rounds recorded" in out.output and "× the largest clipped" in out.output
 
 
+def test_site_plan_checks_the_sites_own_limits_without_writing(tmp_path):
+    """A plan only looks: it names the limit that would refuse the run and
+    creates no approval file or audit entry."""
+    runner = CliRunner()
+    config = _yaml(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["site", "plan", "--images", "300", "--config", str(config), "--work-dir", str(work)]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0 and "no approval file yet): its limits admit" in out.output
+    assert list(work.iterdir()) == []
+    sigma = _plan().noise_multiplier
+    policy = ["site", "policy", "--work-dir", str(work), "--min-noise", f"{sigma * 1.1:.3f}"]
+    assert runner.invoke(app, policy).exit_code == 0
+    out = runner.invoke(app, [*args, "--json"])
+    assert "requires at least" in json.loads(out.output)["policy_refusal"]
+    out = runner.invoke(app, args)
+    assert "its limits REFUSE this run" in out.output
+
+
 @pytest.mark.parametrize(
     ("extra", "expect"),
     [
@@ -162,6 +182,7 @@ def test_site_plan_without_dp_says_there_is_nothing_to_plan(tmp_path):
         app, ["site", "plan", "--images", "50", "--new-silo", "--config", str(config)]
     )
     assert out.exit_code == 0 and "without DP" in out.output
+    assert "REFUSE this run: the run turns differential privacy off" in out.output
 
 
 def _searches(monkeypatch):
