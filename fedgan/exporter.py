@@ -51,7 +51,7 @@ def read_records(metrics_path: Path) -> list[dict[str, Any]]:
 
 def latest_by_site(records: list[dict[str, Any]], key: str) -> dict[str, float]:
     """Each site's last reported value of a per-site field (``epsilon``,
-    ``epsilon_budget``) across a run's rounds."""
+    ``epsilon_budget``, ``noise_figure``) across a run's rounds."""
     out: dict[str, float] = {}
     for r in records:
         out.update(r.get(key, {}))
@@ -165,6 +165,11 @@ class RunsCollector(Collector):
                 "Site's ε budget minus the ε it has spent.",
                 labels=["run", "site"],
             ),
+            "noise": GaugeMetricFamily(
+                "fedgan_privacy_noise_figure",
+                "Site's DP noise per step over the largest clipped signal (σ·√d/B).",
+                labels=["run", "site"],
+            ),
         }
         dropped = CounterMetricFamily(
             "fedgan_sites_dropped",
@@ -205,6 +210,8 @@ class RunsCollector(Collector):
                 g["eps"].add_metric([run, site], float(value))
                 if site in budget:
                     g["remaining"].add_metric([run, site], float(budget[site] - value))
+            for site, value in sorted(latest_by_site(records, "noise_figure").items()):
+                g["noise"].add_metric([run, site], float(value))
             for site, n in sorted(sent.items()):
                 update_bytes.add_metric([run, site], float(n))
             dropped.add_metric([run], float(lost))

@@ -120,6 +120,20 @@ def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
             f"loss spent is ε = {worst:.2f} (smaller is more private; a budget of about 10 or "
             "less is common practice)."
         )
+        figures = latest_by_site(records, "noise_figure")
+        if figures:
+            site, figure = max(figures.items(), key=lambda item: item[1])
+            lines.append(
+                f"At the hospital with the noisiest training ({site}), each step's privacy noise "
+                f"was {figure:.0f} times the strongest signal its images could give"
+                + (
+                    ": its images shape the generator only weakly, so expect images less "
+                    "faithful than a model trained without privacy (more images, or a smaller "
+                    "model, lower this)."
+                    if figure > 10
+                    else "."
+                )
+            )
     else:
         lines.append("This run trained without differential privacy: do not share its outputs.")
     if any("secagg" in r for r in records):

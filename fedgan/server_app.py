@@ -296,6 +296,13 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
                 for s, _, m in sorted(received, key=lambda r: r[0])
                 if "epsilon-budget" in m
             }
+            figures = {
+                s: m["noise-figure"]
+                for s, _, m in sorted(received, key=lambda r: r[0])
+                if "noise-figure" in m
+            }
+            if figures:
+                record["noise_figure"] = figures
         if refused:
             record["budget_exhausted"] = {
                 s: {

@@ -212,6 +212,9 @@ def run_round(
             log.warning("site %s round %d: %s", site.site_id, server_round, refusal)
             return RoundOutcome(None, refusal=refusal)
         dp = DPConfig(plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate)
+        noise_figure = noise_to_signal(
+            plan.noise_multiplier, plan.sample_rate * images.shape[0], trainable_parameters(disc)
+        )
         log.info(
             "site %s round %d: DP σ %.3f, q %.4f; each step's noise is %.1f× the largest "
             "clipped real-image gradient (fedgan site plan)",
@@ -219,11 +222,7 @@ def run_round(
             server_round,
             plan.noise_multiplier,
             plan.sample_rate,
-            noise_to_signal(
-                plan.noise_multiplier,
-                plan.sample_rate * images.shape[0],
-                trainable_parameters(disc),
-            ),
+            noise_figure,
         )
         metrics.update(
             {
@@ -232,6 +231,8 @@ def run_round(
                 "delta": plan.delta,
                 "noise-multiplier": plan.noise_multiplier,
                 "sample-rate": plan.sample_rate,
+                # A number about the silo's size, not its content (README, Privacy).
+                "noise-figure": noise_figure,
             }
         )
     result = train_local(

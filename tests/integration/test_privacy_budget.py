@@ -8,8 +8,11 @@ import json
 import pytest
 
 from fedgan.demo import DemoOptions, run_demo
+from fedgan.gan.models import build, trainable_parameters
 from fedgan.privacy.accountant import epsilon
 from fedgan.privacy.ledger import PrivacyLedger
+from fedgan.privacy.plan import noise_to_signal
+from fedgan.run_config import RunSettings
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +55,10 @@ def test_site_with_small_budget_is_refused_and_run_finishes(tmp_path):
     assert refusal["budget"] == pytest.approx(budget)
     assert rounds[1]["sites"] == ["site-1"] and rounds[1]["sites_failed"] == 0
     assert rounds[2]["sites"] == ["site-1"] and rounds[2]["sites_sampled"] == 1
+    # The noise figure each site reported: σ·√d / B with D as the run built it.
+    run = RunSettings.from_run_config(json.loads((run_dir / "run-config.json").read_text()))
+    figure = noise_to_signal(SIGMA, BATCH, trainable_parameters(build(run.spec)[1]))
+    assert rounds[0]["noise_figure"] == pytest.approx({"site-1": figure, "site-2": figure})
     assert rounds[2]["epsilon"]["site-1"] == pytest.approx(
         epsilon([(SIGMA, q, STEPS)] * 3, 1e-5), rel=1e-6
     )

@@ -112,6 +112,9 @@ def test_prometheus_serves_what_metrics_jsonl_says(prometheus):
         assert _value(port, f"fedgan_privacy_epsilon{s}") == pytest.approx(eps)
         budget = last["epsilon_budget"][site]
         assert _value(port, f"fedgan_privacy_budget_remaining{s}") == pytest.approx(budget - eps)
+        figure = last["noise_figure"][site]
+        assert figure > 0
+        assert _value(port, f"fedgan_privacy_noise_figure{s}") == pytest.approx(figure)
         sent = sum(r["update_bytes"][site] for r in records)
         assert _value(port, f"fedgan_update_bytes_total{s}") == sent > 0
     # Every site connected with a valid certificate: no rejection logged.

@@ -28,6 +28,7 @@ def _round(n, **extra):
         "d_loss": 2.0 + n,
         "epsilon": {"a": 1.0 * n, "b": 2.0 * n},
         "epsilon_budget": {"a": 10.0, "b": 5.0},
+        "noise_figure": {"a": 3.0 * n, "b": 12.5},
         "update_bytes": {"a": 100, "b": 200},
         "secagg": {"survivors": ["a", "b"], "dropped": ["c"]},
     }
@@ -76,6 +77,8 @@ def test_series_follow_the_run_folders(tmp_path):
     b = (("run", "r1"), ("site", "b"))
     assert s[("fedgan_privacy_epsilon", b)] == 4.0
     assert s[("fedgan_privacy_budget_remaining", b)] == 1.0
+    assert s[("fedgan_privacy_noise_figure", b)] == 12.5
+    assert s[("fedgan_privacy_noise_figure", (("run", "r1"), ("site", "a")))] == 6.0  # round 2's
     assert s[("fedgan_update_bytes_total", b)] == 400
     assert s[("fedgan_tls_rejections_total", ())] == 2
     # A new run and a later round show up at the next scrape, nothing cached.

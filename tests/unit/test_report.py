@@ -33,6 +33,7 @@ def _run(tmp_path):
             "d_loss": 1.2,
             "epsilon": {"site-1": 2.0, "site-2": 2.5},
             "epsilon_budget": {"site-1": 10.0, "site-2": 8.0},
+            "noise_figure": {"site-1": 6.2, "site-2": 23.6},
             "update_bytes": {"site-1": 100, "site-2": 100},
             "secagg": {
                 "threshold": 2,
@@ -83,6 +84,27 @@ def test_report_is_self_contained_and_complete(tmp_path):
     assert "Not evaluated yet" in page
     path = write(run)
     assert path == run / "report.html" and path.read_text() == page
+
+
+def test_the_reading_names_the_noisiest_site_and_warns_only_above_ten():
+    from fedgan.report import reading
+
+    def records(figures):
+        return [
+            {
+                "round": 1,
+                "sites": list(figures),
+                "epsilon": dict.fromkeys(figures, 5.0),
+                "noise_figure": figures,
+            }
+        ]
+
+    loud = " ".join(reading(records({"site-1": 6.2, "site-2": 23.6}), {"status": "completed"}))
+    assert "noisiest training (site-2)" in loud and "was 24 times" in loud
+    assert "shape the generator only weakly" in loud
+    quiet = " ".join(reading(records({"site-1": 6.2, "site-2": 4.0}), {"status": "completed"}))
+    assert "noisiest training (site-1)" in quiet and "weakly" not in quiet
+    assert "noise" not in " ".join(reading([{"round": 1, "sites": ["a"]}], {}))
 
 
 def test_an_empty_run_folder_is_refused(tmp_path):
