@@ -716,16 +716,12 @@ def site_plan(
 ) -> None:
     """Before a run: the σ this silo would train with, how loud that noise is
     against the signal, and the round at which this site's budget would stop it."""
-    from fedgan import federation
+    from fedgan import federation, site_plan
     from fedgan.appbundle import default_run_config
-    from fedgan.approval import AppRefused, Limits, PolicyStore, check_run
-    from fedgan.gan.models import build, trainable_parameters
+    from fedgan.approval import Limits, PolicyStore
     from fedgan.privacy.ledger import PrivacyLedger
-    from fedgan.privacy.plan import forecast_run, noise_to_signal, plan_round
-    from fedgan.run_config import RunSettings, site_local_steps
+    from fedgan.run_config import RunSettings
 
-    if images < 1:
-        fail(f"--images {images}: give the number of usable images in the silo (>= 1)")
     run_config = default_run_config()
     if config is not None:
         if not config.exists():
@@ -746,109 +742,17 @@ def site_plan(
         history = ledger.history()
         ledger_note = f"{ledger.path}, {len(history)} rounds recorded"
         store = PolicyStore(work_dir)
-        limits = store.current().limits
+        limits = store.current().limits  # reads only: no approval file is created
         policy_note = str(store.path) if store.path.exists() else "defaults, no approval file yet"
-
-    def refusal(noise: float | None) -> str | None:
-        """Why this site's own limits would refuse the run (None: they admit it)."""
-        try:
-            check_run(
-                limits,
-                "this site",
-                dp=run.privacy.enabled,
-                noise_multiplier=noise,
-                target_epsilon=run.privacy.target_epsilon,
-                secure_aggregation=run.secagg.enabled,
-            )
-        except AppRefused as refused:
-            return refused.reason
-        return None
-
-    def verdict(noise: float | None) -> str:
-        reason = refusal(noise)
-        return f"policy ({policy_note}): " + (
-            f"its limits REFUSE this run: {reason}" if reason else "its limits admit this run"
-        )
-
-    if not run.privacy.enabled:
-        typer.echo("this run trains without DP (privacy.dp: false): there is no ε to plan")
-        typer.echo(verdict(None))
-        return
-    batch = run.train.batch_size
-    plan = plan_round(
-        noise_multiplier=run.privacy.noise_multiplier,
-        target_epsilon=run.privacy.target_epsilon,
-        max_grad_norm=run.privacy.max_grad_norm,
-        delta=run.privacy.delta,
-        accountant=run.privacy.accountant,
-        num_examples=images,
-        batch_size=batch,
-        local_steps=site_local_steps(images, batch, run.local_epochs, run.train.local_steps),
-        rounds=run.rounds,
-    )
-    forecast = forecast_run(plan, run.rounds, history, epsilon_budget)
-    weights = trainable_parameters(build(run.spec)[1])
-    ratio = noise_to_signal(plan.noise_multiplier, plan.sample_rate * images, weights)
+    try:
+        plan = site_plan.assess(run, images, history, limits, epsilon_budget)
+    except ValueError as exc:
+        fail(str(exc))
     if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "images": images,
-                    "rounds": run.rounds,
-                    "local_steps": plan.steps,
-                    "batch_size": batch,
-                    "noise_multiplier": plan.noise_multiplier,
-                    "calibrated": run.privacy.noise_multiplier <= 0,
-                    "sample_rate": plan.sample_rate,
-                    "delta": plan.delta,
-                    "accountant": plan.accountant,
-                    "discriminator_weights": weights,
-                    "noise_to_signal": ratio,
-                    "epsilon_before": forecast.epsilon_before,
-                    "epsilon_after": forecast.epsilon_after,
-                    "epsilon_budget": epsilon_budget,
-                    "refused_from_round": forecast.refused_from,
-                    "policy_refusal": refusal(plan.noise_multiplier),
-                },
-                indent=1,
-            )
-        )
-        return
-    how = (
-        f"calibrated to reach ε {run.privacy.target_epsilon:g} after round {run.rounds}"
-        if run.privacy.noise_multiplier <= 0
-        else "as the run sets it"
-    )
-    typer.echo(
-        f"run: {run.rounds} rounds × {plan.steps} local steps, batch {batch}, "
-        f"{run.spec.image_size} px, D with {weights:,} weights"
-    )
-    typer.echo(
-        f"silo of {images:,} images: q {plan.sample_rate:.4g}, δ {plan.delta:.3g}, "
-        f"σ {plan.noise_multiplier:.3f} ({how}, {plan.accountant.upper()})"
-    )
-    typer.echo(
-        f"noise: each step's noise is {ratio:.1f}× the largest clipped real-image gradient "
-        "(σ·√weights / batch; README, Privacy)"
-    )
-    typer.echo(verdict(plan.noise_multiplier))
-    typer.echo(f"ledger: {ledger_note}, ε {forecast.epsilon_before:.3f} spent")
-    if forecast.refused_from is None:
-        typer.echo(
-            f"this run: ε {forecast.epsilon_after:.3f} after round {run.rounds}, within the "
-            f"budget of {epsilon_budget:g}"
-        )
-    elif forecast.refused_from == 1:
-        typer.echo(
-            f"this run: refused from round 1: one round would take ε past the budget of "
-            f"{epsilon_budget:g}"
-        )
+        typer.echo(json.dumps(site_plan.as_dict(plan), indent=1))
     else:
-        typer.echo(
-            f"this run: rounds 1-{forecast.refused_from - 1} fit; round {forecast.refused_from} "
-            f"and later are refused (ε {forecast.epsilon_after:.3f} after round {run.rounds}, "
-            f"budget {epsilon_budget:g})"
-        )
+        for line in site_plan.describe(plan, ledger_note, policy_note):
+            typer.echo(line)
 
 
 @site_app.command("policy")

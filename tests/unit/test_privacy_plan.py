@@ -183,6 +183,11 @@ def test_site_plan_without_dp_says_there_is_nothing_to_plan(tmp_path):
     )
     assert out.exit_code == 0 and "without DP" in out.output
     assert "REFUSE this run: the run turns differential privacy off" in out.output
+    out = CliRunner().invoke(
+        app, ["site", "plan", "--images", "50", "--new-silo", "--config", str(config), "--json"]
+    )
+    answer = json.loads(out.output)
+    assert answer["dp"] is False and "privacy off" in answer["policy_refusal"]
 
 
 def _searches(monkeypatch):

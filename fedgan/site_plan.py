@@ -1,0 +1,150 @@
+"""`fedgan site plan`: what a run would cost one silo, before the site joins it.
+
+No I/O here: the command reads the run's federation.yaml, the site's ledger and
+its approval file, and prints what `assess` and `describe` give.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedgan.approval import AppRefused, Limits, check_run
+from fedgan.gan.models import build, trainable_parameters
+from fedgan.privacy.accountant import Round
+from fedgan.privacy.plan import RoundPlan, RunForecast, forecast_run, noise_to_signal, plan_round
+from fedgan.run_config import RunSettings, site_local_steps
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    run: RunSettings
+    images: int
+    budget: float
+    # Why the site's own limits would refuse the run; None: they admit it.
+    refusal: str | None
+    # The rest is None for a run without DP.
+    plan: RoundPlan | None = None
+    forecast: RunForecast | None = None
+    weights: int | None = None  # D's trainable weights, d in the noise figure
+    noise_figure: float | None = None
+
+
+def assess(
+    run: RunSettings, images: int, history: Sequence[Round], limits: Limits, budget: float
+) -> SitePlan:
+    """The round plan the site would make for ``images`` images, the run's
+    forecast against the ledger's ``history``, and the site's limits' verdict."""
+    if images < 1:
+        raise ValueError(f"--images {images}: give the number of usable images in the silo (>= 1)")
+    if not run.privacy.enabled:
+        return SitePlan(run, images, budget, _refusal(run, limits, None))
+    batch = run.train.batch_size
+    plan = plan_round(
+        noise_multiplier=run.privacy.noise_multiplier,
+        target_epsilon=run.privacy.target_epsilon,
+        max_grad_norm=run.privacy.max_grad_norm,
+        delta=run.privacy.delta,
+        accountant=run.privacy.accountant,
+        num_examples=images,
+        batch_size=batch,
+        local_steps=site_local_steps(images, batch, run.local_epochs, run.train.local_steps),
+        rounds=run.rounds,
+    )
+    weights = trainable_parameters(build(run.spec)[1])
+    return SitePlan(
+        run,
+        images,
+        budget,
+        _refusal(run, limits, plan.noise_multiplier),
+        plan,
+        forecast_run(plan, run.rounds, history, budget),
+        weights,
+        noise_to_signal(plan.noise_multiplier, plan.sample_rate * images, weights),
+    )
+
+
+def _refusal(run: RunSettings, limits: Limits, noise: float | None) -> str | None:
+    try:
+        check_run(
+            limits,
+            "this site",
+            dp=run.privacy.enabled,
+            noise_multiplier=noise,
+            target_epsilon=run.privacy.target_epsilon,
+            secure_aggregation=run.secagg.enabled,
+        )
+    except AppRefused as refused:
+        return refused.reason
+    return None
+
+
+def describe(p: SitePlan, ledger_note: str, policy_note: str) -> list[str]:
+    """The lines `fedgan site plan` prints; the notes say where the ledger
+    and the limits came from."""
+    verdict = f"policy ({policy_note}): " + (
+        f"its limits REFUSE this run: {p.refusal}" if p.refusal else "its limits admit this run"
+    )
+    if p.plan is None or p.forecast is None:
+        return ["this run trains without DP (privacy.dp: false): there is no ε to plan", verdict]
+    run, plan, forecast = p.run, p.plan, p.forecast
+    how = (
+        f"calibrated to reach ε {run.privacy.target_epsilon:g} after round {run.rounds}"
+        if run.privacy.noise_multiplier <= 0
+        else "as the run sets it"
+    )
+    lines = [
+        f"run: {run.rounds} rounds × {plan.steps} local steps, batch {run.train.batch_size}, "
+        f"{run.spec.image_size} px, D with {p.weights:,} weights",
+        f"silo of {p.images:,} images: q {plan.sample_rate:.4g}, δ {plan.delta:.3g}, "
+        f"σ {plan.noise_multiplier:.3f} ({how}, {plan.accountant.upper()})",
+        f"noise: each step's noise is {p.noise_figure:.1f}× the largest clipped real-image "
+        "gradient (σ·√weights / batch; README, Privacy)",
+        verdict,
+        f"ledger: {ledger_note}, ε {forecast.epsilon_before:.3f} spent",
+    ]
+    if forecast.refused_from is None:
+        lines.append(
+            f"this run: ε {forecast.epsilon_after:.3f} after round {run.rounds}, within the "
+            f"budget of {p.budget:g}"
+        )
+    elif forecast.refused_from == 1:
+        lines.append(
+            f"this run: refused from round 1: one round would take ε past the budget of "
+            f"{p.budget:g}"
+        )
+    else:
+        lines.append(
+            f"this run: rounds 1-{forecast.refused_from - 1} fit; round {forecast.refused_from} "
+            f"and later are refused (ε {forecast.epsilon_after:.3f} after round {run.rounds}, "
+            f"budget {p.budget:g})"
+        )
+    return lines
+
+
+def as_dict(p: SitePlan) -> dict[str, Any]:
+    """`fedgan site plan --json`."""
+    out: dict[str, Any] = {
+        "images": p.images,
+        "rounds": p.run.rounds,
+        "batch_size": p.run.train.batch_size,
+        "dp": p.plan is not None,
+        "epsilon_budget": p.budget,
+        "policy_refusal": p.refusal,
+    }
+    if p.plan is not None and p.forecast is not None:
+        out |= {
+            "local_steps": p.plan.steps,
+            "noise_multiplier": p.plan.noise_multiplier,
+            "calibrated": p.run.privacy.noise_multiplier <= 0,
+            "sample_rate": p.plan.sample_rate,
+            "delta": p.plan.delta,
+            "accountant": p.plan.accountant,
+            "discriminator_weights": p.weights,
+            "noise_to_signal": p.noise_figure,
+            "epsilon_before": p.forecast.epsilon_before,
+            "epsilon_after": p.forecast.epsilon_after,
+            "refused_from_round": p.forecast.refused_from,
+        }
+    return out
