@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +193,6 @@ def main() -> None:
     if args.synth_images < 100:
         ap.error(f"--synth-images {args.synth_images}: use at least 100 (20 % are held out)")
     torch.manual_seed(args.seed)
-    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     configs = [
         ("centralized, no DP", 1, None),
         ("federated 3 sites", 3, None),

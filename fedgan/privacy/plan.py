@@ -68,9 +68,6 @@ def noise_to_signal(noise_multiplier: float, expected_batch: float, parameters: 
 class RunForecast:
     """What a whole run would spend on one silo, given its ledger so far."""
 
-    plan: RoundPlan
-    rounds: int
-    budget: float
     epsilon_before: float  # the silo's ledger before the run
     epsilon_after: float  # after every planned round (a site sampled every round)
     # The first round the site would refuse as over budget; None if all fit.
@@ -102,4 +99,4 @@ def forecast_run(
             else:
                 low = middle
         refused = high
-    return RunForecast(plan, rounds, budget, before, final, refused)
+    return RunForecast(before, final, refused)
