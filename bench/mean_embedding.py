@@ -27,10 +27,9 @@ import time
 
 import torch
 from opacus.accountants.utils import get_noise_multiplier
-from quality import digits, dirichlet_split, synth
+from quality import digits, dirichlet_split, evaluate, synth
 
 from fedgan.evaluate import encoder as domain
-from fedgan.evaluate import metrics
 from fedgan.evaluate.utility import accuracy, train_classifier
 from fedgan.gan.models import GanSpec, Generator, recalibrate_batchnorm
 
@@ -127,20 +126,13 @@ def main() -> None:
     )
     gen.eval()
     enc = domain.train_encoder(train_x, steps=600, seed=0)
-    rng = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        y_fake = torch.arange(1000) % classes
-        fake = gen(torch.randn(1000, spec.latent_dim, generator=rng), y_fake)
-    fid, _ = metrics.fid_kid(train_x, fake, enc)
-    pick = torch.randperm(len(train_x), generator=rng)[: len(test_x)]
-    auc_g = metrics.mia_generator_auc(fake, train_x[pick], test_x)
-    memorized, _, _ = metrics.memorization(fake, train_x, test_x)
-    tstr = accuracy(train_classifier(fake, y_fake, classes, seed=0), test_x, test_y)
+    r = evaluate(gen, None, enc, train_x, train_y, test_x, test_y, classes, 1000, seed=0)
     real = accuracy(train_classifier(train_x, train_y, classes, seed=0), test_x, test_y)
     print(
-        f"{args.data}, {args.sites} sites, ε {args.epsilon}: domain-FID {fid:.2f}, "
-        f"TSTR {tstr:.3f} ({tstr / real:.0%} of train-on-real {real:.3f}), MIA AUC (G) "
-        f"{auc_g:.3f}, memorized {memorized:.1%}, {(time.perf_counter() - t) / 60:.1f} min"
+        f"{args.data}, {args.sites} sites, ε {args.epsilon}: domain-FID {r['domain_fid']:.2f}, "
+        f"TSTR {r['tstr']:.3f} ({r['tstr'] / real:.0%} of train-on-real {real:.3f}), MIA AUC (G) "
+        f"{r['mia_g']:.3f}, memorized {r['memorized']:.1%}, "
+        f"{(time.perf_counter() - t) / 60:.1f} min"
     )
 
 

@@ -156,7 +156,12 @@ def evaluate(gen, disc, enc, train_x, train_y, test_x, test_y, classes, n_fake, 
         fid, _ = metrics.fid_kid(train_x, fake, enc)
         pick = torch.randperm(len(train_x), generator=rng)[: len(test_x)]
         members = train_x[pick]
-        auc_d = metrics.auc(disc(members, train_y[pick]), disc(test_x, test_y))
+        # No discriminator (bench/mean_embedding.py trains none): no attack on it.
+        auc_d = (
+            metrics.auc(disc(members, train_y[pick]), disc(test_x, test_y))
+            if disc is not None
+            else float("nan")
+        )
     auc_g = metrics.mia_generator_auc(fake, members, test_x)
     memorized, _, _ = metrics.memorization(fake, train_x, test_x)
     tstr = accuracy(train_classifier(fake, y_fake, classes, seed=seed), test_x, test_y)
