@@ -12,7 +12,8 @@ is post-processing. The features come from a public seed and the length scale fr
 image size, never from the data.
 
     python bench/mean_embedding.py --data digits --epsilon 10
-    python bench/mean_embedding.py --data synth --epsilon 1 --steps 1500
+    python bench/mean_embedding.py --data digits --epsilon 1
+    python bench/mean_embedding.py --data synth --epsilon 10
 
 Prints domain-FID, TSTR and the generator-side MIA AUC, computed as bench/quality.py
 does (same split, same encoder training, same classifier), so the rows compare with
