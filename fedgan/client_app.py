@@ -1,5 +1,6 @@
 """The site's ClientApp: translate Flower messages into a call of
-`fedgan.site_round.run_round` and its outcome back into a reply."""
+`fedgan.site_round.run_round` (or, in a mean-embedding run,
+`fedgan.site_release.release_round`) and its outcome back into a reply."""
 
 from __future__ import annotations
 
@@ -45,16 +46,28 @@ def train(msg: Message, context: Context) -> Message:
     global_gen, global_disc, cfg = wire.read_train_request(msg.content)
     secagg = wire.read_secagg_setup(msg.content)
     try:
-        outcome = run_round(
-            site,
-            dict(context.node_config),
-            run_id,
-            cfg,
-            global_gen,
-            global_disc,
-            limits=store.load().limits,
-            secure=secagg is not None,
-        )
+        if cfg.get("mechanism") == "mean-embedding":
+            from fedgan.site_release import release_round
+
+            outcome = release_round(
+                site,
+                dict(context.node_config),
+                run_id,
+                cfg,
+                limits=store.load().limits,
+                secure=secagg is not None,
+            )
+        else:
+            outcome = run_round(
+                site,
+                dict(context.node_config),
+                run_id,
+                cfg,
+                global_gen,
+                global_disc,
+                limits=store.load().limits,
+                secure=secagg is not None,
+            )
     except approval.AppRefused as refusal:
         # Raised to Flower, which replies to the ServerApp with the reason.
         raise store.refuse(refusal, run=run_id, round=int(cfg["round"])) from None

@@ -195,7 +195,8 @@ class RunsCollector(Collector):
             g["sites"].add_metric([run], float(0 if "skipped" in last else len(last["sites"])))
             if aggregated:
                 g["g_loss"].add_metric([run], float(aggregated[-1]["g_loss"]))
-                g["d_loss"].add_metric([run], float(aggregated[-1]["d_loss"]))
+                if "d_loss" in aggregated[-1]:  # a mean-embedding run trains no D
+                    g["d_loss"].add_metric([run], float(aggregated[-1]["d_loss"]))
             eps = latest_by_site(records, "epsilon")
             budget = latest_by_site(records, "epsilon_budget")
             sent: dict[str, float] = {}

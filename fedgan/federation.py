@@ -96,6 +96,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "delta": Field("delta", float, _delta),
         "accountant": Field("accountant", str, _one_of("prv", "rdp")),
         "update_clip": Field("update-clip", float, _non_negative),
+        "mechanism": Field("mechanism", str, _one_of("dp-sgd", "mean-embedding")),
+        "features": Field("embedding-features", int, _positive),
+        "length_scale": Field("embedding-length-scale", float, _positive),
+        "fit_steps": Field("embedding-fit-steps", int, _positive),
+        "fit_lr": Field("embedding-fit-lr", float, _positive),
     },
     "secure_aggregation": {
         "enabled": Field("secagg", bool),
@@ -172,6 +177,11 @@ def _cross_checks(document: dict, config: dict[str, Any]) -> list[str]:
         and config.get("target-epsilon", 1) == 0
     ):
         problems.append("privacy.target_epsilon: with dp on, set it or noise_multiplier > 0")
+    if config.get("mechanism") == "mean-embedding":
+        if config.get("num-server-rounds", 3) != 1:
+            problems.append("run.rounds: mechanism mean-embedding releases once; set rounds: 1")
+        if config.get("attributes"):
+            problems.append("model.attributes: mechanism mean-embedding conditions on classes only")
     if config.get("attributes"):
         from fedgan.attributes import AttributesError, parse
 

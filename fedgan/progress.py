@@ -24,9 +24,14 @@ def format_round(r: dict[str, Any], rounds: int) -> list[str]:
         privacy = f"  ε max {max(eps.values()):.2f}" if eps else "  no DP"
         secure = "  secure sum" if "secagg" in r else ""
         ms = f"  mode-seeking {r['mode_seeking_loss']:.3f}" if "mode_seeking_loss" in r else ""
+        losses = (
+            f"G fit to the releases {r['g_loss']:.4f} (from {r['fit_loss_first']:.4f})"
+            if r.get("mechanism") == "mean-embedding"
+            else f"G loss {r['g_loss']:.3f}{ms}  D loss {r['d_loss']:.3f}"
+        )
         lines = [
             f"{head} {r['seconds']:6.1f} s  sites {len(r['sites'])}/{r['sites_sampled']}  "
-            f"G loss {r['g_loss']:.3f}{ms}  D loss {r['d_loss']:.3f}{privacy}{secure}"
+            f"{losses}{privacy}{secure}"
         ]
     for site, why in r.get("refused", {}).items():
         lines.append(f"  {site} refused: {why}; left out of later rounds")

@@ -109,10 +109,17 @@ def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
     done = [r for r in records if "skipped" not in r]
     sites = sorted({s for r in done for s in r["sites"]})
     eps = latest_by_site(records, "epsilon")
+    released = any(r.get("mechanism") == "mean-embedding" for r in done)
     lines = [
         f"{len(sites)} hospitals trained one image generator together over {len(records)} "
         "rounds; no image left any hospital.",
     ]
+    if released:
+        lines[0] = (
+            f"{len(sites)} hospitals each released once a noisy summary of their images "
+            "(a mean embedding: averages of fixed random features, never an image); the "
+            "coordinating server fitted one image generator to the sum of the summaries."
+        )
     if eps:
         worst = max(eps.values())
         lines.append(
@@ -123,9 +130,11 @@ def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
         figures = latest_by_site(records, "noise_figure")
         if figures:
             site, figure = max(figures.items(), key=lambda item: item[1])
+            times = f"{figure:.0f}" if figure >= 10 else f"{figure:.2g}"
             lines.append(
-                f"At the hospital with the noisiest training ({site}), each step's privacy noise "
-                f"was {figure:.0f} times the strongest signal its images could give"
+                f"At the hospital with the noisiest training ({site}), "
+                + ("its summary's" if released else "each step's")
+                + f" privacy noise was {times} times the strongest signal its images could give"
                 + (
                     ": its images shape the generator only weakly, so expect images less "
                     "faithful than a model trained without privacy (more images, or a smaller "
@@ -179,8 +188,8 @@ def build(run_dir: Path, baselines: list[tuple[str, Path]] | None = None) -> str
     rounds = [r["round"] for r in records]
     done = [r for r in records if "skipped" not in r]
     losses = {
-        "G": [(r["round"], r["g_loss"]) for r in done],
-        "D": [(r["round"], r["d_loss"]) for r in done],
+        "G": [(r["round"], r["g_loss"]) for r in done if "g_loss" in r],
+        "D": [(r["round"], r["d_loss"]) for r in done if "d_loss" in r],
     }
     eps: dict[str, list[tuple[float, float]]] = {}
     for r in records:
@@ -234,8 +243,8 @@ def build(run_dir: Path, baselines: list[tuple[str, Path]] | None = None) -> str
                     f"{r.get('seconds', 0):.1f}",
                     ", ".join(r.get("sites", [])) if "skipped" not in r else "—",
                     r.get("sites_sampled", ""),
-                    f"{r['g_loss']:.3f}" if "g_loss" in r else "—",
-                    f"{r['d_loss']:.3f}" if "d_loss" in r else "—",
+                    f"{r['g_loss']:.4g}" if "g_loss" in r else "—",
+                    f"{r['d_loss']:.4g}" if "d_loss" in r else "—",
                     f"{max(e.values()):.3f}" if e else "—",
                     sum(r.get("update_bytes", {}).values()) or "—",
                     note,

@@ -115,6 +115,17 @@ class PrivacySettings:
     delta: float
     accountant: str
     update_clip: float
+    # "dp-sgd": DP-SGD on D every round; "mean-embedding": one noisy release
+    # per site, G fitted at the aggregator (fedgan.privacy.mean_embedding).
+    mechanism: str = "dp-sgd"
+    embedding_features: int = 4000
+    embedding_length_scale: float = 0.6
+    embedding_fit_steps: int = 1500
+    embedding_fit_lr: float = 1e-3
+
+    @property
+    def mean_embedding(self) -> bool:
+        return self.mechanism == "mean-embedding"
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> PrivacySettings:
@@ -126,9 +137,25 @@ class PrivacySettings:
             delta=_get(cfg, "delta", float),
             accountant=_get(cfg, "accountant", str),
             update_clip=_get(cfg, "update-clip", float),
+            mechanism=_get(cfg, "mechanism", str),
+            embedding_features=_get(cfg, "embedding-features", int),
+            embedding_length_scale=_get(cfg, "embedding-length-scale", float),
+            embedding_fit_steps=_get(cfg, "embedding-fit-steps", int),
+            embedding_fit_lr=_get(cfg, "embedding-fit-lr", float),
         )
         if s.accountant not in ("prv", "rdp"):
             raise ConfigError(f"run config key 'accountant' = {s.accountant!r}; use prv or rdp")
+        if s.mechanism not in ("dp-sgd", "mean-embedding"):
+            raise ConfigError(
+                f"run config key 'mechanism' = {s.mechanism!r}; use dp-sgd or mean-embedding"
+            )
+        if min(s.embedding_features, s.embedding_fit_steps) < 1 or not (
+            s.embedding_length_scale > 0 and s.embedding_fit_lr > 0
+        ):
+            raise ConfigError(
+                "run config keys 'embedding-features', 'embedding-length-scale', "
+                "'embedding-fit-steps' and 'embedding-fit-lr' must be > 0"
+            )
         if s.enabled and s.noise_multiplier <= 0 and s.target_epsilon <= 0:
             raise ConfigError(
                 "run config: with dp = true set 'noise-multiplier' > 0 or 'target-epsilon' > 0"
@@ -148,6 +175,9 @@ class PrivacySettings:
             "delta": self.delta,
             "accountant": self.accountant,
             "update-clip": self.update_clip,
+            "mechanism": self.mechanism,
+            "embedding-features": self.embedding_features,
+            "embedding-length-scale": self.embedding_length_scale,
         }
 
 
@@ -298,8 +328,25 @@ class RunSettings:
             raise ConfigError("run config key 'local-epochs' must be >= 0")
         if not 0 < self.fraction_sites <= 1:
             raise ConfigError("run config key 'fraction-sites' must be in (0, 1]")
+        if self.privacy.mean_embedding:
+            # One release per site: more rounds would only spend more budget on
+            # releases of the same sums.
+            if self.rounds != 1:
+                raise ConfigError(
+                    'run config: mechanism = "mean-embedding" releases once per site; '
+                    "set 'num-server-rounds' = 1"
+                )
+            if self.attributes:
+                raise ConfigError(
+                    'run config: mechanism = "mean-embedding" conditions on classes only; '
+                    'set \'attributes\' = "" or use mechanism = "dp-sgd"'
+                )
 
     def secagg_range(self, length: int) -> float:
+        if self.privacy.mean_embedding:
+            # Sites send release / n: feature means of norm <= 1 (values
+            # <= 1/√F), class fractions in [0, 1], and noise σ√2/n per value.
+            return self.secagg.value_range or 1.0
         steps = self.train.local_steps if self.local_epochs <= 0 else None
         lr = max(self.train.lr_g, self.train.lr_d)
         return self.secagg.value_range_for(length, self.privacy.update_clip, lr, steps)
@@ -328,6 +375,8 @@ class RunSettings:
             "prox-mu": self.prox_mu if self.strategy == "fedprox" else 0.0,
             # The ledger's run id: the run folder's name, stable across resumes.
             "run-name": self.run_dir.rstrip("/").rsplit("/", 1)[-1],
+            # The random features' public seed (the same every round).
+            "embedding-seed": self.train.seed,
             **self.privacy.as_config(),
         }
 

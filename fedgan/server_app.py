@@ -1,4 +1,5 @@
-"""The aggregator's ServerApp: rounds of FedAvg over the sites' G and D.
+"""The aggregator's ServerApp: rounds of FedAvg over the sites' G and D, or,
+in a mean-embedding run, one round of the sites' releases and G fitted to them.
 
 Thin on purpose: it sends the global model, collects replies, and hands them to
 the update path (`fedgan.update`) and the run outputs (`fedgan.outputs`).
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
@@ -25,9 +27,11 @@ from fedgan.atomic import write_text_atomic
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
 from fedgan.audit_log import AuditLog, record_round
+from fedgan.gan.embedding_fit import fit_generator
 from fedgan.gan.models import Discriminator, Generator, build, recalibrate_batchnorm
 from fedgan.messaging import exchange
 from fedgan.outputs import RunOutputs
+from fedgan.privacy.mean_embedding import FeatureMap, Target
 from fedgan.progress import ROUND_MARKER
 from fedgan.run_config import ConfigError, RunSettings
 from fedgan.samples import grid_png
@@ -147,14 +151,12 @@ def _secure_round(
     settings: RunSettings,
     config: dict,
     nodes: list[int],
-    gen: Arrays,
-    disc: Arrays,
+    length: int,
 ) -> tuple[SecureRound | None, str]:
-    """(the round's secure aggregation, or None when off; why the round
-    cannot run securely, or "")."""
+    """(the round's secure aggregation of ``length`` values per site, or None
+    when off; why the round cannot run securely, or "")."""
     if not settings.secagg.enabled:
         return None, ""
-    length = sum(a.size for a in (*gen, *disc))
     try:
         params = SecAggParams.for_round(
             str(config["run-name"]),
@@ -168,6 +170,48 @@ def _secure_round(
     except SecAggError as exc:
         return None, f"secure aggregation cannot run this round: {exc}; the model is unchanged"
     return SecureRound(grid, params, settings.secagg.stage_timeout), ""
+
+
+def _feature_map(settings: RunSettings) -> FeatureMap:
+    spec = settings.spec
+    return FeatureMap(
+        pixels=spec.channels * spec.image_size**2,
+        features=settings.privacy.embedding_features,
+        length_scale=settings.privacy.embedding_length_scale,
+        seed=settings.train.seed,
+    )
+
+
+def _fit_to_releases(
+    gen: Generator, phi: FeatureMap, mean: np.ndarray, examples: float, settings: RunSettings
+) -> dict:
+    """Fit G to the sites' releases (their sum over their image count, as the
+    aggregate comes). Post-processing of DP releases: it spends no budget.
+    Returns what metrics.jsonl records of it."""
+    target = Target.from_sum(mean, min_count=1.0 / max(examples, 1.0))
+    steps = settings.privacy.embedding_fit_steps
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step == total or step % max(1, total // 10) == 0:
+            log.info("fitting G to the releases: step %d/%d, loss %.5f", step, total, loss)
+
+    fit = fit_generator(
+        gen,
+        phi,
+        target,
+        steps=steps,
+        lr=settings.privacy.embedding_fit_lr,
+        seed=settings.train.seed,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        progress=progress,
+    )
+    return {
+        "mechanism": "mean-embedding",
+        "g_loss": fit.loss,
+        "fit_loss_first": fit.first_loss,
+        "fit_steps": fit.steps,
+        "fit_seconds": round(fit.seconds, 3),
+    }
 
 
 def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) -> dict:
@@ -193,6 +237,10 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
         y = torch.randint(0, classes, (n,), generator=rng) if classes else None
         return z, y, sample_attributes(attrs, n, rng) if attrs else None
 
+    # A mean-embedding run: the sites' random features, and the shape of
+    # what each sends instead of a model update.
+    phi = _feature_map(settings) if settings.privacy.mean_embedding else None
+    release_shape = (max(classes, 1), phi.width + 1) if phi else (0, 0)
     # Secure aggregation needs two sites at least: a sum of one is that update.
     wanted = max(settings.min_sites, 2 if settings.secagg.enabled else 1)
     _wait_for_sites(grid, wanted, NODE_WAIT_SECONDS)
@@ -210,11 +258,22 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
         nodes = _sample(available, settings.fraction_sites, settings.train.seed, server_round)
         global_gen, global_disc = get_arrays(gen), get_arrays(disc)
         config = settings.round_config(server_round)
-        secure, setup_error = _secure_round(grid, settings, config, nodes, global_gen, global_disc)
+        if phi is not None:
+            config["embedding-digest"] = phi.digest()
+        # What each site sends: its update of G and D, or its release.
+        length = (
+            release_shape[0] * release_shape[1]
+            if phi
+            else sum(a.size for a in (*global_gen, *global_disc))
+        )
+        secure, setup_error = _secure_round(grid, settings, config, nodes, length)
         messages = [
             Message(
                 wire.train_request(
-                    global_gen, global_disc, config, secure.setup_record() if secure else None
+                    [] if phi else global_gen,
+                    [] if phi else global_disc,
+                    config,
+                    secure.setup_record() if secure else None,
                 ),
                 dst_node_id=node,
                 message_type="train",
@@ -271,7 +330,8 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
                 updates.append(update)
                 weight = update.weight
             received.append((site_id, weight, metrics))
-            clipped.setdefault(site_id, []).append(bool(metrics.get("update-clipped")))
+            if "update-clipped" in metrics:  # a release is not an update: nothing to clip
+                clipped.setdefault(site_id, []).append(bool(metrics["update-clipped"]))
         for failure in failures:
             log.warning("round %d: %s", server_round, failure)
         record: dict = {
@@ -321,7 +381,11 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
                 skipped = str(exc)
                 log.warning("round %d: %s", server_round, exc)
             else:
-                mean = split_like(aggregate.mean, global_gen, global_disc)
+                mean = (
+                    ([aggregate.mean.reshape(release_shape)], [])
+                    if phi
+                    else split_like(aggregate.mean, global_gen, global_disc)
+                )
                 # Losses and counts of the sites whose updates are in the sum.
                 received = [r for r in received if r[0] in aggregate.survivors]
                 record["sites"] = aggregate.survivors
@@ -331,28 +395,34 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
             mean = weighted_mean(updates)
         if mean is not None:
             mean_gen, mean_disc = mean
-            set_arrays(gen, apply_delta(global_gen, mean_gen))
-            set_arrays(disc, apply_delta(global_disc, mean_disc))
+            total = sum(w for _, w, _ in received)
+            if phi is not None:
+                record.update(_fit_to_releases(gen, phi, mean_gen[0], total, settings))
+            else:
+                set_arrays(gen, apply_delta(global_gen, mean_gen))
+                set_arrays(disc, apply_delta(global_disc, mean_disc))
             recalibrate_batchnorm(gen, g_inputs, seed=server_round)
             out.save_generator(gen, server_round)
             gen.eval()
             with torch.no_grad():
                 out.write_samples(server_round, grid_png(gen(fixed_z, fixed_y, fixed_a)))
-            total = sum(w for _, w, _ in received)
             record["examples"] = total
             for key, name in (("g-loss", "g_loss"), ("d-loss", "d_loss")):
-                record[name] = sum(w * m[key] for _, w, m in received) / total
+                if all(key in m for _, _, m in received):
+                    record[name] = sum(w * m[key] for _, w, m in received) / total
             if any(m.get("mode-seeking-loss", 0.0) for _, _, m in received):
                 record["mode_seeking_loss"] = (
                     sum(w * m.get("mode-seeking-loss", 0.0) for _, w, m in received) / total
                 )
-            record["updates_clipped"] = sum(bool(m["update-clipped"]) for _, _, m in received)
+            if phi is None:
+                record["updates_clipped"] = sum(bool(m["update-clipped"]) for _, _, m in received)
             record["update_bytes"] = (
-                secure.bytes_sent
-                if secure
-                else {s: 4 * sum(a.size for a in global_gen + global_disc) for s, _, _ in received}
+                secure.bytes_sent if secure else {s: 4 * length for s, _, _ in received}
             )
-            if settings.dump_updates:
+            if settings.dump_updates and phi is not None:
+                # Test mode: what the fit read, the releases' aggregate.
+                out.dump_arrays(server_round, "release_mean", {"gen": mean_gen})
+            elif settings.dump_updates:
                 out.dump_arrays(
                     server_round, "global_before", {"gen": global_gen, "disc": global_disc}
                 )

@@ -182,7 +182,9 @@ def evaluate(
     }
     disc = None
     ckpt_path = run_dir / "checkpoint.pt"
-    if ckpt_path.exists():
+    # A mean-embedding run trains no D: its checkpoint's D is the untrained
+    # initial one, whose realism and membership scores would mean nothing.
+    if ckpt_path.exists() and settings.get("mechanism", "dp-sgd") != "mean-embedding":
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         disc = Discriminator(spec)
         disc.load_state_dict(ckpt["disc"])

@@ -48,6 +48,9 @@ class Spend:
     accountant: str
     epsilon_after: float
     time: float
+    # How the step was spent (fedgan.privacy.mean_embedding for the other);
+    # older ledgers lack it and were all DP-SGD.
+    mechanism: str = "dp-sgd"
 
 
 class PrivacyLedger:
@@ -79,7 +82,7 @@ class PrivacyLedger:
 
     def spends(self) -> list[Spend]:
         return [
-            Spend(**{k: r[k] for k in Spend.__dataclass_fields__})
+            Spend(**{k: r[k] for k in Spend.__dataclass_fields__ if k in r})
             for r in self.records()
             if r["type"] == "spend"
         ]
@@ -105,6 +108,7 @@ class PrivacyLedger:
         delta: float,
         budget: float,
         accountant: str = "prv",
+        mechanism: str = "dp-sgd",
     ) -> Spend:
         """Check the budget, then record the round before any training.
         Raises `BudgetExhausted` (recording nothing) if it would exceed."""
@@ -114,7 +118,9 @@ class PrivacyLedger:
             # ε so far is needed only for the refusal (each accounting costs ~0.4 s).
             raise BudgetExhausted(epsilon(history, delta, accountant), after, budget)
         noise, rate, steps = round_
-        entry = Spend(run, server_round, steps, noise, rate, delta, accountant, after, time.time())
+        entry = Spend(
+            run, server_round, steps, noise, rate, delta, accountant, after, time.time(), mechanism
+        )
         append_line_durable(self.path, json.dumps({"type": "spend", **asdict(entry)}))
         return entry
 

@@ -1,0 +1,151 @@
+"""A site's part in a mean-embedding run, without Flower: load the silo, check
+and record the privacy spend, release the noisy class-wise feature sums
+(`fedgan.privacy.mean_embedding`). The ClientApp sends the release like a
+DP-SGD round's update, through secure aggregation when the run has it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedgan.approval import Limits, check_run
+from fedgan.errors import FedGanError
+from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
+from fedgan.privacy.mean_embedding import SENSITIVITY, FeatureMap, release
+from fedgan.privacy.plan import plan_round
+from fedgan.run_config import SiteSettings, parse_classes
+from fedgan.silo.options import SiloOptions
+from fedgan.site_round import RoundOutcome, site_images
+from fedgan.update import SiteUpdate
+
+log = logging.getLogger("fedgan.site")
+
+MECHANISM = "mean-embedding"
+
+
+class FeatureMismatch(FedGanError):
+    """The site's random features are not the aggregator's."""
+
+
+def release_noise_figure(noise_multiplier: float, values: int, examples: int) -> float:
+    """‖noise‖ / largest ‖signal‖ of the release: σ·√2·√values over n (the
+    feature sums of n images have norm at most n, their counts n). The DP-SGD
+    round's figure (`noise_to_signal`) asks the same question of one step, so
+    the two compare (README, Privacy)."""
+    return noise_multiplier * SENSITIVITY * math.sqrt(values) / max(1, examples)
+
+
+def release_round(
+    site: SiteSettings,
+    node_config: dict[str, Any],
+    run_id: str,
+    cfg: dict[str, Any],
+    *,
+    limits: Limits | None = None,
+    secure: bool = False,
+) -> RoundOutcome:
+    """The site's one release. Its update is the release divided by the
+    site's image count, weighted by that count, so the aggregate that FedAvg
+    and secure aggregation compute (Σ wᵢxᵢ / Σ wᵢ) is Σ releases / Σ counts."""
+    dp = bool(cfg["dp"])
+    if limits is not None:
+        check_run(
+            limits,
+            site.site_id,
+            dp=dp,
+            noise_multiplier=None,
+            target_epsilon=float(cfg["target-epsilon"]),
+            secure_aggregation=secure,
+        )
+    classes = parse_classes(str(cfg["classes"]))
+    size, channels = int(cfg["image-size"]), int(cfg["channels"])
+    phi = FeatureMap(
+        pixels=channels * size * size,
+        features=int(cfg["embedding-features"]),
+        length_scale=float(cfg["embedding-length-scale"]),
+        seed=int(cfg["embedding-seed"]),
+    )
+    if phi.digest() != str(cfg["embedding-digest"]):
+        raise FeatureMismatch(
+            f"site {site.site_id}: the random features drawn here differ from the "
+            "aggregator's (a different torch build draws other numbers from the same seed); "
+            "run the site image of the aggregator's FedGAN release"
+        )
+    server_round = int(cfg["round"])
+    images, labels, _ = site_images(
+        site, SiloOptions.from_mapping(site.kind, size, channels, node_config), classes
+    )
+    n = images.shape[0]
+    ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
+    metrics: dict[str, float] = {}
+    sigma = 0.0
+    spend = None
+    if dp:
+        plan = plan_round(
+            noise_multiplier=float(cfg["noise-multiplier"]),
+            target_epsilon=float(cfg["target-epsilon"]),
+            max_grad_norm=SENSITIVITY,
+            delta=float(cfg["delta"]),
+            accountant=str(cfg["accountant"]),
+            num_examples=n,
+            batch_size=n,  # every image, once: q = 1, one step
+            local_steps=1,
+            rounds=1,
+            noise_hint=ledger.latest_noise(str(cfg["run-name"]) or run_id),
+        )
+        if limits is not None:
+            check_run(
+                limits,
+                site.site_id,
+                dp=True,
+                noise_multiplier=plan.noise_multiplier,
+                target_epsilon=float(cfg["target-epsilon"]),
+                secure_aggregation=secure,
+            )
+        try:
+            spend = ledger.spend(
+                run=str(cfg["run-name"]) or run_id,
+                server_round=server_round,
+                round_=plan.as_round,
+                delta=plan.delta,
+                budget=site.epsilon_budget,
+                accountant=plan.accountant,
+                mechanism=MECHANISM,
+            )
+        except BudgetExhausted as refusal:
+            log.warning("site %s round %d: %s", site.site_id, server_round, refusal)
+            return RoundOutcome(None, refusal=refusal)
+        sigma = plan.noise_multiplier
+        rows = max(len(classes), 1)
+        metrics.update(
+            {
+                "epsilon": spend.epsilon_after,
+                "epsilon-budget": site.epsilon_budget,
+                "delta": plan.delta,
+                "noise-multiplier": sigma,
+                "sample-rate": 1.0,
+                "noise-figure": release_noise_figure(sigma, rows * (phi.width + 1), n),
+            }
+        )
+    started = time.perf_counter()
+    values = release(phi, images, labels, len(classes), sigma)
+    if spend is not None:
+        ledger.complete(run=spend.run, server_round=server_round)
+    seconds = time.perf_counter() - started
+    metrics["train-seconds"] = seconds
+    log.info(
+        "site %s round %d: released the mean embedding of %d images (%d values) in %.1f s%s",
+        site.site_id,
+        server_round,
+        n,
+        values.size,
+        seconds,
+        f", σ {sigma:.3f}, ε {metrics['epsilon']:.3f}" if dp else " (no DP)",
+    )
+    update = SiteUpdate(gen=[(values / n).astype(np.float32)], disc=[], weight=float(n))
+    return RoundOutcome(update, metrics)
