@@ -158,6 +158,7 @@ def build(
         key: run_config.get(key)
         for key in (
             "dp",
+            "mechanism",
             "target-epsilon",
             "noise-multiplier",
             "max-grad-norm",

@@ -327,6 +327,11 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
                 weight = metrics.pop("num-examples")
             else:
                 assert update is not None
+                if phi is not None and [a.shape for a in update.gen + update.disc] != [
+                    release_shape
+                ]:
+                    failures.append(f"site {site_id}: its release is not {release_shape} values")
+                    continue
                 updates.append(update)
                 weight = update.weight
             received.append((site_id, weight, metrics))

@@ -13,7 +13,15 @@ from typing import Any
 from fedgan.approval import AppRefused, Limits, check_run
 from fedgan.gan.models import build, trainable_parameters
 from fedgan.privacy.accountant import Round
-from fedgan.privacy.plan import RoundPlan, RunForecast, forecast_run, noise_to_signal, plan_round
+from fedgan.privacy.mean_embedding import SENSITIVITY
+from fedgan.privacy.plan import (
+    RoundPlan,
+    RunForecast,
+    forecast_run,
+    noise_to_signal,
+    plan_round,
+    release_noise_figure,
+)
 from fedgan.run_config import RunSettings, site_local_steps
 
 
@@ -27,7 +35,9 @@ class SitePlan:
     # The rest is None for a run without DP.
     plan: RoundPlan | None = None
     forecast: RunForecast | None = None
-    weights: int | None = None  # D's trainable weights, d in the noise figure
+    # D's trainable weights, d in the noise figure; for a mean-embedding run
+    # the release's values.
+    weights: int | None = None
     noise_figure: float | None = None
 
 
@@ -40,6 +50,8 @@ def assess(
         raise ValueError(f"--images {images}: give the number of usable images in the silo (>= 1)")
     if not run.privacy.enabled:
         return SitePlan(run, images, budget, _refusal(run, limits, None))
+    if run.privacy.mean_embedding:
+        return _assess_release(run, images, history, limits, budget)
     batch = run.train.batch_size
     plan = plan_round(
         noise_multiplier=run.privacy.noise_multiplier,
@@ -62,6 +74,34 @@ def assess(
         forecast_run(plan, run.rounds, history, budget),
         weights,
         noise_to_signal(plan.noise_multiplier, plan.sample_rate * images, weights),
+    )
+
+
+def _assess_release(
+    run: RunSettings, images: int, history: Sequence[Round], limits: Limits, budget: float
+) -> SitePlan:
+    """A mean-embedding run: one release, every image once (q = 1, one step)."""
+    plan = plan_round(
+        noise_multiplier=run.privacy.noise_multiplier,
+        target_epsilon=run.privacy.target_epsilon,
+        max_grad_norm=SENSITIVITY,
+        delta=run.privacy.delta,
+        accountant=run.privacy.accountant,
+        num_examples=images,
+        batch_size=images,
+        local_steps=1,
+        rounds=1,
+    )
+    values = max(run.spec.num_classes, 1) * (2 * run.privacy.embedding_features + 1)
+    return SitePlan(
+        run,
+        images,
+        budget,
+        _refusal(run, limits, plan.noise_multiplier),
+        plan,
+        forecast_run(plan, 1, history, budget),
+        values,
+        release_noise_figure(plan.noise_multiplier, values, images),
     )
 
 
@@ -94,16 +134,43 @@ def describe(p: SitePlan, ledger_note: str, policy_note: str) -> list[str]:
         if run.privacy.noise_multiplier <= 0
         else "as the run sets it"
     )
-    lines = [
+    if run.privacy.mean_embedding:
+        lines = [
+            f"run: one mean-embedding release per site, {run.spec.image_size} px, "
+            f"{p.weights:,} values ({max(run.spec.num_classes, 1)} classes × "
+            f"{run.privacy.embedding_features:,} features × 2 + counts)",
+            f"silo of {p.images:,} images: every image once (q 1, one step), "
+            f"δ {plan.delta:.3g}, σ {plan.noise_multiplier:.3f} ({how}, "
+            f"{plan.accountant.upper()})",
+            f"noise: the release's noise is {p.noise_figure:.2g}× its largest signal "
+            "(σ·√values / images; README, Privacy)",
+        ]
+    else:
+        lines = _sgd_lines(p, how)
+    lines += [
+        verdict,
+        f"ledger: {ledger_note}, ε {forecast.epsilon_before:.3f} spent",
+    ]
+    return lines + _forecast_lines(p)
+
+
+def _sgd_lines(p: SitePlan, how: str) -> list[str]:
+    run, plan = p.run, p.plan
+    assert plan is not None
+    return [
         f"run: {run.rounds} rounds × {plan.steps} local steps, batch {run.train.batch_size}, "
         f"{run.spec.image_size} px, D with {p.weights:,} weights",
         f"silo of {p.images:,} images: q {plan.sample_rate:.4g}, δ {plan.delta:.3g}, "
         f"σ {plan.noise_multiplier:.3f} ({how}, {plan.accountant.upper()})",
         f"noise: each step's noise is {p.noise_figure:.1f}× the largest clipped real-image "
         "gradient (σ·√weights / batch; README, Privacy)",
-        verdict,
-        f"ledger: {ledger_note}, ε {forecast.epsilon_before:.3f} spent",
     ]
+
+
+def _forecast_lines(p: SitePlan) -> list[str]:
+    run, forecast = p.run, p.forecast
+    assert forecast is not None
+    lines = []
     if forecast.refused_from is None:
         lines.append(
             f"this run: ε {forecast.epsilon_after:.3f} after round {run.rounds}, within the "
@@ -130,6 +197,7 @@ def as_dict(p: SitePlan) -> dict[str, Any]:
         "rounds": p.run.rounds,
         "batch_size": p.run.train.batch_size,
         "dp": p.plan is not None,
+        "mechanism": p.run.privacy.mechanism,
         "epsilon_budget": p.budget,
         "policy_refusal": p.refusal,
     }
@@ -141,7 +209,9 @@ def as_dict(p: SitePlan) -> dict[str, Any]:
             "sample_rate": p.plan.sample_rate,
             "delta": p.plan.delta,
             "accountant": p.plan.accountant,
-            "discriminator_weights": p.weights,
+            (
+                "release_values" if p.run.privacy.mean_embedding else "discriminator_weights"
+            ): p.weights,
             "noise_to_signal": p.noise_figure,
             "epsilon_before": p.forecast.epsilon_before,
             "epsilon_after": p.forecast.epsilon_after,

@@ -6,7 +6,6 @@ DP-SGD round's update, through secure aggregation when the run has it."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from fedgan.approval import Limits, check_run
 from fedgan.errors import FedGanError
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
 from fedgan.privacy.mean_embedding import SENSITIVITY, FeatureMap, release
-from fedgan.privacy.plan import plan_round
+from fedgan.privacy.plan import plan_round, release_noise_figure
 from fedgan.run_config import SiteSettings, parse_classes
 from fedgan.silo.options import SiloOptions
 from fedgan.site_round import RoundOutcome, site_images
@@ -30,14 +29,6 @@ MECHANISM = "mean-embedding"
 
 class FeatureMismatch(FedGanError):
     """The site's random features are not the aggregator's."""
-
-
-def release_noise_figure(noise_multiplier: float, values: int, examples: int) -> float:
-    """‖noise‖ / largest ‖signal‖ of the release: σ·√2·√values over n (the
-    feature sums of n images have norm at most n, their counts n). The DP-SGD
-    round's figure (`noise_to_signal`) asks the same question of one step, so
-    the two compare (README, Privacy)."""
-    return noise_multiplier * SENSITIVITY * math.sqrt(values) / max(1, examples)
 
 
 def release_round(

@@ -64,6 +64,16 @@ def noise_to_signal(noise_multiplier: float, expected_batch: float, parameters: 
     return noise_multiplier * math.sqrt(parameters) / expected_batch
 
 
+def release_noise_figure(noise_multiplier: float, values: int, examples: int) -> float:
+    """‖noise‖ / largest ‖signal‖ of a mean-embedding release
+    (`fedgan.privacy.mean_embedding`): σ·√2·√values over n·√2 (n images'
+    feature sums have norm at most n, their counts n). DP-SGD's figure
+    (`noise_to_signal`) asks the same of one of its many steps, whose noise
+    later steps partly average away; the release is noised once and nothing
+    averages it (README, Privacy)."""
+    return noise_multiplier * math.sqrt(values) / max(1, examples)
+
+
 @dataclass(frozen=True)
 class RunForecast:
     """What a whole run would spend on one silo, given its ledger so far."""

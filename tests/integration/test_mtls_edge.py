@@ -187,6 +187,7 @@ def test_audit_json_reports_what_the_deployment_configured(live_federation, tmp_
     assert first["probe"]["negotiated"] == "TLSv1.3" and first["probe"]["tls12_refused"]
     assert first["secure_aggregation"]["bits"] == 8
     assert first["differential_privacy"]["target-epsilon"] == 4.0
+    assert first["differential_privacy"]["mechanism"] == "dp-sgd"
     subjects = {c["subject"] for c in first["pki"]["certificates"]}
     assert {"CN=site-1", "CN=site-1-secagg", "CN=site-1-sidecar"} <= subjects
     assert not any("off" in w for w in first["warnings"])

@@ -99,3 +99,31 @@ def test_the_operator_sees_rounds_from_the_log_stream():
     assert "mode-seeking" not in seen[0]
     line = format_round(record | {"mode_seeking_loss": 9.5}, 4)[0]
     assert "G loss 1.000  mode-seeking 9.500  D loss 2.000" in line
+
+
+def test_a_mean_embedding_run_is_checked_before_submission(tmp_path):
+    path = tmp_path / "federation.yaml"
+    path.write_text('privacy:\n  mechanism: mean-embedding\nmodel:\n  attributes: "age=0:100"\n')
+    with pytest.raises(federation.FederationConfigError) as info:
+        federation.load(path)
+    text = str(info.value)
+    assert "run.rounds: mechanism mean-embedding releases once" in text
+    assert "model.attributes: mechanism mean-embedding conditions on classes only" in text
+    path.write_text("run:\n  rounds: 1\nprivacy:\n  mechanism: mean-embedding\n  features: 64\n")
+    settings = RunSettings.from_run_config(default_run_config() | federation.load(path))
+    assert settings.privacy.mean_embedding and settings.privacy.embedding_features == 64
+
+
+def test_progress_line_of_a_mean_embedding_round_shows_the_fit():
+    record = {
+        "round": 1,
+        "seconds": 3.0,
+        "sites": ["a", "b"],
+        "sites_sampled": 2,
+        "mechanism": "mean-embedding",
+        "g_loss": 0.0123,
+        "fit_loss_first": 0.5,
+        "epsilon": {"a": 7.99, "b": 7.99},
+    }
+    (line,) = format_round(record, 1)
+    assert "G fit to the releases 0.0123 (from 0.5000)" in line and "D loss" not in line

@@ -215,3 +215,31 @@ def test_ledger_accounting_of_a_release_matches_the_exact_gaussian_mechanism(sig
     exact = brentq(lambda e: delta(e) - 1e-5, 0.01, 200)
     ledger = epsilon([(sigma, 1.0, 1)], 1e-5, "prv")
     assert exact <= ledger <= exact + 0.02
+
+
+def test_site_plan_forecasts_the_release_as_the_site_will_spend_it(tmp_path):
+    """`fedgan site plan` on a mean-embedding run gives the σ, ε and noise
+    figure that the site's release then uses and records."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedgan.cli import app
+
+    config = tmp_path / "federation.yaml"  # the run of `_cfg()`
+    config.write_text(
+        "run: {rounds: 1}\nmodel: {image_size: 16}\n"
+        "privacy: {mechanism: mean-embedding, features: 200, target_epsilon: 4}\n"
+    )
+    args = ["site", "plan", "--images", "12", "--new-silo", "--config", str(config)]
+    out = CliRunner().invoke(app, [*args, "--json"])
+    assert out.exit_code == 0, out.output
+    plan = json.loads(out.output)
+    assert plan["mechanism"] == "mean-embedding" and plan["release_values"] == 401
+    assert (plan["sample_rate"], plan["local_steps"]) == (1.0, 1)
+    assert plan["noise_to_signal"] == pytest.approx(plan["noise_multiplier"] * math.sqrt(401) / 12)
+    assert "one mean-embedding release per site" in CliRunner().invoke(app, args).output
+    outcome = release_round(_site(tmp_path), {}, "flower-1", _cfg())
+    assert outcome.metrics["noise-multiplier"] == pytest.approx(plan["noise_multiplier"])
+    assert outcome.metrics["epsilon"] == pytest.approx(plan["epsilon_after"])
+    assert outcome.metrics["noise-figure"] == pytest.approx(plan["noise_to_signal"])
