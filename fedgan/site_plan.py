@@ -13,12 +13,12 @@ from typing import Any
 from fedgan.approval import AppRefused, Limits, check_run
 from fedgan.gan.models import build, trainable_parameters
 from fedgan.privacy.accountant import Round
-from fedgan.privacy.mean_embedding import SENSITIVITY
 from fedgan.privacy.plan import (
     RoundPlan,
     RunForecast,
     forecast_run,
     noise_to_signal,
+    plan_release,
     plan_round,
     release_noise_figure,
 )
@@ -81,16 +81,12 @@ def _assess_release(
     run: RunSettings, images: int, history: Sequence[Round], limits: Limits, budget: float
 ) -> SitePlan:
     """A mean-embedding run: one release, every image once (q = 1, one step)."""
-    plan = plan_round(
+    plan = plan_release(
         noise_multiplier=run.privacy.noise_multiplier,
         target_epsilon=run.privacy.target_epsilon,
-        max_grad_norm=SENSITIVITY,
         delta=run.privacy.delta,
         accountant=run.privacy.accountant,
         num_examples=images,
-        batch_size=images,
-        local_steps=1,
-        rounds=1,
     )
     values = max(run.spec.num_classes, 1) * (2 * run.privacy.embedding_features + 1)
     return SitePlan(

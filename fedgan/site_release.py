@@ -15,8 +15,8 @@ import numpy as np
 from fedgan.approval import Limits, check_run
 from fedgan.errors import FedGanError
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
-from fedgan.privacy.mean_embedding import SENSITIVITY, FeatureMap, release
-from fedgan.privacy.plan import plan_round, release_noise_figure
+from fedgan.privacy.mean_embedding import FeatureMap, release
+from fedgan.privacy.plan import plan_release, release_noise_figure
 from fedgan.run_config import SiteSettings, parse_classes
 from fedgan.silo.options import SiloOptions
 from fedgan.site_round import RoundOutcome, site_images
@@ -77,16 +77,12 @@ def release_round(
     sigma = 0.0
     spend = None
     if dp:
-        plan = plan_round(
+        plan = plan_release(
             noise_multiplier=float(cfg["noise-multiplier"]),
             target_epsilon=float(cfg["target-epsilon"]),
-            max_grad_norm=SENSITIVITY,
             delta=float(cfg["delta"]),
             accountant=str(cfg["accountant"]),
             num_examples=n,
-            batch_size=n,  # every image, once: q = 1, one step
-            local_steps=1,
-            rounds=1,
             noise_hint=ledger.latest_noise(str(cfg["run-name"]) or run_id),
         )
         if limits is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -20,3 +22,32 @@ def learned_indices(run_dir: Path) -> dict[str, list[int]]:
         name: [i for i, key in enumerate(float_keys(model)) if "running_" not in key]
         for name, model in (("gen", gen), ("disc", disc))
     }
+
+
+FEDGAN = str(Path(sys.executable).parent / "fedgan")
+
+
+def evaluate_as_site_1(run_dir: Path, held: Path, n: int) -> subprocess.CompletedProcess:
+    """`fedgan evaluate` of a demo run at site-1: its silo as members,
+    ``held`` as non-members, ``n`` synthetic images."""
+    return subprocess.run(
+        [
+            FEDGAN,
+            "evaluate",
+            str(run_dir),
+            "--real",
+            str(run_dir / "silos" / "site-1"),
+            "--holdout",
+            str(held),
+            "--kind",
+            "fundus",
+            "--site",
+            "site-1",
+            "--n",
+            str(n),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )

@@ -32,7 +32,7 @@ import hashlib
 import math
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ class FeatureMap:
     features: int
     length_scale: float
     seed: int
+    _w: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.pixels < 1 or self.features < 1 or not self.length_scale > 0:
@@ -74,12 +75,11 @@ class FeatureMap:
         """SHA-256 of W, so a site can check that it embeds with the very map
         the aggregator fits G to (a different torch could draw different
         numbers from the same seed, and a mismatch would fail silently)."""
-        w: torch.Tensor = self._w  # type: ignore[attr-defined]
-        return hashlib.sha256(w.numpy().tobytes()).hexdigest()
+        return hashlib.sha256(self._w.cpu().numpy().tobytes()).hexdigest()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w: torch.Tensor = self._w  # type: ignore[attr-defined]
-        if w.device != x.device:
+        w = self._w
+        if w.device != x.device:  # moved once, kept there
             w = w.to(x.device)
             object.__setattr__(self, "_w", w)
         p = x.flatten(1).to(w.dtype) @ w

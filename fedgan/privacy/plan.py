@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedgan.privacy.accountant import Round, calibrate_noise, default_delta, epsilon
+from fedgan.privacy.mean_embedding import SENSITIVITY
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,32 @@ def plan_round(
             target_epsilon, delta, sample_rate, rounds * local_steps, accountant, noise_hint
         )
     return RoundPlan(noise_multiplier, sample_rate, local_steps, delta, accountant, max_grad_norm)
+
+
+def plan_release(
+    *,
+    noise_multiplier: float,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+    num_examples: int,
+    noise_hint: float | None = None,
+) -> RoundPlan:
+    """A mean-embedding release (`fedgan.privacy.mean_embedding`): every image
+    once, so q = 1 and one step, with the release's sensitivity √2 in place
+    of a clipping norm."""
+    return plan_round(
+        noise_multiplier=noise_multiplier,
+        target_epsilon=target_epsilon,
+        max_grad_norm=SENSITIVITY,
+        delta=delta,
+        accountant=accountant,
+        num_examples=num_examples,
+        batch_size=num_examples,
+        local_steps=1,
+        rounds=1,
+        noise_hint=noise_hint,
+    )
 
 
 def noise_to_signal(noise_multiplier: float, expected_batch: float, parameters: int) -> float:

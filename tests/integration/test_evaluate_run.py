@@ -7,42 +7,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from fedgan.silo.synth import synth_silo
+from tests.runs import FEDGAN, evaluate_as_site_1
 
 pytestmark = pytest.mark.integration
-FEDGAN = str(Path(sys.executable).parent / "fedgan")
 
 
 def test_a_site_evaluates_the_run_and_the_report_shows_it(finished_run, tmp_path):
     run_dir, _ = finished_run
     held = synth_silo(tmp_path / "held", "fundus", 24, seed=77, size=16)
-    done = subprocess.run(
-        [
-            FEDGAN,
-            "evaluate",
-            str(run_dir),
-            "--real",
-            str(run_dir / "silos" / "site-1"),
-            "--holdout",
-            str(held),
-            "--kind",
-            "fundus",
-            "--site",
-            "site-1",
-            "--n",
-            "128",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    done = evaluate_as_site_1(run_dir, held, 128)
     assert done.returncode == 0, done.stderr
     assert "privacy       memorized" in done.stdout
     result = json.loads((run_dir / "evaluation" / "site-1.json").read_text())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,9 @@ from fedgan.demo import DemoOptions, run_demo
 from fedgan.outputs import load_dump
 from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.silo.synth import synth_silo
+from tests.runs import FEDGAN, evaluate_as_site_1
 
 pytestmark = pytest.mark.integration
-FEDGAN = str(Path(sys.executable).parent / "fedgan")
 SITES = ("site-1", "site-2")
 
 
@@ -85,27 +84,7 @@ def test_sites_release_once_and_the_aggregator_fits_to_the_secure_sum(released_r
 def test_a_site_evaluates_it_without_the_untrained_discriminator(released_run, tmp_path):
     run_dir, _ = released_run
     held = synth_silo(tmp_path / "held", "fundus", 20, seed=5, size=16)
-    done = subprocess.run(
-        [
-            FEDGAN,
-            "evaluate",
-            str(run_dir),
-            "--real",
-            str(run_dir / "silos" / "site-1"),
-            "--holdout",
-            str(held),
-            "--kind",
-            "fundus",
-            "--site",
-            "site-1",
-            "--n",
-            "64",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    done = evaluate_as_site_1(run_dir, held, 64)
     assert done.returncode == 0, done.stderr
     result = json.loads((run_dir / "evaluation" / "site-1.json").read_text())
     assert 0 <= result["privacy"]["mia_generator_auc"] <= 1
