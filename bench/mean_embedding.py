@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--accountant", default="prv", choices=["prv", "rdp"])
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--features", type=int, default=4000)
-    ap.add_argument("--scale", type=float, default=0.6, help="kernel length scale / √pixels")
+    ap.add_argument("--scale", type=float, default=0.3, help="kernel length scale / √pixels")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)

@@ -119,7 +119,7 @@ class PrivacySettings:
     # per site, G fitted at the aggregator (fedgan.privacy.mean_embedding).
     mechanism: str = "dp-sgd"
     embedding_features: int = 4000
-    embedding_length_scale: float = 0.6
+    embedding_length_scale: float = 0.3
     embedding_fit_steps: int = 1500
     embedding_fit_lr: float = 1e-3
 

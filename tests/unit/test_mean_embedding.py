@@ -136,7 +136,10 @@ def _cfg(**overrides) -> dict:
     settings = RunSettings.from_run_config(run)
     cfg = settings.round_config(1)
     cfg["embedding-digest"] = FeatureMap(
-        pixels=3 * 16 * 16, features=200, length_scale=0.6, seed=settings.train.seed
+        pixels=3 * 16 * 16,
+        features=200,
+        length_scale=settings.privacy.embedding_length_scale,
+        seed=settings.train.seed,
     ).digest()
     return cfg
 
