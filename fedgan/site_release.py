@@ -72,6 +72,7 @@ def release_round(
         site, SiloOptions.from_mapping(site.kind, size, channels, node_config), classes
     )
     n = images.shape[0]
+    run_name = str(cfg["run-name"]) or run_id
     ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
     metrics: dict[str, float] = {}
     sigma = 0.0
@@ -83,7 +84,7 @@ def release_round(
             delta=float(cfg["delta"]),
             accountant=str(cfg["accountant"]),
             num_examples=n,
-            noise_hint=ledger.latest_noise(str(cfg["run-name"]) or run_id),
+            noise_hint=ledger.latest_noise(run_name),
         )
         if limits is not None:
             check_run(
@@ -96,7 +97,7 @@ def release_round(
             )
         try:
             spend = ledger.spend(
-                run=str(cfg["run-name"]) or run_id,
+                run=run_name,
                 server_round=server_round,
                 round_=plan.as_round,
                 delta=plan.delta,
