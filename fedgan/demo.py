@@ -18,7 +18,7 @@ from fedgan.approval import PolicyStore
 from fedgan.deploy.local import LocalFederation, SiteSpec
 from fedgan.errors import FedGanError
 from fedgan.outputs import RunOutputs
-from fedgan.progress import format_round
+from fedgan.progress import fit_progress, format_round
 from fedgan.silo.synth import synth_silo
 
 CHANNELS = {"fundus": 3, "dicom": 1}
@@ -153,14 +153,32 @@ def run_config(opts: DemoOptions, run_dir: Path) -> dict[str, Any]:
 
 
 class RoundPrinter:
-    """Prints each round as its line lands in metrics.jsonl."""
+    """Prints each round as its line lands in metrics.jsonl, and the progress
+    of a mean-embedding fit as it lands in the ServerApp's log."""
 
-    def __init__(self, metrics: Path, rounds: int, say: Callable[[str], None]) -> None:
-        self.metrics, self.rounds, self.say = metrics, rounds, say
-        # A resumed run prints only its new rounds.
+    def __init__(
+        self, metrics: Path, rounds: int, say: Callable[[str], None], log: Path | None = None
+    ) -> None:
+        self.metrics, self.rounds, self.say, self.log = metrics, rounds, say, log
+        # A resumed run prints only its new rounds and log lines.
         self.seen = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        self.log_offset = log.stat().st_size if log is not None and log.exists() else 0
+
+    def _log_lines(self) -> list[str]:
+        """Whole lines added to the log since the last poll."""
+        if self.log is None or not self.log.exists():
+            return []
+        with self.log.open("rb") as fh:
+            fh.seek(self.log_offset)
+            chunk = fh.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.log_offset += len(complete)
+        return complete.decode("utf-8", "replace").splitlines()
 
     def __call__(self) -> None:
+        for line in self._log_lines():
+            if (progress := fit_progress(line)) is not None:
+                self.say(progress)
         if not self.metrics.exists():
             return
         lines = self.metrics.read_text().splitlines()
@@ -217,7 +235,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
             for name, key in (("DP", "dp"), ("secure aggregation", "secagg"))
         )
         say(f"training      {opts.rounds} rounds, {len(sites)} sites, {shape}; {modes}")
-        fed.run(app_dir, config_path, on_poll=RoundPrinter(outputs.metrics_path, opts.rounds, say))
+        printer = RoundPrinter(outputs.metrics_path, opts.rounds, say, fed.logs / "flwr-run.log")
+        fed.run(app_dir, config_path, on_poll=printer)
     status = json.loads(outputs.status_path.read_text()) if outputs.status_path.exists() else {}
     if status.get("status") != "completed":
         reason = status.get("reason", "the ServerApp left no status")

@@ -19,7 +19,7 @@ from fedgan import federation
 from fedgan.appbundle import default_run_config, fab_sha256, stage_app_dir, write_run_config
 from fedgan.deploy import commands
 from fedgan.errors import FedGanError
-from fedgan.progress import ROUND_MARKER, format_round
+from fedgan.progress import ROUND_MARKER, fit_progress, format_round
 from fedgan.run_config import ConfigError, RunSettings
 
 
@@ -133,6 +133,8 @@ def _follow(line: str, rounds: int, say: Callable[[str], None]) -> None:
             return
         for out in format_round(record, rounds):
             say(out)
+    elif (progress := fit_progress(text)) is not None:
+        say(progress)
     elif any(mark in f" {text} " for mark in PASS_THROUGH):
         say(text)
 

@@ -8,6 +8,15 @@ from typing import Any
 
 # The ServerApp logs each round's record after this marker, as JSON.
 ROUND_MARKER = "FEDGAN-ROUND "
+# ... and the progress of a mean-embedding run's fit of G (minutes on a CPU)
+# in lines that start here, which `fedgan run` and `fedgan demo` pass on.
+FIT_MARKER = "fitting G to the releases"
+
+
+def fit_progress(line: str) -> str | None:
+    """The fit's progress from one line of the ServerApp's log, or None."""
+    at = line.find(FIT_MARKER)
+    return None if at < 0 else "  " + line[at:].strip()
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:

@@ -32,7 +32,7 @@ from fedgan.gan.models import Discriminator, Generator, build, recalibrate_batch
 from fedgan.messaging import exchange
 from fedgan.outputs import RunOutputs
 from fedgan.privacy.mean_embedding import FeatureMap, Target
-from fedgan.progress import ROUND_MARKER
+from fedgan.progress import FIT_MARKER, ROUND_MARKER
 from fedgan.run_config import ConfigError, RunSettings
 from fedgan.samples import grid_png
 from fedgan.secagg import SecAggError, SecAggParams
@@ -193,7 +193,7 @@ def _fit_to_releases(
 
     def progress(step: int, total: int, loss: float) -> None:
         if step == total or step % max(1, total // 10) == 0:
-            log.info("fitting G to the releases: step %d/%d, loss %.5f", step, total, loss)
+            log.info("%s: step %d/%d, loss %.5f", FIT_MARKER, step, total, loss)
 
     fit = fit_generator(
         gen,

@@ -47,6 +47,7 @@ def test_sites_release_once_and_the_aggregator_fits_to_the_secure_sum(released_r
     run_dir, lines = released_run
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert any("G fit to the releases" in line for line in lines), lines
+    assert "  fitting G to the releases: step 60/60" in "\n".join(lines)
     (m,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert m["mechanism"] == "mean-embedding" and m["sites"] == list(SITES)
     assert m["secagg"]["survivors"] == list(SITES)

@@ -127,3 +127,30 @@ def test_progress_line_of_a_mean_embedding_round_shows_the_fit():
     }
     (line,) = format_round(record, 1)
     assert "G fit to the releases 0.0123 (from 0.5000)" in line and "D loss" not in line
+
+
+def test_the_fit_of_a_mean_embedding_run_shows_its_progress(tmp_path):
+    """Minutes of fitting at the aggregator are not silent: `fedgan run`
+    passes the ServerApp's fit lines on, and `fedgan demo` reads them from
+    the log as they land, each once, a half-written line only when whole."""
+    from fedgan.demo import RoundPrinter
+
+    line = "INFO fedgan.server: fitting G to the releases: step 150/1500, loss 0.41234"
+    seen: list[str] = []
+    operator._follow(line + "\n", 1, seen.append)
+    assert seen == ["  fitting G to the releases: step 150/1500, loss 0.41234"]
+
+    log = tmp_path / "flwr-run.log"
+    log.write_text("an earlier run's line: fitting G to the releases: step 1/1\n")
+    printed: list[str] = []
+    printer = RoundPrinter(tmp_path / "metrics.jsonl", 1, printed.append, log)
+    printer()
+    assert printed == []  # what the log held before this run
+    with log.open("a") as fh:
+        fh.write(line + "\nINFO : something else\nINFO fedgan.server: fitting G to the rel")
+    printer()
+    assert printed == ["  fitting G to the releases: step 150/1500, loss 0.41234"]
+    with log.open("a") as fh:
+        fh.write("eases: step 300/1500, loss 0.3\n")
+    printer()
+    assert printed[1:] == ["  fitting G to the releases: step 300/1500, loss 0.3"]
