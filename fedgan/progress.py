@@ -42,6 +42,13 @@ def format_round(r: dict[str, Any], rounds: int) -> list[str]:
             f"{head} {r['seconds']:6.1f} s  sites {len(r['sites'])}/{r['sites_sampled']}  "
             f"{losses}{privacy}{secure}"
         ]
+    for name, figure in r.get("class_noise_figure", {}).items():
+        if figure > 1:
+            count = max(0.0, r["class_counts"][name])
+            lines.append(
+                f"  class {name}: about {count:.0f} images in the sum; its noise is "
+                f"{figure:.1f}× its signal, so expect noise in its samples"
+            )
     for site, why in r.get("refused", {}).items():
         lines.append(f"  {site} refused: {why}; left out of later rounds")
     for site, why in r.get("budget_exhausted", {}).items():

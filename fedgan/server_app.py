@@ -31,7 +31,7 @@ from fedgan.gan.embedding_fit import fit_generator
 from fedgan.gan.models import Discriminator, Generator, build, recalibrate_batchnorm
 from fedgan.messaging import exchange
 from fedgan.outputs import RunOutputs
-from fedgan.privacy.mean_embedding import FeatureMap, Target
+from fedgan.privacy.mean_embedding import FeatureMap, Target, class_noise_figures
 from fedgan.progress import FIT_MARKER, ROUND_MARKER
 from fedgan.run_config import ConfigError, RunSettings
 from fedgan.samples import grid_png
@@ -211,6 +211,21 @@ def _fit_to_releases(
         "fit_loss_first": fit.first_loss,
         "fit_steps": fit.steps,
         "fit_seconds": round(fit.seconds, 3),
+    }
+
+
+def _class_figures(
+    mean: np.ndarray, examples: float, received: list, phi: FeatureMap, settings: RunSettings
+) -> dict:
+    """Each class's noisy image count in the sum and its noise figure, for
+    metrics.jsonl and the round line: a rare class's row is mostly noise."""
+    counts = mean[:, -1] * examples
+    sigmas = [m["noise-multiplier"] for _, _, m in received if "noise-multiplier" in m]
+    names = settings.classes or ("all",)
+    figures = class_noise_figures(counts, sigmas, phi.width)
+    return {
+        "class_counts": {c: round(float(n), 1) for c, n in zip(names, counts, strict=True)},
+        "class_noise_figure": {c: float(f) for c, f in zip(names, figures, strict=True)},
     }
 
 
@@ -403,6 +418,7 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
             total = sum(w for _, w, _ in received)
             if phi is not None:
                 record.update(_fit_to_releases(gen, phi, mean_gen[0], total, settings))
+                record.update(_class_figures(mean_gen[0], total, received, phi, settings))
             else:
                 set_arrays(gen, apply_delta(global_gen, mean_gen))
                 set_arrays(disc, apply_delta(global_disc, mean_disc))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,6 +123,19 @@ def release(
             secure_mode=secret_seed is None,
         )
     return out.numpy()
+
+
+def class_noise_figures(
+    counts: np.ndarray, noise_multipliers: Sequence[float], width: int
+) -> np.ndarray:
+    """Per class row of the summed releases: the noise's expected norm over the
+    largest norm that class's images can give it, σ·√(width + 1) / count with
+    the sites' σ combined (σ² add). Every row gets the same noise however few
+    images the class has, so above about 1 G learns that class mostly from
+    noise. ``counts`` are the noisy counts of the sum: post-processing, no
+    privacy cost."""
+    sigma = math.sqrt(sum(s * s for s in noise_multipliers))
+    return sigma * math.sqrt(width + 1) / np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
 
 
 @dataclass(frozen=True)

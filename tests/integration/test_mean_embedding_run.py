@@ -52,6 +52,11 @@ def test_sites_release_once_and_the_aggregator_fits_to_the_secure_sum(released_r
     assert m["mechanism"] == "mean-embedding" and m["sites"] == list(SITES)
     assert m["secagg"]["survivors"] == list(SITES)
     assert m["g_loss"] < m["fit_loss_first"] and "d_loss" not in m
+    # The noisy class counts of the sum add up to about the 60 images.
+    assert list(m["class_counts"]) == ["0", "1", "2", "3", "4"]
+    assert abs(sum(m["class_counts"].values()) - 60) < 30
+    rare = [c for c, f in m["class_noise_figure"].items() if f > 1]
+    assert rare and all(f"  class {c}: about" in "\n".join(lines) for c in rare)
     flower_run = json.loads((run_dir / "status.json").read_text())["flower_run_id"]
     sent = [
         load_dump(

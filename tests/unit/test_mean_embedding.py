@@ -16,7 +16,13 @@ from fedgan.gan.embedding_fit import fit_generator
 from fedgan.gan.models import GanSpec, Generator
 from fedgan.privacy.accountant import epsilon
 from fedgan.privacy.ledger import PrivacyLedger
-from fedgan.privacy.mean_embedding import SENSITIVITY, FeatureMap, Target, release
+from fedgan.privacy.mean_embedding import (
+    SENSITIVITY,
+    FeatureMap,
+    Target,
+    class_noise_figures,
+    release,
+)
 from fedgan.run_config import ConfigError, RunSettings, SiteSettings
 from fedgan.silo.synth import synth_silo
 from fedgan.site_release import FeatureMismatch, release_round
@@ -246,3 +252,31 @@ def test_site_plan_forecasts_the_release_as_the_site_will_spend_it(tmp_path):
     assert outcome.metrics["noise-multiplier"] == pytest.approx(plan["noise_multiplier"])
     assert outcome.metrics["epsilon"] == pytest.approx(plan["epsilon_after"])
     assert outcome.metrics["noise-figure"] == pytest.approx(plan["noise_to_signal"])
+
+
+def test_a_rare_class_is_flagged_as_mostly_noise():
+    """Every class row gets the same noise, so the figure falls with the
+    class's count; the sites' σ combine as σ² add; a count pushed to or
+    below zero by noise counts as one image."""
+    figures = class_noise_figures(np.array([400.0, 40.0, -3.0]), [0.6, 0.8], 8000)
+    np.testing.assert_allclose(figures, [1.0 * math.sqrt(8001) / n for n in (400, 40, 1)])
+    from fedgan.progress import format_round
+
+    record = {
+        "round": 1,
+        "seconds": 1.0,
+        "sites": ["a", "b"],
+        "sites_sampled": 2,
+        "mechanism": "mean-embedding",
+        "g_loss": 0.1,
+        "fit_loss_first": 0.5,
+        "class_counts": {"normal": 400.0, "rare": 40.0, "gone": -3.0},
+        "class_noise_figure": dict(zip(("normal", "rare", "gone"), figures.tolist(), strict=True)),
+    }
+    lines = format_round(record, 1)
+    assert len(lines) == 3 and "class normal" not in "".join(lines)
+    assert lines[1] == (
+        "  class rare: about 40 images in the sum; its noise is 2.2× its signal, "
+        "so expect noise in its samples"
+    )
+    assert lines[2].startswith("  class gone: about 0 images in the sum")
