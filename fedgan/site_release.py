@@ -14,12 +14,12 @@ import numpy as np
 
 from fedgan.approval import Limits, check_run
 from fedgan.errors import FedGanError
-from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
+from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.privacy.mean_embedding import FeatureMap, release
 from fedgan.privacy.plan import plan_release, release_noise_figure
 from fedgan.run_config import SiteSettings, parse_classes
 from fedgan.silo.options import SiloOptions
-from fedgan.site_round import RoundOutcome, site_images
+from fedgan.site_round import RoundOutcome, admit_and_spend, site_images
 from fedgan.update import SiteUpdate
 
 log = logging.getLogger("fedgan.site")
@@ -86,28 +86,19 @@ def release_round(
             num_examples=n,
             noise_hint=ledger.latest_noise(run_name),
         )
-        if limits is not None:
-            check_run(
-                limits,
-                site.site_id,
-                dp=True,
-                noise_multiplier=plan.noise_multiplier,
-                target_epsilon=float(cfg["target-epsilon"]),
-                secure_aggregation=secure,
-            )
-        try:
-            spend = ledger.spend(
-                run=run_name,
-                server_round=server_round,
-                round_=plan.as_round,
-                delta=plan.delta,
-                budget=site.epsilon_budget,
-                accountant=plan.accountant,
-                mechanism=MECHANISM,
-            )
-        except BudgetExhausted as refusal:
-            log.warning("site %s round %d: %s", site.site_id, server_round, refusal)
-            return RoundOutcome(None, refusal=refusal)
+        spend = admit_and_spend(
+            site,
+            ledger,
+            plan,
+            run_name,
+            server_round,
+            limits,
+            float(cfg["target-epsilon"]),
+            secure,
+            mechanism=MECHANISM,
+        )
+        if isinstance(spend, RoundOutcome):
+            return spend
         sigma = plan.noise_multiplier
         rows = max(len(classes), 1)
         metrics.update(

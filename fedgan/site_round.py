@@ -19,8 +19,8 @@ from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
 from fedgan.attributes import width as attribute_width
 from fedgan.gan.models import GanSpec, build, trainable_parameters
-from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
-from fedgan.privacy.plan import noise_to_signal, plan_round
+from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger, Spend
+from fedgan.privacy.plan import RoundPlan, noise_to_signal, plan_round
 from fedgan.run_config import SiteSettings, parse_classes, resolve_device, site_local_steps
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
@@ -36,6 +36,44 @@ class RoundOutcome:
     update: SiteUpdate | None
     metrics: dict[str, float] = field(default_factory=dict)
     refusal: BudgetExhausted | None = None
+
+
+def admit_and_spend(
+    site: SiteSettings,
+    ledger: PrivacyLedger,
+    plan: RoundPlan,
+    run_name: str,
+    server_round: int,
+    limits: Limits | None,
+    target_epsilon: float,
+    secure: bool,
+    mechanism: str = "dp-sgd",
+) -> Spend | RoundOutcome:
+    """Before anything private is computed: the site's limits against the
+    planned σ (raises `AppRefused`), then the write-ahead spend in the ledger.
+    Returns the spend, or the budget refusal to reply with (nothing recorded)."""
+    if limits is not None:
+        check_run(
+            limits,
+            site.site_id,
+            dp=True,
+            noise_multiplier=plan.noise_multiplier,
+            target_epsilon=target_epsilon,
+            secure_aggregation=secure,
+        )
+    try:
+        return ledger.spend(
+            run=run_name,
+            server_round=server_round,
+            round_=plan.as_round,
+            delta=plan.delta,
+            budget=site.epsilon_budget,
+            accountant=plan.accountant,
+            mechanism=mechanism,
+        )
+    except BudgetExhausted as refusal:
+        log.warning("site %s round %d: %s", site.site_id, server_round, refusal)
+        return RoundOutcome(None, refusal=refusal)
 
 
 def site_images(
@@ -190,27 +228,11 @@ def run_round(
             rounds=int(cfg["rounds"]),
             noise_hint=ledger.latest_noise(run_name),
         )
-        if limits is not None:
-            check_run(
-                limits,
-                site.site_id,
-                dp=True,
-                noise_multiplier=plan.noise_multiplier,
-                target_epsilon=float(cfg["target-epsilon"]),
-                secure_aggregation=secure,
-            )
-        try:
-            spend = ledger.spend(
-                run=run_name,
-                server_round=server_round,
-                round_=plan.as_round,
-                delta=plan.delta,
-                budget=site.epsilon_budget,
-                accountant=plan.accountant,
-            )
-        except BudgetExhausted as refusal:
-            log.warning("site %s round %d: %s", site.site_id, server_round, refusal)
-            return RoundOutcome(None, refusal=refusal)
+        spend = admit_and_spend(
+            site, ledger, plan, run_name, server_round, limits, float(cfg["target-epsilon"]), secure
+        )
+        if isinstance(spend, RoundOutcome):
+            return spend
         dp = DPConfig(plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate)
         noise_figure = noise_to_signal(
             plan.noise_multiplier, plan.sample_rate * images.shape[0], trainable_parameters(disc)
