@@ -56,10 +56,12 @@ test: lint
 
 # What `make test-containers` needs: podman and podman-compose run the
 # containers, debootstrap builds their Debian base (no registry is reachable),
-# runc/netavark/aardvark-dns as podman's runtime and networking here.
+# runc/netavark/aardvark-dns as podman's runtime and networking here, and iptables,
+# which netavark calls to set up each network (podman only suggests it; without
+# it every container fails to start with "netavark: No such file or directory").
 container-deps:
 	@missing=""; \
-	for p in podman podman-compose debootstrap runc netavark aardvark-dns; do \
+	for p in podman podman-compose debootstrap runc netavark aardvark-dns iptables; do \
 		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
