@@ -40,9 +40,16 @@ def release_round(
     limits: Limits | None = None,
     secure: bool = False,
 ) -> RoundOutcome:
-    """The site's one release. Its update is the release divided by the
-    site's image count, weighted by that count, so the aggregate that FedAvg
-    and secure aggregation compute (Σ wᵢxᵢ / Σ wᵢ) is Σ releases / Σ counts."""
+    """The site's one release. Its update is the release divided by its
+    noisy image count (the sum of the release's noisy class counts, rounded,
+    at least 1), weighted by that count, so the aggregate that FedAvg and
+    secure aggregation compute (Σ wᵢxᵢ / Σ wᵢ) times Σ wᵢ is Σ releases.
+
+    Why the noisy count and not the true one: the weight and the noise
+    figure travel in the clear, and the true count would tell the
+    aggregator the silo's size exactly, which the add/remove DP guarantee
+    protects. The noisy count is read off the release, so it is
+    post-processing and costs nothing."""
     dp = bool(cfg["dp"])
     if limits is not None:
         check_run(
@@ -100,7 +107,6 @@ def release_round(
         if isinstance(spend, RoundOutcome):
             return spend
         sigma = plan.noise_multiplier
-        rows = max(len(classes), 1)
         metrics.update(
             {
                 "epsilon": spend.epsilon_after,
@@ -108,13 +114,16 @@ def release_round(
                 "delta": plan.delta,
                 "noise-multiplier": sigma,
                 "sample-rate": 1.0,
-                "noise-figure": release_noise_figure(sigma, rows * (phi.width + 1), n),
             }
         )
     started = time.perf_counter()
     values = release(phi, images, labels, len(classes), sigma)
     if spend is not None:
         ledger.complete(run=spend.run, server_round=server_round)
+    weight = noisy_count(values)
+    if dp:
+        rows = max(len(classes), 1)
+        metrics["noise-figure"] = release_noise_figure(sigma, rows * (phi.width + 1), weight)
     seconds = time.perf_counter() - started
     metrics["train-seconds"] = seconds
     log.info(
@@ -126,5 +135,11 @@ def release_round(
         seconds,
         f", σ {sigma:.3f}, ε {metrics['epsilon']:.3f}" if dp else " (no DP)",
     )
-    update = SiteUpdate(gen=[(values / n).astype(np.float32)], disc=[], weight=float(n))
+    update = SiteUpdate(gen=[(values / weight).astype(np.float32)], disc=[], weight=weight)
     return RoundOutcome(update, metrics)
+
+
+def noisy_count(values: np.ndarray) -> float:
+    """The release's own image count: the sum of its noisy class counts,
+    rounded, at least 1 (noise can push a tiny silo's to zero or below)."""
+    return float(max(1, round(float(values[:, -1].sum()))))

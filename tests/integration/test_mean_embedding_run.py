@@ -68,6 +68,10 @@ def test_sites_release_once_and_the_aggregator_fits_to_the_secure_sum(released_r
     assert [u["gen"][0].shape for u in sent] == [(5, 1001)] * 2
     assert all("disc" not in u for u in sent)  # no D update: nothing of D is sent
     weights = [float(u["weight"][0]) for u in sent]
+    # Each weight is the site's noisy count, a whole number near its 30
+    # images, and the record's `examples` is their sum: no exact silo size.
+    assert all(w == round(w) and abs(w - 30) < 30 for w in weights)
+    assert m["examples"] == pytest.approx(sum(weights))
     value_range, bound = m["secagg"]["value_range"], m["secagg_error_bound"]
     expected = sum(
         w * np.clip(u["gen"][0], -value_range, value_range)

@@ -25,7 +25,7 @@ from fedgan.privacy.mean_embedding import (
 )
 from fedgan.run_config import ConfigError, RunSettings, SiteSettings
 from fedgan.silo.synth import synth_silo
-from fedgan.site_release import FeatureMismatch, release_round
+from fedgan.site_release import FeatureMismatch, noisy_count, release_round
 
 
 def _phi(pixels: int = 64, features: int = 300, seed: int = 0) -> FeatureMap:
@@ -153,10 +153,12 @@ def _cfg(**overrides) -> dict:
 def test_site_release_records_one_step_at_rate_one_before_releasing(tmp_path):
     site = _site(tmp_path)
     outcome = release_round(site, {}, "flower-1", _cfg())
-    assert outcome.update is not None and outcome.update.weight == 12.0
+    assert outcome.update is not None
     assert outcome.update.gen[0].shape == (1, 401) and outcome.update.disc == []
-    # The class column of release / n is the class fraction, plus noise σ√2/n.
-    assert abs(float(outcome.update.gen[0][0, -1]) - 1.0) < 6 * 2.0 * SENSITIVITY / 12
+    # The weight is the release's own noisy count (12 images plus noise σ√2),
+    # and the class column of release / weight is then 1 up to rounding.
+    assert abs(outcome.update.weight - 12.0) < 6 * 2.0 * SENSITIVITY
+    assert abs(float(outcome.update.gen[0][0, -1]) - 1.0) <= 0.5 / outcome.update.weight + 1e-6
     (spend,) = PrivacyLedger.in_work_dir(tmp_path / "work").spends()
     assert (spend.steps, spend.sample_rate, spend.mechanism) == (1, 1.0, "mean-embedding")
     assert spend.run == "me-unit"
@@ -166,6 +168,30 @@ def test_site_release_records_one_step_at_rate_one_before_releasing(tmp_path):
     assert 3.9 <= spend.epsilon_after <= 4.0
     assert outcome.metrics["epsilon"] == spend.epsilon_after
     assert outcome.metrics["noise-multiplier"] == spend.noise
+
+
+def test_the_weight_a_site_sends_is_its_noisy_count_not_its_silo_size(tmp_path, monkeypatch):
+    """The weight travels in the clear (FedAvg weight, secure-aggregation
+    advertisement, `examples` in metrics.jsonl); the true count would tell
+    the aggregator the silo's size. With the noise seed fixed, the weight is
+    the rounded sum of the release's noisy counts, and it is not 12."""
+    import fedgan.privacy.mean_embedding as me
+
+    monkeypatch.setattr(me.secrets, "randbits", lambda bits: 20261128)
+    outcome = release_round(_site(tmp_path), {}, "flower-1", _cfg(**{"target-epsilon": 0.5}))
+    assert outcome.update is not None
+    weight = outcome.update.weight
+    noisy = float(outcome.update.gen[0][:, -1].astype(np.float64).sum()) * weight
+    assert weight == max(1, round(noisy)) and weight != 12.0
+    sigma = outcome.metrics["noise-multiplier"]
+    assert outcome.metrics["noise-figure"] == pytest.approx(sigma * math.sqrt(401) / weight)
+
+
+@pytest.mark.parametrize(("counts", "expected"), [([3.4, 5.3], 9.0), ([-4.0, 2.2], 1.0)])
+def test_noisy_count_rounds_and_never_falls_below_one(counts, expected):
+    values = np.zeros((len(counts), 5))
+    values[:, -1] = counts
+    assert noisy_count(values) == expected
 
 
 def test_site_release_refuses_past_its_budget_and_records_nothing(tmp_path):
@@ -251,7 +277,10 @@ def test_site_plan_forecasts_the_release_as_the_site_will_spend_it(tmp_path):
     outcome = release_round(_site(tmp_path), {}, "flower-1", _cfg())
     assert outcome.metrics["noise-multiplier"] == pytest.approx(plan["noise_multiplier"])
     assert outcome.metrics["epsilon"] == pytest.approx(plan["epsilon_after"])
-    assert outcome.metrics["noise-figure"] == pytest.approx(plan["noise_to_signal"])
+    # The plan's figure is over the true 12 images, the site's over its noisy count.
+    assert outcome.metrics["noise-figure"] == pytest.approx(
+        plan["noise_to_signal"] * 12 / outcome.update.weight
+    )
 
 
 def test_a_rare_class_is_flagged_as_mostly_noise():
