@@ -344,7 +344,7 @@ class RunSettings:
 
     def secagg_range(self, length: int) -> float:
         if self.privacy.mean_embedding:
-            # Sites send release / n: feature means of norm <= 1 (values
+            # Sites send release / (noisy n): feature means of norm <= 1 (values
             # <= 1/√F), class fractions in [0, 1], and noise σ√2/n per value.
             return self.secagg.value_range or 1.0
         steps = self.train.local_steps if self.local_epochs <= 0 else None

@@ -185,7 +185,7 @@ def _feature_map(settings: RunSettings) -> FeatureMap:
 def _fit_to_releases(
     gen: Generator, phi: FeatureMap, mean: np.ndarray, examples: float, settings: RunSettings
 ) -> dict:
-    """Fit G to the sites' releases (their sum over their image count, as the
+    """Fit G to the sites' releases (their sum over their noisy image counts, as the
     aggregate comes). Post-processing of DP releases: it spends no budget.
     Returns what metrics.jsonl records of it."""
     target = Target.from_sum(mean, min_count=1.0 / max(examples, 1.0))

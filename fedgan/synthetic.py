@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +50,25 @@ def generate(
     *,
     seed: int = 0,
     class_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
     attributes: str = "",
     batch: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` images in [-1, 1] and, for a class-conditional generator, the
-    class of each (cycling through the classes unless one is asked for)."""
+    class of each: cycling through the classes, or the one asked for, or drawn
+    in proportion to ``class_weights`` (a class mix to match, e.g. a site's)."""
     spec = gen.spec
     classes = spec.num_classes
     if class_index is not None and not 0 <= class_index < max(classes, 1):
         raise SampleError(f"class {class_index} does not exist: the generator has {classes}")
+    mix = None
+    if class_weights is not None:
+        mix = torch.as_tensor(list(class_weights), dtype=torch.float64)
+        if class_index is not None or len(mix) != classes or not (mix >= 0).all() or mix.sum() <= 0:
+            raise SampleError(
+                f"class weights must be {classes} non-negative numbers, not all 0, "
+                "and not given with a class"
+            )
     attrs = parse_attributes(attributes) if attributes else ()
     if spec.attr_dim and not attrs:
         raise SampleError(
@@ -73,11 +83,12 @@ def generate(
             z = torch.randn(m, spec.latent_dim, generator=rng)
             y = None
             if classes:
-                y = (
-                    torch.full((m,), class_index, dtype=torch.long)
-                    if class_index is not None
-                    else (torch.arange(start, start + m) % classes)
-                )
+                if class_index is not None:
+                    y = torch.full((m,), class_index, dtype=torch.long)
+                elif mix is not None:
+                    y = torch.multinomial(mix, m, replacement=True, generator=rng)
+                else:
+                    y = torch.arange(start, start + m) % classes
                 labels.append(y)
             a = sample_attributes(attrs, m, rng) if attrs else None
             images.append(gen(z, y, a))

@@ -72,7 +72,12 @@ def reading(ev: dict[str, Any]) -> list[str]:
     if "tstr_ratio" in u:
         out.append(
             f"A classifier trained only on synthetic images reaches {u['tstr_accuracy']:.0%} on "
-            f"{site}'s held-out images, {u['tstr_ratio']:.0%} of one trained on real images."
+            f"{site}'s held-out images, {u['tstr_ratio']:.0%} of one trained on real images"
+            + (
+                f" ({u['tstr_mix_ratio']:.0%} when the synthetic classes follow {site}'s mix)."
+                if "tstr_mix_ratio" in u
+                else "."
+            )
         )
     if "anomaly_auc" in u:
         out.append(

@@ -232,13 +232,31 @@ def evaluate(
     )
 
     if classes and held is not None and fake_labels is not None and held_labels is not None:
+        # A second draw at this site's own class mix (its counts stay here).
+        at_mix = generate(
+            gen,
+            n_synthetic,
+            seed=seed + 1,
+            class_weights=torch.bincount(member_labels, minlength=len(classes)).tolist(),
+            attributes=str(settings.get("attributes", "")),
+        )
+        assert at_mix[1] is not None
         result["utility"] = tstr(
-            fake, fake_labels, members, member_labels, held, held_labels, len(classes), seed=seed
+            fake,
+            fake_labels,
+            members,
+            member_labels,
+            held,
+            held_labels,
+            len(classes),
+            seed=seed,
+            at_mix=(at_mix[0], at_mix[1]),
         )
         u = result["utility"]
         say(
             f"utility       TSTR accuracy {u['tstr_accuracy']:.3f} vs train-on-real "
-            f"{u['trtr_accuracy']:.3f} ({u['tstr_ratio']:.0%})"
+            f"{u['trtr_accuracy']:.3f} ({u['tstr_ratio']:.0%}); at this site's class mix "
+            f"{u['tstr_mix_accuracy']:.3f} ({u['tstr_mix_ratio']:.0%})"
         )
     if normal_class is not None:
         normal = classes.index(normal_class)

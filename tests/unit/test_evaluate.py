@@ -25,7 +25,7 @@ from fedgan.report import write as write_report
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloOptions
 from fedgan.silo.synth import synth_silo
-from fedgan.synthetic import SERIES_DESCRIPTION, SampleError, export
+from fedgan.synthetic import SERIES_DESCRIPTION, SampleError, export, generate, load_generator
 from fedgan.train import TrainConfig, train_local
 from tests import inception_weights as stand_in
 from tests.images import blobs as _blobs
@@ -132,6 +132,23 @@ def test_dicom_export_rereads_and_is_marked_synthetic(generator_file, tmp_path):
     assert (first.InstanceNumber, last.InstanceNumber) == (1, 515)
 
 
+def test_a_class_mix_is_drawn_in_proportion_and_checked(generator_file):
+    """Evaluation draws a second synthetic set at the site's class mix, so
+    the TSTR classifier can face the same mix as the one trained on real."""
+    gen = load_generator(generator_file)
+    _, labels = generate(gen, 2000, seed=4, class_weights=[9, 1])
+    assert labels is not None
+    share = float((labels == 0).double().mean())
+    assert 0.87 < share < 0.93  # 0.9 ± 5 standard errors
+    _, even = generate(gen, 2000, seed=4)
+    assert even is not None and int((even == 0).sum()) == 1000
+    for bad in ([1.0], [0.0, 0.0], [-1.0, 2.0]):
+        with pytest.raises(SampleError, match="class weights must be 2"):
+            generate(gen, 4, class_weights=bad)
+    with pytest.raises(SampleError, match="not given with a class"):
+        generate(gen, 4, class_index=0, class_weights=[1, 1])
+
+
 def test_png_export_and_its_errors(generator_file, tmp_path):
     paths = export(generator_file, 3, tmp_path / "png", "png")
     assert [p.name for p in paths] == [f"synthetic_{i:05d}.png" for i in range(3)]
@@ -211,6 +228,8 @@ def test_evaluation_writes_numbers_only_and_names_the_site(evaluated):
     assert 0 <= p["mia_discriminator_auc"] <= 1 and 0 <= p["mia_generator_auc"] <= 1
     assert 0 <= p["memorized_fraction"] <= 1
     assert 0 <= u["tstr_accuracy"] <= 1 and 0 < u["trtr_accuracy"] <= 1
+    assert u["tstr_mix_ratio"] == pytest.approx(u["tstr_mix_accuracy"] / u["trtr_accuracy"])
+    assert any("at this site's class mix" in line for line in lines)
     assert 0 <= u["anomaly_auc"] <= 1 and 0 <= u["anomaly_detected"] <= 1
     assert (run_dir / "evaluation" / "site-1-encoder.pt").exists()
     # Nothing but numbers and names: no pixel arrays in the file.
@@ -243,6 +262,9 @@ def test_report_and_exporter_show_the_evaluation(evaluated):
     html = write_report(run_dir).read_text()
     assert "<h2>Evaluation</h2>" in html and "Not evaluated yet" not in html
     assert "domain-FID" in html and "MIA AUC (D)" in html and "TSTR accuracy" in html
+    # Cells and readings are HTML-escaped (quote=True): ' is &#x27;.
+    assert "TSTR at the site&#x27;s class mix" in html
+    assert "when the synthetic classes follow site-1&#x27;s mix" in html
     assert "coin flip" in html
     (ev,) = load_all(run_dir)
     assert len(reading(ev)) == 5 and "anomaly detector AUC" in html
