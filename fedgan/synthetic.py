@@ -63,11 +63,13 @@ def generate(
         raise SampleError(f"class {class_index} does not exist: the generator has {classes}")
     mix = None
     if class_weights is not None:
+        if class_index is not None:
+            raise SampleError("ask for one class or for class weights, not both")
         mix = torch.as_tensor(list(class_weights), dtype=torch.float64)
-        if class_index is not None or len(mix) != classes or not (mix >= 0).all() or mix.sum() <= 0:
+        if len(mix) != classes or not (mix >= 0).all() or mix.sum() <= 0:
             raise SampleError(
-                f"class weights must be {classes} non-negative numbers, not all 0, "
-                "and not given with a class"
+                f"class weights must be {classes} non-negative numbers, not all 0 "
+                f"(got {list(class_weights)})"
             )
     attrs = parse_attributes(attributes) if attributes else ()
     if spec.attr_dim and not attrs:

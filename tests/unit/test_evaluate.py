@@ -145,7 +145,7 @@ def test_a_class_mix_is_drawn_in_proportion_and_checked(generator_file):
     for bad in ([1.0], [0.0, 0.0], [-1.0, 2.0]):
         with pytest.raises(SampleError, match="class weights must be 2"):
             generate(gen, 4, class_weights=bad)
-    with pytest.raises(SampleError, match="not given with a class"):
+    with pytest.raises(SampleError, match="one class or for class weights"):
         generate(gen, 4, class_index=0, class_weights=[1, 1])
 
 
