@@ -15,6 +15,11 @@ image size, never from the data.
     python bench/mean_embedding.py --data digits --epsilon 1
     python bench/mean_embedding.py --data synth --epsilon 10
     python bench/mean_embedding.py --data synth --synth-images 12000 --epsilon 10
+    python bench/mean_embedding.py --data synth --size 64 --device cuda --save g64.pt --skip-eval
+    python bench/mean_embedding.py --data synth --size 64 --load g64.pt
+
+`--save`/`--load` split the fit (where a GPU is) from the evaluation (anywhere): the
+release and the split are seeded, so a loaded G is evaluated on the same data.
 
 Prints domain-FID, TSTR and the generator-side MIA AUC, computed as bench/quality.py
 does (same split, same encoder training, same classifier), so the rows compare with
@@ -52,9 +57,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--synth-images", type=int, default=1200, help="synthetic fundus silo size")
+    ap.add_argument("--size", type=int, default=32, choices=[32, 64], help="image size")
+    ap.add_argument("--device", default="cpu", help="where G is fitted")
+    ap.add_argument("--save", help="write the fitted G's weights here")
+    ap.add_argument("--load", help="evaluate these weights instead of fitting")
+    ap.add_argument("--skip-eval", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    x, y = digits() if args.data == "digits" else synth(args.synth_images)
+    x, y = digits(args.size) if args.data == "digits" else synth(args.synth_images, size=args.size)
     # The split of bench/quality.py at seed 0, so the held-out set is the same.
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     cut = int(0.8 * len(y))
@@ -73,7 +83,9 @@ def main() -> None:
     )
     print(f"σ {sigma:.3f} for ε {args.epsilon} ({args.accountant}, one release per site)")
 
-    spec = GanSpec(image_size=32, channels=x.shape[1], latent_dim=64, width=32, num_classes=classes)
+    spec = GanSpec(
+        image_size=args.size, channels=x.shape[1], latent_dim=64, width=32, num_classes=classes
+    )
     gen = Generator(spec)
     t = time.perf_counter()
 
@@ -82,24 +94,36 @@ def main() -> None:
             print(f"step {step}: loss {loss:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     target = Target.from_sum(total)
-    fit_generator(
-        gen,
-        phi,
-        target,
-        steps=args.steps,
-        lr=args.lr,
-        seed=args.seed,
-        progress=progress,
-    )
-    recalibrate_batchnorm(
-        gen,
-        lambda n, rng: (
-            torch.randn(n, spec.latent_dim, generator=rng),
-            torch.randint(0, classes, (n,), generator=rng),
-            None,
-        ),
-    )
+    if args.load:
+        gen.load_state_dict(torch.load(args.load, weights_only=True))
+    else:
+        fit = fit_generator(
+            gen,
+            phi,
+            target,
+            steps=args.steps,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            progress=progress,
+        )
+        print(
+            f"fit on {args.device}: {fit.seconds / fit.steps * 1000:.1f} ms/step, "
+            f"loss {fit.loss:.4f}"
+        )
+        recalibrate_batchnorm(
+            gen,
+            lambda n, rng: (
+                torch.randn(n, spec.latent_dim, generator=rng),
+                torch.randint(0, classes, (n,), generator=rng),
+                None,
+            ),
+        )
+        if args.save:
+            torch.save(gen.state_dict(), args.save)
     gen.eval()
+    if args.skip_eval:
+        return
     enc = domain.train_encoder(train_x, steps=600, seed=0)
     # The prior-matched TSTR draws classes at the release's noisy class prior:
     # post-processing, no privacy cost.

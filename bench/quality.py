@@ -4,8 +4,8 @@ DP at ε = 10 and ε = 1.
 
 Data, all offline:
 - the handwritten digits scikit-learn ships (1,797 8×8 images, upsampled to
-  32×32, classes as labels);
-- the project's synthetic fundus silos (32×32, their labels).
+  32×32 or, with --size 64, 64×64; classes as labels);
+- the project's synthetic fundus silos (32×32 or 64×64, their labels).
 
 20 % of each set is held out. Those images are the non-members for the
 membership-inference attacks and the test set for TSTR.
@@ -21,7 +21,8 @@ memorized fraction, and TSTR accuracy against train-on-real. Goals (issue 8):
 - TSTR ≥ 90 % of train-on-real.
 
     python bench/quality.py [--data digits synth] [--rounds 20] [--steps 40] [--device cpu]
-        [--batch 32] [--dp-batch B] [--synth-images 1200] [--width 32] [--mode-seeking λ]
+        [--batch 32] [--dp-batch B] [--synth-images 1200] [--width 32] [--size 32|64]
+        [--mode-seeking λ]
         [--only "federated 3 sites, DP ε=10" ...] [--json FILE]
 """
 
@@ -50,18 +51,19 @@ from fedgan.update import apply_delta, clip_update, make_update, weighted_mean
 from fedgan.weights import get_arrays, set_arrays
 
 
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
+def digits(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x * 2 - 1, torch.tensor(d.target, dtype=torch.long)
 
 
-def synth(n: int = 1200, root: Path = Path("/tmp/fedgan-bench-quality")) -> tuple:
-    silo = synth_silo(root / f"fundus-{n}", "fundus", n, seed=0, size=32)
-    data = load_silo(silo, SiloOptions.from_mapping("fundus", 32, 3, {}))
+def synth(n: int = 1200, root: Path = Path("/tmp/fedgan-bench-quality"), size: int = 32) -> tuple:
+    name = f"fundus-{n}" if size == 32 else f"fundus-{n}-{size}px"
+    silo = synth_silo(root / name, "fundus", n, seed=0, size=size)
+    data = load_silo(silo, SiloOptions.from_mapping("fundus", size, 3, {}))
     classes = sorted({lab for lab in data.labels if lab is not None})
     keep = [i for i, lab in enumerate(data.labels) if lab is not None]
     x = torch.from_numpy(data.as_float())[keep]
@@ -206,6 +208,7 @@ def main() -> None:
         help="Images in the synthetic fundus set; DP signal-to-noise grows with images per site.",
     )
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--size", type=int, default=32, choices=[32, 64], help="image size")
     ap.add_argument("--mode-seeking", type=float, default=0.0, help="λ of G's mode-seeking term.")
     ap.add_argument("--n-fake", type=int, default=1000)
     ap.add_argument("--device", default="cpu")
@@ -232,14 +235,18 @@ def main() -> None:
         configs = [c for c in configs if c[0] in args.only]
     results = {}
     for name in args.data:
-        x, y = digits() if name == "digits" else synth(args.synth_images)
+        x, y = digits(args.size) if name == "digits" else synth(args.synth_images, size=args.size)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
         cut = int(0.8 * len(y))
         tr, te = perm[:cut], perm[cut:]
         train_x, train_y, test_x, test_y = x[tr], y[tr], x[te], y[te]
         classes = int(y.max()) + 1
         spec = GanSpec(
-            image_size=32, channels=x.shape[1], latent_dim=64, width=args.width, num_classes=classes
+            image_size=args.size,
+            channels=x.shape[1],
+            latent_dim=64,
+            width=args.width,
+            num_classes=classes,
         )
         enc = domain.train_encoder(train_x, steps=600, seed=args.seed)
         trtr = accuracy(train_classifier(train_x, train_y, classes, seed=args.seed), test_x, test_y)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedgan.gan.models import GanSpec, build
-from fedgan.privacy.clipped_gradient import ClippedGradient
+from fedgan.privacy.clipped_gradient import ClippedGradient, unfold
 from fedgan.train import DPConfig, DPDiscriminatorStep
 from tests.per_sample import clipped_sum
 
@@ -105,3 +105,25 @@ def test_a_layer_run_twice_is_refused():
     with pytest.raises(RuntimeError, match="ran twice"), engine.recording():
         layer(layer(torch.randn(2, 3)))
     assert not layer._forward_hooks  # the hooks are gone even so
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation",
+    [
+        (4, 2, 1, 1),
+        (3, 1, 1, 1),
+        (4, 1, 0, 1),
+        (3, 2, 0, 1),
+        ((3, 2), (2, 1), (1, 0), 1),
+        (3, 2, 1, 2),
+    ],
+)
+def test_strided_unfold_equals_torch_unfold(kernel, stride, padding, dilation):
+    """Our one-copy unfold (the ghost norms' input) against F.unfold, odd sizes
+    and rectangular kernels included; dilated kernels fall back to F.unfold."""
+    conv = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation)
+    a = torch.randn(4, 3, 11, 9)
+    expected = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    got = unfold(a, conv)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

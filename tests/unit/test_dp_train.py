@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from fedgan.gan.models import GanSpec, build
 from fedgan.train import (
     GRAD_SAMPLE_MODES,
+    PAD_MULTIPLE,
     DPConfig,
     DPDiscriminatorStep,
     PlainDiscriminatorStep,
     TrainConfig,
+    padded_rows,
     train_local,
 )
 from fedgan.update import SiteUpdate, clip_update, update_norm
@@ -182,3 +184,11 @@ def test_channels_last_and_cpu_bf16_request_change_nothing():
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16")
+
+
+def test_poisson_batches_are_padded_to_a_few_shapes_with_every_image_kept():
+    for size in (1, 9, PAD_MULTIPLE, PAD_MULTIPLE + 1, 250):
+        rows = padded_rows(size, torch.device("cpu"))
+        assert len(rows) % PAD_MULTIPLE == 0 and len(rows) - size < PAD_MULTIPLE
+        assert torch.equal(rows[:size], torch.arange(size))  # the batch itself, in order
+        assert int(rows.max()) < size  # padding repeats its own rows
