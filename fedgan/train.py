@@ -368,9 +368,10 @@ class DPDiscriminatorStep:
         cond_lambda: float = 1.0,
     ) -> None:
         from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+        from opacus.optimizers import DPOptimizer
 
         from fedgan.privacy.clipped_gradient import ClippedGradient
+        from fedgan.privacy.one_draw_noise import OneDrawNoiseOptimizer
 
         self.disc = disc
         self.prox = prox or Proximal(disc, 0.0)
@@ -388,7 +389,7 @@ class DPDiscriminatorStep:
         if dp.grad_sample_mode == "ghost":
             self.engine = ClippedGradient(disc, dp.max_grad_norm)
             # Takes p.grad as the clipped sum; adds the noise and divides.
-            optimizer: type[DPOptimizer] = DPOptimizerFastGradientClipping
+            optimizer: type[DPOptimizer] = OneDrawNoiseOptimizer
         else:
             self.module = GradSampleModule(
                 disc, loss_reduction="mean", force_functorch=dp.grad_sample_mode == "functorch"
@@ -479,9 +480,10 @@ class DPDiscriminatorStep:
         real_loss = self.private_real_gradient(real, real_y, real_a)
         self.hooks(False)
         fake_loss, grads = self.fake_gradient(fake, fake_y)
-        for p, g in zip(self.params, grads, strict=True):
-            if g is not None:
-                p.grad = p.grad + g
+        used = [(p.grad, g) for p, g in zip(self.params, grads, strict=True) if g is not None]
+        # One multi-tensor kernel instead of one add per parameter (launches
+        # bound the private step on a GPU).
+        torch._foreach_add_([a for a, _ in used], [g for _, g in used])
         self.prox.add_gradient()
         self.opt.original_optimizer.step()
         self.hooks(True)
@@ -508,7 +510,9 @@ class DPDiscriminatorStep:
         norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
         # Opacus's per-image factor, for one "image": the whole fake batch.
         scale = (self.dp.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-        return loss.detach().float(), [None if g is None else g * scale for g in grads]
+        present = [g for g in grads if g is not None]
+        torch._foreach_mul_(present, scale)
+        return loss.detach().float(), list(grads)
 
     def hooks(self, enabled: bool) -> None:
         """G's step must not collect per-sample gradients in D (ClippedGradient

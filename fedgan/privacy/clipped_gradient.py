@@ -129,9 +129,12 @@ class ClippedGradient:
         norms = squared.sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for p in self.params:
-            p.grad = torch.zeros_like(p)
+            p.grad = None
         for fn in apply:
             fn(factor)
+        for p in self.params:
+            if p.grad is None:  # its layer did not reach this loss
+                p.grad = torch.zeros_like(p)
         return norms
 
 
