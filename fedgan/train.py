@@ -483,7 +483,8 @@ class DPDiscriminatorStep:
         used = [(p.grad, g) for p, g in zip(self.params, grads, strict=True) if g is not None]
         # One multi-tensor kernel instead of one add per parameter (launches
         # bound the private step on a GPU).
-        torch._foreach_add_([a for a, _ in used], [g for _, g in used])
+        if used:
+            torch._foreach_add_([a for a, _ in used], [g for _, g in used])
         self.prox.add_gradient()
         self.opt.original_optimizer.step()
         self.hooks(True)
@@ -511,7 +512,8 @@ class DPDiscriminatorStep:
         # Opacus's per-image factor, for one "image": the whole fake batch.
         scale = (self.dp.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         present = [g for g in grads if g is not None]
-        torch._foreach_mul_(present, scale)
+        if present:
+            torch._foreach_mul_(present, scale)
         return loss.detach().float(), list(grads)
 
     def hooks(self, enabled: bool) -> None:
