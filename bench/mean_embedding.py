@@ -44,22 +44,6 @@ from fedgan.privacy.accountant import calibrate_noise
 from fedgan.privacy.mean_embedding import FeatureMap, Target, release
 
 
-class HighPass:
-    """φ of [x, λ·(x − blur(x))]: the image and its fine detail (a fixed, public
-    transform, so the release's sensitivity is unchanged). Tried because the
-    fundus grades differ by 1-2 px lesions that a kernel on raw pixels barely
-    sees."""
-
-    def __init__(self, phi: FeatureMap, weight: float) -> None:
-        self.inner = FeatureMap(2 * phi.pixels, phi.features, phi.length_scale, phi.seed)
-        self.weight = weight
-        self.width = self.inner.width
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        blur = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-        return self.inner(torch.cat([x, self.weight * (x - blur)], 1))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="digits", choices=["digits", "synth"])
@@ -78,9 +62,6 @@ def main() -> None:
     ap.add_argument("--save", help="write the fitted G's weights here")
     ap.add_argument("--load", help="evaluate these weights instead of fitting")
     ap.add_argument("--skip-eval", action="store_true")
-    ap.add_argument(
-        "--highpass", type=float, default=0.0, help="λ: also embed λ·(x - blur(x)); 0: off"
-    )
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     x, y = digits(args.size) if args.data == "digits" else synth(args.synth_images, size=args.size)
@@ -90,8 +71,6 @@ def main() -> None:
     train_x, train_y, test_x, test_y = x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
     classes = int(y.max()) + 1
     phi = FeatureMap(train_x[0].numel(), args.features, args.scale, seed=args.seed)
-    if args.highpass > 0:
-        phi = HighPass(phi, args.highpass)
     # As a site calibrates it: one step at sampling rate 1.
     sigma = (
         calibrate_noise(args.epsilon, args.delta, 1.0, 1, args.accountant)
