@@ -19,7 +19,8 @@ image size, never from the data.
     python bench/mean_embedding.py --data synth --size 64 --load g64.pt
 
 `--save`/`--load` split the fit (where a GPU is) from the evaluation (anywhere): the
-release and the split are seeded, so a loaded G is evaluated on the same data.
+split is seeded, so a loaded G is evaluated on the same held-out images. The release is
+drawn again (its noise is never seeded); only the prior-matched TSTR's class prior reads it.
 
 Prints domain-FID, TSTR and the generator-side MIA AUC, computed as bench/quality.py
 does (same split, same encoder training, same classifier), so the rows compare with

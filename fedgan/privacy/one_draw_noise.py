@@ -27,14 +27,16 @@ class OneDrawNoiseOptimizer(DPOptimizerFastGradientClipping):
     when ``pre_step`` runs) whose ``add_noise`` draws the noise once."""
 
     def add_noise(self) -> None:
-        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        # Opacus's adaptive clipping sets the adjusted multiplier; accounting
+        # keeps noise_multiplier.
+        multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         summed = [p.summed_grad for p in self.params]
         for s in summed:
             # A clipped sum noised twice would leak: Opacus refuses, so do we.
             _check_processed_flag(s)
         flat = torch.cat([s.reshape(-1) for s in summed])
         flat = flat + _generate_noise(
-            std=std * self.max_grad_norm,
+            std=multiplier * self.max_grad_norm,
             reference=flat,
             generator=self.generator,
             secure_mode=self.secure_mode,
