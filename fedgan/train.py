@@ -508,11 +508,11 @@ class DPDiscriminatorStep:
             )
         # The attribute head plays no part in the fake half.
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
-        # Opacus's per-image factor, for one "image": the whole fake batch.
-        scale = (self.dp.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         present = [g for g in grads if g is not None]
         if present:
+            norm = torch.nn.utils.get_total_norm(present)
+            # Opacus's per-image factor, for one "image": the whole fake batch.
+            scale = (self.dp.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(present, scale)
         return loss.detach().float(), list(grads)
 

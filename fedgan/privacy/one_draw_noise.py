@@ -2,9 +2,10 @@
 parameters instead of once per parameter.
 
 Why: on a GPU the private step is bound by the host launching kernels
-(bench/RESULTS.md), and Opacus's secure-mode noise is six kernels per
-parameter (one draw thrown away, four summed, the sum halved) plus the add:
-about 90 launches per step for D's 13 parameter tensors. Here the clipped sums
+(bench/RESULTS.md), and Opacus's secure-mode noise is about a dozen kernels
+per parameter (a zero fill, one draw thrown away, four draws each added, the
+sum halved, then the add to the clipped sum): some 150 launches per step for
+D's 13 parameter tensors, against about 13 here. Here the clipped sums
 are flattened into one vector and Opacus's own ``_generate_noise`` noises it
 in one call, so the mechanism is unchanged: i.i.d. N(0, σ²C²) per
 coordinate, with the same secure-mode construction against floating-point
