@@ -17,7 +17,7 @@ from fedgan.appbundle import default_run_config, stage_app_dir, write_run_config
 from fedgan.approval import PolicyStore
 from fedgan.deploy.local import LocalFederation, SiteSpec
 from fedgan.errors import FedGanError
-from fedgan.outputs import RunOutputs
+from fedgan.outputs import RunOutputs, kept_rounds
 from fedgan.progress import fit_progress, format_round
 from fedgan.silo.synth import synth_silo
 
@@ -191,9 +191,11 @@ class RoundPrinter:
 def _resume_sites(run_dir: Path) -> list[SiteSpec]:
     """The sites of an earlier demo run, from its deployment map."""
     path = run_dir / "deployment.json"
-    if not path.exists() or not (run_dir / "checkpoint.pt").exists():
+    progress = (run_dir / "checkpoint.pt").exists() or kept_rounds(run_dir)
+    if not path.exists() or not progress:
         raise FileNotFoundError(
-            f"{run_dir} holds no demo run to resume (deployment.json, checkpoint.pt)"
+            f"{run_dir} holds no demo run to resume (deployment.json, and checkpoint.pt "
+            "or a kept release_round_NNN.npz)"
         )
     sites = json.loads(path.read_text())["sites"]
     return [

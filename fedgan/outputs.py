@@ -4,6 +4,7 @@ samples_round_NNN.png   8×8 grid from a fixed latent batch
 metrics.jsonl           one JSON line per round
 generator.pt            the latest global generator (spec + state_dict)
 checkpoint.pt           the latest global G and D and their round (for resume)
+release_round_NNN.npz   a mean-embedding round's aggregate, kept before G is fitted
 status.json             running / completed / failed, with the reason
 dumps/round_NNN/        global weights before/after (test mode only)
 """
@@ -14,6 +15,8 @@ import dataclasses
 import io
 import json
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,33 @@ import numpy as np
 import torch
 
 from fedgan.atomic import append_line_durable, write_atomic, write_text_atomic
+from fedgan.errors import FedGanError
 from fedgan.gan.models import GanSpec, Generator
+
+Received = list[tuple[str, float, dict[str, float]]]  # site, weight, metrics
+
+
+class KeptReleaseError(FedGanError):
+    """A kept aggregate cannot be used for the run being resumed."""
+
+
+@dataclass(frozen=True)
+class KeptRelease:
+    """The sum of the sites' releases in one mean-embedding round, as the
+    aggregator received it, and the round's record so far.
+
+    Why it is kept: the sites spend their budget when they release, and
+    fitting G takes minutes to tens of minutes. An aggregator that stops
+    during the fit resumes from this, without asking the sites again, so a
+    crash never costs them a second spend. It is the sum secure aggregation
+    yields, the very input of the fit: keeping it shows the aggregator no
+    more than it already saw. Nothing per site is kept."""
+
+    round: int
+    mean: np.ndarray  # (classes, features + 1): Σ releases / Σ noisy counts
+    record: dict[str, Any]  # metrics.jsonl's line up to the fit
+    received: Received  # the surviving sites' weights and metrics
+    digest: str  # the random features the sites embedded with
 
 
 class RunOutputs:
@@ -88,6 +117,62 @@ class RunOutputs:
         )
         write_atomic(self.generator_path, buf.getvalue())
 
+    def release_path(self, server_round: int) -> Path:
+        return self.dir / f"release_round_{server_round:03d}.npz"
+
+    def kept_rounds(self) -> list[int]:
+        return kept_rounds(self.dir)
+
+    def keep_release(self, kept: KeptRelease) -> Path:
+        meta = {
+            "round": kept.round,
+            "record": kept.record,
+            "received": kept.received,
+            "digest": kept.digest,
+        }
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            mean=np.asarray(kept.mean, dtype=np.float64),
+            meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8),
+        )
+        path = self.release_path(kept.round)
+        write_atomic(path, buf.getvalue())
+        return path
+
+    def kept_release(
+        self, server_round: int, digest: str, shape: tuple[int, int]
+    ) -> KeptRelease | None:
+        """The round's kept aggregate, or None when there is none. One made
+        with other random features or of another shape is refused: G would
+        be fitted to numbers in another feature space."""
+        path = self.release_path(server_round)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                mean = data["mean"]
+                meta = json.loads(data["meta"].tobytes().decode())
+            kept = KeptRelease(
+                round=int(meta["round"]),
+                mean=mean,
+                record=dict(meta["record"]),
+                received=[(str(s), float(w), dict(m)) for s, w, m in meta["received"]],
+                digest=str(meta["digest"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            raise KeptReleaseError(
+                f"{path} cannot be read ({exc}); it holds the sites' spent release: restore it "
+                "from a backup, or move it aside to run the round again (the sites spend again)"
+            ) from None
+        if kept.round != server_round or kept.digest != digest or kept.mean.shape != shape:
+            raise KeptReleaseError(
+                f"{path} was aggregated with other model or embedding settings (round "
+                f"{kept.round}, shape {kept.mean.shape}, features {kept.digest[:12]}…); resume "
+                "with the run's own config (image-size, channels, classes, embedding-*, seed)"
+            )
+        return kept
+
     def write_status(self, status: str, **details: Any) -> None:
         record = {"status": status, "time": time.time(), **details}
         write_text_atomic(self.status_path, json.dumps(record, sort_keys=True, indent=1))
@@ -101,6 +186,11 @@ class RunOutputs:
         write_atomic(
             self.dir / "dumps" / f"round_{server_round:03d}" / f"{name}.npz", buf.getvalue()
         )
+
+
+def kept_rounds(run_dir: Path) -> list[int]:
+    """The rounds whose release sums `RunOutputs.keep_release` kept in ``run_dir``."""
+    return sorted(int(p.stem.rsplit("_", 1)[1]) for p in Path(run_dir).glob("release_round_*.npz"))
 
 
 def load_dump(path: Path) -> dict[str, list[np.ndarray]]:

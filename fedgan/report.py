@@ -120,6 +120,11 @@ def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
             "(a mean embedding: averages of fixed random features, never an image); the "
             "coordinating server fitted one image generator to the sum of the summaries."
         )
+        if any(r.get("release_kept") for r in done):
+            lines[0] += (
+                " The server stopped while fitting and resumed from the sum it had kept, so no "
+                "hospital released twice."
+            )
     if eps:
         worst = max(eps.values())
         lines.append(

@@ -30,7 +30,7 @@ from fedgan.audit_log import AuditLog, record_round
 from fedgan.gan.embedding_fit import fit_generator
 from fedgan.gan.models import Discriminator, Generator, build, recalibrate_batchnorm
 from fedgan.messaging import exchange
-from fedgan.outputs import RunOutputs
+from fedgan.outputs import KeptRelease, RunOutputs
 from fedgan.privacy.mean_embedding import FeatureMap, Target, class_noise_figures
 from fedgan.progress import FIT_MARKER, ROUND_MARKER
 from fedgan.run_config import ConfigError, RunSettings
@@ -119,12 +119,19 @@ def _start(settings: RunSettings, out: RunOutputs) -> tuple[Generator, Discrimin
     when resuming. A run folder that holds a checkpoint is never restarted
     from scratch over it."""
     gen, disc = build(settings.spec, seed=settings.train.seed)
+    kept = out.kept_rounds()
     if not settings.resume:
-        if out.checkpoint_path.exists():
-            raise ConfigError(
-                f"{out.checkpoint_path} exists; set resume = true to continue that run, "
-                "or choose a new run-dir"
-            )
+        for held in (out.checkpoint_path, *map(out.release_path, kept)):
+            if held.exists():
+                raise ConfigError(
+                    f"{held} exists; set resume = true to continue that run, "
+                    "or choose a new run-dir"
+                )
+        return gen, disc, 1
+    if not out.checkpoint_path.exists() and kept == [1]:
+        # Stopped while fitting G to the first round's releases: G starts
+        # afresh from the run's seed, as it did then.
+        log.info("resuming %s at round 1, from its kept release", out.dir)
         return gen, disc, 1
     ckpt = out.load_checkpoint()
     if ckpt["spec"] != dataclasses.asdict(settings.spec):
@@ -258,7 +265,9 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
     release_shape = (max(classes, 1), phi.width + 1) if phi else (0, 0)
     # Secure aggregation needs two sites at least: a sum of one is that update.
     wanted = max(settings.min_sites, 2 if settings.secagg.enabled else 1)
-    _wait_for_sites(grid, wanted, NODE_WAIT_SECONDS)
+    if not (phi and set(range(first_round, settings.rounds + 1)) <= set(out.kept_rounds())):
+        # (A resume whose every round is kept asks no site anything.)
+        _wait_for_sites(grid, wanted, NODE_WAIT_SECONDS)
     exhausted: dict[int, str] = {}  # node id -> site id, left out for the rest of the run
     # node id -> (site id, reason): sites that refused the app bundle or the
     # run's settings (fedgan.approval); left out for the rest of the run too.
@@ -273,15 +282,27 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
         nodes = _sample(available, settings.fraction_sites, settings.train.seed, server_round)
         global_gen, global_disc = get_arrays(gen), get_arrays(disc)
         config = settings.round_config(server_round)
+        kept = None
         if phi is not None:
             config["embedding-digest"] = phi.digest()
+            kept = out.kept_release(server_round, phi.digest(), release_shape)
+            if kept is not None:
+                log.info(
+                    "round %d: the sites' releases were summed before the aggregator stopped; "
+                    "fitting G to that kept sum (%s), without asking the sites again",
+                    server_round,
+                    out.release_path(server_round).name,
+                )
+                audit.append("release_reused", run=out.dir.name, round=server_round)
         # What each site sends: its update of G and D, or its release.
         length = (
             release_shape[0] * release_shape[1]
             if phi
             else sum(a.size for a in (*global_gen, *global_disc))
         )
-        secure, setup_error = _secure_round(grid, settings, config, nodes, length)
+        secure, setup_error = (
+            (None, "") if kept else _secure_round(grid, settings, config, nodes, length)
+        )
         messages = [
             Message(
                 wire.train_request(
@@ -294,7 +315,7 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
                 message_type="train",
                 group_id=str(server_round),
             )
-            for node in (nodes if not setup_error else [])
+            for node in (nodes if not setup_error and kept is None else [])
         ]
         received: list[tuple[str, float, dict[str, float]]] = []  # site, weight, metrics
         updates: list[SiteUpdate] = []
@@ -413,10 +434,26 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
             record["secagg"] = secure.summary()
         elif updates:
             mean = weighted_mean(updates)
+        if kept is not None:
+            record, mean, received = dict(kept.record), ([kept.mean], []), kept.received
+            record["release_kept"] = True
         if mean is not None:
             mean_gen, mean_disc = mean
             total = sum(w for _, w, _ in received)
+            if kept is None:
+                record["examples"] = total
+                record["update_bytes"] = (
+                    secure.bytes_sent if secure else {s: 4 * length for s, _, _ in received}
+                )
             if phi is not None:
+                if kept is None:
+                    # Before the fit, which takes minutes: the sites' spend is safe now.
+                    path = out.keep_release(
+                        KeptRelease(server_round, mean_gen[0], record, received, phi.digest())
+                    )
+                    audit.append(
+                        "release_kept", run=out.dir.name, round=server_round, file=path.name
+                    )
                 record.update(_fit_to_releases(gen, phi, mean_gen[0], total, settings))
                 record.update(_class_figures(mean_gen[0], total, received, phi, settings))
             else:
@@ -427,7 +464,6 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
             gen.eval()
             with torch.no_grad():
                 out.write_samples(server_round, grid_png(gen(fixed_z, fixed_y, fixed_a)))
-            record["examples"] = total
             for key, name in (("g-loss", "g_loss"), ("d-loss", "d_loss")):
                 if all(key in m for _, _, m in received):
                     record[name] = sum(w * m[key] for _, w, m in received) / total
@@ -437,9 +473,6 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
                 )
             if phi is None:
                 record["updates_clipped"] = sum(bool(m["update-clipped"]) for _, _, m in received)
-            record["update_bytes"] = (
-                secure.bytes_sent if secure else {s: 4 * length for s, _, _ in received}
-            )
             if settings.dump_updates and phi is not None:
                 # Test mode: what the fit read, the releases' aggregate.
                 out.dump_arrays(server_round, "release_mean", {"gen": mean_gen})

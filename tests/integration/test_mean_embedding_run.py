@@ -105,3 +105,56 @@ def test_a_site_evaluates_it_without_the_untrained_discriminator(released_run, t
     )
     html = Path(report.stdout.split()[-1]).read_text()
     assert "released once a noisy summary" in html and "site-1" in html
+
+
+class _OperatorStops(Exception):
+    pass
+
+
+def test_an_aggregator_stopped_while_fitting_resumes_without_a_second_spend(tmp_path):
+    """The sites spend when they release; the fit takes minutes. Stopped in
+    the fit, the demo tears everything down; resumed, the aggregator fits G to
+    the sum it kept and asks no site again, so every ledger holds one spend."""
+    opts = DemoOptions(
+        sites=2,
+        rounds=1,
+        image_size=16,
+        images_per_site=30,
+        out_root=tmp_path,
+        run_id="stopped",
+        extra_config={
+            "mechanism": "mean-embedding",
+            "classes": "0,1,2,3,4",
+            "embedding-features": 500,
+            "embedding-fit-steps": 3000,  # ~100 s: the test stops it at step 300
+            "target-epsilon": 6.0,
+        },
+    )
+
+    def stop_in_the_fit(line: str) -> None:
+        if "fitting G to the releases: step" in line:
+            raise _OperatorStops(line)
+
+    with pytest.raises(_OperatorStops):
+        run_demo(opts, say=stop_in_the_fit)
+    run_dir = tmp_path / "stopped"
+    assert (run_dir / "release_round_001.npz").exists()
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "metrics.jsonl").exists()
+    ledgers = {s: PrivacyLedger.in_work_dir(run_dir / "sites" / s) for s in SITES}
+    spent = {s: ledger.spends() for s, ledger in ledgers.items()}
+    assert all(len(spends) == 1 for spends in spent.values())
+
+    lines: list[str] = []
+    resumed = DemoOptions(resume=run_dir, rounds=1, extra_config={"embedding-fit-steps": 60})
+    run_demo(resumed, say=lines.append)
+    assert any("kept sum" in line for line in (run_dir / "logs" / "flwr-run.log").open())
+    (m,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert m["release_kept"] is True and m["fit_steps"] == 60 and m["sites"] == list(SITES)
+    assert m["secagg"]["survivors"] == list(SITES)  # the stopped run's record, carried over
+    assert all(ledger.spends() == spent[s] for s, ledger in ledgers.items())  # no second spend
+    events = [json.loads(x)["event"] for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert events.index("release_kept") < events.index("release_reused")
+    assert events.count("site_joined") == 2  # recorded once, when the round's line was written
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    assert (run_dir / "generator.pt").exists()
+    assert "no hospital released twice" in (run_dir / "report.html").read_text()

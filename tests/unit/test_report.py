@@ -107,6 +107,16 @@ def test_the_reading_names_the_noisiest_site_and_warns_only_above_ten():
     assert "noise" not in " ".join(reading([{"round": 1, "sites": ["a"]}], {}))
 
 
+def test_the_reading_says_when_a_release_sum_was_fitted_after_a_resume():
+    from fedgan.report import reading
+
+    record = {"round": 1, "sites": ["site-1", "site-2"], "mechanism": "mean-embedding"}
+    once = " ".join(reading([record], {"status": "completed"}))
+    assert "released once a noisy summary" in once and "no hospital released twice" not in once
+    resumed = " ".join(reading([record | {"release_kept": True}], {"status": "completed"}))
+    assert "resumed from the sum it had kept, so no hospital released twice" in resumed
+
+
 def test_an_empty_run_folder_is_refused(tmp_path):
     with pytest.raises(ReportError, match=r"no metrics\.jsonl"):
         build(tmp_path)
