@@ -5,6 +5,7 @@ metrics.jsonl           one JSON line per round
 generator.pt            the latest global generator (spec + state_dict)
 checkpoint.pt           the latest global G and D and their round (for resume)
 release_round_NNN.npz   a mean-embedding round's aggregate, kept before G is fitted
+fit_round_NNN.pt        that fit's latest state, until the round's checkpoint is written
 status.json             running / completed / failed, with the reason
 dumps/round_NNN/        global weights before/after (test mode only)
 """
@@ -14,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import pickle
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +28,9 @@ import torch
 from fedgan.atomic import append_line_durable, write_atomic, write_text_atomic
 from fedgan.errors import FedGanError
 from fedgan.gan.models import GanSpec, Generator
+
+if TYPE_CHECKING:  # the fit pulls in Opacus; reading a run folder should not
+    from fedgan.gan.embedding_fit import FitState
 
 Received = list[tuple[str, float, dict[str, float]]]  # site, weight, metrics
 
@@ -172,6 +177,41 @@ class RunOutputs:
                 "with the run's own config (image-size, channels, classes, embedding-*, seed)"
             )
         return kept
+
+    def fit_state_path(self, server_round: int) -> Path:
+        return self.dir / f"fit_round_{server_round:03d}.pt"
+
+    def save_fit_state(self, server_round: int, state: FitState, digest: str) -> None:
+        buf = io.BytesIO()
+        torch.save({"digest": digest, **dataclasses.asdict(state)}, buf)
+        write_atomic(self.fit_state_path(server_round), buf.getvalue())
+
+    def load_fit_state(self, server_round: int, digest: str) -> tuple[FitState | None, str]:
+        """(the round's saved fit state, or None; why it was not usable, or "").
+        A state that cannot be used only costs the steps it held: the fit
+        starts again from its first step, at no privacy cost."""
+        from fedgan.gan.embedding_fit import FitState
+
+        path = self.fit_state_path(server_round)
+        if not path.exists():
+            return None, ""
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if data.pop("digest") != digest:
+                return None, f"{path.name} was fitted with other random features"
+            return FitState(**data), ""
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+            KeyError,
+            TypeError,
+            pickle.UnpicklingError,
+        ) as exc:
+            return None, f"{path.name} cannot be read ({type(exc).__name__})"
+
+    def drop_fit_state(self, server_round: int) -> None:
+        self.fit_state_path(server_round).unlink(missing_ok=True)
 
     def write_status(self, status: str, **details: Any) -> None:
         record = {"status": status, "time": time.time(), **details}

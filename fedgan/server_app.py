@@ -190,13 +190,28 @@ def _feature_map(settings: RunSettings) -> FeatureMap:
 
 
 def _fit_to_releases(
-    gen: Generator, phi: FeatureMap, mean: np.ndarray, examples: float, settings: RunSettings
+    gen: Generator,
+    phi: FeatureMap,
+    mean: np.ndarray,
+    examples: float,
+    settings: RunSettings,
+    out: RunOutputs,
+    server_round: int,
 ) -> dict:
     """Fit G to the sites' releases (their sum over their noisy image counts, as the
     aggregate comes). Post-processing of DP releases: it spends no budget.
-    Returns what metrics.jsonl records of it."""
+    Its state is saved at every tenth of the fit, so a resumed run goes on
+    from there. Returns what metrics.jsonl records of it."""
     target = Target.from_sum(mean, min_count=1.0 / max(examples, 1.0))
     steps = settings.privacy.embedding_fit_steps
+    digest = phi.digest()
+    resume, unusable = out.load_fit_state(server_round, digest)
+    if unusable:
+        log.warning(
+            "round %d: %s; the fit starts again from its first step", server_round, unusable
+        )
+    elif resume is not None:
+        log.info("round %d: the fit goes on from step %d", server_round, resume.step)
 
     def progress(step: int, total: int, loss: float) -> None:
         if step == total or step % max(1, total // 10) == 0:
@@ -211,14 +226,20 @@ def _fit_to_releases(
         seed=settings.train.seed,
         device="cuda" if torch.cuda.is_available() else "cpu",
         progress=progress,
+        resume=resume,
+        save=lambda state: out.save_fit_state(server_round, state, digest),
+        save_every=max(1, steps // 10),
     )
-    return {
+    record = {
         "mechanism": "mean-embedding",
         "g_loss": fit.loss,
         "fit_loss_first": fit.first_loss,
         "fit_steps": fit.steps,
         "fit_seconds": round(fit.seconds, 3),
     }
+    if fit.resumed_at:
+        record["fit_resumed_at"] = fit.resumed_at
+    return record
 
 
 def _class_figures(
@@ -454,7 +475,9 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
                     audit.append(
                         "release_kept", run=out.dir.name, round=server_round, file=path.name
                     )
-                record.update(_fit_to_releases(gen, phi, mean_gen[0], total, settings))
+                record.update(
+                    _fit_to_releases(gen, phi, mean_gen[0], total, settings, out, server_round)
+                )
                 record.update(_class_figures(mean_gen[0], total, received, phi, settings))
             else:
                 set_arrays(gen, apply_delta(global_gen, mean_gen))
@@ -487,6 +510,7 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
             record["skipped"] = skipped
         # Every round, updated or not, so a resume continues at the next one.
         out.save_checkpoint(gen, disc, server_round)
+        out.drop_fit_state(server_round)  # the checkpoint holds the fitted G now
         record["seconds"] = round(time.perf_counter() - started, 3)
         out.append_metrics(record)
         # One JSON line per round for `fedgan run`, which reads the log stream.

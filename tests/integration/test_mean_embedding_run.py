@@ -145,11 +145,17 @@ def test_an_aggregator_stopped_while_fitting_resumes_without_a_second_spend(tmp_
     assert all(len(spends) == 1 for spends in spent.values())
 
     lines: list[str] = []
-    resumed = DemoOptions(resume=run_dir, rounds=1, extra_config={"embedding-fit-steps": 60})
+    # The fit saved its state at step 300 (every tenth), before the line that stopped it.
+    assert (run_dir / "fit_round_001.pt").exists()
+    resumed = DemoOptions(resume=run_dir, rounds=1, extra_config={"embedding-fit-steps": 400})
     run_demo(resumed, say=lines.append)
     assert any("kept sum" in line for line in (run_dir / "logs" / "flwr-run.log").open())
     (m,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert m["release_kept"] is True and m["fit_steps"] == 60 and m["sites"] == list(SITES)
+    assert m["release_kept"] is True and m["sites"] == list(SITES)
+    # It went on from the saved step (300, or a later tenth had the stop lagged).
+    assert m["fit_resumed_at"] >= 300 and m["fit_resumed_at"] % 300 == 0
+    assert m["fit_steps"] == max(400, m["fit_resumed_at"])
+    assert not (run_dir / "fit_round_001.pt").exists()  # the checkpoint holds G now
     assert m["secagg"]["survivors"] == list(SITES)  # the stopped run's record, carried over
     assert all(ledger.spends() == spent[s] for s, ledger in ledgers.items())  # no second spend
     events = [json.loads(x)["event"] for x in (tmp_path / "audit.jsonl").read_text().splitlines()]

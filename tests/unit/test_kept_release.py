@@ -1,13 +1,18 @@
 """The aggregate of a mean-embedding round, kept before G is fitted: read back
-exactly, refused when it does not fit the run, and what a resume starts from."""
+exactly, refused when it does not fit the run, and what a resume starts from;
+the fit's own saved state, which a resumed fit goes on from."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fedgan.appbundle import default_run_config
+from fedgan.gan.embedding_fit import FitState, fit_generator
+from fedgan.gan.models import GanSpec, Generator
 from fedgan.outputs import KeptRelease, KeptReleaseError, RunOutputs, kept_rounds
+from fedgan.privacy.mean_embedding import FeatureMap, Target, release
 from fedgan.run_config import ConfigError, RunSettings
 from fedgan.server_app import _start
 
@@ -78,3 +83,57 @@ def test_a_run_stopped_in_its_first_fit_resumes_at_round_one(tmp_path):
     # A later checkpoint wins: the kept round is then behind the run.
     out.save_checkpoint(gen, disc, 1)
     assert _start(RunSettings.from_run_config(cfg), out)[2] == 2
+
+
+def _fit_inputs() -> tuple[Generator, FeatureMap, Target]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 16, 16, generator=g) * 2 - 1
+    phi = FeatureMap(pixels=256, features=50, length_scale=0.6, seed=0)
+    target = Target.from_sum(release(phi, x, torch.arange(40) % 2, 2, 0.0))
+    torch.manual_seed(0)
+    return (
+        Generator(GanSpec(image_size=16, channels=1, latent_dim=4, width=4, num_classes=2)),
+        phi,
+        target,
+    )
+
+
+def test_a_stopped_fit_resumed_from_its_state_ends_where_an_unbroken_one_does(tmp_path):
+    gen, phi, target = _fit_inputs()
+    whole = fit_generator(gen, phi, target, steps=12, lr=1e-2, per_class=8)
+    states: list[FitState] = []
+    first, _, _ = _fit_inputs()
+    fit_generator(
+        first, phi, target, steps=12, lr=1e-2, per_class=8, save=states.append, save_every=5
+    )
+    assert [s.step for s in states] == [5, 10]  # none at the last step: the checkpoint has it
+    # Through the run folder, as a resumed aggregator reads it.
+    out = RunOutputs(tmp_path)
+    out.save_fit_state(1, states[0], phi.digest())
+    saved, why = out.load_fit_state(1, phi.digest())
+    assert why == "" and saved is not None and saved.step == 5
+    resumed, _, _ = _fit_inputs()  # a fresh G, as after a restart: the state overrides it
+    fit = fit_generator(resumed, phi, target, steps=12, lr=1e-2, per_class=8, resume=saved)
+    assert fit.resumed_at == 5 and fit.steps == 12
+    assert (fit.loss, fit.first_loss) == (whole.loss, whole.first_loss)
+    for a, b in zip(gen.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_fit_state_that_cannot_be_used_is_named_and_costs_only_its_steps(tmp_path):
+    gen, phi, target = _fit_inputs()
+    states: list[FitState] = []
+    fit_generator(gen, phi, target, steps=3, lr=1e-2, per_class=8, save=states.append, save_every=1)
+    out = RunOutputs(tmp_path)
+    assert out.load_fit_state(1, phi.digest()) == (None, "")
+    out.save_fit_state(1, states[-1], phi.digest())
+    assert out.load_fit_state(1, "ef" * 32) == (
+        None,
+        "fit_round_001.pt was fitted with other random features",
+    )
+    path = out.fit_state_path(1)
+    path.write_bytes(path.read_bytes()[:64])
+    state, why = out.load_fit_state(1, phi.digest())
+    assert state is None and why.startswith("fit_round_001.pt cannot be read")
+    out.drop_fit_state(1)
+    assert not path.exists()
