@@ -415,7 +415,8 @@ def sites(connection: ConnOpt = None, flwr_home: HomeOpt = None) -> None:
 
     for n in operator.sites(connection, flwr_home):
         since = n.get("online-at") or n.get("offline-at") or ""
-        typer.echo(f"node {n.get('node-id'):<22} {n.get('status', '?'):<9} {since}")
+        name = n.get("name", "")
+        typer.echo(f"node {n.get('node-id'):<22} {n.get('status', '?'):<9} {name:<16} {since}")
 
 
 @app.command("stop")

@@ -8,7 +8,10 @@ app bundle, and the progress lines read from the ServerApp's log stream."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -155,8 +158,48 @@ def runs(connection: str | None, flwr_home: Path | None) -> list[dict[str, Any]]
 
 
 def sites(connection: str | None, flwr_home: Path | None) -> list[dict[str, Any]]:
+    """The SuperLink's nodes as `flwr supernode list` gives them, each with
+    the ``name`` it was registered under (the site id) where one is known."""
     out = flwr(["supernode", "list", *_conn(connection), "--format", "json"], flwr_home)
-    return list(_json(out, "sites")["nodes"])
+    nodes = list(_json(out, "sites")["nodes"])
+    names = node_names(connection, flwr_home)
+    for node in nodes:
+        name = names.get(str(node.get("node-id")))
+        if name:
+            node["name"] = name
+    return nodes
+
+
+def node_names(connection: str | None, flwr_home: Path | None) -> dict[str, str]:
+    """node id -> the name given at `flwr supernode register --name` (our
+    site ids). Flower 1.41's JSON listing leaves the name out, though the
+    Control API returns it, so this asks the API through Flower's own client
+    code and TLS settings. Names only make the listing readable: if this
+    fails (another Flower, an unreachable SuperLink), the listing keeps its
+    node ids and says nothing more."""
+    previous = os.environ.get("FLWR_HOME")
+    if flwr_home is not None:
+        os.environ["FLWR_HOME"] = str(flwr_home)
+    client = None
+    try:
+        from flwr.cli.flower_config import read_superlink_connection
+        from flwr.cli.utils import init_http_client_from_connection
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        with contextlib.redirect_stdout(io.StringIO()):  # its connection banner
+            client = init_http_client_from_connection(read_superlink_connection(connection))
+            reply = client.ListNodes(ListNodesRequest())
+        return {str(n.node_id): n.name for n in reply.nodes_info if n.name}
+    except Exception:  # Flower's helpers raise their own kinds (typer.Exit, HTTP errors)
+        return {}
+    finally:
+        if client is not None:
+            client.close()
+        if flwr_home is not None:
+            if previous is None:
+                os.environ.pop("FLWR_HOME", None)
+            else:
+                os.environ["FLWR_HOME"] = previous
 
 
 def stop(run_id: str, connection: str | None, flwr_home: Path | None) -> None:

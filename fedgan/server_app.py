@@ -116,8 +116,9 @@ def main(grid: Grid, context: Context) -> None:
 
 def _start(settings: RunSettings, out: RunOutputs) -> tuple[Generator, Discriminator, int]:
     """The global model and the first round: fresh, or from the checkpoint
-    when resuming. A run folder that holds a checkpoint is never restarted
-    from scratch over it."""
+    when resuming (or, stopped in the first round's fit, from its kept
+    release sum). A run folder that holds either is never restarted from
+    scratch over it."""
     gen, disc = build(settings.spec, seed=settings.train.seed)
     kept = out.kept_rounds()
     if not settings.resume:

@@ -93,6 +93,9 @@ def test_run_follow_resume_sites_and_status(tmp_path):
         assert listed.returncode == 0, listed.stderr
         online = {int(line.split()[1]) for line in listed.stdout.splitlines() if "online" in line}
         assert online == set(fed.node_ids.values()), listed.stdout
+        # Each node by the site name it was registered under, not only its id.
+        named = {int(line.split()[1]): line.split()[3] for line in listed.stdout.splitlines()}
+        assert named == {node: site for site, node in fed.node_ids.items()}, listed.stdout
         status = fedgan("status", home=home)
         assert status.returncode == 0, status.stderr
         assert status.stdout.lower().count("finished:completed") == 2, status.stdout

@@ -4,6 +4,7 @@ one is listed with its key path, and what the operator sees of a run."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,14 @@ def test_the_fit_of_a_mean_embedding_run_shows_its_progress(tmp_path):
         fh.write("eases: step 300/1500, loss 0.3\n")
     printer()
     assert printed[1:] == ["  fitting G to the releases: step 300/1500, loss 0.3"]
+
+
+def test_site_names_are_an_extra_that_fails_quietly(tmp_path, monkeypatch):
+    """Without a reachable SuperLink (here: no Flower config at all), the
+    listing keeps its node ids: no names, no error, FLWR_HOME as it was."""
+    monkeypatch.setenv("FLWR_HOME", "/the/operator/own")
+    assert operator.node_names("consortium", tmp_path / "empty-home") == {}
+    assert os.environ["FLWR_HOME"] == "/the/operator/own"
+    monkeypatch.delenv("FLWR_HOME")
+    assert operator.node_names("consortium", tmp_path / "empty-home") == {}
+    assert "FLWR_HOME" not in os.environ
