@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=4000)
     ap.add_argument("--scale", type=float, default=0.3, help="kernel length scale / √pixels")
     ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--width", type=int, default=32, help="G's width (32, as the product's default)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--synth-images", type=int, default=1200, help="synthetic fundus silo size")
@@ -85,7 +86,11 @@ def main() -> None:
     print(f"σ {sigma:.3f} for ε {args.epsilon} ({args.accountant}, one release per site)")
 
     spec = GanSpec(
-        image_size=args.size, channels=x.shape[1], latent_dim=64, width=32, num_classes=classes
+        image_size=args.size,
+        channels=x.shape[1],
+        latent_dim=64,
+        width=args.width,
+        num_classes=classes,
     )
     gen = Generator(spec)
     t = time.perf_counter()
