@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=4000)
     ap.add_argument("--scale", type=float, default=0.3, help="kernel length scale / √pixels")
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--width", type=int, default=32, help="G's width (32, as the product's default)")
+    ap.add_argument("--width", type=int, default=32, help="G's width (product default 32)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--synth-images", type=int, default=1200, help="synthetic fundus silo size")

@@ -58,6 +58,7 @@ class FeatureMap:
     length_scale: float
     seed: int
     _w: torch.Tensor = field(init=False, repr=False, compare=False)
+    _digest: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.pixels < 1 or self.features < 1 or not self.length_scale > 0:
@@ -65,7 +66,11 @@ class FeatureMap:
         w = torch.randn(
             self.pixels, self.features, generator=torch.Generator().manual_seed(self.seed)
         )
-        object.__setattr__(self, "_w", w / (self.length_scale * math.sqrt(self.pixels)))
+        w = w / (self.length_scale * math.sqrt(self.pixels))
+        object.__setattr__(self, "_w", w)
+        # Hashed once, as drawn: W is up to 786 MB, and the aggregator checks
+        # the digest against kept sums and fit states as well as the sites.
+        object.__setattr__(self, "_digest", hashlib.sha256(w.numpy().tobytes()).hexdigest())
 
     @property
     def width(self) -> int:
@@ -76,7 +81,7 @@ class FeatureMap:
         """SHA-256 of W, so a site can check that it embeds with the very map
         the aggregator fits G to (a different torch could draw different
         numbers from the same seed, and a mismatch would fail silently)."""
-        return hashlib.sha256(self._w.cpu().numpy().tobytes()).hexdigest()
+        return self._digest
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self._w
