@@ -52,7 +52,7 @@ class KeptRelease:
     more than it already saw. Nothing per site is kept."""
 
     round: int
-    mean: np.ndarray  # (classes, features + 1): Σ releases / Σ noisy counts
+    mean: np.ndarray  # (classes, 2F + 1): Σ releases / Σ noisy counts
     record: dict[str, Any]  # metrics.jsonl's line up to the fit
     received: Received  # the surviving sites' weights and metrics
     digest: str  # the random features the sites embedded with

@@ -511,7 +511,8 @@ def _run(grid: Grid, settings: RunSettings, out: RunOutputs, audit: AuditLog) ->
             record["skipped"] = skipped
         # Every round, updated or not, so a resume continues at the next one.
         out.save_checkpoint(gen, disc, server_round)
-        out.drop_fit_state(server_round)  # the checkpoint holds the fitted G now
+        if phi is not None:
+            out.drop_fit_state(server_round)  # the checkpoint holds the fitted G now
         record["seconds"] = round(time.perf_counter() - started, 3)
         out.append_metrics(record)
         # One JSON line per round for `fedgan run`, which reads the log stream.
