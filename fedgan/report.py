@@ -324,8 +324,10 @@ EVAL_COLUMNS = (
     ("privacy", "mia_generator_auc", "MIA AUC (G, nearest)", "{:.3f}"),
     ("privacy", "memorized_fraction", "memorized", "{:.1%}"),
     ("utility", "tstr_accuracy", "TSTR accuracy", "{:.3f}"),
+    ("utility", "tstr_accuracy_sd", "TSTR s.d. over classifier seeds", "{:.3f}"),
     ("utility", "tstr_mix_accuracy", "TSTR at the site's class mix", "{:.3f}"),
     ("utility", "trtr_accuracy", "train-on-real accuracy", "{:.3f}"),
+    ("utility", "trtr_accuracy_sd", "train-on-real s.d. over classifier seeds", "{:.3f}"),
     ("utility", "anomaly_auc", "anomaly detector AUC", "{:.3f}"),
 )
 

@@ -71,8 +71,13 @@ def reading(ev: dict[str, Any]) -> list[str]:
         )
     if "tstr_ratio" in u:
         out.append(
-            f"A classifier trained only on synthetic images reaches {u['tstr_accuracy']:.0%} on "
-            f"{site}'s held-out images, {u['tstr_ratio']:.0%} of one trained on real images"
+            f"A classifier trained only on synthetic images reaches {u['tstr_accuracy']:.0%}"
+            + (
+                f" (± {u['tstr_accuracy_sd']:.0%} over {u['classifier_seeds']} classifiers)"
+                if "tstr_accuracy_sd" in u and u.get("classifier_seeds", 1) > 1
+                else ""
+            )
+            + f" on {site}'s held-out images, {u['tstr_ratio']:.0%} of one trained on real images"
             + (
                 f" ({u['tstr_mix_ratio']:.0%} when the synthetic classes follow {site}'s mix)."
                 if "tstr_mix_ratio" in u

@@ -254,8 +254,10 @@ def evaluate(
         )
         u = result["utility"]
         say(
-            f"utility       TSTR accuracy {u['tstr_accuracy']:.3f} vs train-on-real "
-            f"{u['trtr_accuracy']:.3f} ({u['tstr_ratio']:.0%}); at this site's class mix "
+            f"utility       TSTR accuracy {u['tstr_accuracy']:.3f} ± {u['tstr_accuracy_sd']:.3f} "
+            f"vs train-on-real {u['trtr_accuracy']:.3f} ± {u['trtr_accuracy_sd']:.3f} "
+            f"({u['tstr_ratio']:.0%}; mean ± s.d. of {u['classifier_seeds']} classifiers); "
+            "at this site's class mix "
             f"{u['tstr_mix_accuracy']:.3f} ({u['tstr_mix_ratio']:.0%})"
         )
     if normal_class is not None:

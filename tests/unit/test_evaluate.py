@@ -17,7 +17,7 @@ from fedgan.evaluate import encoder as domain
 from fedgan.evaluate import metrics
 from fedgan.evaluate.results import load_all, reading
 from fedgan.evaluate.site import EvaluationError, evaluate
-from fedgan.evaluate.utility import anomaly_auc
+from fedgan.evaluate.utility import accuracy, anomaly_auc, train_classifier, tstr
 from fedgan.exporter import RunsCollector
 from fedgan.gan.models import GanSpec, build
 from fedgan.outputs import RunOutputs
@@ -97,6 +97,32 @@ def test_anomaly_detector_trained_on_normals_separates_abnormal_images():
     result = anomaly_auc(normal, test, abnormal, steps=150)
     assert result["anomaly_auc"] > 0.9 and result["anomaly_detected"] > 0.5
     assert result["anomaly_false_alarms"] < 0.3
+
+
+def test_tstr_is_the_mean_of_several_classifiers_with_their_spread():
+    # Two classes a classifier can tell apart only partly (overlapping
+    # shifts), so the seeds disagree and the spread is not zero.
+    def two_classes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % 2
+        return torch.cat([_blobs(n // 2, seed), _blobs(n // 2, seed + 1, shift=0.3)]), y.sort()[0]
+
+    fake, fake_y = two_classes(64, 20)
+    real, real_y = two_classes(64, 30)
+    test, test_y = two_classes(64, 40)
+    one = [
+        accuracy(train_classifier(fake, fake_y, 2, steps=300, seed=s), test, test_y)
+        for s in (5, 6, 7)
+    ]
+    u = tstr(fake, fake_y, real, real_y, test, test_y, 2, seed=5, seeds=3)
+    assert u["classifier_seeds"] == 3
+    assert u["tstr_accuracy"] == pytest.approx(sum(one) / 3)
+    mean = sum(one) / 3
+    assert u["tstr_accuracy_sd"] == pytest.approx((sum((a - mean) ** 2 for a in one) / 2) ** 0.5)
+    assert u["tstr_ratio"] == pytest.approx(u["tstr_accuracy"] / u["trtr_accuracy"])
+    single = tstr(fake, fake_y, real, real_y, test, test_y, 2, seed=5, seeds=1)
+    assert single["tstr_accuracy"] == pytest.approx(one[0]) and single["tstr_accuracy_sd"] == 0
+    with pytest.raises(ValueError, match="seeds"):
+        tstr(fake, fake_y, real, real_y, test, test_y, 2, seeds=0)
 
 
 def test_auc_orders_scores():
@@ -229,6 +255,8 @@ def test_evaluation_writes_numbers_only_and_names_the_site(evaluated):
     assert 0 <= p["memorized_fraction"] <= 1
     assert 0 <= u["tstr_accuracy"] <= 1 and 0 < u["trtr_accuracy"] <= 1
     assert u["tstr_mix_ratio"] == pytest.approx(u["tstr_mix_accuracy"] / u["trtr_accuracy"])
+    assert u["classifier_seeds"] == 3 and u["tstr_accuracy_sd"] >= 0 <= u["trtr_accuracy_sd"]
+    assert any("± " in line and "of 3 classifiers" in line for line in lines)
     assert any("at this site's class mix" in line for line in lines)
     assert 0 <= u["anomaly_auc"] <= 1 and 0 <= u["anomaly_detected"] <= 1
     assert (run_dir / "evaluation" / "site-1-encoder.pt").exists()
