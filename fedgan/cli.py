@@ -449,6 +449,13 @@ def evaluate_run(
     ] = "local",
     n: Annotated[int, typer.Option(help="Synthetic images to draw.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic draw.")] = 0,
+    classifier_seeds: Annotated[
+        int,
+        typer.Option(
+            help="TSTR and train-on-real: the mean and s.d. of this many classifiers "
+            "(one classifier's figure moves by up to ±0.09 with its seed)."
+        ),
+    ] = 3,
     option: Annotated[
         list[str] | None,
         typer.Option("--option", help="Silo option key=value, as at training (repeatable)."),
@@ -494,6 +501,7 @@ def evaluate_run(
         silo_options=options,
         n_synthetic=n,
         seed=seed,
+        classifier_seeds=classifier_seeds,
         normal_class=normal_class,
         encoder_path=encoder,
         inception_weights=inception_weights,

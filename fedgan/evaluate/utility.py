@@ -73,6 +73,7 @@ def tstr(
     *,
     seed: int = 0,
     seeds: int = 3,
+    steps: int = 300,
     at_mix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """``at_mix``: synthetic images and labels drawn at the real images' class
@@ -90,7 +91,9 @@ def tstr(
 
     def mean_sd(images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
         accs = [
-            accuracy(train_classifier(images, labels, classes, seed=s), test, test_labels)
+            accuracy(
+                train_classifier(images, labels, classes, steps=steps, seed=s), test, test_labels
+            )
             for s in range(seed, seed + seeds)
         ]
         return statistics.fmean(accs), statistics.stdev(accs) if seeds > 1 else 0.0

@@ -96,6 +96,7 @@ def test_a_site_evaluates_it_without_the_untrained_discriminator(released_run, t
     held = synth_silo(tmp_path / "held", "fundus", 20, seed=5, size=16)
     done = evaluate_as_site_1(run_dir, held, 64)
     assert done.returncode == 0, done.stderr
+    assert "one classifier" in done.stdout  # --classifier-seeds 1
     result = json.loads((run_dir / "evaluation" / "site-1.json").read_text())
     assert 0 <= result["privacy"]["mia_generator_auc"] <= 1
     assert "mia_discriminator_auc" not in result["privacy"]

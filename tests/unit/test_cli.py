@@ -36,6 +36,7 @@ def test_pki_lifecycle(tmp_path):
         (["pki", "revoke", "ghost", "--out", "{tmp}/c"], "no site 'ghost'"),
         (["silo", "synth", "{tmp}/s", "--kind", "xray"], "unknown silo kind"),
         (["demo", "--kind", "xray"], "--kind 'xray' is not supported"),
+        (["evaluate", "{tmp}", "--real", "{tmp}", "--classifier-seeds", "0"], "use 1 or more"),
     ],
 )
 def test_bad_input_gets_one_line_naming_the_fix(tmp_path, args, expect):

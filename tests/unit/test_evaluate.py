@@ -110,16 +110,16 @@ def test_tstr_is_the_mean_of_several_classifiers_with_their_spread():
     real, real_y = two_classes(64, 30)
     test, test_y = two_classes(64, 40)
     one = [
-        accuracy(train_classifier(fake, fake_y, 2, steps=300, seed=s), test, test_y)
+        accuracy(train_classifier(fake, fake_y, 2, steps=40, seed=s), test, test_y)
         for s in (5, 6, 7)
     ]
     mean = sum(one) / 3
-    u = tstr(fake, fake_y, real, real_y, test, test_y, 2, seed=5, seeds=3)
+    u = tstr(fake, fake_y, real, real_y, test, test_y, 2, seed=5, seeds=3, steps=40)
     assert u["classifier_seeds"] == 3
     assert u["tstr_accuracy"] == pytest.approx(mean)
     assert u["tstr_accuracy_sd"] == pytest.approx((sum((a - mean) ** 2 for a in one) / 2) ** 0.5)
     assert u["tstr_ratio"] == pytest.approx(u["tstr_accuracy"] / u["trtr_accuracy"])
-    single = tstr(fake, fake_y, real, real_y, test, test_y, 2, seed=5, seeds=1)
+    single = tstr(fake, fake_y, real, real_y, test, test_y, 2, seed=5, seeds=1, steps=40)
     assert single["tstr_accuracy"] == pytest.approx(one[0]) and single["tstr_accuracy_sd"] == 0
     with pytest.raises(ValueError, match="seeds"):
         tstr(fake, fake_y, real, real_y, test, test_y, 2, seeds=0)
@@ -234,6 +234,7 @@ def evaluated(tmp_path_factory):
         holdout=held,
         n_synthetic=96,
         encoder_steps=40,
+        classifier_steps=40,
         normal_class=classes[0],
         say=lines.append,
     )
@@ -279,10 +280,14 @@ def test_a_second_evaluation_reuses_the_encoder(evaluated, tmp_path):
         site_id="site-1",
         holdout=run_dir.parents[1] / "held",
         n_synthetic=96,
+        encoder_steps=40,
+        classifier_seeds=1,
+        classifier_steps=20,
         normal_class=classes[0],
         say=lines.append,
     )
     assert any("reused" in line for line in lines)
+    assert "one classifier" in next(line for line in lines if line.startswith("utility"))
     assert json.loads(path.read_text())["quality"]["domain_fid"] == pytest.approx(first)
 
 
@@ -372,7 +377,13 @@ def test_report_compares_baselines_evaluated_with_the_same_encoder(evaluated, tm
     same, other = tmp_path / "centralized", tmp_path / "no-dp"
     for dest in (same, other):
         shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("evaluation", "report.html"))
-    quiet = {"n_synthetic": 48, "say": lambda _m: None, "holdout": root / "held"}
+    quiet = {
+        "n_synthetic": 48,
+        "say": lambda _m: None,
+        "holdout": root / "held",
+        "classifier_seeds": 1,
+        "classifier_steps": 20,
+    }
     evaluate(
         same,
         root / "silo",
