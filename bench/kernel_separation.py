@@ -6,8 +6,8 @@ of the same images, the release carries no signal for G to draw the difference, 
 no fit will put it into the fakes. So for each pair of adjacent classes this prints
 the squared distance between their mean embeddings (the biased MMD²) over its mean
 when the two classes' labels are shuffled (a permutation test's null), and the share
-of shuffles that reach the observed distance (its p-value). About 1 means the kernel
-cannot tell the two classes apart; well above 1, it can.
+of labellings, the observed one among them, at least that far (its p-value). About 1
+means the kernel cannot tell the two classes apart; well above 1, it can.
 
     python bench/kernel_separation.py --data synth
     python bench/kernel_separation.py --data synth --set-scales 0.05 0.1 0.2 --permutations 200
@@ -40,7 +40,8 @@ from fedgan.privacy.mean_embedding import FeatureMap
 def separation(
     emb: torch.Tensor, labels: torch.Tensor, a: int, b: int, permutations: int, seed: int
 ) -> tuple[float, float]:
-    """(observed / mean under shuffling, share of shuffles at least as far)."""
+    """(observed / mean under shuffling, permutation p-value). The p-value
+    counts the observed labelling among the shuffles, so it is never 0."""
     pick = (labels == a) | (labels == b)
     e, is_a = emb[pick].double(), labels[pick] == a
 
@@ -50,7 +51,7 @@ def separation(
     seen = dist(is_a)
     gen = torch.Generator().manual_seed(seed)
     null = [dist(is_a[torch.randperm(len(is_a), generator=gen)]) for _ in range(permutations)]
-    return seen / (sum(null) / len(null)), sum(n >= seen for n in null) / len(null)
+    return seen / (sum(null) / len(null)), (1 + sum(n >= seen for n in null)) / (1 + len(null))
 
 
 def set_kernel(m: torch.Tensor, scale: float, features: int, seed: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ image size, never from the data.
     python bench/mean_embedding.py --data synth --size 64 --device cuda --save g64.pt --skip-eval
     python bench/mean_embedding.py --data synth --size 64 --load g64.pt
     python bench/mean_embedding.py --data synth --epsilon 0 --patch-weight 0.75
+    python bench/mean_embedding.py --data synth --epsilon 0 --patch-weight 0.97 --classifier-seeds 5
 
 `--patch-weight w` adds to φ the mean over positions of random Fourier features of k×k
 patches (`PatchPixelMap`), with weight w against the whole-image features: a kernel
