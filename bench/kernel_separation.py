@@ -28,11 +28,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import torch
 from mean_embedding import PatchPixelMap
-from quality import digits, synth
+from quality import digits, held_out_split, synth
 
 from fedgan.privacy.mean_embedding import FeatureMap
 
@@ -80,14 +80,15 @@ def main() -> None:
     if not all(0 < w <= 1 for w in args.weights):
         ap.error("--weights are in (0, 1]")
     x, y = digits(32) if args.data == "digits" else synth(args.synth_images)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm[: int(0.8 * len(y))]], y[perm[: int(0.8 * len(y))]]
+    x, y, _, _ = held_out_split(x, y)
     classes = int(y.max()) + 1
     pixels = FeatureMap(x[0].numel(), args.features, args.scale, seed=args.seed)
-    both = PatchPixelMap(
+    # Only its patch part is read (the same V as mean_embedding.py draws); the
+    # weighted maps are put together below, one per --weights.
+    patch_map = PatchPixelMap(
         pixels,
         x.shape[1],
-        weight=0.75,
+        weight=1.0,
         size=3,
         features=args.patch_features,
         length_scale=args.patch_scale,
@@ -97,19 +98,22 @@ def main() -> None:
     t = time.perf_counter()
     with torch.no_grad():
         px = torch.cat([pixels(part) for part in x.split(64)])
-        patches = torch.cat([both.patch_mean(part) for part in x.split(16)])
-    maps: dict[str, Callable[[], torch.Tensor]] = {
-        "pixels": lambda: px,
-        "mean 3×3 patch": lambda: patches,
-    }
-    for w in args.weights:
-        maps[f"pixels + patches, w {w:g}"] = lambda w=w: torch.cat(
-            [math.sqrt(1 - w) * px, math.sqrt(w) * patches], 1
-        )
-    for s in args.set_scales:
-        maps[f"set kernel, length {s:g}"] = lambda s=s: set_kernel(
-            patches, s, args.set_features, args.seed + 2
-        )
+        patches = torch.cat([patch_map.patch_mean(part) for part in x.split(16)])
+
+    def maps() -> Iterator[tuple[str, torch.Tensor]]:
+        yield "pixels", px
+        yield "mean 3×3 patch", patches
+        for w in args.weights:
+            yield (
+                f"pixels + patches, w {w:g}",
+                torch.cat([math.sqrt(1 - w) * px, math.sqrt(w) * patches], 1),
+            )
+        for s in args.set_scales:
+            yield (
+                f"set kernel, length {s:g}",
+                set_kernel(patches, s, args.set_features, args.seed + 2),
+            )
+
     gaps = torch.cdist(patches, patches)
     print(
         f"{args.data}: {len(y)} training images, {classes} classes "
@@ -121,8 +125,7 @@ def main() -> None:
     pairs = [(c, c + 1) for c in range(classes - 1)]
     print("| map | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " |")
     print("| --- |" + " ---: |" * len(pairs))
-    for name, embed in maps.items():
-        emb = embed()
+    for name, emb in maps():
         cells = []
         for a, b in pairs:
             ratio, p = separation(emb, y, a, b, args.permutations, args.seed)
@@ -130,7 +133,8 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(
         "Each cell: squared distance of the two classes' mean embeddings over its mean "
-        f"under {args.permutations} shuffles of their labels (1 = the map cannot tell them apart)."
+        f"under {args.permutations} shuffles of their labels (1 = the map cannot tell them "
+        "apart), and the permutation p-value."
     )
 
 

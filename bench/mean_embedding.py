@@ -46,7 +46,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from quality import digits, dirichlet_split, evaluate, synth
+from quality import digits, dirichlet_split, evaluate, held_out_split, synth
 
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate.utility import accuracy, train_classifier, tstr
@@ -128,10 +128,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     x, y = digits(args.size) if args.data == "digits" else synth(args.synth_images, size=args.size)
-    # The split of bench/quality.py at seed 0, so the held-out set is the same.
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    cut = int(0.8 * len(y))
-    train_x, train_y, test_x, test_y = x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+    train_x, train_y, test_x, test_y = held_out_split(x, y)  # quality.py's held-out images
     classes = int(y.max()) + 1
     phi = FeatureMap(train_x[0].numel(), args.features, args.scale, seed=args.seed)
     if args.patch_weight > 0:

@@ -71,6 +71,15 @@ def synth(n: int = 1200, root: Path = Path("/tmp/fedgan-bench-quality"), size: i
     return x, y
 
 
+def held_out_split(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> tuple:
+    """(train_x, train_y, test_x, test_y): 20 % held out at random. Every bench
+    that compares with this one's tables uses it at seed 0, so its held-out
+    images are the same ones."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    tr, te = perm[: int(0.8 * len(y))], perm[int(0.8 * len(y)) :]
+    return x[tr], y[tr], x[te], y[te]
+
+
 def dirichlet_split(labels: torch.Tensor, sites: int, alpha: float, seed: int) -> list[np.ndarray]:
     """Label-skewed silos: each class spread over sites by Dirichlet(α)."""
     rng = np.random.default_rng(seed)
@@ -236,10 +245,7 @@ def main() -> None:
     results = {}
     for name in args.data:
         x, y = digits(args.size) if name == "digits" else synth(args.synth_images, size=args.size)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
-        cut = int(0.8 * len(y))
-        tr, te = perm[:cut], perm[cut:]
-        train_x, train_y, test_x, test_y = x[tr], y[tr], x[te], y[te]
+        train_x, train_y, test_x, test_y = held_out_split(x, y, args.seed)
         classes = int(y.max()) + 1
         spec = GanSpec(
             image_size=args.size,

@@ -262,21 +262,22 @@ def evaluate(
             at_mix=(at_mix[0], at_mix[1]),
         )
         u = result["utility"]
-        if classifier_seeds > 1:
-            say(
-                f"utility       TSTR accuracy {u['tstr_accuracy']:.3f} ± "
-                f"{u['tstr_accuracy_sd']:.3f} vs train-on-real {u['trtr_accuracy']:.3f} ± "
-                f"{u['trtr_accuracy_sd']:.3f} ({u['tstr_ratio']:.0%}; mean ± s.d. of "
-                f"{classifier_seeds} classifiers); at this site's class mix "
-                f"{u['tstr_mix_accuracy']:.3f} ({u['tstr_mix_ratio']:.0%})"
+        several = classifier_seeds > 1
+
+        def figure(key: str) -> str:
+            return f"{u[key]:.3f}" + (f" ± {u[key + '_sd']:.3f}" if several else "")
+
+        say(
+            f"utility       TSTR accuracy {figure('tstr_accuracy')} vs train-on-real "
+            f"{figure('trtr_accuracy')} ({u['tstr_ratio']:.0%}; "
+            + (
+                f"mean ± s.d. of {classifier_seeds} classifiers"
+                if several
+                else "one classifier, its seed alone moves it by up to ±0.09"
             )
-        else:
-            say(
-                f"utility       TSTR accuracy {u['tstr_accuracy']:.3f} vs train-on-real "
-                f"{u['trtr_accuracy']:.3f} ({u['tstr_ratio']:.0%}; one classifier, its seed "
-                f"alone moves it by up to ±0.09); at this site's class mix "
-                f"{u['tstr_mix_accuracy']:.3f} ({u['tstr_mix_ratio']:.0%})"
-            )
+            + f"); at this site's class mix {u['tstr_mix_accuracy']:.3f} "
+            f"({u['tstr_mix_ratio']:.0%})"
+        )
     if normal_class is not None:
         normal = classes.index(normal_class)
         fake_normal, _ = generate(gen, n_synthetic, seed=seed + 1, class_index=normal)
