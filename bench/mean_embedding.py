@@ -16,7 +16,7 @@ image size, never from the data.
     python bench/mean_embedding.py --data synth --epsilon 10
     python bench/mean_embedding.py --data synth --synth-images 12000 --epsilon 10
     python bench/mean_embedding.py --data synth --size 64 --device cuda --save g64.pt --skip-eval
-    python bench/mean_embedding.py --data synth --size 64 --load g64.pt
+    python bench/mean_embedding.py --data synth --size 64 --load g64.pt --grid g64.png
     python bench/mean_embedding.py --data synth --epsilon 0 --patch-weight 0.75
     python bench/mean_embedding.py --data synth --epsilon 0 --patch-weight 0.97 --classifier-seeds 5
 
@@ -43,10 +43,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from quality import digits, dirichlet_split, evaluate, held_out_split, synth
+from quality import digits, dirichlet_split, evaluate, held_out_split, synth, write_grid
 
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate.utility import accuracy, train_classifier, tstr
@@ -119,6 +120,7 @@ def main() -> None:
     ap.add_argument("--save", help="write the fitted G's weights here")
     ap.add_argument("--load", help="evaluate these weights instead of fitting")
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--grid", type=Path, help="write a real-over-fake PNG per class here")
     ap.add_argument("--patch-weight", type=float, default=0.0, help="0: whole-image kernel only")
     ap.add_argument("--patch-size", type=int, default=3)
     ap.add_argument("--patch-features", type=int, default=1000)
@@ -197,6 +199,8 @@ def main() -> None:
         if args.save:
             torch.save(gen.state_dict(), args.save)
     gen.eval()
+    if args.grid:
+        write_grid(args.grid, gen, train_x, train_y, classes)
     if args.skip_eval:
         return
     enc = domain.train_encoder(train_x, steps=600, seed=0)

@@ -23,7 +23,12 @@ memorized fraction, and TSTR accuracy against train-on-real. Goals (issue 8):
     python bench/quality.py [--data digits synth] [--rounds 20] [--steps 40] [--device cpu]
         [--batch 32] [--dp-batch B] [--synth-images 1200] [--width 32] [--size 32|64]
         [--mode-seeking λ]
-        [--only "federated 3 sites, DP ε=10" ...] [--json FILE]
+        [--only "federated 3 sites, DP ε=10" ...] [--json FILE] [--grids DIR]
+
+`--grids DIR` writes one PNG per configuration: for each class a row of real training
+images over a row of fakes. Look at them before reading a figure: on fundus at the
+default 800 steps no generator here draws a recognisable fundus photograph
+(RESULTS.md, "Looking at the fakes").
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from fedgan.atomic import write_atomic
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate import metrics
 from fedgan.evaluate.utility import accuracy, train_classifier
 from fedgan.gan.models import GanSpec, build, recalibrate_batchnorm
 from fedgan.privacy.accountant import epsilon
 from fedgan.privacy.plan import plan_round
+from fedgan.samples import grid_png
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloOptions
 from fedgan.silo.synth import synth_silo
@@ -78,6 +85,23 @@ def held_out_split(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> tuple:
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     tr, te = perm[: int(0.8 * len(y))], perm[int(0.8 * len(y)) :]
     return x[tr], y[tr], x[te], y[te]
+
+
+def write_grid(path: Path, gen, train_x, train_y, classes: int, per_class: int = 8) -> None:
+    """Per class, a row of real training images above a row of fakes of that class,
+    so that a figure can be checked against what the generator draws."""
+    rng = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        for c in range(classes):
+            real = train_x[train_y == c][:per_class]
+            fake = gen(
+                torch.randn(per_class, gen.spec.latent_dim, generator=rng),
+                torch.full((per_class,), c, dtype=torch.long),
+            )
+            rows += [real, fake.cpu()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, grid_png(torch.cat(rows), columns=per_class))
 
 
 def dirichlet_split(labels: torch.Tensor, sites: int, alpha: float, seed: int) -> list[np.ndarray]:
@@ -223,6 +247,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
+    ap.add_argument(
+        "--grids", type=Path, help="Write each configuration's real-over-fake PNG in this folder."
+    )
     args = ap.parse_args()
     if args.synth_images < 100:
         ap.error(f"--synth-images {args.synth_images}: use at least 100 (20 % are held out)")
@@ -287,6 +314,9 @@ def main() -> None:
                 epsilon=spent, tstr_ratio=r["tstr"] / trtr, minutes=(time.perf_counter() - t) / 60
             )
             rows[label] = r
+            if args.grids:
+                slug = label.replace(" ", "-").replace(",", "").replace("ε=", "eps")
+                write_grid(args.grids / f"{name}-{slug}.png", gen, train_x, train_y, classes)
             print(
                 f"{label:<28} {spent if spent is not None else float('nan'):>6.2f} "
                 f"{r['domain_fid']:>10.2f} {r['mia_d']:>6.3f} {r['mia_g']:>6.3f} "
