@@ -200,7 +200,7 @@ def main() -> None:
             torch.save(gen.state_dict(), args.save)
     gen.eval()
     if args.grid:
-        write_grid(args.grid, gen, train_x, train_y, classes)
+        write_grid(args.grid, gen, train_x, train_y)
     if args.skip_eval:
         return
     enc = domain.train_encoder(train_x, steps=600, seed=0)

@@ -87,13 +87,13 @@ def held_out_split(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> tuple:
     return x[tr], y[tr], x[te], y[te]
 
 
-def write_grid(path: Path, gen, train_x, train_y, classes: int, per_class: int = 8) -> None:
+def write_grid(path: Path, gen, train_x, train_y, per_class: int = 8) -> None:
     """Per class, a row of real training images above a row of fakes of that class,
     so that a figure can be checked against what the generator draws."""
     rng = torch.Generator().manual_seed(0)
     rows = []
     with torch.no_grad():
-        for c in range(classes):
+        for c in range(gen.spec.num_classes):
             real = train_x[train_y == c][:per_class]
             fake = gen(
                 torch.randn(per_class, gen.spec.latent_dim, generator=rng),
@@ -316,7 +316,7 @@ def main() -> None:
             rows[label] = r
             if args.grids:
                 slug = label.replace(" ", "-").replace(",", "").replace("ε=", "eps")
-                write_grid(args.grids / f"{name}-{slug}.png", gen, train_x, train_y, classes)
+                write_grid(args.grids / f"{name}-{slug}.png", gen, train_x, train_y)
             print(
                 f"{label:<28} {spent if spent is not None else float('nan'):>6.2f} "
                 f"{r['domain_fid']:>10.2f} {r['mia_d']:>6.3f} {r['mia_g']:>6.3f} "
