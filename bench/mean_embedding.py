@@ -47,12 +47,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from quality import digits, dirichlet_split, evaluate, held_out_split, synth, write_grid
+from quality import (
+    bench_spec,
+    digits,
+    dirichlet_split,
+    evaluate,
+    held_out_split,
+    synth,
+    write_grid,
+)
 
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate.utility import accuracy, train_classifier, tstr
 from fedgan.gan.embedding_fit import fit_generator
-from fedgan.gan.models import GanSpec, Generator, recalibrate_batchnorm
+from fedgan.gan.models import Generator, recalibrate_batchnorm
 from fedgan.privacy.accountant import calibrate_noise
 from fedgan.privacy.mean_embedding import FeatureMap, Target, release
 
@@ -156,13 +164,7 @@ def main() -> None:
     )
     print(f"σ {sigma:.3f} for ε {args.epsilon} ({args.accountant}, one release per site)")
 
-    spec = GanSpec(
-        image_size=args.size,
-        channels=x.shape[1],
-        latent_dim=64,
-        width=args.width,
-        num_classes=classes,
-    )
+    spec = bench_spec(x, classes, args.size, args.width)
     gen = Generator(spec)
     t = time.perf_counter()
 

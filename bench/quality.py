@@ -78,6 +78,18 @@ def synth(n: int = 1200, root: Path = Path("/tmp/fedgan-bench-quality"), size: i
     return x, y
 
 
+def bench_spec(images: torch.Tensor, classes: int, size: int, width: int) -> GanSpec:
+    """The bench's conditional DCGAN (latent 64), shared by every script whose rows
+    compare with this one's tables."""
+    return GanSpec(
+        image_size=size,
+        channels=images.shape[1],
+        latent_dim=64,
+        width=width,
+        num_classes=classes,
+    )
+
+
 def held_out_split(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> tuple:
     """(train_x, train_y, test_x, test_y): 20 % held out at random. Every bench
     that compares with this one's tables uses it at seed 0, so its held-out
@@ -274,13 +286,7 @@ def main() -> None:
         x, y = digits(args.size) if name == "digits" else synth(args.synth_images, size=args.size)
         train_x, train_y, test_x, test_y = held_out_split(x, y, args.seed)
         classes = int(y.max()) + 1
-        spec = GanSpec(
-            image_size=args.size,
-            channels=x.shape[1],
-            latent_dim=64,
-            width=args.width,
-            num_classes=classes,
-        )
+        spec = bench_spec(x, classes, args.size, args.width)
         enc = domain.train_encoder(train_x, steps=600, seed=args.seed)
         trtr = accuracy(train_classifier(train_x, train_y, classes, seed=args.seed), test_x, test_y)
         print(
