@@ -7,15 +7,15 @@ none of them, the centralized one included, draws a fundus photograph (RESULTS.m
 "Looking at the fakes"). Whether TSTR ≥ 90 % of train-on-real is reachable on the
 synthetic fundus silos at all is a question about a baseline trained to its plateau.
 
-One GAN on the pooled training images (the seed-0 split of quality.py, so the
-held-out images are the same), trained in chunks of --chunk steps with the product's
-trainer (a fresh Adam per chunk, as a federated round has; G's BatchNorm statistics
-recomputed after each). Every --every steps it prints domain-FID (quality.py's
+One GAN on the pooled training images (the seed-0 split of quality.py, so the held-out
+images are the same), trained in chunks of --chunk steps with the product's trainer (a
+fresh Adam per chunk, as a federated round has; G's BatchNorm statistics recomputed
+before each evaluation). Every --every steps it prints domain-FID (quality.py's
 encoder), TSTR (the mean ± s.d. of --classifier-seeds classifiers trained on 1,000
-fakes drawn evenly over the classes) against train-on-real, and TRTS (the share of
-the fakes that the real-trained classifiers put in the class asked for), and writes
-the real-over-fake grid and G. `--ema β` also keeps an exponential moving average of
-G's weights over the steps (post-processing of G: no image is read) and evaluates it
+fakes drawn evenly over the classes) against train-on-real, and TRTS (the share of the
+fakes that the real-trained classifiers put in the class asked for), and writes the
+real-over-fake grid and G. `--ema β` also keeps an exponential moving average of G's
+weights over the steps (post-processing of G: no image is read) and evaluates it
 beside G.
 
     python bench/baseline_curve.py --data synth --steps 40000 --every 8000 --out DIR
@@ -36,27 +36,14 @@ import time
 from pathlib import Path
 
 import torch
-from quality import bench_spec, digits, held_out_split, synth, write_grid
+from quality import bench_spec, digits, held_out_split, recalibrate, synth, write_grid
 
 from fedgan.atomic import write_text_atomic
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate import metrics
 from fedgan.evaluate.utility import accuracy, train_classifier
-from fedgan.gan.models import Generator, build, recalibrate_batchnorm
+from fedgan.gan.models import build
 from fedgan.train import TrainConfig, train_local
-
-
-def recalibrate(gen: Generator, seed: int) -> None:
-    classes, latent = gen.spec.num_classes, gen.spec.latent_dim
-    recalibrate_batchnorm(
-        gen,
-        lambda n, rng: (
-            torch.randn(n, latent, generator=rng),
-            torch.randint(0, classes, (n,), generator=rng),
-            None,
-        ),
-        seed=seed,
-    )
 
 
 def main() -> None:

@@ -53,6 +53,7 @@ from quality import (
     dirichlet_split,
     evaluate,
     held_out_split,
+    recalibrate,
     synth,
     write_grid,
 )
@@ -60,7 +61,7 @@ from quality import (
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate.utility import accuracy, train_classifier, tstr
 from fedgan.gan.embedding_fit import fit_generator
-from fedgan.gan.models import Generator, recalibrate_batchnorm
+from fedgan.gan.models import Generator
 from fedgan.privacy.accountant import calibrate_noise
 from fedgan.privacy.mean_embedding import FeatureMap, Target, release
 
@@ -190,14 +191,7 @@ def main() -> None:
             f"fit on {args.device}: {fit.seconds / fit.steps * 1000:.1f} ms/step, "
             f"loss {fit.loss:.4f}"
         )
-        recalibrate_batchnorm(
-            gen,
-            lambda n, rng: (
-                torch.randn(n, spec.latent_dim, generator=rng),
-                torch.randint(0, classes, (n,), generator=rng),
-                None,
-            ),
-        )
+        recalibrate(gen)
         if args.save:
             torch.save(gen.state_dict(), args.save)
     gen.eval()

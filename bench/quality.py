@@ -46,7 +46,7 @@ from fedgan.atomic import write_atomic
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate import metrics
 from fedgan.evaluate.utility import accuracy, train_classifier
-from fedgan.gan.models import GanSpec, build, recalibrate_batchnorm
+from fedgan.gan.models import GanSpec, Generator, build, recalibrate_batchnorm
 from fedgan.privacy.accountant import epsilon
 from fedgan.privacy.plan import plan_round
 from fedgan.samples import grid_png
@@ -87,6 +87,21 @@ def bench_spec(images: torch.Tensor, classes: int, size: int, width: int) -> Gan
         latent_dim=64,
         width=width,
         num_classes=classes,
+    )
+
+
+def recalibrate(gen: Generator, seed: int = 0) -> None:
+    """G's BatchNorm statistics from its own outputs, classes drawn evenly, as the
+    ServerApp recomputes them after averaging."""
+    classes, latent = gen.spec.num_classes, gen.spec.latent_dim
+    recalibrate_batchnorm(
+        gen,
+        lambda n, rng: (
+            torch.randn(n, latent, generator=rng),
+            torch.randint(0, classes, (n,), generator=rng),
+            None,
+        ),
+        seed=seed,
     )
 
 
@@ -182,16 +197,7 @@ def train_federated(
         mean_g, mean_d = weighted_mean(updates)
         set_arrays(gen, apply_delta(g0, mean_g))
         set_arrays(disc, apply_delta(d0, mean_d))
-        classes = spec.num_classes
-        recalibrate_batchnorm(
-            gen,
-            lambda n, rng, classes=classes: (
-                torch.randn(n, spec.latent_dim, generator=rng),
-                torch.randint(0, classes, (n,), generator=rng),
-                None,
-            ),
-            seed=r,
-        )
+        recalibrate(gen, seed=r)
     return gen.eval(), disc.eval(), (max(spent) if spent else None)
 
 
