@@ -35,7 +35,7 @@ Prints domain-FID, TSTR and the generator-side MIA AUC, computed as bench/qualit
 does (same split, same encoder training, same classifier), so the rows compare with
 its tables. The release, the accounting and the fit are the product's own
 (`privacy.mechanism: mean-embedding`: fedgan.privacy.mean_embedding,
-fedgan.gan.embedding_fit); only the federation around them is simulated.
+fedgan.privacy.embedding_fit); only the federation around them is simulated.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ from quality import (
 
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate.utility import accuracy, train_classifier, tstr
-from fedgan.gan.embedding_fit import fit_generator
 from fedgan.gan.models import Generator
 from fedgan.privacy.accountant import calibrate_noise
+from fedgan.privacy.embedding_fit import fit_generator
 from fedgan.privacy.mean_embedding import FeatureMap, Target, release
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedgan.appbundle import default_run_config
+from fedgan.config.appbundle import default_run_config
+from fedgan.config.run import RunSettings, SiteSettings, resolve_device
 from fedgan.gan.models import build
 from fedgan.privacy.ledger import PrivacyLedger
-from fedgan.run_config import RunSettings, SiteSettings, resolve_device
 from fedgan.silo.synth import synth_silo
-from fedgan.site_round import run_round
+from fedgan.site.round import run_round
 from fedgan.weights import get_arrays
 
 

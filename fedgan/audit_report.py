@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fedgan import pki
+from fedgan.aggregator.exporter import latest_by_site, read_records
 from fedgan.audit_log import AuditLog
 from fedgan.deploy.commands import PRIVATE_ENV
-from fedgan.exporter import latest_by_site, read_records
 from fedgan.secagg.params import min_modulus_bits
 
 TEMPLATES = Path(__file__).parent / "deploy" / "templates"

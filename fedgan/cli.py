@@ -13,7 +13,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from fedgan import pki
-from fedgan.run_config import DEFAULT_EPSILON_BUDGET
+from fedgan.config.run import DEFAULT_EPSILON_BUDGET
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -589,7 +589,7 @@ def exporter(
     """Serve every run's round metrics to Prometheus until stopped."""
     import time
 
-    from fedgan.exporter import serve
+    from fedgan.aggregator.exporter import serve
 
     server = serve(runs, port, host, edge_log or [])
     typer.echo(f"serving http://{host}:{port}/metrics for the runs in {runs}")
@@ -620,8 +620,9 @@ def audit(
     """TLS, certificates, secure aggregation, DP and ε spent, telemetry, warnings."""
     if ctx.invoked_subcommand is not None:
         return
-    from fedgan import audit_report, federation
-    from fedgan.appbundle import default_run_config
+    from fedgan import audit_report
+    from fedgan.config import federation
+    from fedgan.config.appbundle import default_run_config
 
     run_config = default_run_config()
     if config is not None and config.exists():
@@ -664,7 +665,7 @@ WorkDirOpt = Annotated[
 
 
 def _site_store(work_dir: Path):
-    from fedgan.approval import PolicyStore
+    from fedgan.site.approval import PolicyStore
 
     if not work_dir.is_dir():
         fail(f"{work_dir} is not a folder; pass the site's work dir with --work-dir")
@@ -682,7 +683,7 @@ def site_approve(
     work_dir: WorkDirOpt = Path("/var/lib/fedgan"),
 ) -> None:
     """Approve an app bundle's hash, or a fedgan version, after review."""
-    from fedgan.approval import describe
+    from fedgan.site.approval import describe
 
     if fab_hash is None and version is None:
         fail("name what to approve: a bundle's SHA-256, or --version VERSION")
@@ -697,7 +698,7 @@ def site_revoke(
     work_dir: WorkDirOpt = Path("/var/lib/fedgan"),
 ) -> None:
     """Withdraw an approval; later tasks of that bundle or version are refused."""
-    from fedgan.approval import describe
+    from fedgan.site.approval import describe
 
     if fab_hash is None and version is None:
         fail("name what to revoke: a bundle's SHA-256, or --version VERSION")
@@ -725,11 +726,12 @@ def site_plan(
 ) -> None:
     """Before a run: the σ this silo would train with, how loud that noise is
     against the signal, and the round at which this site's budget would stop it."""
-    from fedgan import federation, site_plan
-    from fedgan.appbundle import default_run_config
-    from fedgan.approval import Limits, PolicyStore
+    from fedgan.config import federation
+    from fedgan.config.appbundle import default_run_config
+    from fedgan.config.run import RunSettings
     from fedgan.privacy.ledger import PrivacyLedger
-    from fedgan.run_config import RunSettings
+    from fedgan.site import plan as site_plan
+    from fedgan.site.approval import Limits, PolicyStore
 
     run_config = default_run_config()
     if config is not None:
@@ -788,7 +790,7 @@ def site_policy(
     work_dir: WorkDirOpt = Path("/var/lib/fedgan"),
 ) -> None:
     """Print this site's approval policy and limits; change them with the options."""
-    from fedgan.approval import MODES, describe
+    from fedgan.site.approval import MODES, describe
 
     store = _site_store(work_dir)
     limits: dict[str, object] = {}

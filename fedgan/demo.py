@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from fedgan import pki
-from fedgan.appbundle import default_run_config, stage_app_dir, write_run_config
-from fedgan.approval import PolicyStore
+from fedgan.aggregator.run_store import RunOutputs, kept_rounds
+from fedgan.config.appbundle import default_run_config, stage_app_dir, write_run_config
 from fedgan.deploy.local import LocalFederation, SiteSpec
 from fedgan.errors import FedGanError
-from fedgan.outputs import RunOutputs, kept_rounds
 from fedgan.progress import fit_progress, format_round
 from fedgan.silo.synth import synth_silo
+from fedgan.site.approval import PolicyStore
 
 CHANNELS = {"fundus": 3, "dicom": 1}
 

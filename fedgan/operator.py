@@ -18,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedgan import federation
-from fedgan.appbundle import default_run_config, fab_sha256, stage_app_dir, write_run_config
+from fedgan.config import federation
+from fedgan.config.appbundle import default_run_config, fab_sha256, stage_app_dir, write_run_config
+from fedgan.config.run import ConfigError, RunSettings
 from fedgan.deploy import commands
 from fedgan.errors import FedGanError
 from fedgan.progress import ROUND_MARKER, fit_progress, format_round
-from fedgan.run_config import ConfigError, RunSettings
 
 
 class OperatorError(FedGanError):

@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedgan.aggregator.exporter import latest_by_site, read_records
 from fedgan.atomic import write_text_atomic
+from fedgan.config.run import parse_classes
 from fedgan.errors import FedGanError
-from fedgan.exporter import latest_by_site, read_records
-from fedgan.run_config import parse_classes
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
 

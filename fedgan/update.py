@@ -106,3 +106,20 @@ def clip_update(update: SiteUpdate, max_norm: float) -> tuple[SiteUpdate, bool, 
         True,
         norm,
     )
+
+
+def flatten(update: SiteUpdate) -> np.ndarray:
+    """G's then D's values in one vector: what secure aggregation masks."""
+    return np.concatenate([a.reshape(-1) for a in (*update.gen, *update.disc)]).astype(np.float64)
+
+
+def split_like(vector: np.ndarray, gen: Arrays, disc: Arrays) -> tuple[Arrays, Arrays]:
+    """Inverse of `flatten`, for the aggregate: G's and D's arrays in the
+    shapes and dtypes of the global model."""
+    out, offset = [], 0
+    for a in (*gen, *disc):
+        out.append(vector[offset : offset + a.size].reshape(a.shape).astype(a.dtype))
+        offset += a.size
+    if offset != vector.shape[0]:
+        raise ValueError(f"the aggregate has {vector.shape[0]} values, the model {offset}")
+    return out[: len(gen)], out[len(gen) :]

@@ -7,6 +7,7 @@ patient tags, no free text from the silo ever goes into a reply.
 
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -153,3 +154,20 @@ def secagg_names(content: RecordDict, key: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise SecAggError(f"secure-aggregation field {key!r} is not a list of site ids")
     return list(value)
+
+
+# -- refusals ------------------------------------------------------------------
+# A site that will not run an app bundle or a run's settings raises; Flower
+# carries the exception's text to the ServerApp as the error reply's reason.
+
+_REFUSAL = re.compile(r"refused by site ([a-z0-9][a-z0-9-]*): (.+?)(?:'>)?\s*$", re.S)
+
+
+def refusal_text(site_id: str, reason: str) -> str:
+    return f"refused by site {site_id}: {reason}"
+
+
+def parse_refusal(text: str) -> tuple[str, str] | None:
+    """(site id, reason) from a refusal as it arrives in an error reply."""
+    m = _REFUSAL.search(text)
+    return (m.group(1), m.group(2).strip()) if m else None

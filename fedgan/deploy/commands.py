@@ -117,7 +117,7 @@ def supernode_command(
 
 def clientapp_shim(directory: Path) -> Path:
     """A directory whose ``flwr-clientapp`` is FedGAN's ClientApp runtime
-    (`fedgan.site_runtime`): the SuperNode launches that name from its PATH,
+    (`fedgan.site.runtime`): the SuperNode launches that name from its PATH,
     so with this directory first every task's app bundle is checked against
     the site's approval before Flower installs it."""
     directory.mkdir(parents=True, exist_ok=True)

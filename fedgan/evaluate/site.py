@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from fedgan.atomic import write_text_atomic
+from fedgan.config.run import parse_classes
 from fedgan.errors import FedGanError
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate import inception, metrics
 from fedgan.evaluate.results import EVALUATION_DIR
 from fedgan.evaluate.utility import anomaly_auc, tstr
 from fedgan.gan.models import Discriminator
-from fedgan.run_config import parse_classes
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloOptions
 from fedgan.synthetic import generate, load_generator

@@ -2,7 +2,7 @@
 
 Pure protocol: bytes and numpy arrays in, bytes and numpy arrays out; no
 Flower, no torch, no I/O. `client` holds a site's side, `server` the
-aggregator's; `fedgan.site_secagg` and `fedgan.secure_round` drive them over
+aggregator's; `fedgan.site.secure_round` and `fedgan.aggregator.secure_round` drive them over
 Flower messages.
 
 Primitives, all from `cryptography`: X25519 key agreement, HKDF-SHA256,

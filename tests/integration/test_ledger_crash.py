@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fedgan.appbundle import stage_app_dir, write_run_config
+from fedgan.config.appbundle import stage_app_dir, write_run_config
 from fedgan.demo import DemoOptions, prepare, run_config
 from fedgan.deploy.local import LocalFederation
 from fedgan.privacy.accountant import epsilon

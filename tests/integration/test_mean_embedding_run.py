@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedgan.aggregator.run_store import load_dump
 from fedgan.demo import DemoOptions, run_demo
-from fedgan.outputs import load_dump
 from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.silo.synth import synth_silo
 from tests.runs import FEDGAN, evaluate_as_site_1

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
+from fedgan.config.run import RunSettings
 from fedgan.demo import DemoOptions, run_demo
 from fedgan.gan.models import build, trainable_parameters
 from fedgan.privacy.accountant import epsilon
 from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.privacy.plan import noise_to_signal
-from fedgan.run_config import RunSettings
 
 pytestmark = pytest.mark.integration
 

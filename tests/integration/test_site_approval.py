@@ -20,12 +20,12 @@ import pytest
 import tomli_w
 
 from fedgan import pki
-from fedgan.appbundle import default_run_config, fab_sha256, stage_app_dir, write_run_config
-from fedgan.approval import PolicyStore
 from fedgan.audit_log import AuditLog
+from fedgan.config.appbundle import default_run_config, fab_sha256, stage_app_dir, write_run_config
 from fedgan.deploy.local import LocalFederation, SiteSpec
 from fedgan.progress import format_round
 from fedgan.silo.synth import synth_silo
+from fedgan.site.approval import PolicyStore
 
 pytestmark = pytest.mark.integration
 
@@ -118,10 +118,10 @@ def test_a_bundle_carrying_code_is_refused_before_any_of_it_runs(federation):
             f"""
             from pathlib import Path
 
-            import fedgan.client_app
+            import fedgan.site.client_app
 
             Path({str(marker)!r}).write_text("imported")
-            app = fedgan.client_app.app
+            app = fedgan.site.client_app.app
             """
         )
     )

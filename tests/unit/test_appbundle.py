@@ -5,7 +5,7 @@ import zipfile
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from fedgan.appbundle import app_config, project_pyproject, stage_app_dir
+from fedgan.config.appbundle import app_config, project_pyproject, stage_app_dir
 
 
 def test_fab_carries_configuration_only(tmp_path):
@@ -18,8 +18,8 @@ def test_fab_carries_configuration_only(tmp_path):
     root = tomllib.loads(project_pyproject().read_text())
     assert staged["tool"]["flwr"]["app"] == root["tool"]["flwr"]["app"]
     assert staged["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "fedgan.server_app:app",
-        "clientapp": "fedgan.client_app:app",
+        "serverapp": "fedgan.aggregator.server_app:app",
+        "clientapp": "fedgan.site.client_app:app",
     }
     assert "build-system" not in staged
 

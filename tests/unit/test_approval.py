@@ -1,6 +1,6 @@
 """A site's approval of app bundles and its limits on run settings
-(`fedgan.approval`), and the hook in Flower's ClientApp runtime that applies
-them before a bundle is installed (`fedgan.site_runtime`)."""
+(`fedgan.site.approval`), and the hook in Flower's ClientApp runtime that applies
+them before a bundle is installed (`fedgan.site.runtime`)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import tomli_w
 from flwr.cli.build import build_fab_from_files
 from typer.testing import CliRunner
 
-from fedgan import approval, site_runtime
-from fedgan.appbundle import app_config
-from fedgan.approval import AppRefused, Limits, PolicyError, PolicyStore, SitePolicy
+from fedgan import wire
 from fedgan.audit_log import AuditLog
 from fedgan.cli import app
+from fedgan.config.appbundle import app_config
+from fedgan.site import approval
+from fedgan.site import runtime as site_runtime
+from fedgan.site.approval import AppRefused, Limits, PolicyError, PolicyStore, SitePolicy
 
 VERSION = approval.installed_version()
 
@@ -74,11 +76,11 @@ def test_refusal_survives_flowers_error_reply_format():
     refusal = AppRefused("st-olav", "the run targets ε 20; this site allows at most 8")
     # flwr 1.41's run_clientapp: str(type(ex)) + ":<'" + str(ex) + "'>"
     reason = str(type(refusal)) + ":<'" + str(refusal) + "'>"
-    assert approval.parse_refusal(reason) == (
+    assert wire.parse_refusal(reason) == (
         "st-olav",
         "the run targets ε 20; this site allows at most 8",
     )
-    assert approval.parse_refusal("<class 'ValueError'>:<'boom'>") is None
+    assert wire.parse_refusal("<class 'ValueError'>:<'boom'>") is None
 
 
 @pytest.mark.parametrize(
@@ -216,7 +218,7 @@ def test_flowers_runtime_pulls_then_installs_then_loads():
 
 
 def test_clientapp_refuses_in_a_runtime_that_did_not_check(tmp_path, monkeypatch):
-    from fedgan import client_app
+    from fedgan.site import client_app
 
     monkeypatch.setattr(site_runtime, "admitted_fab", None)
     context = types.SimpleNamespace(

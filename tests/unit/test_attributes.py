@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from fedgan.attributes import AttributesError, parse, read_site_attributes, sample, width
+from fedgan.config.run import SiteSettings
 from fedgan.gan.models import GanSpec, build
-from fedgan.run_config import SiteSettings
 from fedgan.silo.options import SiloOptions
 from fedgan.silo.synth import synth_silo
-from fedgan.site_round import site_images
+from fedgan.site.round import site_images
 from fedgan.train import DPConfig, TrainConfig, train_local
 
 

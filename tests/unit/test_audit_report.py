@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from fedgan import audit_report, pki
-from fedgan.appbundle import default_run_config
 from fedgan.audit_log import AuditLog
+from fedgan.config.appbundle import default_run_config
 
 
 def _setup(tmp_path):

@@ -8,11 +8,11 @@ import csv
 import pytest
 import torch
 
+from fedgan.config.run import ConfigError, SiteSettings, parse_classes
 from fedgan.gan.models import GanSpec, build
-from fedgan.run_config import ConfigError, SiteSettings, parse_classes
 from fedgan.silo.options import SiloOptions
 from fedgan.silo.synth import synth_silo
-from fedgan.site_round import site_images
+from fedgan.site.round import site_images
 from fedgan.train import DPConfig, TrainConfig, train_local
 
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fedgan.aggregator.exporter import RunsCollector
+from fedgan.aggregator.run_store import RunOutputs
 from fedgan.cli import app
 from fedgan.evaluate import encoder as domain
 from fedgan.evaluate import metrics
 from fedgan.evaluate.results import load_all, reading
 from fedgan.evaluate.site import EvaluationError, evaluate
 from fedgan.evaluate.utility import accuracy, anomaly_auc, train_classifier, tstr
-from fedgan.exporter import RunsCollector
 from fedgan.gan.models import GanSpec, build
-from fedgan.outputs import RunOutputs
 from fedgan.report import write as write_report
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloOptions

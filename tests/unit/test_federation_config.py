@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fedgan import federation, operator
-from fedgan.appbundle import default_run_config
+from fedgan import operator
+from fedgan.config import federation
+from fedgan.config.appbundle import default_run_config
+from fedgan.config.run import RunSettings
 from fedgan.progress import ROUND_MARKER, format_round
-from fedgan.run_config import RunSettings
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "federation.yaml"
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedgan.appbundle import default_run_config
-from fedgan.gan.embedding_fit import FitState, fit_generator
+from fedgan.aggregator.run import start as _start
+from fedgan.aggregator.run_store import KeptRelease, KeptReleaseError, RunOutputs, kept_rounds
+from fedgan.config.appbundle import default_run_config
+from fedgan.config.run import ConfigError, RunSettings
 from fedgan.gan.models import GanSpec, Generator
-from fedgan.outputs import KeptRelease, KeptReleaseError, RunOutputs, kept_rounds
+from fedgan.privacy.embedding_fit import FitState, fit_generator
 from fedgan.privacy.mean_embedding import FeatureMap, Target, release
-from fedgan.run_config import ConfigError, RunSettings
-from fedgan.server_app import _start
 
 DIGEST = "ab" * 32
 

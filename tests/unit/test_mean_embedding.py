@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedgan.appbundle import default_run_config
-from fedgan.approval import AppRefused, Limits
-from fedgan.gan.embedding_fit import fit_generator
+from fedgan.config.appbundle import default_run_config
+from fedgan.config.run import ConfigError, RunSettings, SiteSettings
 from fedgan.gan.models import GanSpec, Generator
 from fedgan.privacy.accountant import epsilon
+from fedgan.privacy.embedding_fit import fit_generator
 from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.privacy.mean_embedding import (
     SENSITIVITY,
@@ -23,9 +23,9 @@ from fedgan.privacy.mean_embedding import (
     class_noise_figures,
     release,
 )
-from fedgan.run_config import ConfigError, RunSettings, SiteSettings
 from fedgan.silo.synth import synth_silo
-from fedgan.site_release import FeatureMismatch, noisy_count, release_round
+from fedgan.site.approval import AppRefused, Limits
+from fedgan.site.release import FeatureMismatch, noisy_count, release_round
 
 
 def _phi(pixels: int = 64, features: int = 300, seed: int = 0) -> FeatureMap:

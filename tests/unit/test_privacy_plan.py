@@ -220,10 +220,10 @@ def test_dp_rounds_of_one_run_search_for_sigma_once_and_log_their_noise(
     """Round 2 takes round 1's σ from the ledger (checked, not trusted). The
     site's log gives every DP round the noise figure `fedgan site plan`
     forecast: a hospital sees it without reading code."""
-    from fedgan import site_round
-    from fedgan.appbundle import default_run_config
-    from fedgan.run_config import RunSettings, SiteSettings
+    from fedgan.config.appbundle import default_run_config
+    from fedgan.config.run import RunSettings, SiteSettings
     from fedgan.silo.synth import synth_silo
+    from fedgan.site import round as site_round
     from fedgan.weights import get_arrays
 
     silo = synth_silo(tmp_path / "silo", "fundus", 12, seed=1, size=32)

@@ -1,7 +1,7 @@
 import pytest
 
-from fedgan.appbundle import default_run_config
-from fedgan.run_config import ConfigError, RunSettings, SiteSettings
+from fedgan.config.appbundle import default_run_config
+from fedgan.config.run import ConfigError, RunSettings, SiteSettings
 
 
 def test_defaults_parse():
@@ -74,7 +74,7 @@ def test_privacy_settings_are_validated():
 def test_device_resolution(monkeypatch):
     import torch
 
-    from fedgan.run_config import resolve_device
+    from fedgan.config.run import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == "cpu"

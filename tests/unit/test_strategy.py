@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedgan.appbundle import default_run_config
+from fedgan.aggregator.round import sample_sites as _sample
+from fedgan.aggregator.run import start as _start
+from fedgan.aggregator.run_store import RunOutputs
+from fedgan.config.appbundle import default_run_config
+from fedgan.config.run import ConfigError, RunSettings
 from fedgan.gan.models import GanSpec, build
-from fedgan.outputs import RunOutputs
-from fedgan.run_config import ConfigError, RunSettings
-from fedgan.server_app import _sample, _start
 from fedgan.train import DPConfig, TrainConfig, train_local
 from fedgan.weights import get_arrays
 
@@ -56,8 +57,8 @@ def test_sampling_is_a_reproducible_fraction():
 
 
 def test_a_run_folder_with_a_checkpoint_is_not_overwritten(tmp_path):
-    from fedgan.appbundle import default_run_config
-    from fedgan.run_config import ConfigError, RunSettings
+    from fedgan.config.appbundle import default_run_config
+    from fedgan.config.run import ConfigError, RunSettings
 
     cfg = default_run_config()
     cfg["run-dir"] = str(tmp_path)
@@ -74,9 +75,9 @@ def test_a_run_folder_with_a_checkpoint_is_not_overwritten(tmp_path):
 
 
 def test_local_epochs_turn_into_steps_from_the_silo_size(tmp_path, monkeypatch):
-    from fedgan import site_round
-    from fedgan.run_config import SiteSettings
+    from fedgan.config.run import SiteSettings
     from fedgan.silo.synth import synth_silo
+    from fedgan.site import round as site_round
 
     seen = {}
     real_train = site_round.train_local
@@ -110,7 +111,7 @@ def test_local_epochs_turn_into_steps_from_the_silo_size(tmp_path, monkeypatch):
 
 
 def test_generator_checkpoint_loads_back(tmp_path):
-    from fedgan.outputs import load_generator
+    from fedgan.aggregator.run_store import load_generator
 
     spec = GanSpec(image_size=16, channels=1, latent_dim=8, width=8, num_classes=2)
     gen, _ = build(spec, seed=5)

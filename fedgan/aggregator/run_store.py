@@ -30,7 +30,7 @@ from fedgan.errors import FedGanError
 from fedgan.gan.models import GanSpec, Generator
 
 if TYPE_CHECKING:  # the fit pulls in Opacus; reading a run folder should not
-    from fedgan.gan.embedding_fit import FitState
+    from fedgan.privacy.embedding_fit import FitState
 
 Received = list[tuple[str, float, dict[str, float]]]  # site, weight, metrics
 
@@ -190,7 +190,7 @@ class RunOutputs:
         """(the round's saved fit state, or None; why it was not usable, or "").
         A state that cannot be used only costs the steps it held: the fit
         starts again from its first step, at no privacy cost."""
-        from fedgan.gan.embedding_fit import FitState
+        from fedgan.privacy.embedding_fit import FitState
 
         path = self.fit_state_path(server_round)
         if not path.exists():

@@ -3,22 +3,21 @@
 The session (private keys, seeds, shares held) and the update waiting to be
 masked live in ``context.state``, which the SuperNode keeps in memory for
 the run and never sends anywhere; the ClientApp process of each stage
-reloads them. The ClientApp handlers in `fedgan.client_app` call these."""
+reloads them. The ClientApp handlers in `fedgan.site.client_app` call these."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedgan import pki, wire
-from fedgan.run_config import SiteSettings
+from fedgan.config.run import SiteSettings
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.client import SiteSession
 from fedgan.secagg.identity import Verifier
 from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare, pack
-from fedgan.update import SiteUpdate
+from fedgan.update import SiteUpdate, flatten
 
 SESSION, PENDING = "secagg-session", "secagg-update"
 
@@ -35,10 +34,6 @@ def _require(site: SiteSettings, *keys: str) -> None:
 def _verifier(site: SiteSettings) -> Verifier:
     _require(site, "ca-cert")
     return pki.load_verifier(Path(site.ca_cert), Path(site.crl) if site.crl else None)
-
-
-def flatten(update: SiteUpdate) -> np.ndarray:
-    return np.concatenate([a.reshape(-1) for a in (*update.gen, *update.disc)]).astype(np.float64)
 
 
 def advertise(

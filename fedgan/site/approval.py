@@ -6,18 +6,18 @@ security officer approves code, not operators, so a site admits a FAB only if:
 
 - it carries configuration only (``pyproject.toml`` and Flower's manifest):
   no Python, no data, nothing that could shadow the installed package;
-- it names FedGAN's installed ClientApp (``fedgan.client_app:app``);
+- it names FedGAN's installed ClientApp (``fedgan.site.client_app:app``);
 - the installed ``fedgan`` version is one the site approved;
 - under the ``hash-only`` policy, its SHA-256 is one the site approved.
 
-This is checked by the site's ClientApp runtime (`fedgan.site_runtime`)
+This is checked by the site's ClientApp runtime (`fedgan.site.runtime`)
 before anything from the FAB is installed or imported. Then the run's
 privacy settings are checked against the site's limits (DP on, noise at
 least this, target ε at most that, secure aggregation on), so an operator
 cannot weaken a site's privacy by configuration.
 
 A refusal is an `AppRefused` whose message, ``refused by site <id>: <why>``,
-travels to the ServerApp in Flower's error reply; `parse_refusal` reads it
+travels to the ServerApp in Flower's error reply; `fedgan.wire.parse_refusal` reads it
 back there. The policy lives in ``<work-dir>/approval.json`` beside the
 privacy ledger; every change and every refusal is a line in the site's
 hash-chained ``<work-dir>/audit.jsonl``.
@@ -37,6 +37,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fedgan import wire
 from fedgan.atomic import write_text_atomic
 from fedgan.audit_log import AuditLog
 from fedgan.errors import FedGanError
@@ -46,12 +47,11 @@ SITE_AUDIT_FILE = "audit.jsonl"
 CONFIG_ONLY = "config-only"
 HASH_ONLY = "hash-only"
 MODES = (CONFIG_ONLY, HASH_ONLY)
-CLIENTAPP = "fedgan.client_app:app"
+CLIENTAPP = "fedgan.site.client_app:app"
 # A FAB that carries configuration only: the app's pyproject and Flower's own
 # manifest of the FAB's files (.info/CONTENT).
 CONFIG_FILES = frozenset({"pyproject.toml"})
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_REFUSAL = re.compile(r"refused by site ([a-z0-9][a-z0-9-]*): (.+?)(?:'>)?\s*$", re.S)
 
 
 class PolicyError(FedGanError):
@@ -62,14 +62,8 @@ class AppRefused(FedGanError):
     """The site will not run this app bundle or this run configuration."""
 
     def __init__(self, site_id: str, reason: str) -> None:
-        super().__init__(f"refused by site {site_id}: {reason}")
+        super().__init__(wire.refusal_text(site_id, reason))
         self.site_id, self.reason = site_id, reason
-
-
-def parse_refusal(text: str) -> tuple[str, str] | None:
-    """(site id, reason) from a refusal as it arrives in an error reply."""
-    m = _REFUSAL.search(text)
-    return (m.group(1), m.group(2).strip()) if m else None
 
 
 def installed_version() -> str:

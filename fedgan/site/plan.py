@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedgan.approval import AppRefused, Limits, check_run
+from fedgan.config.run import RunSettings, site_local_steps
 from fedgan.gan.models import build, trainable_parameters
 from fedgan.privacy.accountant import Round
 from fedgan.privacy.plan import (
@@ -22,7 +22,7 @@ from fedgan.privacy.plan import (
     plan_round,
     release_noise_figure,
 )
-from fedgan.run_config import RunSettings, site_local_steps
+from fedgan.site.approval import AppRefused, Limits, check_run
 
 
 @dataclass(frozen=True)

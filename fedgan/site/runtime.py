@@ -1,5 +1,5 @@
 """The site's ClientApp runtime: Flower's own `flwr-clientapp`, with the
-site's approval check (`fedgan.approval`) before the app bundle is installed.
+site's approval check (`fedgan.site.approval`) before the app bundle is installed.
 
 Flower's runtime (``flwr.supernode.runtime.run_clientapp``) pulls the task's
 message, context, run and FAB from the SuperNode, then installs the FAB and
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedgan import approval
+from fedgan.site import approval
 
 # Set once the bundle of this process's task was admitted; the ClientApp
 # refuses to train in a process where it is not (a SuperNode started without

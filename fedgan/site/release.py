@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from fedgan.approval import Limits, check_run
+from fedgan.config.run import SiteSettings, parse_classes
 from fedgan.errors import FedGanError
 from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.privacy.mean_embedding import FeatureMap, release
 from fedgan.privacy.plan import plan_release, release_noise_figure
-from fedgan.run_config import SiteSettings, parse_classes
 from fedgan.silo.options import SiloOptions
-from fedgan.site_round import RoundOutcome, admit_and_spend, site_images
+from fedgan.site.approval import Limits, check_run
+from fedgan.site.round import RoundOutcome, admit_and_spend, site_images
 from fedgan.update import SiteUpdate
 
 log = logging.getLogger("fedgan.site")

@@ -13,17 +13,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedgan.approval import Limits, check_run
 from fedgan.attributes import Attribute, read_site_attributes
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
 from fedgan.attributes import width as attribute_width
+from fedgan.config.run import SiteSettings, parse_classes, resolve_device, site_local_steps
 from fedgan.gan.models import GanSpec, build, trainable_parameters
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger, Spend
 from fedgan.privacy.plan import RoundPlan, noise_to_signal, plan_round
-from fedgan.run_config import SiteSettings, parse_classes, resolve_device, site_local_steps
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
+from fedgan.site.approval import Limits, check_run
 from fedgan.train import DPConfig, TrainConfig, train_local
 from fedgan.update import SiteUpdate, clip_update, make_update
 from fedgan.weights import get_arrays, set_arrays
@@ -164,7 +164,7 @@ def run_round(
     limits: Limits | None = None,
     secure: bool = False,
 ) -> RoundOutcome:
-    """``limits``: the site's own (`fedgan.approval`); a run weaker than them
+    """``limits``: the site's own (`fedgan.site.approval`); a run weaker than them
     raises `AppRefused` before anything is trained or recorded."""
     if limits is not None:
         # Before the silo is read: what needs no calibration (σ is checked

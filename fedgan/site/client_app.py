@@ -1,6 +1,6 @@
 """The site's ClientApp: translate Flower messages into a call of
-`fedgan.site_round.run_round` (or, in a mean-embedding run,
-`fedgan.site_release.release_round`) and its outcome back into a reply."""
+`fedgan.site.round.run_round` (or, in a mean-embedding run,
+`fedgan.site.release.release_round`) and its outcome back into a reply."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedgan import approval, faults, site_runtime, site_secagg, wire
-from fedgan.run_config import SiteSettings
+from fedgan import wire
+from fedgan.config.run import SiteSettings
+from fedgan.site import approval, faults, runtime, secure_round
 
 log = logging.getLogger("fedgan.site")
 if not log.handlers:
@@ -29,12 +30,12 @@ def train(msg: Message, context: Context) -> Message:
     faults.crash_if_requested("train")
     # Imported here: it pulls in Opacus (~2 s), which the three secure-
     # aggregation stages, each a fresh ClientApp process, do not need.
-    from fedgan.site_round import run_round
+    from fedgan.site.round import run_round
 
     site = SiteSettings.from_node_config(context.node_config)
     store = approval.PolicyStore(Path(site.work_dir), site.site_id)
     run_id = str(msg.metadata.run_id)
-    if site_runtime.admitted_fab is None:
+    if runtime.admitted_fab is None:
         raise store.refuse(
             approval.AppRefused(
                 site.site_id,
@@ -47,7 +48,7 @@ def train(msg: Message, context: Context) -> Message:
     secagg = wire.read_secagg_setup(msg.content)
     try:
         if cfg.get("mechanism") == "mean-embedding":
-            from fedgan.site_release import release_round
+            from fedgan.site.release import release_round
 
             outcome = release_round(
                 site,
@@ -81,7 +82,7 @@ def train(msg: Message, context: Context) -> Message:
     if bool(cfg.get("dump-updates", False)):
         # Test mode: keep exactly what is sent, so a test can recompute the
         # server's average from the sites' side.
-        from fedgan.outputs import RunOutputs
+        from fedgan.aggregator.run_store import RunOutputs
 
         RunOutputs(Path(site.work_dir) / "dumps" / run_id).dump_arrays(
             int(cfg["round"]),
@@ -94,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
         )
     if secagg is not None:
         params, server_pk = secagg
-        ad = site_secagg.advertise(context.state, site, params, server_pk, outcome.update)
+        ad = secure_round.advertise(context.state, site, params, server_pk, outcome.update)
         metrics = {"num-examples": outcome.update.weight, **outcome.metrics}
         return Message(wire.secagg_train_reply(ad, site.site_id, metrics), reply_to=msg)
     return Message(wire.train_reply(outcome.update, site.site_id, outcome.metrics), reply_to=msg)
@@ -107,18 +108,18 @@ def train(msg: Message, context: Context) -> Message:
 def secagg_share(msg: Message, context: Context) -> Message:
     faults.crash_if_requested("secagg_share")
     site = SiteSettings.from_node_config(context.node_config)
-    return Message(site_secagg.share_keys(context.state, site, msg.content), reply_to=msg)
+    return Message(secure_round.share_keys(context.state, site, msg.content), reply_to=msg)
 
 
 @app.train("secagg_mask")
 def secagg_mask(msg: Message, context: Context) -> Message:
     faults.crash_if_requested("secagg_mask")
     site = SiteSettings.from_node_config(context.node_config)
-    return Message(site_secagg.masked_input(context.state, site, msg.content), reply_to=msg)
+    return Message(secure_round.masked_input(context.state, site, msg.content), reply_to=msg)
 
 
 @app.train("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
     faults.crash_if_requested("secagg_unmask")
     site = SiteSettings.from_node_config(context.node_config)
-    return Message(site_secagg.unmask(context.state, site, msg.content), reply_to=msg)
+    return Message(secure_round.unmask(context.state, site, msg.content), reply_to=msg)

@@ -1,4 +1,4 @@
-"""The aggregator's side of a secure-aggregation round over Flower messages:
+"""The aggregator's side of a secure-aggregation round over a `Transport`:
 stage 1 rides on the train round trip; this drives stages 2-4 and returns
 the aggregate. Protocol decisions are `fedgan.secagg.server`'s; this only
 moves records and notes who answered, with how many bytes."""
@@ -10,16 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ConfigRecord, RecordDict
 
 from fedgan import wire
-from fedgan.messaging import exchange
+from fedgan.aggregator.transport import Request, Transport
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare, pack, unpack
 from fedgan.secagg.server import Aggregate, ServerSession
-from fedgan.update import Arrays
 
 log = logging.getLogger("fedgan.server")
 T = TypeVar("T")
@@ -27,7 +24,7 @@ T = TypeVar("T")
 
 @dataclass
 class SecureRound:
-    grid: Grid
+    transport: Transport
     params: SecAggParams
     timeout: float
     session: ServerSession = field(init=False)
@@ -55,29 +52,24 @@ class SecureRound:
         """Send one stage's requests; each reply's ``field``, parsed. A site
         that errs, times out or sends something unreadable is noted in
         ``failures`` and left out; the bytes each site sent are counted."""
-        messages = [
-            Message(
-                content,
-                dst_node_id=self.nodes[site],
-                message_type=f"train.{stage}",
-                group_id=f"{self.params.round}-{stage}",
-            )
+        outgoing = [
+            Request(self.nodes[site], f"train.{stage}", f"{self.params.round}-{stage}", content)
             for site, content in sorted(requests.items())
         ]
         by_node = {node: site for site, node in self.nodes.items()}
         out: dict[str, T] = {}
-        for reply in exchange(self.grid, messages, self.timeout):
-            site = by_node.get(reply.metadata.src_node_id)
+        for reply in self.transport.exchange(outgoing, self.timeout):
+            site = by_node.get(reply.node)
             if site is None:
                 continue
-            if reply.has_error():
-                self.failures[site] = f"{stage}: {reply.error.reason}"
+            if reply.content is None:
+                self.failures[site] = f"{stage}: {reply.error}"
                 log.warning(
                     "round %d: site %s failed at %s: %s",
                     self.params.round,
                     site,
                     stage,
-                    reply.error.reason,
+                    reply.error,
                 )
                 continue
             try:
@@ -147,15 +139,3 @@ class SecureRound:
                 site: m["secagg-clipped"] for site, m in sorted(self.metrics.items())
             },
         }
-
-
-def split_like(vector: np.ndarray, gen: Arrays, disc: Arrays) -> tuple[Arrays, Arrays]:
-    """The aggregate back into G's and D's arrays (shapes and dtypes of the
-    global model)."""
-    out, offset = [], 0
-    for a in (*gen, *disc):
-        out.append(vector[offset : offset + a.size].reshape(a.shape).astype(a.dtype))
-        offset += a.size
-    if offset != vector.shape[0]:
-        raise SecAggError(f"the aggregate has {vector.shape[0]} values, the model {offset}")
-    return out[: len(gen)], out[len(gen) :]

@@ -25,7 +25,7 @@ def project_pyproject() -> Path:
     in the images), else the one beside the package in a source checkout."""
     configured = os.environ.get(APP_CONFIG_ENV)
     path = (
-        Path(configured) if configured else Path(__file__).resolve().parents[1] / "pyproject.toml"
+        Path(configured) if configured else Path(__file__).resolve().parents[2] / "pyproject.toml"
     )
     if not path.is_file():
         raise FileNotFoundError(

@@ -1,0 +1,334 @@
+"""One round at the aggregator, as a plain function over a `Transport`:
+sample the sites, send them the global model (or, in a mean-embedding run,
+the request for their release), sort their replies, recover the sum (in the
+clear or through secure aggregation), let the mechanism turn it into the
+new global model, and keep the round.
+
+Nothing here knows Flower: the ServerApp passes a `GridTransport`, the unit
+tests an in-memory one, so a whole round, with secure aggregation and
+dropouts at every stage, runs in milliseconds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from fedgan import wire
+from fedgan.aggregator.mechanisms import Mechanism, Model
+from fedgan.aggregator.preview import Preview
+from fedgan.aggregator.record import RoundRecord
+from fedgan.aggregator.run_store import Received, RunOutputs
+from fedgan.aggregator.secure_round import SecureRound
+from fedgan.aggregator.transport import Reply, Request, Transport
+from fedgan.audit_log import AuditLog, record_round
+from fedgan.config.run import RunSettings
+from fedgan.gan.models import Discriminator, Generator, recalibrate_batchnorm
+from fedgan.progress import ROUND_MARKER
+from fedgan.secagg import SecAggError, SecAggParams
+from fedgan.secagg.messages import Advertisement
+from fedgan.update import SiteUpdate, weighted_mean
+from fedgan.weights import get_arrays
+
+log = logging.getLogger("fedgan.server")
+
+
+@dataclass
+class Federation:
+    """The run's state from round to round: the global model and what the
+    aggregator has learnt about the sites (who left, who joined)."""
+
+    transport: Transport
+    settings: RunSettings
+    store: RunOutputs
+    audit: AuditLog
+    mechanism: Mechanism
+    gen: Generator
+    disc: Discriminator
+    preview: Preview
+    exhausted: dict[int, str] = field(default_factory=dict)  # node -> site, out of budget
+    # node -> (site, reason): refused the app bundle or the run's settings.
+    declined: dict[int, tuple[str, str]] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)  # sites that have been in a sum
+    clipped: dict[str, list[bool]] = field(default_factory=dict)  # per site, per round
+
+    def available(self) -> list[int]:
+        left_out = self.exhausted.keys() | self.declined.keys()
+        return [n for n in self.transport.node_ids() if n not in left_out]
+
+    def nobody_left(self) -> str:
+        """Why no site will take part any more, or "" while one may."""
+        if self.declined and all(
+            n in self.declined or n in self.exhausted for n in self.transport.node_ids()
+        ):
+            return "no site will take part any more: " + "; ".join(
+                f"{s} refused: {why}" for s, why in sorted(self.declined.values())
+            )
+        return ""
+
+    def summary(self) -> dict:
+        """For status.json at the end of the run."""
+        return {
+            "update_clipped_fraction": {
+                s: sum(flags) / len(flags) for s, flags in sorted(self.clipped.items())
+            },
+            "budget_exhausted": sorted(self.exhausted.values()),
+            "refused": {site: why for site, why in sorted(self.declined.values())},
+        }
+
+
+@dataclass
+class Collected:
+    """What a round gathered: its record so far, the global model it started
+    from, the mean of the updates (None: nothing to apply) and who sent them."""
+
+    record: RoundRecord
+    before: Model
+    mean: Model | None = None
+    received: Received = field(default_factory=list)  # site, weight, metrics
+    kept: bool = False  # from the sum kept before a stop, not from the sites
+    skipped: str = ""
+
+
+@dataclass
+class Replies:
+    """The train replies sorted: who sent what, who refused, who failed."""
+
+    received: Received = field(default_factory=list)
+    updates: list[SiteUpdate] = field(default_factory=list)
+    ads: dict[int, Advertisement] = field(default_factory=dict)
+    budget: dict[str, dict[str, float]] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def sample_sites(nodes: list[int], fraction: float, seed: int, server_round: int) -> list[int]:
+    """⌈fraction × available⌉ sites, reproducibly per round."""
+    k = max(1, math.ceil(fraction * len(nodes)))
+    if k >= len(nodes):
+        return nodes
+    return sorted(random.Random(f"{seed}-{server_round}").sample(nodes, k))
+
+
+def run_round(fed: Federation, server_round: int) -> RoundRecord:
+    started = time.perf_counter()
+    kept = fed.mechanism.kept(server_round)
+    if kept is not None:
+        record = RoundRecord.from_dict(kept.record)
+        record.release_kept = True
+        collected = Collected(record, ([], []), ([kept.mean], []), kept.received, kept=True)
+    else:
+        collected = collect(fed, server_round)
+    if collected.mean is not None:
+        fed.mechanism.apply(collected, fed.gen, fed.disc)
+        publish(fed, collected)
+    else:
+        collected.record.skipped = collected.skipped
+    keep(fed, collected.record, started)
+    return collected.record
+
+
+def collect(fed: Federation, server_round: int) -> Collected:
+    """Ask the sampled sites and recover the mean of what they sent."""
+    settings = fed.settings
+    available = fed.available()
+    nodes = sample_sites(available, settings.fraction_sites, settings.train.seed, server_round)
+    before = get_arrays(fed.gen), get_arrays(fed.disc)
+    config = settings.round_config(server_round) | fed.mechanism.round_config()
+    length = fed.mechanism.length(before)
+    secure, setup_error = _secure_round(fed, config, nodes, length)
+    gen_out, disc_out = fed.mechanism.outgoing(before)
+    setup = secure.setup_record() if secure else None
+    requests = [
+        Request(
+            node, "train", str(server_round), wire.train_request(gen_out, disc_out, config, setup)
+        )
+        for node in (nodes if not setup_error else [])
+    ]
+    answers = fed.transport.exchange(requests, settings.round_timeout) if requests else []
+    replies = sort_replies(fed, answers, secure, server_round)
+    for failure in replies.failures:
+        log.warning("round %d: %s", server_round, failure)
+    record = _base_record(server_round, nodes, available, replies)
+    collected = Collected(record, before, received=replies.received)
+    collected.skipped = setup_error or "no site replied; the global model is unchanged"
+    if secure and replies.ads:
+        _secure_sum(fed, secure, replies.ads, collected)
+    elif replies.updates:
+        collected.mean = weighted_mean(replies.updates)
+    if collected.mean is not None:
+        record.examples = sum(w for _, w, _ in collected.received)
+        record.update_bytes = (
+            secure.bytes_sent if secure else {s: 4 * length for s, _, _ in collected.received}
+        )
+    return collected
+
+
+def _secure_round(
+    fed: Federation, config: dict, nodes: list[int], length: int
+) -> tuple[SecureRound | None, str]:
+    """(the round's secure aggregation of ``length`` values per site, or None
+    when off; why the round cannot run securely, or "")."""
+    settings = fed.settings
+    if not settings.secagg.enabled:
+        return None, ""
+    try:
+        params = SecAggParams.for_round(
+            str(config["run-name"]),
+            int(config["round"]),
+            len(nodes),
+            bits=settings.secagg.bits,
+            value_range=settings.secagg_range(length),
+            length=length,
+            threshold=settings.secagg.threshold,
+        )
+    except SecAggError as exc:
+        return None, f"secure aggregation cannot run this round: {exc}; the model is unchanged"
+    return SecureRound(fed.transport, params, settings.secagg.stage_timeout), ""
+
+
+def sort_replies(
+    fed: Federation, replies: list[Reply], secure: SecureRound | None, server_round: int
+) -> Replies:
+    out = Replies()
+    for reply in replies:
+        if reply.content is None:
+            _refused_or_failed(fed, reply, out, server_round)
+            continue
+        if secure:
+            update, (site_id, metrics) = None, wire.read_train_reply_metrics(reply.content)
+        else:
+            update, site_id, metrics = wire.read_train_reply(reply.content)
+        if metrics.get("budget-exhausted"):
+            fed.exhausted[reply.node] = site_id
+            out.budget[site_id] = metrics
+            log.warning(
+                "round %d: site %s refused: budget exhausted (ε %.3f spent, %.3f after, "
+                "budget %.3f); left out of later rounds",
+                server_round,
+                site_id,
+                metrics["epsilon"],
+                metrics["epsilon-next"],
+                metrics["epsilon-budget"],
+            )
+            continue
+        try:
+            if secure:
+                out.ads[reply.node] = wire.read_advertisement(reply.content)
+                weight = metrics.pop("num-examples")
+            else:
+                weight = _accept(fed, update, out)
+        except (SecAggError, ValueError) as exc:
+            out.failures.append(f"site {site_id}: {exc}")
+            continue
+        out.received.append((site_id, weight, metrics))
+        if "update-clipped" in metrics:  # a release is not an update: nothing to clip
+            fed.clipped.setdefault(site_id, []).append(bool(metrics["update-clipped"]))
+    return out
+
+
+def _accept(fed: Federation, update: SiteUpdate | None, out: Replies) -> float:
+    assert update is not None
+    why = fed.mechanism.misfit(update)
+    if why:
+        raise ValueError(why)
+    out.updates.append(update)
+    return update.weight
+
+
+def _refused_or_failed(fed: Federation, reply: Reply, out: Replies, server_round: int) -> None:
+    refusal = wire.parse_refusal(reply.error)
+    if refusal is None:
+        out.failures.append(f"node {reply.node}: {reply.error}")
+        return
+    fed.declined[reply.node] = refusal
+    out.declined[refusal[0]] = refusal[1]
+    log.warning("round %d: site %s refused: %s; left out of later rounds", server_round, *refusal)
+
+
+def _base_record(
+    server_round: int, nodes: list[int], available: list[int], replies: Replies
+) -> RoundRecord:
+    received = sorted(replies.received, key=lambda r: r[0])
+    record = RoundRecord(
+        round=server_round,
+        sites=[s for s, _, _ in received],
+        sites_sampled=len(nodes),
+        sites_available=len(available),
+        sites_failed=len(nodes) - len(received) - len(replies.budget) - len(replies.declined),
+        refused=dict(sorted(replies.declined.items())) or None,
+        failures=replies.failures or None,
+    )
+    eps = {s: m["epsilon"] for s, _, m in received if "epsilon" in m}
+    if eps:
+        record.epsilon = eps
+        record.epsilon_budget = {
+            s: m["epsilon-budget"] for s, _, m in received if "epsilon-budget" in m
+        }
+        figures = {s: m["noise-figure"] for s, _, m in received if "noise-figure" in m}
+        record.noise_figure = figures or None
+    if replies.budget:
+        record.budget_exhausted = {
+            s: {
+                "epsilon": m["epsilon"],
+                "epsilon_next": m["epsilon-next"],
+                "budget": m["epsilon-budget"],
+            }
+            for s, m in sorted(replies.budget.items())
+        }
+    return record
+
+
+def _secure_sum(
+    fed: Federation, secure: SecureRound, ads: dict[int, Advertisement], collected: Collected
+) -> None:
+    record = collected.record
+    try:
+        aggregate = secure.run(ads)
+    except SecAggError as exc:  # RoundAborted included
+        collected.skipped = str(exc)
+        log.warning("round %d: %s", record.round, exc)
+    else:
+        collected.mean = fed.mechanism.from_vector(aggregate.mean, collected.before)
+        # Losses and counts of the sites whose updates are in the sum.
+        collected.received = [r for r in collected.received if r[0] in aggregate.survivors]
+        record.sites = aggregate.survivors
+        record.secagg_error_bound = aggregate.error_bound
+    record.secagg = secure.summary()
+
+
+def publish(fed: Federation, collected: Collected) -> None:
+    """The new G where people and later rounds see it: BatchNorm statistics
+    recomputed from G's own outputs, generator.pt, the sample grid, and the
+    round's losses (weighted by the sites' image counts)."""
+    record, received = collected.record, collected.received
+    recalibrate_batchnorm(fed.gen, fed.preview.inputs, seed=record.round)
+    fed.store.save_generator(fed.gen, record.round)
+    fed.store.write_samples(record.round, fed.preview.grid(fed.gen))
+    total = sum(w for _, w, _ in received)
+    if all("g-loss" in m for _, _, m in received):
+        record.g_loss = sum(w * m["g-loss"] for _, w, m in received) / total
+    if all("d-loss" in m for _, _, m in received):
+        record.d_loss = sum(w * m["d-loss"] for _, w, m in received) / total
+    if any(m.get("mode-seeking-loss", 0.0) for _, _, m in received):
+        record.mode_seeking_loss = (
+            sum(w * m.get("mode-seeking-loss", 0.0) for _, w, m in received) / total
+        )
+    if fed.settings.dump_updates:
+        fed.mechanism.dump(collected, fed.gen, fed.disc)
+
+
+def keep(fed: Federation, record: RoundRecord, started: float) -> None:
+    """Every round, updated or not: the checkpoint (so a resume continues at
+    the next round), the metrics line, the log line `fedgan run` reads, and
+    the round's audit events."""
+    fed.store.save_checkpoint(fed.gen, fed.disc, record.round)
+    fed.store.drop_fit_state(record.round)  # the checkpoint holds the fitted G now
+    record.seconds = round(time.perf_counter() - started, 3)
+    line = record.as_dict()
+    fed.store.append_metrics(line)
+    log.info("%s%s", ROUND_MARKER, json.dumps(line, sort_keys=True))
+    record_round(fed.audit, fed.store.dir.name, line, fed.seen)

@@ -1,0 +1,75 @@
+"""The aggregator's ServerApp: Flower wiring only. It reads the run's
+settings, opens the run store and the audit log, and hands Flower's Grid,
+as a `GridTransport`, to `fedgan.aggregator.run.run_federation`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedgan.aggregator.run import run_federation
+from fedgan.aggregator.run_store import RunOutputs
+from fedgan.aggregator.transport import GridTransport
+from fedgan.atomic import write_text_atomic
+from fedgan.audit_log import AuditLog
+from fedgan.config.run import ConfigError, RunSettings
+
+log = logging.getLogger("fedgan.server")
+app = ServerApp()
+
+
+def _log_to_stream() -> None:
+    """Our log lines into the ServerApp's output, which Flower streams to
+    `flwr run --stream` (it swaps sys.stdout for its buffer at start, so
+    the handler is made here, not at import)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    _log_to_stream()
+    try:
+        settings = RunSettings.from_run_config(context.run_config)
+    except ConfigError as exc:
+        raise SystemExit(f"fedgan: {exc}") from None
+    run_dir = Path(settings.run_dir or Path.cwd() / "runs" / f"flower-{context.run_id}")
+    out = RunOutputs(run_dir)
+    # One audit log for every run at this aggregator, beside the run folders.
+    audit = AuditLog(out.dir.parent / "audit.jsonl")
+    run = out.dir.name
+    out.write_status("running", flower_run_id=context.run_id, rounds=settings.rounds)
+    # What `fedgan evaluate` needs to draw like the run (class names, attributes).
+    write_text_atomic(
+        out.dir / "run-config.json", json.dumps(dict(context.run_config), indent=1, sort_keys=True)
+    )
+    audit.append(
+        "run_started",
+        run=run,
+        flower_run_id=str(context.run_id),
+        rounds=settings.rounds,
+        resume=settings.resume,
+        dp=settings.privacy.enabled,
+        secure_aggregation=settings.secagg.enabled,
+    )
+    try:
+        summary = run_federation(GridTransport(grid), settings, out, audit)
+    except BaseException as exc:
+        out.write_status("failed", flower_run_id=context.run_id, reason=str(exc))
+        audit.append("run_failed", run=run, reason=str(exc) or type(exc).__name__)
+        raise
+    if "stopped" in summary:
+        out.write_status("failed", flower_run_id=context.run_id, reason=summary["stopped"])
+        audit.append("run_failed", run=run, reason=summary["stopped"])
+        return
+    out.write_status("completed", flower_run_id=context.run_id, rounds=settings.rounds, **summary)
+    audit.append("run_completed", run=run, rounds=settings.rounds)

@@ -1,0 +1,79 @@
+"""How the aggregator reaches the sites: a request out, a reply back.
+
+The round (`fedgan.aggregator.round`) is written against this small
+interface rather than Flower's Grid, so a whole round, secure aggregation
+and dropouts included, runs in a unit test over an in-memory transport. In
+production `GridTransport` carries it over Flower's Grid, polling the
+SuperLink every half second instead of Flower's fixed 3 s: a secure round is
+four exchanges, and the fixed poll alone cost up to 12 s a round."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Request:
+    node: int
+    kind: str  # Flower's message type: "train", "train.secagg_share", ...
+    group: str  # the round (and stage) it belongs to
+    content: RecordDict
+
+
+@dataclass(frozen=True)
+class Reply:
+    node: int
+    content: RecordDict | None  # None when the site answered with an error
+    error: str = ""
+
+
+class Transport(Protocol):
+    def node_ids(self) -> list[int]:
+        """The sites connected now."""
+        ...
+
+    def exchange(self, requests: Sequence[Request], timeout: float) -> list[Reply]:
+        """The replies that arrive within ``timeout`` seconds, errors included;
+        a site that does not answer in time has no reply."""
+        ...
+
+
+@dataclass
+class GridTransport:
+    grid: Grid
+    poll: float = POLL_SECONDS
+
+    def node_ids(self) -> list[int]:
+        return sorted(self.grid.get_node_ids())
+
+    def exchange(self, requests: Sequence[Request], timeout: float) -> list[Reply]:
+        messages = [
+            Message(r.content, dst_node_id=r.node, message_type=r.kind, group_id=r.group)
+            for r in requests
+        ]
+        pending = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + timeout
+        replies: list[Reply] = []
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies.extend(_reply(m) for m in got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(self.poll)
+        return replies
+
+
+def _reply(message: Message) -> Reply:
+    node = message.metadata.src_node_id
+    if message.has_error():
+        return Reply(node, None, message.error.reason)
+    return Reply(node, message.content)

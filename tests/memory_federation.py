@@ -1,0 +1,150 @@
+"""Whole aggregator rounds in memory, for the unit tests: the aggregator's
+real round (`fedgan.aggregator.round`) over an in-memory transport whose
+sites answer with the real wire records and, under secure aggregation, the
+real site side of the protocol (`fedgan.site.secure_round`) with keys and
+certificates from a throwaway consortium PKI. No process, no network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import RecordDict
+
+from fedgan import pki, wire
+from fedgan.aggregator.mechanisms import mechanism_for
+from fedgan.aggregator.preview import Preview
+from fedgan.aggregator.round import Federation
+from fedgan.aggregator.run import start
+from fedgan.aggregator.run_store import RunOutputs
+from fedgan.aggregator.transport import Reply, Request
+from fedgan.audit_log import AuditLog
+from fedgan.config.appbundle import default_run_config
+from fedgan.config.run import RunSettings, SiteSettings
+from fedgan.site import secure_round
+from fedgan.update import SiteUpdate
+
+# A tiny model: the round's arithmetic, not the GAN, is under test.
+SMALL = {"image-size": 16, "channels": 1, "latent-dim": 8, "width": 8}
+
+
+@dataclass
+class MemorySite:
+    """One site: a fixed update (its delta is ``step`` in every value of G
+    and D, times its weight), or a refusal, or silence at a chosen stage."""
+
+    site_id: str
+    weight: float
+    step: float
+    settings: SiteSettings
+    silent_at: str = ""  # "train", "secagg_share", "secagg_mask" or "secagg_unmask"
+    error_at: str = ""  # the stage at which it answers with this error
+    error: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    state: RecordDict = field(default_factory=RecordDict)  # Flower's per-run node state
+
+    def answer(self, request: Request) -> RecordDict | str | None:
+        stage = request.kind.removeprefix("train.")
+        if stage == self.silent_at:
+            return None
+        if stage == self.error_at:
+            return self.error
+        if stage == "train":
+            return self._train(request.content)
+        handler = {
+            "secagg_share": secure_round.share_keys,
+            "secagg_mask": secure_round.masked_input,
+            "secagg_unmask": secure_round.unmask,
+        }[stage]
+        return handler(self.state, self.settings, request.content)
+
+    def update_for(self, gen: list[np.ndarray], disc: list[np.ndarray]) -> SiteUpdate:
+        return SiteUpdate(
+            gen=[np.full_like(a, self.step) for a in gen],
+            disc=[np.full_like(a, self.step) for a in disc],
+            weight=self.weight,
+        )
+
+    def _train(self, content: RecordDict) -> RecordDict:
+        gen, disc, _ = wire.read_train_request(content)
+        update = self.update_for(gen, disc)
+        metrics = {"g-loss": 1.0 + self.step, "d-loss": 2.0, "update-clipped": 0.0}
+        metrics |= self.metrics
+        setup = wire.read_secagg_setup(content)
+        if setup is None:
+            return wire.train_reply(update, self.site_id, metrics)
+        params, server_pk = setup
+        ad = secure_round.advertise(self.state, self.settings, params, server_pk, update)
+        return wire.secagg_train_reply(ad, self.site_id, {"num-examples": update.weight, **metrics})
+
+
+@dataclass
+class MemoryTransport:
+    sites: dict[int, MemorySite]
+    log: list[Request] = field(default_factory=list)
+
+    def node_ids(self) -> list[int]:
+        return sorted(self.sites)
+
+    def exchange(self, requests: Sequence[Request], timeout: float) -> list[Reply]:
+        replies = []
+        for request in requests:
+            self.log.append(request)
+            answer = self.sites[request.node].answer(request)
+            if isinstance(answer, str):
+                replies.append(Reply(request.node, None, answer))
+            elif answer is not None:
+                replies.append(Reply(request.node, answer))
+        return replies
+
+
+def consortium(root: Path, site_ids: Sequence[str]) -> dict[str, SiteSettings]:
+    """A throwaway PKI and each site's settings pointing into it."""
+    pki.init_ca(root / "certs", "test-consortium")
+    out = {}
+    for site_id in site_ids:
+        paths = pki.issue_site(root / "certs", site_id)
+        out[site_id] = SiteSettings(
+            site_id=site_id,
+            data_dir=str(root / "data" / site_id),
+            kind="fundus",
+            work_dir=str(root / "work" / site_id),
+            device="cpu",
+            epsilon_budget=10.0,
+            signing_key=str(paths.signing_key),
+            signing_cert=str(paths.signing_cert),
+            ca_cert=str(root / "certs" / "ca" / "ca.crt"),
+            crl=str(root / "certs" / "ca" / "crl.pem"),
+        )
+    return out
+
+
+def federation(
+    tmp_path: Path,
+    sites: Sequence[MemorySite],
+    *,
+    customize: Callable[[dict], None] | None = None,
+    **run_config: object,
+) -> Federation:
+    """The aggregator's run state for ``sites`` (node ids 1, 2, ...)."""
+    cfg = default_run_config() | SMALL | {"run-dir": str(tmp_path / "run")}
+    cfg |= {k.replace("_", "-"): v for k, v in run_config.items()}
+    if customize:
+        customize(cfg)
+    settings = RunSettings.from_run_config(cfg)
+    store = RunOutputs(Path(settings.run_dir))
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    gen, disc, _ = start(settings, store)
+    transport = MemoryTransport({i + 1: s for i, s in enumerate(sites)})
+    return Federation(
+        transport,
+        settings,
+        store,
+        audit,
+        mechanism_for(settings, store, audit),
+        gen,
+        disc,
+        Preview(settings),
+    )

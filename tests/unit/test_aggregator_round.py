@@ -1,0 +1,132 @@
+"""Whole aggregator rounds in memory (`fedgan.aggregator.round`): FedAvg of
+the sites' deltas in the clear and through secure aggregation, dropouts at
+every stage, an abort below the threshold, refusals, and what each round
+leaves in the run store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedgan import wire
+from fedgan.aggregator.round import run_round
+from fedgan.weights import get_arrays
+from tests.memory_federation import MemorySite, consortium, federation
+
+WEIGHTS = {"site-a": 10.0, "site-b": 30.0, "site-c": 60.0}
+STEPS = {"site-a": 0.004, "site-b": -0.002, "site-c": 0.001}
+
+
+def _sites(tmp_path, **overrides: dict) -> list[MemorySite]:
+    settings = consortium(tmp_path, list(WEIGHTS))
+    return [
+        MemorySite(s, WEIGHTS[s], STEPS[s], settings[s], **overrides.get(s, {})) for s in WEIGHTS
+    ]
+
+
+def _mean_step(sites: list[str]) -> float:
+    return sum(WEIGHTS[s] * STEPS[s] for s in sites) / sum(WEIGHTS[s] for s in sites)
+
+
+def _disc_moved_by(fed, before: list[np.ndarray]) -> np.ndarray:
+    """How far each of D's values moved (D has no BatchNorm, so the
+    aggregator's recalibration of G leaves it alone)."""
+    return np.concatenate(
+        [(a - b).ravel() for a, b in zip(get_arrays(fed.disc), before, strict=True)]
+    )
+
+
+def test_a_plain_round_applies_the_weighted_mean_of_the_deltas(tmp_path):
+    fed = federation(tmp_path, _sites(tmp_path), secagg=False)
+    before = get_arrays(fed.disc)
+    record = run_round(fed, 1)
+    moved = _disc_moved_by(fed, before)
+    assert np.allclose(moved, _mean_step(list(WEIGHTS)), atol=1e-7)
+    assert record.sites == sorted(WEIGHTS) and record.sites_failed == 0
+    assert record.examples == sum(WEIGHTS.values())
+    # Losses weighted by image counts.
+    expected_g = sum(WEIGHTS[s] * (1 + STEPS[s]) for s in WEIGHTS) / sum(WEIGHTS.values())
+    assert record.g_loss == pytest.approx(expected_g)
+    line = json.loads(fed.store.metrics_path.read_text().splitlines()[-1])
+    assert line == record.as_dict() and "secagg" not in line and "skipped" not in line
+    assert fed.store.load_checkpoint()["round"] == 1
+    assert fed.store.samples_path(1).read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_secure_round_recovers_the_same_mean_within_its_error_bound(tmp_path):
+    fed = federation(tmp_path, _sites(tmp_path), secagg=True)
+    before = get_arrays(fed.disc)
+    record = run_round(fed, 1)
+    moved = _disc_moved_by(fed, before)
+    assert record.secagg is not None and record.secagg["survivors"] == sorted(WEIGHTS)
+    assert record.secagg_error_bound is not None and record.secagg_error_bound > 0
+    assert np.abs(moved - _mean_step(list(WEIGHTS))).max() <= record.secagg_error_bound
+    # No plain delta travelled: the train replies carry no arrays.
+    assert all(b > 0 for b in record.update_bytes.values())
+    stages = [r.kind for r in fed.transport.log]
+    assert stages.count("train") == 3 and stages.count("train.secagg_unmask") == 3
+
+
+@pytest.mark.parametrize("stage", ["train", "secagg_share", "secagg_mask"])
+def test_a_site_silent_before_masking_is_left_out_of_the_sum(tmp_path, stage):
+    fed = federation(tmp_path, _sites(tmp_path, **{"site-c": {"silent_at": stage}}), secagg=True)
+    before = get_arrays(fed.disc)
+    record = run_round(fed, 1)
+    moved = _disc_moved_by(fed, before)
+    assert record.sites == ["site-a", "site-b"] and "skipped" not in record.as_dict()
+    assert np.abs(moved - _mean_step(["site-a", "site-b"])).max() <= record.secagg_error_bound
+    if stage != "train":
+        assert record.secagg["failures"]["site-c"].startswith(stage)
+
+
+def test_a_site_silent_at_unmasking_is_still_in_the_sum(tmp_path):
+    # It masked its update; the others' shares remove its masks.
+    sites = _sites(tmp_path, **{"site-c": {"silent_at": "secagg_unmask"}})
+    fed = federation(tmp_path, sites, secagg=True)
+    before = get_arrays(fed.disc)
+    record = run_round(fed, 1)
+    moved = _disc_moved_by(fed, before)
+    assert record.sites == sorted(WEIGHTS)
+    assert np.abs(moved - _mean_step(list(WEIGHTS))).max() <= record.secagg_error_bound
+
+
+def test_below_the_threshold_the_round_is_abandoned_and_the_model_kept(tmp_path):
+    sites = _sites(tmp_path, **{s: {"silent_at": "secagg_mask"} for s in ("site-b", "site-c")})
+    fed = federation(tmp_path, sites, secagg=True)
+    before = get_arrays(fed.gen) + get_arrays(fed.disc)
+    record = run_round(fed, 1)
+    after = get_arrays(fed.gen) + get_arrays(fed.disc)
+    assert record.skipped and "secagg" in record.as_dict()
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert not fed.store.samples_path(1).exists()
+    assert fed.store.load_checkpoint()["round"] == 1  # a resume starts at round 2
+    events = [json.loads(line)["event"] for line in fed.audit.path.read_text().splitlines()]
+    assert "secagg_aborted" in events
+
+
+def test_refusals_and_budget_are_recorded_and_the_site_left_out(tmp_path):
+    refusal = wire.refusal_text("site-c", "secure aggregation is required")
+    budget = {"budget-exhausted": 1.0, "epsilon": 9.9, "epsilon-next": 10.5, "epsilon-budget": 10.0}
+    sites = _sites(tmp_path, **{"site-c": {"error_at": "train", "error": refusal}})
+    fed = federation(tmp_path, sites, secagg=False)
+    record = run_round(fed, 1)
+    assert record.refused == {"site-c": "secure aggregation is required"}
+    assert record.sites_failed == 0 and 3 not in fed.available()
+    fed.transport.sites[2].metrics = budget
+    record = run_round(fed, 2)
+    assert record.budget_exhausted == {
+        "site-b": {"epsilon": 9.9, "epsilon_next": 10.5, "budget": 10.0}
+    }
+    assert record.sites == ["site-a"] and fed.available() == [1]
+    assert fed.nobody_left() == ""
+    assert fed.summary()["budget_exhausted"] == ["site-b"]
+
+
+def test_an_unreadable_error_is_a_failure_not_a_refusal(tmp_path):
+    sites = _sites(tmp_path, **{"site-a": {"error_at": "train", "error": "boom"}})
+    fed = federation(tmp_path, sites, secagg=False)
+    record = run_round(fed, 1)
+    assert record.sites_failed == 1 and record.failures == ["node 1: boom"]
+    assert 1 in fed.available()
