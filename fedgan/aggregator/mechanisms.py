@@ -38,9 +38,8 @@ Model = tuple[Arrays, Arrays]  # G's and D's arrays
 
 
 class Mechanism(Protocol):
-    def round_config(self) -> dict[str, str]:
-        """What the sites need beyond the run's settings."""
-        ...
+    # The hash of the random features the sites must draw ("" if none).
+    digest: str
 
     def kept(self, server_round: int) -> KeptRelease | None:
         """The round's sum, kept before a stop; None: ask the sites."""
@@ -74,9 +73,7 @@ class Mechanism(Protocol):
 @dataclass
 class FedAvgOfDeltas:
     store: RunOutputs
-
-    def round_config(self) -> dict[str, str]:
-        return {}
+    digest: str = ""
 
     def kept(self, server_round: int) -> KeptRelease | None:
         return None
@@ -128,9 +125,6 @@ class MeanEmbeddingFit:
         # Hashed once: the features are up to hundreds of MB.
         self.digest = self.phi.digest()
         self.shape = (max(spec.num_classes, 1), self.phi.width + 1)
-
-    def round_config(self) -> dict[str, str]:
-        return {"embedding-digest": self.digest}
 
     def kept(self, server_round: int) -> KeptRelease | None:
         kept = self.store.kept_release(server_round, self.digest, self.shape)

@@ -25,6 +25,7 @@ from fedgan.aggregator.run_store import Received, RunOutputs
 from fedgan.aggregator.secure_round import SecureRound
 from fedgan.aggregator.transport import Reply, Request, Transport
 from fedgan.audit_log import AuditLog, record_round
+from fedgan.config.round import RoundConfig
 from fedgan.config.run import RunSettings
 from fedgan.gan.models import Discriminator, Generator, recalibrate_batchnorm
 from fedgan.progress import ROUND_MARKER
@@ -137,14 +138,15 @@ def collect(fed: Federation, server_round: int) -> Collected:
     available = fed.available()
     nodes = sample_sites(available, settings.fraction_sites, settings.train.seed, server_round)
     before = get_arrays(fed.gen), get_arrays(fed.disc)
-    config = settings.round_config(server_round) | fed.mechanism.round_config()
+    config = settings.round_config(server_round, fed.mechanism.digest)
     length = fed.mechanism.length(before)
     secure, setup_error = _secure_round(fed, config, nodes, length)
+    contract = config.to_record()
     gen_out, disc_out = fed.mechanism.outgoing(before)
     setup = secure.setup_record() if secure else None
     requests = [
         Request(
-            node, "train", str(server_round), wire.train_request(gen_out, disc_out, config, setup)
+            node, "train", str(server_round), wire.train_request(gen_out, disc_out, contract, setup)
         )
         for node in (nodes if not setup_error else [])
     ]
@@ -152,23 +154,24 @@ def collect(fed: Federation, server_round: int) -> Collected:
     replies = sort_replies(fed, answers, secure, server_round)
     for failure in replies.failures:
         log.warning("round %d: %s", server_round, failure)
-    record = _base_record(server_round, nodes, available, replies)
-    collected = Collected(record, before, received=replies.received)
+    collected = Collected(
+        _base_record(server_round, nodes, available, replies), before, received=replies.received
+    )
     collected.skipped = setup_error or "no site replied; the global model is unchanged"
     if secure and replies.ads:
         _secure_sum(fed, secure, replies.ads, collected)
     elif replies.updates:
         collected.mean = weighted_mean(replies.updates)
     if collected.mean is not None:
-        record.examples = sum(w for _, w, _ in collected.received)
-        record.update_bytes = (
+        collected.record.examples = sum(w for _, w, _ in collected.received)
+        collected.record.update_bytes = (
             secure.bytes_sent if secure else {s: 4 * length for s, _, _ in collected.received}
         )
     return collected
 
 
 def _secure_round(
-    fed: Federation, config: dict, nodes: list[int], length: int
+    fed: Federation, config: RoundConfig, nodes: list[int], length: int
 ) -> tuple[SecureRound | None, str]:
     """(the round's secure aggregation of ``length`` values per site, or None
     when off; why the round cannot run securely, or "")."""
@@ -177,8 +180,8 @@ def _secure_round(
         return None, ""
     try:
         params = SecAggParams.for_round(
-            str(config["run-name"]),
-            int(config["round"]),
+            config.run_name,
+            config.round,
             len(nodes),
             bits=settings.secagg.bits,
             value_range=settings.secagg_range(length),

@@ -28,6 +28,7 @@ import torch
 from fedgan.atomic import append_line_durable, write_atomic, write_text_atomic
 from fedgan.errors import FedGanError
 from fedgan.gan.models import GanSpec, Generator
+from fedgan.weights import dump_arrays
 
 if TYPE_CHECKING:  # the fit pulls in Opacus; reading a run folder should not
     from fedgan.privacy.embedding_fit import FitState
@@ -220,27 +221,12 @@ class RunOutputs:
     def dump_arrays(
         self, server_round: int, name: str, arrays: dict[str, list[np.ndarray]]
     ) -> None:
-        flat = {f"{k}_{i:03d}": a for k, arrs in arrays.items() for i, a in enumerate(arrs)}
-        buf = io.BytesIO()
-        np.savez(buf, **flat)
-        write_atomic(
-            self.dir / "dumps" / f"round_{server_round:03d}" / f"{name}.npz", buf.getvalue()
-        )
+        dump_arrays(self.dir / "dumps" / f"round_{server_round:03d}" / f"{name}.npz", arrays)
 
 
 def kept_rounds(run_dir: Path) -> list[int]:
     """The rounds whose release sums `RunOutputs.keep_release` kept in ``run_dir``."""
     return sorted(int(p.stem.rsplit("_", 1)[1]) for p in Path(run_dir).glob("release_round_*.npz"))
-
-
-def load_dump(path: Path) -> dict[str, list[np.ndarray]]:
-    """Inverse of `RunOutputs.dump_arrays` (used by tests and audits)."""
-    with np.load(path) as data:
-        out: dict[str, list[np.ndarray]] = {}
-        for key in sorted(data.files):
-            name, _, _ = key.rpartition("_")
-            out.setdefault(name, []).append(data[key])
-    return out
 
 
 def load_generator(path: Path, map_location: str = "cpu") -> Generator:

@@ -7,7 +7,6 @@ value is reported with its key so the operator can fix the right line.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fedgan.errors import FedGanError
 
 if TYPE_CHECKING:  # imported where used: the secure-aggregation stages need no torch
+    from fedgan.config.round import RoundConfig
     from fedgan.gan.models import GanSpec
     from fedgan.train import TrainConfig
 
@@ -69,11 +69,16 @@ def _node_float(cfg: Mapping[str, Any], key: str, default: float) -> float:
     return value
 
 
-def _get(cfg: Mapping[str, Any], key: str, kind: type) -> Any:
+def _get(cfg: Mapping[str, Any], key: str, kind: type, where: str = "run config") -> Any:
     # Flower merges the app's defaults ([tool.flwr.app.config]) with the
     # operator's overrides, so a missing key means a mismatched app config.
     if key not in cfg:
-        raise ConfigError(f"run config key '{key}' is missing from [tool.flwr.app.config]")
+        fix = (
+            "is missing from [tool.flwr.app.config]"
+            if where == "run config"
+            else "is missing; the aggregator runs another FedGAN version than this site"
+        )
+        raise ConfigError(f"{where} key '{key}' {fix}")
     value = cfg[key]
     try:
         if kind is bool:
@@ -87,7 +92,7 @@ def _get(cfg: Mapping[str, Any], key: str, kind: type) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"run config key '{key}' = {value!r} is not a valid {kind.__name__}"
+            f"{where} key '{key}' = {value!r} is not a valid {kind.__name__}"
         ) from None
 
 
@@ -96,12 +101,6 @@ def parse_classes(text: str) -> tuple[str, ...]:
     if len(set(classes)) != len(classes):
         raise ConfigError(f"run config key 'classes' = {text!r} names a class twice")
     return classes
-
-
-def site_local_steps(num_examples: int, batch_size: int, epochs: float, steps: int) -> int:
-    """A round's local steps at one site: ``epochs`` > 0 passes over its own
-    silo (so its size sets them), else the run's fixed ``steps``."""
-    return max(1, math.ceil(epochs * num_examples / batch_size) if epochs > 0 else steps)
 
 
 @dataclass(frozen=True)
@@ -128,20 +127,29 @@ class PrivacySettings:
         return self.mechanism == "mean-embedding"
 
     @classmethod
-    def from_run_config(cls, cfg: Mapping[str, Any]) -> PrivacySettings:
+    def from_run_config(cls, cfg: Mapping[str, Any], where: str = "run config") -> PrivacySettings:
+        """``where``: "run config" at the aggregator, "round config" at a site,
+        which is not sent the aggregator's own fit settings."""
+        fit = (
+            {
+                "embedding_fit_steps": _get(cfg, "embedding-fit-steps", int, where),
+                "embedding_fit_lr": _get(cfg, "embedding-fit-lr", float, where),
+            }
+            if where == "run config"
+            else {}
+        )
         s = cls(
-            enabled=_get(cfg, "dp", bool),
-            noise_multiplier=_get(cfg, "noise-multiplier", float),
-            target_epsilon=_get(cfg, "target-epsilon", float),
-            max_grad_norm=_get(cfg, "max-grad-norm", float),
-            delta=_get(cfg, "delta", float),
-            accountant=_get(cfg, "accountant", str),
-            update_clip=_get(cfg, "update-clip", float),
-            mechanism=_get(cfg, "mechanism", str),
-            embedding_features=_get(cfg, "embedding-features", int),
-            embedding_length_scale=_get(cfg, "embedding-length-scale", float),
-            embedding_fit_steps=_get(cfg, "embedding-fit-steps", int),
-            embedding_fit_lr=_get(cfg, "embedding-fit-lr", float),
+            enabled=_get(cfg, "dp", bool, where),
+            noise_multiplier=_get(cfg, "noise-multiplier", float, where),
+            target_epsilon=_get(cfg, "target-epsilon", float, where),
+            max_grad_norm=_get(cfg, "max-grad-norm", float, where),
+            delta=_get(cfg, "delta", float, where),
+            accountant=_get(cfg, "accountant", str, where),
+            update_clip=_get(cfg, "update-clip", float, where),
+            mechanism=_get(cfg, "mechanism", str, where),
+            embedding_features=_get(cfg, "embedding-features", int, where),
+            embedding_length_scale=_get(cfg, "embedding-length-scale", float, where),
+            **fit,
         )
         if s.accountant not in ("prv", "rdp"):
             raise ConfigError(f"run config key 'accountant' = {s.accountant!r}; use prv or rdp")
@@ -183,7 +191,7 @@ class PrivacySettings:
 
 @dataclass(frozen=True)
 class SecAggSettings:
-    """Secure aggregation of the sites' updates (see README, "Secure aggregation")."""
+    """Secure aggregation of the sites' updates (docs/security.md)."""
 
     enabled: bool
     bits: int
@@ -351,34 +359,41 @@ class RunSettings:
         lr = max(self.train.lr_g, self.train.lr_d)
         return self.secagg.value_range_for(length, self.privacy.update_clip, lr, steps)
 
-    def round_config(self, server_round: int) -> dict[str, int | float | bool | str]:
+    def round_config(self, server_round: int, embedding_digest: str = "") -> RoundConfig:
         """What a site needs to train one round (sent in the train message)."""
-        return {
-            "round": server_round,
-            "image-size": self.spec.image_size,
-            "channels": self.spec.channels,
-            "latent-dim": self.spec.latent_dim,
-            "width": self.spec.width,
-            "classes": ",".join(self.classes),
-            "attributes": self.attributes,
-            "cond-lambda": self.cond_lambda,
-            "local-steps": self.train.local_steps,
-            "local-epochs": self.local_epochs,
-            "batch-size": self.train.batch_size,
-            "lr-g": self.train.lr_g,
-            "lr-d": self.train.lr_d,
-            "mode-seeking": self.train.mode_seeking,
-            # Each site and round draws different batches and noise.
-            "seed": self.train.seed * 100_003 + server_round,
-            "dump-updates": self.dump_updates,
-            "rounds": self.rounds,
-            "prox-mu": self.prox_mu if self.strategy == "fedprox" else 0.0,
+        from fedgan.config.round import LocalTraining, ModelShape, RoundConfig
+
+        return RoundConfig(
+            round=server_round,
+            rounds=self.rounds,
             # The ledger's run id: the run folder's name, stable across resumes.
-            "run-name": self.run_dir.rstrip("/").rsplit("/", 1)[-1],
+            run_name=self.run_dir.rstrip("/").rsplit("/", 1)[-1],
+            model=ModelShape(
+                image_size=self.spec.image_size,
+                channels=self.spec.channels,
+                latent_dim=self.spec.latent_dim,
+                width=self.spec.width,
+                classes=self.classes,
+                attributes=self.attributes,
+            ),
+            local=LocalTraining(
+                steps=self.train.local_steps,
+                epochs=self.local_epochs,
+                batch_size=self.train.batch_size,
+                lr_g=self.train.lr_g,
+                lr_d=self.train.lr_d,
+                mode_seeking=self.train.mode_seeking,
+                cond_lambda=self.cond_lambda,
+                prox_mu=self.prox_mu if self.strategy == "fedprox" else 0.0,
+                # Each site and round draws different batches and noise.
+                seed=self.train.seed * 100_003 + server_round,
+            ),
+            privacy=self.privacy,
             # The random features' public seed (the same every round).
-            "embedding-seed": self.train.seed,
-            **self.privacy.as_config(),
-        }
+            embedding_seed=self.train.seed,
+            embedding_digest=embedding_digest,
+            dump_updates=self.dump_updates,
+        )
 
 
 @dataclass(frozen=True)

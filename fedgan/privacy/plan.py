@@ -97,7 +97,7 @@ def release_noise_figure(noise_multiplier: float, values: int, examples: int) ->
     feature sums have norm at most n, their counts n). DP-SGD's figure
     (`noise_to_signal`) asks the same of one of its many steps, whose noise
     later steps partly average away; the release is noised once and nothing
-    averages it (README, Privacy)."""
+    averages it (docs/privacy.md)."""
     return noise_multiplier * math.sqrt(values) / max(1, examples)
 
 

@@ -12,8 +12,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedgan import wire
+from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.site import approval, faults, runtime, secure_round
+from fedgan.weights import dump_arrays
 
 log = logging.getLogger("fedgan.site")
 if not log.handlers:
@@ -44,10 +46,11 @@ def train(msg: Message, context: Context) -> Message:
             ),
             run=run_id,
         )
-    global_gen, global_disc, cfg = wire.read_train_request(msg.content)
+    global_gen, global_disc, record = wire.read_train_request(msg.content)
     secagg = wire.read_secagg_setup(msg.content)
     try:
-        if cfg.get("mechanism") == "mean-embedding":
+        cfg = RoundConfig.from_record(record)
+        if cfg.privacy.mean_embedding:
             from fedgan.site.release import release_round
 
             outcome = release_round(
@@ -71,7 +74,7 @@ def train(msg: Message, context: Context) -> Message:
             )
     except approval.AppRefused as refusal:
         # Raised to Flower, which replies to the ServerApp with the reason.
-        raise store.refuse(refusal, run=run_id, round=int(cfg["round"])) from None
+        raise store.refuse(refusal, run=run_id, round=int(record["round"])) from None
     if outcome.update is None:
         refusal = outcome.refusal
         assert refusal is not None
@@ -79,14 +82,11 @@ def train(msg: Message, context: Context) -> Message:
             wire.budget_reply(site.site_id, refusal.spent, refusal.after, refusal.budget),
             reply_to=msg,
         )
-    if bool(cfg.get("dump-updates", False)):
+    if cfg.dump_updates:
         # Test mode: keep exactly what is sent, so a test can recompute the
         # server's average from the sites' side.
-        from fedgan.aggregator.run_store import RunOutputs
-
-        RunOutputs(Path(site.work_dir) / "dumps" / run_id).dump_arrays(
-            int(cfg["round"]),
-            "update",
+        dump_arrays(
+            Path(site.work_dir) / "dumps" / run_id / f"round_{cfg.round:03d}" / "update.npz",
             {
                 "gen": outcome.update.gen,
                 "disc": outcome.update.disc,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedgan.config.run import RunSettings, site_local_steps
+from fedgan.config.run import RunSettings
 from fedgan.gan.models import build, trainable_parameters
 from fedgan.privacy.accountant import Round
 from fedgan.privacy.plan import (
@@ -18,10 +18,9 @@ from fedgan.privacy.plan import (
     RunForecast,
     forecast_run,
     noise_to_signal,
-    plan_release,
-    plan_round,
     release_noise_figure,
 )
+from fedgan.site.admission import plan_for
 from fedgan.site.approval import AppRefused, Limits, check_run
 
 
@@ -45,60 +44,22 @@ def assess(
     run: RunSettings, images: int, history: Sequence[Round], limits: Limits, budget: float
 ) -> SitePlan:
     """The round plan the site would make for ``images`` images, the run's
-    forecast against the ledger's ``history``, and the site's limits' verdict."""
+    forecast against the ledger's ``history``, and the site's limits' verdict.
+    The plan is `fedgan.site.admission.plan_for`'s, the one the round makes."""
     if images < 1:
         raise ValueError(f"--images {images}: give the number of usable images in the silo (>= 1)")
-    if not run.privacy.enabled:
-        return SitePlan(run, images, budget, _refusal(run, limits, None))
+    plan = plan_for(run.round_config(1), images)
+    refusal = _refusal(run, limits, plan.noise_multiplier if plan else None)
+    if plan is None:
+        return SitePlan(run, images, budget, refusal)
     if run.privacy.mean_embedding:
-        return _assess_release(run, images, history, limits, budget)
-    batch = run.train.batch_size
-    plan = plan_round(
-        noise_multiplier=run.privacy.noise_multiplier,
-        target_epsilon=run.privacy.target_epsilon,
-        max_grad_norm=run.privacy.max_grad_norm,
-        delta=run.privacy.delta,
-        accountant=run.privacy.accountant,
-        num_examples=images,
-        batch_size=batch,
-        local_steps=site_local_steps(images, batch, run.local_epochs, run.train.local_steps),
-        rounds=run.rounds,
-    )
-    weights = trainable_parameters(build(run.spec)[1])
-    return SitePlan(
-        run,
-        images,
-        budget,
-        _refusal(run, limits, plan.noise_multiplier),
-        plan,
-        forecast_run(plan, run.rounds, history, budget),
-        weights,
-        noise_to_signal(plan.noise_multiplier, plan.sample_rate * images, weights),
-    )
-
-
-def _assess_release(
-    run: RunSettings, images: int, history: Sequence[Round], limits: Limits, budget: float
-) -> SitePlan:
-    """A mean-embedding run: one release, every image once (q = 1, one step)."""
-    plan = plan_release(
-        noise_multiplier=run.privacy.noise_multiplier,
-        target_epsilon=run.privacy.target_epsilon,
-        delta=run.privacy.delta,
-        accountant=run.privacy.accountant,
-        num_examples=images,
-    )
-    values = max(run.spec.num_classes, 1) * (2 * run.privacy.embedding_features + 1)
-    return SitePlan(
-        run,
-        images,
-        budget,
-        _refusal(run, limits, plan.noise_multiplier),
-        plan,
-        forecast_run(plan, 1, history, budget),
-        values,
-        release_noise_figure(plan.noise_multiplier, values, images),
-    )
+        values = max(run.spec.num_classes, 1) * (2 * run.privacy.embedding_features + 1)
+        figure = release_noise_figure(plan.noise_multiplier, values, images)
+    else:
+        values = trainable_parameters(build(run.spec)[1])
+        figure = noise_to_signal(plan.noise_multiplier, plan.sample_rate * images, values)
+    forecast = forecast_run(plan, run.rounds, history, budget)
+    return SitePlan(run, images, budget, refusal, plan, forecast, values, figure)
 
 
 def _refusal(run: RunSettings, limits: Limits, noise: float | None) -> str | None:
@@ -139,7 +100,7 @@ def describe(p: SitePlan, ledger_note: str, policy_note: str) -> list[str]:
             f"δ {plan.delta:.3g}, σ {plan.noise_multiplier:.3f} ({how}, "
             f"{plan.accountant.upper()})",
             f"noise: the release's noise is {p.noise_figure:.2g}× its largest signal "
-            "(σ·√values / images; README, Privacy)",
+            "(σ·√values / images; docs/privacy.md)",
         ]
     else:
         lines = _sgd_lines(p, how)
@@ -159,7 +120,7 @@ def _sgd_lines(p: SitePlan, how: str) -> list[str]:
         f"silo of {p.images:,} images: q {plan.sample_rate:.4g}, δ {plan.delta:.3g}, "
         f"σ {plan.noise_multiplier:.3f} ({how}, {plan.accountant.upper()})",
         f"noise: each step's noise is {p.noise_figure:.1f}× the largest clipped real-image "
-        "gradient (σ·√weights / batch; README, Privacy)",
+        "gradient (σ·√weights / batch; docs/privacy.md)",
     ]
 
 

@@ -12,19 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from fedgan.config.run import SiteSettings, parse_classes
+from fedgan.config.round import RoundConfig
+from fedgan.config.run import SiteSettings
 from fedgan.errors import FedGanError
 from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.privacy.mean_embedding import FeatureMap, release
-from fedgan.privacy.plan import plan_release, release_noise_figure
+from fedgan.privacy.plan import release_noise_figure
 from fedgan.silo.options import SiloOptions
-from fedgan.site.approval import Limits, check_run
-from fedgan.site.round import RoundOutcome, admit_and_spend, site_images
+from fedgan.site.admission import admit, check_limits
+from fedgan.site.approval import Limits
+from fedgan.site.round import RoundOutcome, site_images
 from fedgan.update import SiteUpdate
 
 log = logging.getLogger("fedgan.site")
-
-MECHANISM = "mean-embedding"
 
 
 class FeatureMismatch(FedGanError):
@@ -35,7 +35,7 @@ def release_round(
     site: SiteSettings,
     node_config: dict[str, Any],
     run_id: str,
-    cfg: dict[str, Any],
+    cfg: RoundConfig,
     *,
     limits: Limits | None = None,
     secure: bool = False,
@@ -50,93 +50,75 @@ def release_round(
     aggregator the silo's size exactly, which the add/remove DP guarantee
     protects. The noisy count is read off the release, so it is
     post-processing and costs nothing."""
-    dp = bool(cfg["dp"])
-    if limits is not None:
-        check_run(
-            limits,
-            site.site_id,
-            dp=dp,
-            noise_multiplier=None,
-            target_epsilon=float(cfg["target-epsilon"]),
-            secure_aggregation=secure,
-        )
-    classes = parse_classes(str(cfg["classes"]))
-    size, channels = int(cfg["image-size"]), int(cfg["channels"])
-    phi = FeatureMap(
-        pixels=channels * size * size,
-        features=int(cfg["embedding-features"]),
-        length_scale=float(cfg["embedding-length-scale"]),
-        seed=int(cfg["embedding-seed"]),
+    check_limits(limits, site.site_id, cfg, secure, sigma=None)  # before the silo is read
+    phi = _features(site, cfg)
+    size, channels = cfg.model.image_size, cfg.model.channels
+    images, labels, _ = site_images(
+        site, SiloOptions.from_mapping(site.kind, size, channels, node_config), cfg.model.classes
     )
-    if phi.digest() != str(cfg["embedding-digest"]):
+    n = images.shape[0]
+    ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
+    admission = admit(
+        site.site_id,
+        site.epsilon_budget,
+        ledger,
+        cfg,
+        n,
+        run_name=cfg.run_name or run_id,
+        limits=limits,
+        secure=secure,
+    )
+    if not admission.admitted:
+        return RoundOutcome(None, refusal=admission.refusal)
+    plan, spend = admission.plan, admission.spend
+    sigma = plan.noise_multiplier if plan is not None else 0.0
+    started = time.perf_counter()
+    values = release(phi, images, labels, len(cfg.model.classes), sigma)
+    if spend is not None:
+        ledger.complete(run=spend.run, server_round=cfg.round)
+    weight = noisy_count(values)
+    metrics: dict[str, float] = {}
+    if plan is not None and spend is not None:
+        rows = max(len(cfg.model.classes), 1)
+        metrics = {
+            "epsilon": spend.epsilon_after,
+            "epsilon-budget": site.epsilon_budget,
+            "delta": plan.delta,
+            "noise-multiplier": sigma,
+            "sample-rate": 1.0,
+            "noise-figure": release_noise_figure(sigma, rows * (phi.width + 1), weight),
+        }
+    metrics["train-seconds"] = seconds = time.perf_counter() - started
+    log.info(
+        "site %s round %d: released the mean embedding of %d images (%d values) in %.1f s%s",
+        site.site_id,
+        cfg.round,
+        n,
+        values.size,
+        seconds,
+        f", σ {sigma:.3f}, ε {metrics['epsilon']:.3f}" if "epsilon" in metrics else " (no DP)",
+    )
+    update = SiteUpdate(gen=[(values / weight).astype(np.float32)], disc=[], weight=weight)
+    return RoundOutcome(update, metrics)
+
+
+def _features(site: SiteSettings, cfg: RoundConfig) -> FeatureMap:
+    """The run's random features, drawn here from their public seed and
+    checked against the aggregator's by hash."""
+    m = cfg.model
+    phi = FeatureMap(
+        pixels=m.channels * m.image_size * m.image_size,
+        features=cfg.privacy.embedding_features,
+        length_scale=cfg.privacy.embedding_length_scale,
+        seed=cfg.embedding_seed,
+    )
+    if phi.digest() != cfg.embedding_digest:
         raise FeatureMismatch(
             f"site {site.site_id}: the random features drawn here differ from the "
             "aggregator's (a different torch build draws other numbers from the same seed); "
             "run the site image of the aggregator's FedGAN release"
         )
-    server_round = int(cfg["round"])
-    images, labels, _ = site_images(
-        site, SiloOptions.from_mapping(site.kind, size, channels, node_config), classes
-    )
-    n = images.shape[0]
-    run_name = str(cfg["run-name"]) or run_id
-    ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
-    metrics: dict[str, float] = {}
-    sigma = 0.0
-    spend = None
-    if dp:
-        plan = plan_release(
-            noise_multiplier=float(cfg["noise-multiplier"]),
-            target_epsilon=float(cfg["target-epsilon"]),
-            delta=float(cfg["delta"]),
-            accountant=str(cfg["accountant"]),
-            num_examples=n,
-            noise_hint=ledger.latest_noise(run_name),
-        )
-        spend = admit_and_spend(
-            site,
-            ledger,
-            plan,
-            run_name,
-            server_round,
-            limits,
-            float(cfg["target-epsilon"]),
-            secure,
-            mechanism=MECHANISM,
-        )
-        if isinstance(spend, RoundOutcome):
-            return spend
-        sigma = plan.noise_multiplier
-        metrics.update(
-            {
-                "epsilon": spend.epsilon_after,
-                "epsilon-budget": site.epsilon_budget,
-                "delta": plan.delta,
-                "noise-multiplier": sigma,
-                "sample-rate": 1.0,
-            }
-        )
-    started = time.perf_counter()
-    values = release(phi, images, labels, len(classes), sigma)
-    if spend is not None:
-        ledger.complete(run=spend.run, server_round=server_round)
-    weight = noisy_count(values)
-    if dp:
-        rows = max(len(classes), 1)
-        metrics["noise-figure"] = release_noise_figure(sigma, rows * (phi.width + 1), weight)
-    seconds = time.perf_counter() - started
-    metrics["train-seconds"] = seconds
-    log.info(
-        "site %s round %d: released the mean embedding of %d images (%d values) in %.1f s%s",
-        site.site_id,
-        server_round,
-        n,
-        values.size,
-        seconds,
-        f", σ {sigma:.3f}, ε {metrics['epsilon']:.3f}" if dp else " (no DP)",
-    )
-    update = SiteUpdate(gen=[(values / weight).astype(np.float32)], disc=[], weight=weight)
-    return RoundOutcome(update, metrics)
+    return phi
 
 
 def noisy_count(values: np.ndarray) -> float:

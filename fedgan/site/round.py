@@ -17,13 +17,15 @@ from fedgan.attributes import Attribute, read_site_attributes
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
 from fedgan.attributes import width as attribute_width
-from fedgan.config.run import SiteSettings, parse_classes, resolve_device, site_local_steps
-from fedgan.gan.models import GanSpec, build, trainable_parameters
-from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger, Spend
-from fedgan.privacy.plan import RoundPlan, noise_to_signal, plan_round
+from fedgan.config.round import RoundConfig
+from fedgan.config.run import SiteSettings, resolve_device
+from fedgan.gan.models import Discriminator, GanSpec, build, trainable_parameters
+from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
+from fedgan.privacy.plan import noise_to_signal
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
-from fedgan.site.approval import Limits, check_run
+from fedgan.site.admission import Admission, admit, check_limits
+from fedgan.site.approval import Limits
 from fedgan.train import DPConfig, TrainConfig, train_local
 from fedgan.update import SiteUpdate, clip_update, make_update
 from fedgan.weights import get_arrays, set_arrays
@@ -36,44 +38,6 @@ class RoundOutcome:
     update: SiteUpdate | None
     metrics: dict[str, float] = field(default_factory=dict)
     refusal: BudgetExhausted | None = None
-
-
-def admit_and_spend(
-    site: SiteSettings,
-    ledger: PrivacyLedger,
-    plan: RoundPlan,
-    run_name: str,
-    server_round: int,
-    limits: Limits | None,
-    target_epsilon: float,
-    secure: bool,
-    mechanism: str = "dp-sgd",
-) -> Spend | RoundOutcome:
-    """Before anything private is computed: the site's limits against the
-    planned σ (raises `AppRefused`), then the write-ahead spend in the ledger.
-    Returns the spend, or the budget refusal to reply with (nothing recorded)."""
-    if limits is not None:
-        check_run(
-            limits,
-            site.site_id,
-            dp=True,
-            noise_multiplier=plan.noise_multiplier,
-            target_epsilon=target_epsilon,
-            secure_aggregation=secure,
-        )
-    try:
-        return ledger.spend(
-            run=run_name,
-            server_round=server_round,
-            round_=plan.as_round,
-            delta=plan.delta,
-            budget=site.epsilon_budget,
-            accountant=plan.accountant,
-            mechanism=mechanism,
-        )
-    except BudgetExhausted as refusal:
-        log.warning("site %s round %d: %s", site.site_id, server_round, refusal)
-        return RoundOutcome(None, refusal=refusal)
 
 
 def site_images(
@@ -157,106 +121,39 @@ def run_round(
     site: SiteSettings,
     node_config: dict[str, Any],
     run_id: str,
-    cfg: dict[str, Any],
+    cfg: RoundConfig,
     global_gen: list[np.ndarray],
     global_disc: list[np.ndarray],
     *,
     limits: Limits | None = None,
     secure: bool = False,
 ) -> RoundOutcome:
-    """``limits``: the site's own (`fedgan.site.approval`); a run weaker than them
-    raises `AppRefused` before anything is trained or recorded."""
-    if limits is not None:
-        # Before the silo is read: what needs no calibration (σ is checked
-        # once the plan has it).
-        check_run(
-            limits,
-            site.site_id,
-            dp=bool(cfg["dp"]),
-            noise_multiplier=None,
-            target_epsilon=float(cfg["target-epsilon"]),
-            secure_aggregation=secure,
-        )
-    classes = parse_classes(str(cfg["classes"]))
-    attrs = parse_attributes(str(cfg.get("attributes", "")))
-    spec = GanSpec(
-        image_size=int(cfg["image-size"]),
-        channels=int(cfg["channels"]),
-        latent_dim=int(cfg["latent-dim"]),
-        width=int(cfg["width"]),
-        num_classes=len(classes),
-        attr_dim=attribute_width(attrs),
-    )
-    server_round = int(cfg["round"])
-    gen, disc = build(spec)
+    """``limits``: the site's own (`fedgan.site.approval`); a run weaker than
+    them raises `AppRefused` before anything is trained or recorded."""
+    check_limits(limits, site.site_id, cfg, secure, sigma=None)  # before the silo is read
+    attrs = parse_attributes(cfg.model.attributes)
+    gen, disc = build(model_spec(cfg))
     set_arrays(gen, global_gen)
     set_arrays(disc, global_disc)
-    images, labels, vectors = site_images(
-        site,
-        SiloOptions.from_mapping(site.kind, spec.image_size, spec.channels, node_config),
-        classes,
-        attrs,
+    options = SiloOptions.from_mapping(
+        site.kind, cfg.model.image_size, cfg.model.channels, node_config
     )
-    batch = int(cfg["batch-size"])
-    train_cfg = TrainConfig(
-        local_steps=site_local_steps(
-            images.shape[0], batch, float(cfg["local-epochs"]), int(cfg["local-steps"])
-        ),
-        batch_size=batch,
-        lr_g=float(cfg["lr-g"]),
-        lr_d=float(cfg["lr-d"]),
-        seed=int(cfg["seed"]),
-        prox_mu=float(cfg["prox-mu"]),
-        precision=site.precision,
-        cond_lambda=float(cfg.get("cond-lambda", 1.0)),
-        mode_seeking=float(cfg.get("mode-seeking", 0.0)),
-    )
-    metrics: dict[str, float] = {}
-    dp = None
+    images, labels, vectors = site_images(site, options, cfg.model.classes, attrs)
+    train_cfg = _train_config(cfg, site, images.shape[0])
     ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
-    if bool(cfg["dp"]):
-        run_name = str(cfg["run-name"]) or run_id
-        plan = plan_round(
-            noise_multiplier=float(cfg["noise-multiplier"]),
-            target_epsilon=float(cfg["target-epsilon"]),
-            max_grad_norm=float(cfg["max-grad-norm"]),
-            delta=float(cfg["delta"]),
-            accountant=str(cfg["accountant"]),
-            num_examples=images.shape[0],
-            batch_size=train_cfg.batch_size,
-            local_steps=train_cfg.local_steps,
-            rounds=int(cfg["rounds"]),
-            noise_hint=ledger.latest_noise(run_name),
-        )
-        spend = admit_and_spend(
-            site, ledger, plan, run_name, server_round, limits, float(cfg["target-epsilon"]), secure
-        )
-        if isinstance(spend, RoundOutcome):
-            return spend
-        dp = DPConfig(plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate)
-        noise_figure = noise_to_signal(
-            plan.noise_multiplier, plan.sample_rate * images.shape[0], trainable_parameters(disc)
-        )
-        log.info(
-            "site %s round %d: DP σ %.3f, q %.4f; each step's noise is %.1f× the largest "
-            "clipped real-image gradient (fedgan site plan)",
-            site.site_id,
-            server_round,
-            plan.noise_multiplier,
-            plan.sample_rate,
-            noise_figure,
-        )
-        metrics.update(
-            {
-                "epsilon": spend.epsilon_after,
-                "epsilon-budget": site.epsilon_budget,
-                "delta": plan.delta,
-                "noise-multiplier": plan.noise_multiplier,
-                "sample-rate": plan.sample_rate,
-                # A number about the silo's size, not its content (README, Privacy).
-                "noise-figure": noise_figure,
-            }
-        )
+    admission = admit(
+        site.site_id,
+        site.epsilon_budget,
+        ledger,
+        cfg,
+        images.shape[0],
+        run_name=cfg.run_name or run_id,
+        limits=limits,
+        secure=secure,
+    )
+    if not admission.admitted:
+        return RoundOutcome(None, refusal=admission.refusal)
+    dp, metrics = _dp(site, cfg, admission, images.shape[0], disc)
     result = train_local(
         gen,
         disc,
@@ -264,34 +161,95 @@ def run_round(
         train_cfg,
         device=resolve_device(site.device),
         dp=dp,
-        progress=_progress(site.site_id, server_round),
+        progress=_progress(site.site_id, cfg.round),
         labels=labels,
         attributes=vectors,
         sample_attributes=(lambda n, g: sample_attributes(attrs, n, g)) if attrs else None,
     )
-    if dp is not None:
-        ledger.complete(run=spend.run, server_round=server_round)
+    if admission.spend is not None:
+        ledger.complete(run=admission.spend.run, server_round=cfg.round)
     update = make_update(
         get_arrays(gen), get_arrays(disc), global_gen, global_disc, result.examples
     )
-    update, clipped, norm = clip_update(update, float(cfg["update-clip"]))
-    metrics.update(
-        {
-            "g-loss": result.g_loss,
-            "d-loss": result.d_loss,
-            "mode-seeking-loss": result.mode_seeking_loss,
-            "train-seconds": result.seconds,
-            "update-norm": norm,
-            "update-clipped": float(clipped),
-        }
+    update, clipped, norm = clip_update(update, cfg.privacy.update_clip)
+    metrics |= {
+        "g-loss": result.g_loss,
+        "d-loss": result.d_loss,
+        "mode-seeking-loss": result.mode_seeking_loss,
+        "train-seconds": result.seconds,
+        "update-norm": norm,
+        "update-clipped": float(clipped),
+    }
+    _log_trained(site.site_id, cfg.round, result, metrics)
+    return RoundOutcome(update, metrics)
+
+
+def model_spec(cfg: RoundConfig) -> GanSpec:
+    m = cfg.model
+    return GanSpec(
+        image_size=m.image_size,
+        channels=m.channels,
+        latent_dim=m.latent_dim,
+        width=m.width,
+        num_classes=len(m.classes),
+        attr_dim=attribute_width(parse_attributes(m.attributes)),
+    )
+
+
+def _train_config(cfg: RoundConfig, site: SiteSettings, images: int) -> TrainConfig:
+    t = cfg.local
+    return TrainConfig(
+        local_steps=t.steps_for(images),
+        batch_size=t.batch_size,
+        lr_g=t.lr_g,
+        lr_d=t.lr_d,
+        seed=t.seed,
+        prox_mu=t.prox_mu,
+        precision=site.precision,
+        cond_lambda=t.cond_lambda,
+        mode_seeking=t.mode_seeking,
+    )
+
+
+def _dp(
+    site: SiteSettings, cfg: RoundConfig, admission: Admission, images: int, disc: Discriminator
+) -> tuple[DPConfig | None, dict[str, float]]:
+    """The trainer's DP settings from the admitted plan, and the numbers the
+    reply carries about them."""
+    plan, spend = admission.plan, admission.spend
+    if plan is None or spend is None:
+        return None, {}
+    noise_figure = noise_to_signal(
+        plan.noise_multiplier, plan.sample_rate * images, trainable_parameters(disc)
     )
     log.info(
-        "site %s round %d: %d steps on %d images in %.1f s%s",
+        "site %s round %d: DP σ %.3f, q %.4f; each step's noise is %.1f× the largest "
+        "clipped real-image gradient (fedgan site plan)",
         site.site_id,
+        cfg.round,
+        plan.noise_multiplier,
+        plan.sample_rate,
+        noise_figure,
+    )
+    metrics = {
+        "epsilon": spend.epsilon_after,
+        "epsilon-budget": site.epsilon_budget,
+        "delta": plan.delta,
+        "noise-multiplier": plan.noise_multiplier,
+        "sample-rate": plan.sample_rate,
+        # A number about the silo's size, not its content (docs/privacy.md).
+        "noise-figure": noise_figure,
+    }
+    return DPConfig(plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate), metrics
+
+
+def _log_trained(site_id: str, server_round: int, result: Any, metrics: dict[str, float]) -> None:
+    log.info(
+        "site %s round %d: %d steps on %d images in %.1f s%s",
+        site_id,
         server_round,
         result.steps,
         result.examples,
         result.seconds,
         f", ε {metrics['epsilon']:.3f}" if "epsilon" in metrics else " (no DP)",
     )
-    return RoundOutcome(update, metrics)

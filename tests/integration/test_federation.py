@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from fedgan import pki
-from fedgan.aggregator.run_store import load_dump
 from fedgan.deploy.local import LocalFederation
 from fedgan.deploy.process import ProcessFailed
+from fedgan.weights import load_dump
 from tests.proc import pids_in_groups
 from tests.runs import learned_indices
 

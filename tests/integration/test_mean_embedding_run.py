@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedgan.aggregator.run_store import load_dump
 from fedgan.demo import DemoOptions, run_demo
 from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.silo.synth import synth_silo
+from fedgan.weights import load_dump
 from tests.runs import FEDGAN, evaluate_as_site_1
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from fedgan.aggregator.run_store import load_dump
 from fedgan.demo import DemoOptions, run_demo
+from fedgan.weights import load_dump
 from tests.runs import learned_indices
 
 pytestmark = pytest.mark.integration

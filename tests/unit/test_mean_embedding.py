@@ -4,6 +4,7 @@ release and the aggregator's fit of G."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from fedgan.config.appbundle import default_run_config
+from fedgan.config.round import RoundConfig
 from fedgan.config.run import ConfigError, RunSettings, SiteSettings
 from fedgan.gan.models import GanSpec, Generator
 from fedgan.privacy.accountant import epsilon
@@ -126,7 +128,7 @@ def _site(tmp_path, budget: float = 10.0) -> SiteSettings:
     )
 
 
-def _cfg(**overrides) -> dict:
+def _cfg(**overrides) -> RoundConfig:
     run = default_run_config()
     run.update(
         {
@@ -140,14 +142,13 @@ def _cfg(**overrides) -> dict:
         }
     )
     settings = RunSettings.from_run_config(run)
-    cfg = settings.round_config(1)
-    cfg["embedding-digest"] = FeatureMap(
+    digest = FeatureMap(
         pixels=3 * 16 * 16,
         features=200,
         length_scale=settings.privacy.embedding_length_scale,
         seed=settings.train.seed,
     ).digest()
-    return cfg
+    return settings.round_config(1, digest)
 
 
 def test_site_release_records_one_step_at_rate_one_before_releasing(tmp_path):
@@ -204,7 +205,7 @@ def test_site_release_refuses_past_its_budget_and_records_nothing(tmp_path):
 
 def test_site_release_refuses_features_other_than_the_aggregators(tmp_path):
     cfg = _cfg()
-    cfg["embedding-digest"] = "0" * 64
+    cfg = dataclasses.replace(cfg, embedding_digest="0" * 64)
     with pytest.raises(FeatureMismatch, match="site-a: the random features"):
         release_round(_site(tmp_path), {}, "flower-1", cfg)
     assert PrivacyLedger.in_work_dir(tmp_path / "work").spends() == []

@@ -1,3 +1,5 @@
+"""Run settings from the run config, the round contract, and node settings."""
+
 import pytest
 
 from fedgan.config.appbundle import default_run_config
@@ -30,7 +32,27 @@ def test_bad_values_name_their_key(key, value, match):
 
 def test_round_seed_differs_per_round():
     s = RunSettings.from_run_config(default_run_config())
-    assert s.round_config(1)["seed"] != s.round_config(2)["seed"]
+    assert s.round_config(1).local.seed != s.round_config(2).local.seed
+
+
+def test_the_round_contract_survives_its_record_and_names_a_bad_key():
+    from fedgan.config.round import RoundConfig
+
+    s = RunSettings.from_run_config(default_run_config())
+    contract = s.round_config(3, embedding_digest="ab" * 32)
+    record = contract.to_record()
+    parsed = RoundConfig.from_record(record)
+    assert parsed.to_record() == record
+    assert (parsed.model, parsed.local, parsed.embedding_digest) == (
+        contract.model,
+        contract.local,
+        contract.embedding_digest,
+    )
+    with pytest.raises(ConfigError, match="round config key 'batch-size' = 'x'"):
+        RoundConfig.from_record(record | {"batch-size": "x"})
+    del record["lr-g"]
+    with pytest.raises(ConfigError, match="round config key 'lr-g' is missing"):
+        RoundConfig.from_record(record)
 
 
 def test_node_config_lists_what_is_missing():

@@ -1,0 +1,125 @@
+"""The round contract: what the aggregator asks of a site in one round.
+
+Built once by the aggregator from its typed run settings, serialized once
+into the train message's flat record (`to_record`), parsed once at the site
+(`from_record`) with the same one-line errors, naming the key. Neither side
+reads the record's keys anywhere else."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedgan.config.run import PrivacySettings, _get, parse_classes
+
+WHERE = "round config"
+Scalar = int | float | bool | str
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """G and D as both sides build them."""
+
+    image_size: int
+    channels: int
+    latent_dim: int
+    width: int
+    classes: tuple[str, ...]
+    attributes: str  # the declaration, e.g. "age=0:100,sex=F|M" (fedgan.attributes)
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    steps: int
+    epochs: float  # > 0: passes over the site's silo instead of ``steps``
+    batch_size: int
+    lr_g: float
+    lr_d: float
+    mode_seeking: float
+    cond_lambda: float
+    prox_mu: float  # 0 unless the run's strategy is FedProx
+    seed: int  # this round's, different at every round
+
+    def steps_for(self, images: int) -> int:
+        """This round's local steps at a silo of ``images`` images."""
+        if self.epochs > 0:
+            return max(1, math.ceil(self.epochs * images / self.batch_size))
+        return max(1, self.steps)
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    round: int
+    rounds: int
+    run_name: str  # the ledger's run id: the run folder's name, stable across resumes
+    model: ModelShape
+    local: LocalTraining
+    privacy: PrivacySettings
+    embedding_seed: int  # the random features' public seed (mean-embedding runs)
+    embedding_digest: str = ""  # their hash, for the site to check it drew the same
+    dump_updates: bool = False  # test mode
+
+    def to_record(self) -> dict[str, Scalar]:
+        m, t = self.model, self.local
+        record: dict[str, Scalar] = {
+            "round": self.round,
+            "rounds": self.rounds,
+            "run-name": self.run_name,
+            "image-size": m.image_size,
+            "channels": m.channels,
+            "latent-dim": m.latent_dim,
+            "width": m.width,
+            "classes": ",".join(m.classes),
+            "attributes": m.attributes,
+            "local-steps": t.steps,
+            "local-epochs": t.epochs,
+            "batch-size": t.batch_size,
+            "lr-g": t.lr_g,
+            "lr-d": t.lr_d,
+            "mode-seeking": t.mode_seeking,
+            "cond-lambda": t.cond_lambda,
+            "prox-mu": t.prox_mu,
+            "seed": t.seed,
+            "embedding-seed": self.embedding_seed,
+            "dump-updates": self.dump_updates,
+            **self.privacy.as_config(),
+        }
+        if self.embedding_digest:
+            record["embedding-digest"] = self.embedding_digest
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
+        def get(key: str, kind: type) -> Any:
+            return _get(record, key, kind, WHERE)
+
+        return cls(
+            round=get("round", int),
+            rounds=get("rounds", int),
+            run_name=get("run-name", str),
+            model=ModelShape(
+                image_size=get("image-size", int),
+                channels=get("channels", int),
+                latent_dim=get("latent-dim", int),
+                width=get("width", int),
+                classes=parse_classes(get("classes", str)),
+                attributes=get("attributes", str),
+            ),
+            local=LocalTraining(
+                steps=get("local-steps", int),
+                epochs=get("local-epochs", float),
+                batch_size=get("batch-size", int),
+                lr_g=get("lr-g", float),
+                lr_d=get("lr-d", float),
+                mode_seeking=get("mode-seeking", float),
+                cond_lambda=get("cond-lambda", float),
+                prox_mu=get("prox-mu", float),
+                seed=get("seed", int),
+            ),
+            privacy=PrivacySettings.from_run_config(record, WHERE),
+            embedding_seed=get("embedding-seed", int),
+            embedding_digest=str(record.get("embedding-digest", "")),
+            dump_updates=get("dump-updates", bool),
+        )

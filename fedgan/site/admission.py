@@ -1,0 +1,109 @@
+"""One admission, before anything private is computed, for every mechanism
+and for `fedgan site plan`: the round's DP plan for this silo, the site's
+limits against it, and the write-ahead spend in the site's ledger.
+
+The plan a site previews (`fedgan.site.plan`) is made by `plan_for`, the
+same function the round runs, so the preview cannot drift from the code."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fedgan.config.round import RoundConfig
+from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger, Spend
+from fedgan.privacy.plan import RoundPlan, plan_release, plan_round
+from fedgan.site.approval import Limits, check_run
+
+log = logging.getLogger("fedgan.site")
+
+
+def plan_for(cfg: RoundConfig, images: int, noise_hint: float | None = None) -> RoundPlan | None:
+    """The round's DP plan for a silo of ``images`` images (None without DP).
+    A mean-embedding release reads every image once (q = 1, one step)."""
+    p = cfg.privacy
+    if not p.enabled:
+        return None
+    if p.mean_embedding:
+        return plan_release(
+            noise_multiplier=p.noise_multiplier,
+            target_epsilon=p.target_epsilon,
+            delta=p.delta,
+            accountant=p.accountant,
+            num_examples=images,
+            noise_hint=noise_hint,
+        )
+    return plan_round(
+        noise_multiplier=p.noise_multiplier,
+        target_epsilon=p.target_epsilon,
+        max_grad_norm=p.max_grad_norm,
+        delta=p.delta,
+        accountant=p.accountant,
+        num_examples=images,
+        batch_size=cfg.local.batch_size,
+        local_steps=cfg.local.steps_for(images),
+        rounds=cfg.rounds,
+        noise_hint=noise_hint,
+    )
+
+
+def check_limits(
+    limits: Limits | None, site_id: str, cfg: RoundConfig, secure: bool, sigma: float | None
+) -> None:
+    """The site's own limits (`fedgan.site.approval`): raises `AppRefused`
+    for a run weaker than them. ``sigma`` None: before the silo is read,
+    what needs no calibration."""
+    if limits is not None:
+        check_run(
+            limits,
+            site_id,
+            dp=cfg.privacy.enabled,
+            noise_multiplier=sigma,
+            target_epsilon=cfg.privacy.target_epsilon,
+            secure_aggregation=secure,
+        )
+
+
+@dataclass(frozen=True)
+class Admission:
+    plan: RoundPlan | None = None  # None: the run has no DP
+    spend: Spend | None = None  # recorded ahead; complete it after the release
+    refusal: BudgetExhausted | None = None  # the site's budget would be passed
+
+    @property
+    def admitted(self) -> bool:
+        return self.refusal is None
+
+
+def admit(
+    site_id: str,
+    budget: float,
+    ledger: PrivacyLedger,
+    cfg: RoundConfig,
+    images: int,
+    *,
+    run_name: str,
+    limits: Limits | None,
+    secure: bool,
+) -> Admission:
+    """Plan, check the limits with the planned σ (raises `AppRefused`), and
+    record the spend ahead; a budget refusal is returned, nothing recorded."""
+    if not cfg.privacy.enabled:
+        return Admission()
+    plan = plan_for(cfg, images, ledger.latest_noise(run_name))
+    assert plan is not None
+    check_limits(limits, site_id, cfg, secure, plan.noise_multiplier)
+    try:
+        spend = ledger.spend(
+            run=run_name,
+            server_round=cfg.round,
+            round_=plan.as_round,
+            delta=plan.delta,
+            budget=budget,
+            accountant=plan.accountant,
+            mechanism=cfg.privacy.mechanism,
+        )
+    except BudgetExhausted as refusal:
+        log.warning("site %s round %d: %s", site_id, cfg.round, refusal)
+        return Admission(plan, refusal=refusal)
+    return Admission(plan, spend)
