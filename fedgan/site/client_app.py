@@ -86,7 +86,12 @@ def train(msg: Message, context: Context) -> Message:
         # Test mode: keep exactly what is sent, so a test can recompute the
         # server's average from the sites' side.
         dump_arrays(
-            Path(site.work_dir) / "dumps" / run_id / f"round_{cfg.round:03d}" / "update.npz",
+            Path(site.work_dir)
+            / "dumps"
+            / run_id
+            / "dumps"
+            / f"round_{cfg.round:03d}"
+            / "update.npz",
             {
                 "gen": outcome.update.gen,
                 "disc": outcome.update.disc,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from fedgan import pki
-from fedgan.demo import DemoOptions, run_demo
+from fedgan.demo import run_demo
 from fedgan.deploy.local import LocalFederation, SiteSpec
 from fedgan.silo.synth import synth_silo
+from tests.federations import small_federation
 from tests.proc import pids_in_groups
 
 
@@ -32,15 +33,8 @@ def live_federation(tmp_path_factory):
 def finished_run(tmp_path_factory):
     """A finished 2-site, 2-round federation (secure aggregation on, updates
     dumped), shared by the tests that inspect a run's outputs."""
-    opts = DemoOptions(
-        sites=2,
-        rounds=2,
-        image_size=16,
-        images_per_site=24,
-        local_steps=3,
-        out_root=tmp_path_factory.mktemp("runs"),
-        run_id="it",
-        dump_updates=True,
+    opts = small_federation(
+        tmp_path_factory.mktemp("runs"), "it", rounds=2, images_per_site=24, dump_updates=True
     )
     lines: list[str] = []
     run_dir = run_demo(opts, say=lines.append)

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from fedgan.config.appbundle import stage_app_dir, write_run_config
-from fedgan.demo import DemoOptions, prepare, run_config
+from fedgan.demo import prepare, run_config
 from fedgan.deploy.local import LocalFederation
 from fedgan.privacy.accountant import epsilon
 from fedgan.privacy.ledger import PrivacyLedger
+from tests.federations import small_federation
 from tests.proc import pids_in_groups
 
 pytestmark = pytest.mark.integration
@@ -27,14 +28,11 @@ pytestmark = pytest.mark.integration
 def test_kill_9_mid_round_counts_the_round_once(tmp_path):
     run_dir = tmp_path / "crash"
     run_dir.mkdir()
-    opts = DemoOptions(
-        sites=2,
+    opts = small_federation(
+        tmp_path,
+        "crash",
         rounds=3,
-        image_size=16,
-        images_per_site=16,
         local_steps=300,  # ~4 s of training: a wide window for the kill
-        out_root=tmp_path,
-        run_id="crash",
         node_config={s: {"epsilon-budget": "1000"} for s in ("site-1", "site-2")},
         extra_config={
             "noise-multiplier": 1.0,

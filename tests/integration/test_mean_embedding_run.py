@@ -15,6 +15,7 @@ from fedgan.demo import DemoOptions, run_demo
 from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.silo.synth import synth_silo
 from fedgan.weights import load_dump
+from tests.federations import small_federation
 from tests.runs import FEDGAN, evaluate_as_site_1
 
 pytestmark = pytest.mark.integration
@@ -23,13 +24,11 @@ SITES = ("site-1", "site-2")
 
 @pytest.fixture(scope="module")
 def released_run(tmp_path_factory):
-    opts = DemoOptions(
-        sites=2,
-        rounds=1,
-        image_size=16,
+    opts = small_federation(
+        tmp_path_factory.mktemp("runs"),
+        "me",
         images_per_site=30,
-        out_root=tmp_path_factory.mktemp("runs"),
-        run_id="me",
+        local_steps=None,
         dump_updates=True,
         extra_config={
             "mechanism": "mean-embedding",
@@ -116,13 +115,11 @@ def test_an_aggregator_stopped_while_fitting_resumes_without_a_second_spend(tmp_
     """The sites spend when they release; the fit takes minutes. Stopped in
     the fit, the demo tears everything down; resumed, the aggregator fits G to
     the sum it kept and asks no site again, so every ledger holds one spend."""
-    opts = DemoOptions(
-        sites=2,
-        rounds=1,
-        image_size=16,
+    opts = small_federation(
+        tmp_path,
+        "stopped",
         images_per_site=30,
-        out_root=tmp_path,
-        run_id="stopped",
+        local_steps=None,
         extra_config={
             "mechanism": "mean-embedding",
             "classes": "0,1,2,3,4",

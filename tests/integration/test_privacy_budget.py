@@ -8,11 +8,12 @@ import json
 import pytest
 
 from fedgan.config.run import RunSettings
-from fedgan.demo import DemoOptions, run_demo
+from fedgan.demo import run_demo
 from fedgan.gan.models import build, trainable_parameters
 from fedgan.privacy.accountant import epsilon
 from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.privacy.plan import noise_to_signal
+from tests.federations import small_federation
 
 pytestmark = pytest.mark.integration
 
@@ -26,14 +27,12 @@ def test_site_with_small_budget_is_refused_and_run_finishes(tmp_path):
     budget = (e1 + e2) / 2
     lines: list[str] = []
     run_dir = run_demo(
-        DemoOptions(
-            sites=2,
+        small_federation(
+            tmp_path,
+            "budget",
             rounds=3,
-            image_size=16,
             images_per_site=IMAGES,
             local_steps=STEPS,
-            out_root=tmp_path,
-            run_id="budget",
             extra_config={
                 "noise-multiplier": SIGMA,
                 "batch-size": BATCH,

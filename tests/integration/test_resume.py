@@ -10,18 +10,18 @@ import torch
 
 from fedgan.demo import DemoOptions, run_demo
 from fedgan.privacy.ledger import PrivacyLedger
+from tests.federations import small_federation
 
 pytestmark = pytest.mark.integration
 
 
 def test_fedprox_sampling_checkpoint_and_resume(tmp_path):
-    base = dict(
+    opts = small_federation(
+        tmp_path,
+        "resumable",
         sites=3,
-        image_size=16,
+        rounds=2,
         images_per_site=12,
-        local_steps=3,
-        out_root=tmp_path,
-        run_id="resumable",
         extra_config={
             "strategy": "fedprox",
             "prox-mu": 0.1,
@@ -31,7 +31,7 @@ def test_fedprox_sampling_checkpoint_and_resume(tmp_path):
             "mode-seeking": 1.0,  # G's extra term, through real SuperNodes
         },
     )
-    run_dir = run_demo(DemoOptions(rounds=2, **base), say=lambda _: None)
+    run_dir = run_demo(opts, say=lambda _: None)
     first = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert first["round"] == 2 and set(first) == {"spec", "gen", "disc", "round"}
     lines: list[str] = []

@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from fedgan.demo import DemoOptions, run_demo
+from fedgan.demo import run_demo
 from fedgan.weights import load_dump
+from tests.federations import small_federation
 from tests.runs import learned_indices
 
 pytestmark = pytest.mark.integration
@@ -20,14 +21,10 @@ SITES = ("site-1", "site-2", "site-3")
 def test_a_site_killed_at_the_masked_input_stage_drops_out_of_the_sum(tmp_path):
     lines: list[str] = []
     run_dir = run_demo(
-        DemoOptions(
+        small_federation(
+            tmp_path,
+            "dropout",
             sites=3,
-            rounds=1,
-            image_size=16,
-            images_per_site=16,
-            local_steps=3,
-            out_root=tmp_path,
-            run_id="dropout",
             dump_updates=True,
             extra_config={"noise-multiplier": 1.0, "batch-size": 4, "secagg-timeout": 20.0},
             # site-3's ClientApp is SIGKILLed as the masked-input stage

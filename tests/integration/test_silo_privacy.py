@@ -10,8 +10,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from fedgan.demo import DemoOptions, run_demo
+from fedgan.demo import run_demo
 from fedgan.silo.synth import synth_dicom
+from tests.federations import small_federation
 
 pytestmark = pytest.mark.integration
 
@@ -38,16 +39,7 @@ def test_no_patient_tag_or_pixel_leaves_the_site(tmp_path):
         silos.append(silo)
     assert CANARY_PIXELS.tobytes() in next(silos[0].rglob("*.dcm")).read_bytes()
     run_dir = run_demo(
-        DemoOptions(
-            kind="dicom",
-            data=silos,
-            sites=2,
-            rounds=1,
-            image_size=16,
-            local_steps=2,
-            out_root=tmp_path / "runs",
-            run_id="canary",
-        ),
+        small_federation(tmp_path / "runs", "canary", kind="dicom", data=silos, local_steps=2),
         say=lambda _line: None,
     )
     needles = [CANARY_NAME.encode(), b"ZZCANARY", CANARY_PIXELS.tobytes()]

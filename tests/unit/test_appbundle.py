@@ -1,3 +1,5 @@
+"""The config-only app bundle (FAB): what `flwr run` ships carries configuration, never code."""
+
 import io
 import tomllib
 import zipfile

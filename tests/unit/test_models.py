@@ -1,3 +1,5 @@
+"""G and D: shapes per image size, Opacus-readiness, seeded builds, and one-line spec errors."""
+
 import pytest
 import torch
 from torch import nn

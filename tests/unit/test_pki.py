@@ -1,3 +1,5 @@
+"""The consortium PKI: chains, expiry, revocation, key file modes, certificate inspection."""
+
 import datetime as dt
 import stat
 

@@ -1,3 +1,6 @@
+"""The site's privacy ledger: ε equals Opacus's for the same history, write-ahead spends,
+budget refusals, damage."""
+
 from __future__ import annotations
 
 import json

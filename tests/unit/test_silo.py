@@ -1,3 +1,6 @@
+"""Synthetic silos (`fedgan silo synth`): fundus JPEGs with labels, valid DICOM, reproducible
+seeds."""
+
 import csv
 
 import numpy as np

@@ -1,3 +1,6 @@
+"""Fundus preprocessing: field of view, crop, local contrast, skipped files, public label
+layouts."""
+
 from __future__ import annotations
 
 import numpy as np

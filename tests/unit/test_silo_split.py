@@ -1,3 +1,5 @@
+"""Splitting a public set into site silos: every item once, label and quantity skew, DICOM paths."""
+
 from __future__ import annotations
 
 import math

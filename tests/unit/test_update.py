@@ -1,3 +1,6 @@
+"""The update path: Δ = local − global, FedAvg's weighted mean, order independence, refused
+shapes."""
+
 import numpy as np
 import pytest
 

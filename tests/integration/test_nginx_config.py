@@ -1,3 +1,6 @@
+"""The nginx edge and sidecar configs: rendering, mutual TLS, CRL, fleet-only, and `nginx -t`
+(a real nginx)."""
+
 import subprocess
 
 import pytest

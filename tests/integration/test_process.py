@@ -1,3 +1,6 @@
+"""The process supervisor: stopping grandchildren, naming a failed process with its log (real
+processes)."""
+
 import os
 import sys
 import time

@@ -1,0 +1,18 @@
+"""One factory for the small real federations the integration tests run,
+so each test states only what it changes from the common, fast setup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedgan.demo import DemoOptions
+
+# Two sites, 16 px, a few images and steps: seconds of training per round.
+SMALL = {"sites": 2, "rounds": 1, "image_size": 16, "images_per_site": 16, "local_steps": 3}
+
+
+def small_federation(out_root: Path, run_id: str, **changes: Any) -> DemoOptions:
+    """`DemoOptions` for a small federation in ``out_root/run_id``;
+    ``changes`` override the defaults (`extra_config` adds run-config keys)."""
+    return DemoOptions(**(SMALL | {"out_root": out_root, "run_id": run_id} | changes))
