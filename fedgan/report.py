@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedgan.aggregator.exporter import latest_by_site, read_records
+from fedgan.aggregator.run_store import latest_by_site, read_records
 from fedgan.atomic import write_text_atomic
 from fedgan.config.run import parse_classes
 from fedgan.errors import FedGanError
