@@ -15,7 +15,10 @@ import hashlib
 import json
 import os
 import re
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,3 +176,45 @@ def ingest_edge_log(log: AuditLog, edge_log: Path) -> int:
                 added += 1
     write_text_atomic(state, f"{offset}\n")
     return added
+
+
+# How often `fedgan exporter` copies new rejections into the audit log:
+# Prometheus's scrape interval, the pace it had when a scrape did it.
+EDGE_LOG_EVERY_S = 15.0
+
+
+def record_certificate_rejections(runs_root: Path, edge_logs: Iterable[Path]) -> int:
+    """One pass of `ingest_edge_log` over each edge log, into the audit log
+    beside the run folders (``<runs>/audit.jsonl``); returns how many events
+    it added."""
+    log = AuditLog(Path(runs_root) / "audit.jsonl")
+    return sum(ingest_edge_log(log, Path(edge_log)) for edge_log in edge_logs)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def follow_edge_logs(
+    runs_root: Path,
+    edge_logs: Iterable[Path],
+    *,
+    every: float = EDGE_LOG_EVERY_S,
+    stop: threading.Event | None = None,
+    warn: Callable[[str], None] = _warn,
+) -> None:
+    """Record new certificate rejections now and every ``every`` seconds
+    until ``stop`` is set (never, by default). A pass that cannot read or
+    write is reported and the exporter keeps serving; the read offset is
+    saved only after a whole pass, so the next one reads those lines again
+    (an event may then be recorded twice, never lost)."""
+    edge_logs = list(edge_logs)
+    stop = stop or threading.Event()
+    while True:
+        if edge_logs:
+            try:
+                record_certificate_rejections(runs_root, edge_logs)
+            except OSError as exc:
+                warn(f"audit log: certificate rejections not recorded this time: {exc}")
+        if stop.wait(every):
+            return

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgan import pki
-from fedgan.aggregator.exporter import latest_by_site, read_records
+from fedgan.aggregator.run_store import latest_by_site, read_records
 from fedgan.audit_log import AuditLog
 from fedgan.deploy.commands import PRIVATE_ENV
 from fedgan.secagg.params import min_modulus_bits

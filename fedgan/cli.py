@@ -587,15 +587,14 @@ def exporter(
     ] = None,
 ) -> None:
     """Serve every run's round metrics to Prometheus until stopped."""
-    import time
-
     from fedgan.aggregator.exporter import serve
+    from fedgan.audit_log import follow_edge_logs
 
     server = serve(runs, port, host, edge_log or [])
     typer.echo(f"serving http://{host}:{port}/metrics for the runs in {runs}")
     try:
-        while True:
-            time.sleep(3600)
+        # The scrapes only read; this loop writes the audit log.
+        follow_edge_logs(runs, edge_log or [], warn=lambda m: typer.echo(m, err=True))
     finally:
         server.shutdown()
 

@@ -82,6 +82,20 @@ class SitePaths:
     def node_pub(self) -> Path:
         return self.dir / "node_key.pub"
 
+    @property
+    def files(self) -> list[Path]:
+        """Every file `issue_site` writes."""
+        return [
+            self.client_key,
+            self.client_cert,
+            self.sidecar_key,
+            self.sidecar_cert,
+            self.node_key,
+            self.node_pub,
+            self.signing_key,
+            self.signing_cert,
+        ]
+
 
 @dataclass(frozen=True)
 class PkiPaths:
@@ -330,19 +344,29 @@ def issue_site(
     keys (so the aggregator cannot substitute them)."""
     paths = PkiPaths(Path(root))
     site = paths.site(site_id)
-    _refuse_existing(
-        [
-            site.client_key,
-            site.client_cert,
-            site.sidecar_key,
-            site.sidecar_cert,
-            site.node_key,
-            site.node_pub,
-            site.signing_key,
-            site.signing_cert,
-        ],
-        force,
-    )
+    _refuse_existing(site.files, force)
+    credentials = _issue_site_credentials(paths, site_id, days, sidecar_sans)
+    _write_site(site, site_id, credentials, force)
+    return site
+
+
+@dataclass(frozen=True)
+class _SiteCredentials:
+    """A site's keys and certificates, all issued before any is written, so
+    that a refusal (``--days``, the CA) leaves no half-issued site."""
+
+    client_key: ec.EllipticCurvePrivateKey
+    client: x509.Certificate
+    sidecar_key: ec.EllipticCurvePrivateKey
+    sidecar: x509.Certificate
+    node_key: ec.EllipticCurvePrivateKey
+    signing_key: ed25519.Ed25519PrivateKey
+    signing: x509.Certificate
+
+
+def _issue_site_credentials(
+    paths: PkiPaths, site_id: str, days: int, sidecar_sans: list[str] | None
+) -> _SiteCredentials:
     client_key = ec.generate_private_key(_CURVE)
     # RFC 5280 profiles require a SAN; the URI names the site unambiguously.
     client = _leaf(
@@ -376,23 +400,32 @@ def issue_site(
         signing_key,
         uris=(site_uri(site_id),),
     )
+    return _SiteCredentials(
+        client_key, client, sidecar_key, sidecar, node_key, signing_key, signing
+    )
+
+
+def _write_site(site: SitePaths, site_id: str, c: _SiteCredentials, force: bool) -> None:
+    """Keys 0600, certificates 0644. The node key is in OpenSSH form, as
+    Flower reads it; its public half, named by the site id in its comment, is
+    what the aggregator's operator registers."""
     _write_key(
         site.signing_key,
-        signing_key.private_bytes(
+        c.signing_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ),
         force,
     )
-    _write_cert(site.signing_cert, signing)
-    _write_key(site.client_key, _key_pem(client_key), force)
-    _write_cert(site.client_cert, client)
-    _write_key(site.sidecar_key, _key_pem(sidecar_key), force)
-    _write_cert(site.sidecar_cert, sidecar)
+    _write_cert(site.signing_cert, c.signing)
+    _write_key(site.client_key, _key_pem(c.client_key), force)
+    _write_cert(site.client_cert, c.client)
+    _write_key(site.sidecar_key, _key_pem(c.sidecar_key), force)
+    _write_cert(site.sidecar_cert, c.sidecar)
     _write_key(
         site.node_key,
-        node_key.private_bytes(
+        c.node_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
@@ -401,14 +434,13 @@ def issue_site(
     )
     write_atomic(
         site.node_pub,
-        node_key.public_key().public_bytes(
+        c.node_key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
         + f" {site_id}\n".encode(),
         mode=0o644,
         overwrite=True,
     )
-    return site
 
 
 def load_crl(paths: PkiPaths) -> x509.CertificateRevocationList:

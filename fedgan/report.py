@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedgan.aggregator.exporter import latest_by_site, read_records
+from fedgan.aggregator.run_store import latest_by_site, read_records
 from fedgan.atomic import write_text_atomic
 from fedgan.config.run import parse_classes
 from fedgan.errors import FedGanError
@@ -186,22 +186,8 @@ def build(run_dir: Path, baselines: list[tuple[str, Path]] | None = None) -> str
     records = read_records(run_dir / "metrics.jsonl")
     if not records:
         raise ReportError(f"{run_dir} holds no metrics.jsonl with a finished round")
-    try:
-        status = json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        status = {}
+    status = _status(run_dir)
     rounds = [r["round"] for r in records]
-    done = [r for r in records if "skipped" not in r]
-    losses = {
-        "G": [(r["round"], r["g_loss"]) for r in done if "g_loss" in r],
-        "D": [(r["round"], r["d_loss"]) for r in done if "d_loss" in r],
-    }
-    eps: dict[str, list[tuple[float, float]]] = {}
-    for r in records:
-        for site, value in r.get("epsilon", {}).items():
-            eps.setdefault(site, []).append((r["round"], value))
-    budgets = {f"budget {s}": b for s, b in latest_by_site(records, "epsilon_budget").items()}
-    grids = sorted(run_dir.glob("samples_round_*.png"))
     body = [
         f"<h1>FedGAN run {_e(run_dir.name)}</h1>",
         f"<p>Status: <b>{_e(status.get('status', 'unknown'))}</b>; rounds "
@@ -209,87 +195,131 @@ def build(run_dir: Path, baselines: list[tuple[str, Path]] | None = None) -> str
         "<h2>Reading</h2><ul>"
         + "".join(f"<li>{_e(x)}</li>" for x in reading(records, status))
         + "</ul>",
+        *_samples(run_dir),
+        *_charts(records),
+        _rounds_table(records),
+        *_secagg(records),
+        *_audit(run_dir),
+        _evaluation(run_dir),
     ]
-    if grids:
-        body.append("<h2>Samples</h2>")
-        body.append(
-            f"<p>After round {int(grids[-1].stem[-3:])}{_class_rows(run_dir)}:</p>"
-            + _png(grids[-1], "last", 384)
+    if baselines:
+        body.append(_baselines(run_dir, baselines))
+    return _page(f"FedGAN run {_e(run_dir.name)}", body)
+
+
+def _status(run_dir: Path) -> dict[str, Any]:
+    """The run's status.json; empty while the ServerApp has not written one."""
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _samples(run_dir: Path) -> list[str]:
+    """The last round's grid large, then every round's small: the same latent
+    batch each time, so the rows show the generator improving."""
+    grids = sorted(run_dir.glob("samples_round_*.png"))
+    if not grids:
+        return []
+    return [
+        "<h2>Samples</h2>",
+        f"<p>After round {int(grids[-1].stem[-3:])}{_class_rows(run_dir)}:</p>"
+        + _png(grids[-1], "last", 384),
+        "<p>Every round (the same latent batch each time):</p><div>"
+        + "".join(
+            f"<figure style='display:inline-block'>{_png(g, g.stem, 128)}"
+            f"<figcaption>round {int(g.stem[-3:])}</figcaption></figure>"
+            for g in grids
         )
-        body.append(
-            "<p>Every round (the same latent batch each time):</p><div>"
-            + "".join(
-                f"<figure style='display:inline-block'>{_png(g, g.stem, 128)}"
-                f"<figcaption>round {int(g.stem[-3:])}</figcaption></figure>"
-                for g in grids
-            )
-            + "</div>"
-        )
-    body.append("<h2>Losses</h2>" + line_chart("losses", losses, "loss"))
+        + "</div>",
+    ]
+
+
+def _charts(records: list[dict[str, Any]]) -> list[str]:
+    """G's and D's losses over the aggregated rounds; each site's ε over every
+    round, against its budget (dashed)."""
+    done = [r for r in records if "skipped" not in r]
+    losses = {
+        "G": [(r["round"], r["g_loss"]) for r in done if "g_loss" in r],
+        "D": [(r["round"], r["d_loss"]) for r in done if "d_loss" in r],
+    }
+    charts = ["<h2>Losses</h2>" + line_chart("losses", losses, "loss")]
+    eps: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        for site, value in r.get("epsilon", {}).items():
+            eps.setdefault(site, []).append((r["round"], value))
     if eps:
-        body.append("<h2>Privacy spent per site</h2>" + line_chart("ε per site", eps, "ε", budgets))
+        budgets = {f"budget {s}": b for s, b in latest_by_site(records, "epsilon_budget").items()}
+        charts.append(
+            "<h2>Privacy spent per site</h2>" + line_chart("ε per site", eps, "ε", budgets)
+        )
+    return charts
+
+
+def _rounds_table(records: list[dict[str, Any]]) -> str:
     head = (
         "<tr><th>round</th><th>seconds</th><th>sites in the sum</th><th>sampled</th>"
         "<th>G loss</th><th>D loss</th><th>ε max</th><th>bytes sent</th><th>note</th></tr>"
     )
-    rows = []
-    for r in records:
-        e = r.get("epsilon", {})
-        note = r.get("skipped", "")
-        dropped = r.get("secagg", {}).get("dropped", [])
-        if dropped:
-            note = (note + " " if note else "") + f"dropped: {', '.join(dropped)}"
-        rows.append(
-            "<tr>"
-            + "".join(
-                f"<td>{_e(v)}</td>"
-                for v in (
-                    r["round"],
-                    f"{r.get('seconds', 0):.1f}",
-                    ", ".join(r.get("sites", [])) if "skipped" not in r else "—",
-                    r.get("sites_sampled", ""),
-                    f"{r['g_loss']:.4g}" if "g_loss" in r else "—",
-                    f"{r['d_loss']:.4g}" if "d_loss" in r else "—",
-                    f"{max(e.values()):.3f}" if e else "—",
-                    sum(r.get("update_bytes", {}).values()) or "—",
-                    note,
-                )
-            )
-            + "</tr>"
-        )
-    body.append(f"<h2>Rounds</h2><table>{head}{''.join(rows)}</table>")
+    rows = "".join(_round_row(r) for r in records)
+    return f"<h2>Rounds</h2><table>{head}{rows}</table>"
+
+
+def _round_row(r: dict[str, Any]) -> str:
+    """One round; "—" where it has no such figure (a skipped round, a
+    mean-embedding run's missing D)."""
+    e = r.get("epsilon", {})
+    note = r.get("skipped", "")
+    dropped = r.get("secagg", {}).get("dropped", [])
+    if dropped:
+        note = (note + " " if note else "") + f"dropped: {', '.join(dropped)}"
+    cells = (
+        r["round"],
+        f"{r.get('seconds', 0):.1f}",
+        ", ".join(r.get("sites", [])) if "skipped" not in r else "—",
+        r.get("sites_sampled", ""),
+        f"{r['g_loss']:.4g}" if "g_loss" in r else "—",
+        f"{r['d_loss']:.4g}" if "d_loss" in r else "—",
+        f"{max(e.values()):.3f}" if e else "—",
+        sum(r.get("update_bytes", {}).values()) or "—",
+        note,
+    )
+    return "<tr>" + "".join(f"<td>{_e(v)}</td>" for v in cells) + "</tr>"
+
+
+def _secagg(records: list[dict[str, Any]]) -> list[str]:
+    """The last secure-aggregation settings the run recorded, if it used it."""
     secagg = next((r["secagg"] for r in reversed(records) if "secagg" in r), None)
-    if secagg:
-        body.append(
-            "<h2>Secure aggregation</h2><p>"
-            + _e(
-                f"threshold {secagg['threshold']}, {secagg['bits']}-bit values summed modulo "
-                f"2^{secagg['modulus_bits']}, value range ±{secagg['value_range']:.3g}; "
-                "AES-256-GCM, X25519, HKDF-SHA256, AES-256-CTR masks, Shamir shares."
-            )
-            + "</p>"
+    if not secagg:
+        return []
+    return [
+        "<h2>Secure aggregation</h2><p>"
+        + _e(
+            f"threshold {secagg['threshold']}, {secagg['bits']}-bit values summed modulo "
+            f"2^{secagg['modulus_bits']}, value range ±{secagg['value_range']:.3g}; "
+            "AES-256-GCM, X25519, HKDF-SHA256, AES-256-CTR masks, Shamir shares."
         )
+        + "</p>"
+    ]
+
+
+def _audit(run_dir: Path) -> list[str]:
     events = _audit_events(run_dir)
-    if events:
-        body.append(
-            "<h2>Audit events</h2><ul>"
-            + "".join(
-                f"<li>{_e(e.get('time', ''))} {_e(e['event'])} "
-                + _e(
-                    ", ".join(
-                        f"{k}={v}"
-                        for k, v in e.items()
-                        if k not in ("time", "event", "prev", "run")
-                    )
-                )
-                + "</li>"
-                for e in events
-            )
-            + "</ul>"
-        )
-    body.append(_evaluation(run_dir))
-    if baselines:
-        body.append(_baselines(run_dir, baselines))
+    if not events:
+        return []
+    hidden = ("time", "event", "prev", "run")
+    items = "".join(
+        f"<li>{_e(e.get('time', ''))} {_e(e['event'])} "
+        + _e(", ".join(f"{k}={v}" for k, v in e.items() if k not in hidden))
+        + "</li>"
+        for e in events
+    )
+    return [f"<h2>Audit events</h2><ul>{items}</ul>"]
+
+
+def _page(title: str, body: list[str]) -> str:
+    """A self-contained page: inline style, nothing fetched. ``title`` is
+    already escaped."""
     style = (
         "body{font-family:sans-serif;max-width:960px;margin:2em auto;line-height:1.4}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
@@ -297,7 +327,7 @@ def build(run_dir: Path, baselines: list[tuple[str, Path]] | None = None) -> str
     )
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>FedGAN run {_e(run_dir.name)}</title><style>{style}</style></head><body>"
+        f"<title>{title}</title><style>{style}</style></head><body>"
         + "\n".join(body)
         + "</body></html>\n"
     )

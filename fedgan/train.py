@@ -31,6 +31,7 @@ one image in its silo.
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 import time
 import warnings
@@ -152,10 +153,49 @@ def train_local(
     attribute-conditioned one needs ``attributes`` (N×A) and
     ``sample_attributes`` for the generated images (data-independent too).
     Losses are averaged over the steps."""
+    _check_inputs(gen, images, labels, attributes, sample_attributes)
+    start = time.perf_counter()
+    device = torch.device(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    gen.to(device).train()
+    disc.to(device, memory_format=fmt).train()
+    silo = _Silo.on_device(gen, images, labels, attributes, device)
+    autocast = functools.partial(
+        torch.autocast,
+        device_type=device.type,
+        dtype=torch.bfloat16,
+        enabled=cfg.precision == "bf16" and device.type == "cuda",
+    )
+    rng = torch.Generator().manual_seed(cfg.seed)
+    g_step = GeneratorStep(gen, disc, cfg, autocast, device)
+    batch = min(cfg.batch_size, silo.size)
+    d_step = _discriminator_step(disc, cfg, dp, batch, autocast)
+    loop = _Loop(gen, g_step, d_step, autocast, fmt, device, rng, batch, sample_attributes)
+    try:
+        g_total, d_total, ms_total = _run_steps(loop, silo, cfg, progress)
+    finally:
+        d_step.close()
+    return TrainResult(
+        g_loss=float(g_total) / cfg.local_steps,
+        d_loss=float(d_total) / cfg.local_steps,
+        steps=cfg.local_steps,
+        examples=silo.size,
+        seconds=time.perf_counter() - start,
+        mode_seeking_loss=float(ms_total) / cfg.local_steps,
+    )
+
+
+def _check_inputs(
+    gen: Generator,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    attributes: torch.Tensor | None,
+    sample_attributes: Callable[[int, torch.Generator], torch.Tensor] | None,
+) -> None:
+    """Refuse before anything moves to the device or any step runs."""
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty N×C×H×W image tensor, got {tuple(images.shape)}")
-    classes = gen.spec.num_classes
-    if classes and (labels is None or labels.shape != (images.shape[0],)):
+    if gen.spec.num_classes and (labels is None or labels.shape != (images.shape[0],)):
         raise ValueError("a conditional model needs one class index per image")
     attr_dim = gen.spec.attr_dim
     if attr_dim and (
@@ -166,94 +206,106 @@ def train_local(
         raise ValueError(
             f"an attribute-conditioned model needs N×{attr_dim} attributes and a sampler"
         )
-    start = time.perf_counter()
-    device = torch.device(device)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    gen.to(device).train()
-    disc.to(device, memory_format=fmt).train()
-    # The silo moves to the accelerator once (a 64 px silo of 10,000 RGB
-    # images is 0.5 GB) instead of one host-to-device copy per step.
-    images = images.to(device)
-    if classes:
-        labels = labels.to(device)
-    if attr_dim:
-        attributes = attributes.to(device)
-    bf16 = cfg.precision == "bf16" and device.type == "cuda"
 
-    def autocast() -> torch.autocast:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    rng = torch.Generator().manual_seed(cfg.seed)
-    opt_g = adam(gen.parameters(), cfg.lr_g)
-    n = images.shape[0]
-    batch = min(cfg.batch_size, n)
-    g_prox = Proximal(gen, cfg.prox_mu)
-    d_step = (
-        PlainDiscriminatorStep(
-            disc, cfg.lr_d, Proximal(disc, cfg.prox_mu), autocast, cfg.cond_lambda
-        )
-        if dp is None
-        else DPDiscriminatorStep(
-            disc, cfg.lr_d, dp, batch, Proximal(disc, cfg.prox_mu), autocast, cfg.cond_lambda
-        )
-    )
-    # Losses are summed on the device: reading one back every step would
-    # stall the GPU's queue.
+@dataclass(frozen=True)
+class _Silo:
+    """The site's images with their labels and attributes (None where the
+    model is not conditioned on them)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    attributes: torch.Tensor | None
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+    @classmethod
+    def on_device(
+        cls,
+        gen: Generator,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        attributes: torch.Tensor | None,
+        device: torch.device,
+    ) -> _Silo:
+        """The silo moves to the accelerator once (a 64 px silo of 10,000 RGB
+        images is 0.5 GB) instead of one host-to-device copy per step."""
+        images = images.to(device)
+        labels = labels.to(device) if gen.spec.num_classes and labels is not None else None
+        attributes = attributes.to(device) if gen.spec.attr_dim and attributes is not None else None
+        return cls(images, labels, attributes)
+
+
+def _discriminator_step(
+    disc: Discriminator,
+    cfg: TrainConfig,
+    dp: DPConfig | None,
+    batch: int,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> PlainDiscriminatorStep | DPDiscriminatorStep:
+    prox = Proximal(disc, cfg.prox_mu)
+    if dp is None:
+        return PlainDiscriminatorStep(disc, cfg.lr_d, prox, autocast, cfg.cond_lambda)
+    return DPDiscriminatorStep(disc, cfg.lr_d, dp, batch, prox, autocast, cfg.cond_lambda)
+
+
+@dataclass(frozen=True)
+class _Loop:
+    """What every step of the local loop uses, set up once before it."""
+
+    gen: Generator
+    g_step: GeneratorStep
+    d_step: PlainDiscriminatorStep | DPDiscriminatorStep
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    fmt: torch.memory_format
+    device: torch.device
+    rng: torch.Generator
+    batch: int
+    sample_attributes: Callable[[int, torch.Generator], torch.Tensor] | None
+
+
+def _run_steps(
+    loop: _Loop,
+    silo: _Silo,
+    cfg: TrainConfig,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hot loop; returns the summed G, D and mode-seeking losses. The
+    draws from ``rng`` come in a fixed order (D's batch where it is not
+    private, then z, classes, attributes), so a seed gives the same weights.
+    Losses are summed on the device: reading one back every step would
+    stall the GPU's queue."""
+    gen, g_step, d_step, autocast = loop.gen, loop.g_step, loop.d_step, loop.autocast
+    fmt, device, rng, batch = loop.fmt, loop.device, loop.rng, loop.batch
+    images, labels, attributes, n = silo.images, silo.labels, silo.attributes, silo.size
+    classes, attr_dim, latent_dim = gen.spec.num_classes, gen.spec.attr_dim, gen.spec.latent_dim
     g_total = torch.zeros((), device=device)
     d_total = torch.zeros((), device=device)
     ms_total = torch.zeros((), device=device)
-    no_term = torch.zeros((), device=device)
-    try:
-        for step in range(cfg.local_steps):
-            index = d_step.sample(n, batch, rng).to(device)
-            real = images[index].contiguous(memory_format=fmt)
-            real_y = labels[index] if classes else None
-            real_a = attributes[index] if attr_dim else None
-            z = torch.randn(batch, gen.spec.latent_dim, generator=rng).to(device)
-            fake_y = (
-                torch.randint(0, classes, (batch,), generator=rng).to(device) if classes else None
-            )
-            fake_a = sample_attributes(batch, rng).to(device) if attr_dim else None
-            if cfg.mode_seeking > 0:
-                # Pairs (i, i + B/2) share their condition and differ in z.
-                fake_y, fake_a = paired(fake_y), paired(fake_a)
-            with autocast():
-                fake = gen(z, fake_y, fake_a).contiguous(memory_format=fmt)
-            d_total += d_step(real, real_y, fake.detach(), fake_y, real_a)
-
-            d_step.hooks(False)
-            opt_g.zero_grad(set_to_none=True)
-            with autocast():
-                if attr_dim:
-                    logits, predicted = disc(fake, fake_y, with_attributes=True)
-                    g_loss = generator_loss(logits) + cfg.cond_lambda * attribute_loss(
-                        predicted, fake_a
-                    )
-                else:
-                    g_loss = generator_loss(disc(fake, fake_y))
-                ms_loss = (
-                    cfg.mode_seeking * mode_seeking_loss(fake, z)
-                    if cfg.mode_seeking > 0
-                    else no_term
-                )
-            (g_loss + ms_loss).backward(inputs=list(gen.parameters()))
-            g_prox.add_gradient()
-            opt_g.step()
-            d_step.hooks(True)
-            g_total += g_loss.detach().float()
-            ms_total += ms_loss.detach().float()
-            if progress:
-                progress(step + 1, cfg.local_steps)
-    finally:
-        d_step.close()
-    return TrainResult(
-        g_loss=float(g_total) / cfg.local_steps,
-        d_loss=float(d_total) / cfg.local_steps,
-        steps=cfg.local_steps,
-        examples=n,
-        seconds=time.perf_counter() - start,
-        mode_seeking_loss=float(ms_total) / cfg.local_steps,
-    )
+    for step in range(cfg.local_steps):
+        index = d_step.sample(n, batch, rng).to(device)
+        real = images[index].contiguous(memory_format=fmt)
+        real_y = labels[index] if classes else None
+        real_a = attributes[index] if attr_dim else None
+        z = torch.randn(batch, latent_dim, generator=rng).to(device)
+        fake_y = torch.randint(0, classes, (batch,), generator=rng).to(device) if classes else None
+        fake_a = loop.sample_attributes(batch, rng).to(device) if attr_dim else None
+        if cfg.mode_seeking > 0:
+            # Pairs (i, i + B/2) share their condition and differ in z.
+            fake_y, fake_a = paired(fake_y), paired(fake_a)
+        with autocast():
+            fake = gen(z, fake_y, fake_a).contiguous(memory_format=fmt)
+        d_total += d_step(real, real_y, fake.detach(), fake_y, real_a)
+        d_step.hooks(False)
+        g_loss, ms_loss = g_step(fake, fake_y, fake_a, z)
+        d_step.hooks(True)
+        g_total += g_loss.detach().float()
+        ms_total += ms_loss.detach().float()
+        if progress:
+            progress(step + 1, cfg.local_steps)
+    return g_total, d_total, ms_total
 
 
 # Poisson batches are padded up to a multiple of this (ghost mode).
@@ -299,6 +351,59 @@ class Proximal:
             for p, w0 in zip(self.params, self.anchor, strict=True):
                 if p.grad is not None:
                     p.grad.add_(p - w0, alpha=self.mu)
+
+
+class GeneratorStep:
+    """G's step. Its loss is D's verdict on generated images (with the
+    attribute term and, optionally, mode-seeking's spread over its own
+    latents): it reads no image, so it is post-processing of D's private
+    release. D's per-sample hooks must be off around it."""
+
+    def __init__(
+        self,
+        gen: Generator,
+        disc: Discriminator,
+        cfg: TrainConfig,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+        device: torch.device,
+    ) -> None:
+        self.gen = gen
+        self.disc = disc
+        self.opt = adam(gen.parameters(), cfg.lr_g)
+        self.prox = Proximal(gen, cfg.prox_mu)
+        self.autocast = autocast
+        self.cond_lambda = cfg.cond_lambda
+        self.mode_seeking = cfg.mode_seeking
+        self.attributes = bool(gen.spec.attr_dim)
+        self.no_term = torch.zeros((), device=device)
+
+    def __call__(
+        self,
+        fake: torch.Tensor,
+        fake_y: torch.Tensor | None,
+        fake_a: torch.Tensor | None,
+        z: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns G's adversarial loss and λ times the mode-seeking term
+        apart, so that the first reads the same whether that term is on."""
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            if self.attributes:
+                logits, predicted = self.disc(fake, fake_y, with_attributes=True)
+                g_loss = generator_loss(logits) + self.cond_lambda * attribute_loss(
+                    predicted, fake_a
+                )
+            else:
+                g_loss = generator_loss(self.disc(fake, fake_y))
+            ms_loss = (
+                self.mode_seeking * mode_seeking_loss(fake, z)
+                if self.mode_seeking > 0
+                else self.no_term
+            )
+        (g_loss + ms_loss).backward(inputs=list(self.gen.parameters()))
+        self.prox.add_gradient()
+        self.opt.step()
+        return g_loss, ms_loss
 
 
 class PlainDiscriminatorStep:

@@ -7,14 +7,9 @@ local bookkeeping with no meaning when averaged.
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
-
-from fedgan.atomic import write_atomic
 
 
 def float_keys(model: nn.Module) -> list[str]:
@@ -42,22 +37,3 @@ def set_arrays(model: nn.Module, arrays: list[np.ndarray]) -> None:
             )
         state[key] = torch.as_tensor(array, dtype=state[key].dtype)
     model.load_state_dict(state)
-
-
-def dump_arrays(path: Path, arrays: dict[str, list[np.ndarray]]) -> None:
-    """Named lists of arrays in one .npz, written atomically (test mode's
-    dumps, at the aggregator and at a site)."""
-    flat = {f"{k}_{i:03d}": a for k, arrs in arrays.items() for i, a in enumerate(arrs)}
-    buf = io.BytesIO()
-    np.savez(buf, **flat)
-    write_atomic(path, buf.getvalue())
-
-
-def load_dump(path: Path) -> dict[str, list[np.ndarray]]:
-    """Inverse of `dump_arrays` (used by tests and audits)."""
-    with np.load(path) as data:
-        out: dict[str, list[np.ndarray]] = {}
-        for key in sorted(data.files):
-            name, _, _ = key.rpartition("_")
-            out.setdefault(name, []).append(data[key])
-    return out

@@ -7,11 +7,14 @@ between runs and across restarts of either process.
 Names follow Prometheus conventions (base units, ``_total`` for counters);
 per-run series carry ``run`` (the run folder's name), per-site ones ``site``.
 ``fedgan_tls_rejections_total`` counts the edge's access-log lines whose
-client certificate did not verify (no certificate, unknown CA, revoked)."""
+client certificate did not verify (no certificate, unknown CA, revoked).
+
+A scrape only reads. Copying those rejections into the audit log is a step
+of its own (`fedgan.audit_log.follow_edge_logs`), which the `fedgan exporter`
+process runs on a timer beside the HTTP server."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,37 +28,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from fedgan.aggregator.run_store import latest_by_site, read_records
+
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
 ROUND_SECONDS_BUCKETS = (5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 _VERIFY = re.compile(r" verify=(\S+) ")
-
-
-def read_records(metrics_path: Path) -> list[dict[str, Any]]:
-    """Complete lines only: a line being written at scrape time is skipped."""
-    try:
-        lines = metrics_path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "round" in record:
-            out.append(record)
-    return out
-
-
-def latest_by_site(records: list[dict[str, Any]], key: str) -> dict[str, float]:
-    """Each site's last reported value of a per-site field (``epsilon``,
-    ``epsilon_budget``, ``noise_figure``) across a run's rounds."""
-    out: dict[str, float] = {}
-    for r in records:
-        out.update(r.get(key, {}))
-    return out
 
 
 def tls_rejections(edge_logs: Iterable[Path]) -> int:
@@ -73,13 +52,13 @@ def tls_rejections(edge_logs: Iterable[Path]) -> int:
 
 
 class RunsCollector(Collector):
-    def __init__(
-        self, runs_root: Path, edge_logs: Iterable[Path] = (), audit: bool = False
-    ) -> None:
+    """Serves what the run folders and the edge's logs say at scrape time;
+    it only reads (the exporter process records rejections in the audit log
+    on its own timer, `fedgan.audit_log.follow_edge_logs`)."""
+
+    def __init__(self, runs_root: Path, edge_logs: Iterable[Path] = ()) -> None:
         self.runs_root = Path(runs_root)
         self.edge_logs = list(edge_logs)
-        # Also copy new certificate rejections into <runs>/audit.jsonl.
-        self.audit = audit
 
     def runs(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
         if not self.runs_root.is_dir():
@@ -93,26 +72,9 @@ class RunsCollector(Collector):
         """Sites' `fedgan evaluate` numbers (quality, privacy, utility)."""
         from fedgan.evaluate.results import load_all
 
-        series = {
-            ("quality", "domain_fid"): ("fedgan_eval_domain_fid", "Domain-FID at a site."),
-            ("quality", "inception_fid"): (
-                "fedgan_eval_inception_fid",
-                "Inception FID at a site (only where it passed --inception-weights).",
-            ),
-            ("quality", "precision"): ("fedgan_eval_precision", "k-NN precision (fidelity)."),
-            ("quality", "recall"): ("fedgan_eval_recall", "k-NN recall (diversity)."),
-            ("privacy", "memorized_fraction"): (
-                "fedgan_eval_memorized_fraction",
-                "Synthetic images closer to a training image than real images are to each other.",
-            ),
-            ("utility", "tstr_ratio"): (
-                "fedgan_eval_tstr_ratio",
-                "Train-on-synthetic accuracy over train-on-real accuracy.",
-            ),
-        }
         families = {
             k: GaugeMetricFamily(name, doc, labels=["run", "site"])
-            for k, (name, doc) in series.items()
+            for k, (name, doc) in EVALUATION_SERIES.items()
         }
         mia = GaugeMetricFamily(
             "fedgan_eval_mia_auc",
@@ -134,98 +96,10 @@ class RunsCollector(Collector):
         yield mia
 
     def collect(self) -> Iterator[Metric]:
-        if self.audit:
-            from fedgan.audit_log import AuditLog, ingest_edge_log
-
-            log = AuditLog(self.runs_root / "audit.jsonl")
-            for edge_log in self.edge_logs:
-                ingest_edge_log(log, edge_log)
-        g = {
-            "round": GaugeMetricFamily(
-                "fedgan_round", "Last completed round of the run.", labels=["run"]
-            ),
-            "sites": GaugeMetricFamily(
-                "fedgan_sites_participating",
-                "Sites whose update is in the last round's aggregate.",
-                labels=["run"],
-            ),
-            "g_loss": GaugeMetricFamily(
-                "fedgan_generator_loss", "Generator loss, last aggregated round.", labels=["run"]
-            ),
-            "d_loss": GaugeMetricFamily(
-                "fedgan_discriminator_loss",
-                "Discriminator loss, last aggregated round.",
-                labels=["run"],
-            ),
-            "eps": GaugeMetricFamily(
-                "fedgan_privacy_epsilon", "Site's ε after its last round.", labels=["run", "site"]
-            ),
-            "remaining": GaugeMetricFamily(
-                "fedgan_privacy_budget_remaining",
-                "Site's ε budget minus the ε it has spent.",
-                labels=["run", "site"],
-            ),
-            "noise": GaugeMetricFamily(
-                "fedgan_privacy_noise_figure",
-                "Site's DP noise per step over the largest clipped signal (σ·√d/B).",
-                labels=["run", "site"],
-            ),
-        }
-        dropped = CounterMetricFamily(
-            "fedgan_sites_dropped",
-            "Sampled sites left out of a round's aggregate (failed, timed out, "
-            "dropped in secure aggregation; budget refusals not counted).",
-            labels=["run"],
-        )
-        update_bytes = CounterMetricFamily(
-            "fedgan_update_bytes", "Bytes a site sent for its updates.", labels=["run", "site"]
-        )
-        aborted = CounterMetricFamily(
-            "fedgan_secagg_aborted_rounds",
-            "Rounds abandoned by secure aggregation (fewer than t sites left).",
-            labels=["run"],
-        )
-        duration = HistogramMetricFamily(
-            "fedgan_round_duration_seconds", "Wall time of a round.", labels=["run"]
-        )
+        series = RunSeries()
         for run, records in self.runs():
-            last = records[-1]
-            g["round"].add_metric([run], float(last["round"]))
-            aggregated = [r for r in records if "skipped" not in r]
-            g["sites"].add_metric([run], float(0 if "skipped" in last else len(last["sites"])))
-            if aggregated:
-                g["g_loss"].add_metric([run], float(aggregated[-1]["g_loss"]))
-                if "d_loss" in aggregated[-1]:  # a mean-embedding run trains no D
-                    g["d_loss"].add_metric([run], float(aggregated[-1]["d_loss"]))
-            eps = latest_by_site(records, "epsilon")
-            budget = latest_by_site(records, "epsilon_budget")
-            sent: dict[str, float] = {}
-            lost = 0
-            for r in records:
-                for site, n in r.get("update_bytes", {}).items():
-                    sent[site] = sent.get(site, 0) + n
-                refused = len(r.get("budget_exhausted", {})) + len(r.get("refused", {}))
-                in_sum = len(r.get("sites", [])) if "skipped" not in r else 0
-                lost += max(0, r.get("sites_sampled", 0) - refused - in_sum)
-            for site, value in sorted(eps.items()):
-                g["eps"].add_metric([run, site], float(value))
-                if site in budget:
-                    g["remaining"].add_metric([run, site], float(budget[site] - value))
-            for site, value in sorted(latest_by_site(records, "noise_figure").items()):
-                g["noise"].add_metric([run, site], float(value))
-            for site, n in sorted(sent.items()):
-                update_bytes.add_metric([run, site], float(n))
-            dropped.add_metric([run], float(lost))
-            aborted.add_metric(
-                [run], float(sum(1 for r in records if "skipped" in r and "secagg" in r))
-            )
-            seconds = [float(r["seconds"]) for r in records if "seconds" in r]
-            buckets = [
-                (str(b), float(sum(1 for s in seconds if s <= b))) for b in ROUND_SECONDS_BUCKETS
-            ]
-            duration.add_metric([run], [*buckets, ("+Inf", float(len(seconds)))], sum(seconds))
-        yield from g.values()
-        yield from (dropped, update_bytes, aborted, duration)
+            series.add(run, records)
+        yield from series
         yield from self._evaluations()
         rejections = CounterMetricFamily(
             "fedgan_tls_rejections",
@@ -235,18 +109,149 @@ class RunsCollector(Collector):
         yield rejections
 
 
+# (group, key) of an evaluation's JSON: the gauge's name and help.
+EVALUATION_SERIES = {
+    ("quality", "domain_fid"): ("fedgan_eval_domain_fid", "Domain-FID at a site."),
+    ("quality", "inception_fid"): (
+        "fedgan_eval_inception_fid",
+        "Inception FID at a site (only where it passed --inception-weights).",
+    ),
+    ("quality", "precision"): ("fedgan_eval_precision", "k-NN precision (fidelity)."),
+    ("quality", "recall"): ("fedgan_eval_recall", "k-NN recall (diversity)."),
+    ("privacy", "memorized_fraction"): (
+        "fedgan_eval_memorized_fraction",
+        "Synthetic images closer to a training image than real images are to each other.",
+    ),
+    ("utility", "tstr_ratio"): (
+        "fedgan_eval_tstr_ratio",
+        "Train-on-synthetic accuracy over train-on-real accuracy.",
+    ),
+}
+
+
+class RunSeries:
+    """The per-run families, filled one run at a time and served in a fixed
+    order, so that a scrape reads the same whichever run came first."""
+
+    def __init__(self) -> None:
+        run, site = ["run"], ["run", "site"]
+        self.round = GaugeMetricFamily(
+            "fedgan_round", "Last completed round of the run.", labels=run
+        )
+        self.sites = GaugeMetricFamily(
+            "fedgan_sites_participating",
+            "Sites whose update is in the last round's aggregate.",
+            labels=run,
+        )
+        self.g_loss = GaugeMetricFamily(
+            "fedgan_generator_loss", "Generator loss, last aggregated round.", labels=run
+        )
+        self.d_loss = GaugeMetricFamily(
+            "fedgan_discriminator_loss", "Discriminator loss, last aggregated round.", labels=run
+        )
+        self.eps = GaugeMetricFamily(
+            "fedgan_privacy_epsilon", "Site's ε after its last round.", labels=site
+        )
+        self.remaining = GaugeMetricFamily(
+            "fedgan_privacy_budget_remaining",
+            "Site's ε budget minus the ε it has spent.",
+            labels=site,
+        )
+        self.noise = GaugeMetricFamily(
+            "fedgan_privacy_noise_figure",
+            "Site's DP noise per step over the largest clipped signal (σ·√d/B).",
+            labels=site,
+        )
+        self.dropped = CounterMetricFamily(
+            "fedgan_sites_dropped",
+            "Sampled sites left out of a round's aggregate (failed, timed out, "
+            "dropped in secure aggregation; budget refusals not counted).",
+            labels=run,
+        )
+        self.update_bytes = CounterMetricFamily(
+            "fedgan_update_bytes", "Bytes a site sent for its updates.", labels=site
+        )
+        self.aborted = CounterMetricFamily(
+            "fedgan_secagg_aborted_rounds",
+            "Rounds abandoned by secure aggregation (fewer than t sites left).",
+            labels=run,
+        )
+        self.duration = HistogramMetricFamily(
+            "fedgan_round_duration_seconds", "Wall time of a round.", labels=run
+        )
+
+    def __iter__(self) -> Iterator[Metric]:
+        yield from (self.round, self.sites, self.g_loss, self.d_loss)
+        yield from (self.eps, self.remaining, self.noise)
+        yield from (self.dropped, self.update_bytes, self.aborted, self.duration)
+
+    def add(self, run: str, records: list[dict[str, Any]]) -> None:
+        self._progress(run, records)
+        self._privacy(run, records)
+        self._traffic(run, records)
+        self._durations(run, records)
+
+    def _progress(self, run: str, records: list[dict[str, Any]]) -> None:
+        """The last round, who was in it, and the last aggregated losses."""
+        last = records[-1]
+        self.round.add_metric([run], float(last["round"]))
+        self.sites.add_metric([run], float(0 if "skipped" in last else len(last["sites"])))
+        aggregated = [r for r in records if "skipped" not in r]
+        if aggregated:
+            self.g_loss.add_metric([run], float(aggregated[-1]["g_loss"]))
+            if "d_loss" in aggregated[-1]:  # a mean-embedding run trains no D
+                self.d_loss.add_metric([run], float(aggregated[-1]["d_loss"]))
+
+    def _privacy(self, run: str, records: list[dict[str, Any]]) -> None:
+        eps = latest_by_site(records, "epsilon")
+        budget = latest_by_site(records, "epsilon_budget")
+        for site, value in sorted(eps.items()):
+            self.eps.add_metric([run, site], float(value))
+            if site in budget:
+                self.remaining.add_metric([run, site], float(budget[site] - value))
+        for site, value in sorted(latest_by_site(records, "noise_figure").items()):
+            self.noise.add_metric([run, site], float(value))
+
+    def _traffic(self, run: str, records: list[dict[str, Any]]) -> None:
+        """Counters over every round: bytes sent, sites lost, rounds aborted."""
+        sent: dict[str, float] = {}
+        for r in records:
+            for site, n in r.get("update_bytes", {}).items():
+                sent[site] = sent.get(site, 0) + n
+        for site, n in sorted(sent.items()):
+            self.update_bytes.add_metric([run, site], float(n))
+        self.dropped.add_metric([run], float(sum(_left_out(r) for r in records)))
+        self.aborted.add_metric(
+            [run], float(sum(1 for r in records if "skipped" in r and "secagg" in r))
+        )
+
+    def _durations(self, run: str, records: list[dict[str, Any]]) -> None:
+        seconds = [float(r["seconds"]) for r in records if "seconds" in r]
+        buckets = [
+            (str(b), float(sum(1 for s in seconds if s <= b))) for b in ROUND_SECONDS_BUCKETS
+        ]
+        self.duration.add_metric([run], [*buckets, ("+Inf", float(len(seconds)))], sum(seconds))
+
+
+def _left_out(record: dict[str, Any]) -> int:
+    """Sampled sites neither in the round's sum nor refused (budget, policy):
+    they failed, timed out or dropped out of secure aggregation."""
+    refused = len(record.get("budget_exhausted", {})) + len(record.get("refused", {}))
+    in_sum = len(record.get("sites", [])) if "skipped" not in record else 0
+    return max(0, record.get("sites_sampled", 0) - refused - in_sum)
+
+
 def serve(
     runs_root: Path,
     port: int,
     host: str = "127.0.0.1",
     edge_logs: Iterable[Path] = (),
-    audit: bool = True,
 ) -> WSGIServer:
     """Start the HTTP endpoint (``/metrics``) in a background thread; returns
     the server so a caller can shut it down."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
-    registry.register(RunsCollector(runs_root, edge_logs, audit))
+    registry.register(RunsCollector(runs_root, edge_logs))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

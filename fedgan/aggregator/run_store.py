@@ -8,6 +8,10 @@ release_round_NNN.npz   a mean-embedding round's aggregate, kept before G is fit
 fit_round_NNN.pt        that fit's latest state, until the round's checkpoint is written
 status.json             running / completed / failed, with the reason
 dumps/round_NNN/        global weights before/after (test mode only)
+
+Reading ``metrics.jsonl`` (`read_records`, `latest_by_site`) needs no torch:
+the exporter, the report and the audit read it, so torch is imported only
+where a model is saved or loaded.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fedgan.atomic import append_line_durable, write_atomic, write_text_atomic
+from fedgan.dumps import dump_arrays
 from fedgan.errors import FedGanError
-from fedgan.gan.models import GanSpec, Generator
-from fedgan.weights import dump_arrays
 
-if TYPE_CHECKING:  # the fit pulls in Opacus; reading a run folder should not
+if TYPE_CHECKING:  # torch and the fit (Opacus) only where a model is saved or loaded
+    import torch
+
+    from fedgan.gan.models import Generator
     from fedgan.privacy.embedding_fit import FitState
 
 Received = list[tuple[str, float, dict[str, float]]]  # site, weight, metrics
@@ -77,6 +82,8 @@ class RunOutputs:
         return self.dir / "checkpoint.pt"
 
     def save_checkpoint(self, gen: Generator, disc: torch.nn.Module, server_round: int) -> None:
+        import torch
+
         buf = io.BytesIO()
         torch.save(
             {
@@ -94,6 +101,8 @@ class RunOutputs:
             raise FileNotFoundError(
                 f"{self.checkpoint_path} not found: nothing to resume in {self.dir}"
             )
+        import torch
+
         return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
 
     @property
@@ -112,6 +121,8 @@ class RunOutputs:
         append_line_durable(self.metrics_path, json.dumps(record, sort_keys=True))
 
     def save_generator(self, gen: Generator, server_round: int) -> None:
+        import torch
+
         buf = io.BytesIO()
         torch.save(
             {
@@ -183,6 +194,8 @@ class RunOutputs:
         return self.dir / f"fit_round_{server_round:03d}.pt"
 
     def save_fit_state(self, server_round: int, state: FitState, digest: str) -> None:
+        import torch
+
         buf = io.BytesIO()
         torch.save({"digest": digest, **dataclasses.asdict(state)}, buf)
         write_atomic(self.fit_state_path(server_round), buf.getvalue())
@@ -191,6 +204,8 @@ class RunOutputs:
         """(the round's saved fit state, or None; why it was not usable, or "").
         A state that cannot be used only costs the steps it held: the fit
         starts again from its first step, at no privacy cost."""
+        import torch
+
         from fedgan.privacy.embedding_fit import FitState
 
         path = self.fit_state_path(server_round)
@@ -230,7 +245,37 @@ def kept_rounds(run_dir: Path) -> list[int]:
 
 
 def load_generator(path: Path, map_location: str = "cpu") -> Generator:
+    import torch
+
+    from fedgan.gan.models import GanSpec, Generator
+
     ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
     gen = Generator(GanSpec(**ckpt["spec"]))
     gen.load_state_dict(ckpt["state_dict"])
     return gen
+
+
+def read_records(metrics_path: Path) -> list[dict[str, Any]]:
+    """Complete lines only: a line being written at scrape time is skipped."""
+    try:
+        lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "round" in record:
+            out.append(record)
+    return out
+
+
+def latest_by_site(records: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """Each site's last reported value of a per-site field (``epsilon``,
+    ``epsilon_budget``, ``noise_figure``) across a run's rounds."""
+    out: dict[str, float] = {}
+    for r in records:
+        out.update(r.get(key, {}))
+    return out

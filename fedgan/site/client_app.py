@@ -14,8 +14,8 @@ from flwr.clientapp import ClientApp
 from fedgan import wire
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
+from fedgan.dumps import dump_arrays
 from fedgan.site import approval, faults, runtime, secure_round
-from fedgan.weights import dump_arrays
 
 log = logging.getLogger("fedgan.site")
 if not log.handlers:

@@ -15,7 +15,7 @@ import pytest
 from fedgan import pki
 from fedgan.deploy.local import LocalFederation
 from fedgan.deploy.process import ProcessFailed
-from fedgan.weights import load_dump
+from fedgan.dumps import load_dump
 from tests.proc import pids_in_groups
 from tests.runs import learned_indices
 

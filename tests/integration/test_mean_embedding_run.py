@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from fedgan.demo import DemoOptions, run_demo
+from fedgan.dumps import load_dump
 from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.silo.synth import synth_silo
-from fedgan.weights import load_dump
 from tests.federations import small_federation
 from tests.runs import FEDGAN, evaluate_as_site_1
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedgan.demo import run_demo
-from fedgan.weights import load_dump
+from fedgan.dumps import load_dump
 from tests.federations import small_federation
 from tests.runs import learned_indices
 

@@ -75,3 +75,43 @@ def test_certificate_rejections_are_copied_once(tmp_path):
     edge.write_text(none)  # rotated: a shorter file starts over
     assert ingest_edge_log(log, edge) == 1
     assert log.verify().ok and log.verify().entries == 3
+
+
+def test_the_exporters_step_records_rejections_beside_the_runs(tmp_path):
+    """What `fedgan exporter --edge-log` runs on its timer (a scrape only reads)."""
+    import threading
+
+    from fedgan.audit_log import follow_edge_logs, record_certificate_rejections
+
+    edge = tmp_path / "edge-access.log"
+    edge.write_text(
+        '2026-11-23T08:00:00+00:00 edge 10.0.0.1 "POST /x" 200 verify=SUCCESS proto=TLSv1.3\n'
+        '2026-11-23T08:00:01+00:00 edge 10.0.0.2 "GET /" 400 verify=NONE proto=TLSv1.3\n'
+    )
+    runs = tmp_path / "runs"
+    stop = threading.Event()
+    stop.set()  # one pass, then return
+    follow_edge_logs(runs, [edge], stop=stop)
+    log = AuditLog(runs / "audit.jsonl")
+    events = [json.loads(line) for line in log.path.read_text().splitlines()]
+    assert [(e["event"], e["remote"], e["verify"]) for e in events] == [
+        ("certificate_rejected", "10.0.0.2", "NONE")
+    ]
+    assert record_certificate_rejections(runs, [edge]) == 0  # each line once
+    assert log.verify().ok and log.verify().entries == 1
+
+
+def test_a_pass_that_cannot_write_is_reported_and_the_loop_goes_on(tmp_path):
+    import threading
+
+    from fedgan.audit_log import follow_edge_logs
+
+    edge = tmp_path / "edge-access.log"
+    edge.write_text('2026 edge 10.0.0.2 "GET /" 400 verify=NONE proto=TLSv1.3\n')
+    not_a_dir = tmp_path / "runs"
+    not_a_dir.write_text("")  # the audit log cannot be created under it
+    said: list[str] = []
+    stop = threading.Event()
+    stop.set()
+    follow_edge_logs(not_a_dir, [edge], stop=stop, warn=said.append)
+    assert len(said) == 1 and "certificate rejections not recorded" in said[0]
