@@ -105,9 +105,9 @@ class DPConfig:
     # production) seeds from the OS's CSPRNG.
     secret_seed: int | None = None
     # How per-sample gradients are clipped: "ghost" (fedgan.privacy.
-    # clipped_gradient: per-sample norms without per-sample gradients, 0.78-
-    # 0.91x of a plain step on CPU) or Opacus's per-sample gradients, "hooks"
-    # (0.45-0.53x) or "functorch". All three give the same clipped sum.
+    # clipped_gradient: per-sample norms without per-sample gradients, the
+    # fastest; bench/RESULTS.md) or Opacus's per-sample gradients, "hooks" or
+    # "functorch". All three give the same clipped sum.
     grad_sample_mode: str = "ghost"
 
     def __post_init__(self) -> None:
@@ -315,20 +315,17 @@ PAD_MULTIPLE = 16
 def padded_rows(size: int, device: torch.device) -> torch.Tensor:
     """Indices that repeat a batch of ``size`` cyclically up to the next
     multiple of PAD_MULTIPLE. A Poisson batch has a new size almost every
-    step, and every new shape costs cuDNN a new plan on the CPU: at 64 px,
-    batch 256 on an H200 the private half's convolutions took 645 µs of CPU
-    each against 87 µs for the fixed-size plain step (bench/RESULTS.md).
-    Padding leaves a handful of shapes. The caller weights the padding rows'
-    losses by zero."""
+    step, and every new shape costs cuDNN a new plan on the CPU, several times
+    the convolution's own cost (bench/RESULTS.md). Padding leaves a handful of
+    shapes. The caller weights the padding rows' losses by zero."""
     padded = -(-size // PAD_MULTIPLE) * PAD_MULTIPLE
     return torch.arange(padded, device=device) % size
 
 
 def adam(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
     """DCGAN's Adam (β1 = 0.5). On CUDA the fused kernel, one launch per step
-    instead of several per parameter: the unfused update was 13 % of a plain
-    step's GPU time on an H100 (64 px, batch 256), although wall time there
-    is bound by launches and Python (bench/RESULTS.md)."""
+    instead of several per parameter: a GPU step is bound by launches
+    (bench/RESULTS.md)."""
     params = list(params)
     fused = bool(params) and params[0].is_cuda
     return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), fused=fused or None)

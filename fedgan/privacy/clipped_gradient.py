@@ -1,10 +1,10 @@
 """The sum of per-sample-clipped gradients, Σ_i min(1, C/‖∇ℓ_i‖)·∇ℓ_i, without
 materialising every per-sample gradient.
 
-Why not Opacus's hooks: on an H100 its DP step was 0.20–0.45× of the plain
-step, bound by per-layer, per-parameter bookkeeping on the CPU, and the conv
-layers' per-sample gradients (B × out × in·k² floats each) are gigabytes per
-step (bench/RESULTS.md). Here one forward and one data-only backward record
+Why not Opacus's hooks: its DP step is bound by per-layer, per-parameter
+bookkeeping on the CPU, and the conv layers' per-sample gradients
+(B × out × in·k² floats each) are gigabytes per step at our sizes (the
+figures are in bench/RESULTS.md). Here one forward and one data-only backward record
 each layer's input a and output gradient b; then per layer:
 
 * the per-sample squared norm, for a convolution by whichever is cheaper of
@@ -159,9 +159,8 @@ def _set(param: torch.Tensor | None, value: torch.Tensor) -> None:
 
 def unfold(a: torch.Tensor, m: nn.Conv2d) -> torch.Tensor:
     """``F.unfold``'s [B, C·kh·kw, L] for the layer's input, as one strided
-    copy. CUDA's im2col launches one kernel per image: at 64 px, batch 256, it
-    was 12,875 launches in 10 DP steps and 40 % of the step's GPU time on an
-    H200 (bench/RESULTS.md). Dilated kernels keep F.unfold."""
+    copy. CUDA's im2col launches one kernel per image, which dominated the DP
+    step's GPU time at 64 px (bench/RESULTS.md). Dilated kernels keep F.unfold."""
     if m.dilation != (1, 1):
         return F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
     (kh, kw), (sh, sw), (ph, pw) = m.kernel_size, m.stride, m.padding

@@ -3,11 +3,10 @@ once, with Gaussian noise, the sum of a fixed random feature map over its images
 one row per class; G is fitted to the sum of the releases at the aggregator.
 
 Why a second mechanism beside DP-SGD on D: DP-SGD adds noise to every one of D's
-weights at every step, and on silos of a few hundred images that noise is 12-24x
-the clipped signal (bench/RESULTS.md). Here a site adds noise once, to one vector.
-At ε = 10 on the benchmarks it came within 1.21x (digits) and 1.36x (synthetic
-fundus) of the centralized domain-FID, where DP-SGD reached 6.3-8.0x and 3.0-3.5x;
-at ε = 1 it did not help on fundus (bench/RESULTS.md).
+weights at every step, and on silos of a few hundred images that noise is many
+times the clipped signal. Here a site adds noise once, to one vector. At ε = 10
+on the benchmarks it came far closer to the centralized domain-FID than DP-SGD;
+at ε = 1 it did not help on fundus (the figures are in bench/RESULTS.md).
 
 The privacy argument, which the ledger's accounting rests on:
 
