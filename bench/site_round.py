@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from fedgan.config.appbundle import default_run_config
-from fedgan.config.run import RunSettings, SiteSettings, resolve_device
+from fedgan.config.run import RunSettings, SiteSettings
 from fedgan.gan.models import build
 from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.silo.synth import synth_silo
 from fedgan.site.round import run_round
+from fedgan.train import resolve_device
 from fedgan.weights import get_arrays
 
 

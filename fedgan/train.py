@@ -40,6 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fedgan.config.run import ConfigError, device_setting
+
+# A plain type (configuration carries it without the trainer); re-exported.
+from fedgan.config.training import TrainConfig as TrainConfig
 from fedgan.gan.losses import (
     attribute_loss,
     discriminator_loss,
@@ -53,42 +57,6 @@ from fedgan.gan.models import Discriminator, Generator
 # Opacus's full backward hooks fire on D's first layer, whose input (an image)
 # needs no gradient; torch warns about that on every step. It is expected.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    local_steps: int = 100
-    batch_size: int = 32
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    seed: int = 0
-    # FedProx: μ/2·‖w − w_global‖² on both networks (0: plain local training).
-    prox_mu: float = 0.0
-    # "bf16": autocast matrix work to bfloat16 on CUDA (weights, optimizer
-    # state and the DP noise stay fp32). Ignored on CPU, where it is slower.
-    precision: str = "fp32"
-    # NHWC activations for the convolutions (tensor-core friendly on CUDA).
-    channels_last: bool = False
-    # λ of the tabular-conditioning loss L = L_GAN + λ·L_cond.
-    cond_lambda: float = 1.0
-    # λ of G's mode-seeking term (gan.losses.mode_seeking_loss); 0: off.
-    mode_seeking: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.local_steps < 1:
-            raise ValueError("local-steps must be >= 1")
-        if self.batch_size < 1:
-            raise ValueError("batch-size must be >= 1")
-        if not (self.lr_g > 0 and self.lr_d > 0):
-            raise ValueError("lr-g and lr-d must be > 0")
-        if self.prox_mu < 0:
-            raise ValueError("prox-mu must be >= 0")
-        if self.cond_lambda < 0:
-            raise ValueError("cond-lambda must be >= 0")
-        if self.mode_seeking < 0:
-            raise ValueError("mode-seeking must be >= 0")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision {self.precision!r}: use fp32 or bf16")
 
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
@@ -633,3 +601,17 @@ class DPDiscriminatorStep:
         self.opt.zero_grad(set_to_none=True)
         if self.module is not None:
             self.module._close()
+
+
+def resolve_device(requested: str) -> str:
+    """``auto``: the site's GPU when it has one, else the CPU. An explicit
+    ``cuda`` on a machine without one is an error, not a silent fallback."""
+    requested = device_setting(requested)
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {requested!r} requested (FEDGAN_DEVICE or node config) but no CUDA device "
+            "is visible; use auto or cpu"
+        )
+    return requested

@@ -30,6 +30,24 @@ class SiteUpdate:
             raise ValueError(f"update weight must be a positive number, got {self.weight}")
 
 
+@dataclass(frozen=True)
+class Release:
+    """A mean-embedding site's one release, divided by its noisy image count,
+    and that count as its weight (`fedgan.site.release`). Not a model update:
+    nothing of G or D is in it."""
+
+    values: np.ndarray  # (classes, 2F + 1)
+    weight: float
+
+    def __post_init__(self) -> None:
+        if not (self.weight > 0 and np.isfinite(self.weight)):
+            raise ValueError(f"release weight must be a positive number, got {self.weight}")
+
+
+# What a site sends in a round: its update of G and D, or its release.
+Contribution = SiteUpdate | Release
+
+
 def _delta(local: Sequence[np.ndarray], global_: Sequence[np.ndarray]) -> Arrays:
     if len(local) != len(global_):
         raise ValueError(f"local model has {len(local)} arrays, global has {len(global_)}")
@@ -108,9 +126,21 @@ def clip_update(update: SiteUpdate, max_norm: float) -> tuple[SiteUpdate, bool, 
     )
 
 
-def flatten(update: SiteUpdate) -> np.ndarray:
-    """G's then D's values in one vector: what secure aggregation masks."""
-    return np.concatenate([a.reshape(-1) for a in (*update.gen, *update.disc)]).astype(np.float64)
+def flatten(sent: Contribution) -> np.ndarray:
+    """G's then D's values (or the release's) in one vector: what secure
+    aggregation masks."""
+    if isinstance(sent, Release):
+        return sent.values.reshape(-1).astype(np.float64)
+    return np.concatenate([a.reshape(-1) for a in (*sent.gen, *sent.disc)]).astype(np.float64)
+
+
+def release_mean(releases: Sequence[Release]) -> np.ndarray:
+    """Σ wᵢxᵢ / Σ wᵢ of the releases, summed in float64 (as `weighted_mean`)."""
+    if not releases:
+        raise ValueError("no releases to aggregate")
+    total = sum(r.weight for r in releases)
+    mean = sum(r.weight * r.values.astype(np.float64) for r in releases) / total
+    return np.asarray(mean).astype(np.float32)
 
 
 def split_like(vector: np.ndarray, gen: Arrays, disc: Arrays) -> tuple[Arrays, Arrays]:

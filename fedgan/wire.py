@@ -14,12 +14,13 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.messages import Advertisement, pack, unpack
-from fedgan.update import Arrays, SiteUpdate
+from fedgan.update import Arrays, Contribution, Release, SiteUpdate
 
 T = TypeVar("T")
 
 GEN, DISC, CONFIG = "gen", "disc", "config"
 GEN_DELTA, DISC_DELTA, METRICS, SITE = "gen-delta", "disc-delta", "metrics", "site"
+RELEASE = "release"
 
 
 def train_request(
@@ -42,12 +43,16 @@ def read_train_request(content: RecordDict) -> tuple[Arrays, Arrays, dict]:
     )
 
 
-def train_reply(update: SiteUpdate, site_id: str, metrics: dict[str, float]) -> RecordDict:
+def train_reply(sent: Contribution, site_id: str, metrics: dict[str, float]) -> RecordDict:
+    arrays = (
+        {RELEASE: ArrayRecord([sent.values])}
+        if isinstance(sent, Release)
+        else {GEN_DELTA: ArrayRecord(sent.gen), DISC_DELTA: ArrayRecord(sent.disc)}
+    )
     return RecordDict(
         {
-            GEN_DELTA: ArrayRecord(update.gen),
-            DISC_DELTA: ArrayRecord(update.disc),
-            METRICS: MetricRecord({"num-examples": update.weight, **metrics}),
+            **arrays,
+            METRICS: MetricRecord({"num-examples": sent.weight, **metrics}),
             SITE: ConfigRecord({"site-id": site_id}),
         }
     )
@@ -76,11 +81,16 @@ def read_train_reply_metrics(content: RecordDict) -> tuple[str, dict[str, float]
     return str(content.config_records[SITE]["site-id"]), metrics
 
 
-def read_train_reply(content: RecordDict) -> tuple[SiteUpdate | None, str, dict[str, float]]:
-    """(update, site id, metrics); the update is None when the site refused."""
+def read_train_reply(content: RecordDict) -> tuple[Contribution | None, str, dict[str, float]]:
+    """(what the site sent, site id, metrics); None when the site refused."""
     site_id, metrics = read_train_reply_metrics(content)
     if metrics.get("budget-exhausted"):
         return None, site_id, metrics
+    if RELEASE in content.array_records:
+        arrays = content.array_records[RELEASE].to_numpy_ndarrays()
+        if len(arrays) != 1:
+            raise ValueError(f"a release is one array, this reply carries {len(arrays)}")
+        return Release(arrays[0], metrics.pop("num-examples")), site_id, metrics
     update = SiteUpdate(
         gen=content.array_records[GEN_DELTA].to_numpy_ndarrays(),
         disc=content.array_records[DISC_DELTA].to_numpy_ndarrays(),

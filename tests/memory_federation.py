@@ -24,7 +24,7 @@ from fedgan.audit_log import AuditLog
 from fedgan.config.appbundle import default_run_config
 from fedgan.config.run import RunSettings, SiteSettings
 from fedgan.site import secure_round
-from fedgan.update import SiteUpdate
+from fedgan.update import Release, SiteUpdate
 
 # A tiny model: the round's arithmetic, not the GAN, is under test.
 SMALL = {"image-size": 16, "channels": 1, "latent-dim": 8, "width": 8}
@@ -67,9 +67,16 @@ class MemorySite:
             weight=self.weight,
         )
 
+    def release_for(self, record: dict) -> Release:
+        """A release of the round's shape: classes × (2·features + 1)."""
+        rows = max(len([c for c in str(record["classes"]).split(",") if c]), 1)
+        shape = (rows, 2 * int(record["embedding-features"]) + 1)
+        return Release(np.full(shape, self.step, dtype=np.float32), self.weight)
+
     def _train(self, content: RecordDict) -> RecordDict:
-        gen, disc, _ = wire.read_train_request(content)
-        update = self.update_for(gen, disc)
+        gen, disc, record = wire.read_train_request(content)
+        update = self.release_for(record) if record["mechanism"] == "mean-embedding" else None
+        update = update or self.update_for(gen, disc)
         metrics = {"g-loss": 1.0 + self.step, "d-loss": 2.0, "update-clipped": 0.0}
         metrics |= self.metrics
         setup = wire.read_secagg_setup(content)

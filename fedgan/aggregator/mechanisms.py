@@ -26,7 +26,16 @@ from fedgan.config.run import RunSettings
 from fedgan.gan.models import Discriminator, Generator
 from fedgan.privacy.mean_embedding import FeatureMap, Target, class_noise_figures
 from fedgan.progress import FIT_MARKER
-from fedgan.update import Arrays, SiteUpdate, apply_delta, split_like
+from fedgan.update import (
+    Arrays,
+    Contribution,
+    Release,
+    SiteUpdate,
+    apply_delta,
+    release_mean,
+    split_like,
+    weighted_mean,
+)
 from fedgan.weights import get_arrays, set_arrays
 
 if TYPE_CHECKING:
@@ -53,8 +62,12 @@ class Mechanism(Protocol):
         """Values per site's update, for secure aggregation."""
         ...
 
-    def misfit(self, update: SiteUpdate) -> str:
-        """Why a site's plain update cannot be summed, or ""."""
+    def misfit(self, sent: Contribution) -> str:
+        """Why what a site sent in the clear cannot be summed, or ""."""
+        ...
+
+    def mean(self, sent: list[Contribution]) -> Model:
+        """The weighted mean of what the sites sent in the clear."""
         ...
 
     def from_vector(self, vector: np.ndarray, before: Model) -> Model:
@@ -84,8 +97,11 @@ class FedAvgOfDeltas:
     def length(self, before: Model) -> int:
         return sum(a.size for a in (*before[0], *before[1]))
 
-    def misfit(self, update: SiteUpdate) -> str:
-        return ""
+    def misfit(self, sent: Contribution) -> str:
+        return "" if isinstance(sent, SiteUpdate) else "it sent a release, not an update"
+
+    def mean(self, sent: list[Contribution]) -> Model:
+        return weighted_mean([u for u in sent if isinstance(u, SiteUpdate)])
 
     def from_vector(self, vector: np.ndarray, before: Model) -> Model:
         return split_like(vector, *before)
@@ -149,10 +165,13 @@ class MeanEmbeddingFit:
     def length(self, before: Model) -> int:
         return self.shape[0] * self.shape[1]
 
-    def misfit(self, update: SiteUpdate) -> str:
-        if [a.shape for a in update.gen + update.disc] != [self.shape]:
+    def misfit(self, sent: Contribution) -> str:
+        if not isinstance(sent, Release) or sent.values.shape != self.shape:
             return f"its release is not {self.shape} values"
         return ""
+
+    def mean(self, sent: list[Contribution]) -> Model:
+        return [release_mean([r for r in sent if isinstance(r, Release)])], []
 
     def from_vector(self, vector: np.ndarray, before: Model) -> Model:
         return [vector.reshape(self.shape)], []
@@ -211,7 +230,9 @@ class MeanEmbeddingFit:
 
     def dump(self, collected: Collected, gen: Generator, disc: Discriminator) -> None:
         assert collected.mean is not None
-        self.store.dump_arrays(collected.record.round, "release_mean", {"gen": collected.mean[0]})
+        self.store.dump_arrays(
+            collected.record.round, "release_mean", {"release": collected.mean[0]}
+        )
 
 
 def _fit_progress(step: int, total: int, loss: float) -> None:

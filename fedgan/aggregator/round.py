@@ -31,7 +31,7 @@ from fedgan.gan.models import Discriminator, Generator, recalibrate_batchnorm
 from fedgan.progress import ROUND_MARKER
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.messages import Advertisement
-from fedgan.update import SiteUpdate, weighted_mean
+from fedgan.update import Contribution
 from fedgan.weights import get_arrays
 
 log = logging.getLogger("fedgan.server")
@@ -99,7 +99,7 @@ class Replies:
     """The train replies sorted: who sent what, who refused, who failed."""
 
     received: Received = field(default_factory=list)
-    updates: list[SiteUpdate] = field(default_factory=list)
+    updates: list[Contribution] = field(default_factory=list)
     ads: dict[int, Advertisement] = field(default_factory=dict)
     budget: dict[str, dict[str, float]] = field(default_factory=dict)
     declined: dict[str, str] = field(default_factory=dict)
@@ -161,7 +161,7 @@ def collect(fed: Federation, server_round: int) -> Collected:
     if secure and replies.ads:
         _secure_sum(fed, secure, replies.ads, collected)
     elif replies.updates:
-        collected.mean = weighted_mean(replies.updates)
+        collected.mean = fed.mechanism.mean(replies.updates)
     if collected.mean is not None:
         collected.record.examples = sum(w for _, w, _ in collected.received)
         collected.record.update_bytes = (
@@ -233,7 +233,7 @@ def sort_replies(
     return out
 
 
-def _accept(fed: Federation, update: SiteUpdate | None, out: Replies) -> float:
+def _accept(fed: Federation, update: Contribution | None, out: Replies) -> float:
     assert update is not None
     why = fed.mechanism.misfit(update)
     if why:

@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fedgan.config.model import GanSpec
+from fedgan.config.training import TrainConfig
 from fedgan.errors import FedGanError
 
-if TYPE_CHECKING:  # imported where used: the secure-aggregation stages need no torch
+if TYPE_CHECKING:
     from fedgan.config.round import RoundConfig
-    from fedgan.gan.models import GanSpec
-    from fedgan.train import TrainConfig
 
 
 class ConfigError(FedGanError, ValueError):
@@ -29,26 +29,10 @@ class ConfigError(FedGanError, ValueError):
 DEFAULT_EPSILON_BUDGET = 10.0
 
 
-def _device_setting(requested: str) -> str:
+def device_setting(requested: str) -> str:
     requested = requested.strip().lower()
     if requested not in ("auto", "cpu") and not requested.startswith("cuda"):
         raise ConfigError(f"device {requested!r} is not supported; use auto, cpu or cuda[:N]")
-    return requested
-
-
-def resolve_device(requested: str) -> str:
-    """``auto``: the site's GPU when it has one, else the CPU. An explicit
-    ``cuda`` on a machine without one is an error, not a silent fallback."""
-    import torch
-
-    requested = _device_setting(requested)
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {requested!r} requested (FEDGAN_DEVICE or node config) but no CUDA device "
-            "is visible; use auto or cpu"
-        )
     return requested
 
 
@@ -274,8 +258,6 @@ class RunSettings:
         from fedgan.attributes import AttributesError
         from fedgan.attributes import parse as parse_attributes
         from fedgan.attributes import width as attribute_width
-        from fedgan.gan.models import GanSpec
-        from fedgan.train import TrainConfig
 
         for key in ("cond-lambda", "mode-seeking"):
             if _get(cfg, key, float) < 0:
@@ -432,7 +414,7 @@ class SiteSettings:
             work_dir=str(cfg["work-dir"]),
             # As requested; checked against the hardware (resolve_device)
             # where training runs.
-            device=_device_setting(
+            device=device_setting(
                 os.environ.get("FEDGAN_DEVICE") or str(cfg.get("device", "auto"))
             ),
             epsilon_budget=_node_float(cfg, "epsilon-budget", DEFAULT_EPSILON_BUDGET),

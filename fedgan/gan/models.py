@@ -11,46 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-SUPPORTED_SIZES = (16, 32, 64, 128)
-
-
-@dataclass(frozen=True)
-class GanSpec:
-    """What both networks' shapes depend on; sent with every round."""
-
-    image_size: int = 32
-    channels: int = 3
-    latent_dim: int = 64
-    width: int = 32
-    # > 0: class-conditional (label embedding in G, projection discriminator).
-    num_classes: int = 0
-    # > 0: conditioned on a vector of tabular attributes (concatenated to G's
-    # latent; an attribute head on D's features, trained with a cosine loss).
-    attr_dim: int = 0
-
-    def __post_init__(self) -> None:
-        if self.image_size not in SUPPORTED_SIZES:
-            raise ValueError(
-                f"image-size {self.image_size} is not supported; use one of {SUPPORTED_SIZES}"
-            )
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels {self.channels} is not supported; use 1 or 3")
-        if self.latent_dim < 1 or self.width < 4:
-            raise ValueError("latent-dim must be >= 1 and width >= 4")
-        if self.num_classes < 0 or self.num_classes == 1:
-            raise ValueError("a conditional model needs at least 2 classes")
-        if self.attr_dim < 0:
-            raise ValueError("attr-dim must be >= 0")
-
-    @property
-    def blocks(self) -> int:
-        """Resolution doublings between the 4x4 seed and the image."""
-        return int(math.log2(self.image_size // 4))
+# The spec is a plain type (configuration carries it without the model);
+# re-exported here, where the models are built from it.
+from fedgan.config.model import SUPPORTED_SIZES as SUPPORTED_SIZES
+from fedgan.config.model import GanSpec as GanSpec
 
 
 def _init(module: nn.Module) -> None:

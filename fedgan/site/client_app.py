@@ -16,6 +16,7 @@ from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.dumps import dump_arrays
 from fedgan.site import approval, faults, runtime, secure_round
+from fedgan.update import Contribution, Release
 
 log = logging.getLogger("fedgan.site")
 if not log.handlers:
@@ -92,11 +93,7 @@ def train(msg: Message, context: Context) -> Message:
             / "dumps"
             / f"round_{cfg.round:03d}"
             / "update.npz",
-            {
-                "gen": outcome.update.gen,
-                "disc": outcome.update.disc,
-                "weight": [np.asarray(outcome.update.weight)],
-            },
+            _dumped(outcome.update),
         )
     if secagg is not None:
         params, server_pk = secagg
@@ -128,3 +125,12 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
     faults.crash_if_requested("secagg_unmask")
     site = SiteSettings.from_node_config(context.node_config)
     return Message(secure_round.unmask(context.state, site, msg.content), reply_to=msg)
+
+
+def _dumped(sent: Contribution) -> dict[str, list[np.ndarray]]:
+    arrays = (
+        {"release": [sent.values]}
+        if isinstance(sent, Release)
+        else {"gen": sent.gen, "disc": sent.disc}
+    )
+    return {**arrays, "weight": [np.asarray(sent.weight)]}

@@ -22,7 +22,7 @@ from fedgan.silo.options import SiloOptions
 from fedgan.site.admission import admit, check_limits
 from fedgan.site.approval import Limits
 from fedgan.site.round import RoundOutcome, site_images
-from fedgan.update import SiteUpdate
+from fedgan.update import Release
 
 log = logging.getLogger("fedgan.site")
 
@@ -98,8 +98,7 @@ def release_round(
         seconds,
         f", σ {sigma:.3f}, ε {metrics['epsilon']:.3f}" if "epsilon" in metrics else " (no DP)",
     )
-    update = SiteUpdate(gen=[(values / weight).astype(np.float32)], disc=[], weight=weight)
-    return RoundOutcome(update, metrics)
+    return RoundOutcome(Release((values / weight).astype(np.float32), weight), metrics)
 
 
 def _features(site: SiteSettings, cfg: RoundConfig) -> FeatureMap:

@@ -18,7 +18,7 @@ from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
 from fedgan.attributes import width as attribute_width
 from fedgan.config.round import RoundConfig
-from fedgan.config.run import SiteSettings, resolve_device
+from fedgan.config.run import SiteSettings
 from fedgan.gan.models import Discriminator, GanSpec, build, trainable_parameters
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
 from fedgan.privacy.plan import noise_to_signal
@@ -26,8 +26,8 @@ from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
 from fedgan.site.admission import Admission, admit, check_limits
 from fedgan.site.approval import Limits
-from fedgan.train import DPConfig, TrainConfig, train_local
-from fedgan.update import SiteUpdate, clip_update, make_update
+from fedgan.train import DPConfig, TrainConfig, resolve_device, train_local
+from fedgan.update import Contribution, clip_update, make_update
 from fedgan.weights import get_arrays, set_arrays
 
 log = logging.getLogger("fedgan.site")
@@ -35,7 +35,7 @@ log = logging.getLogger("fedgan.site")
 
 @dataclass
 class RoundOutcome:
-    update: SiteUpdate | None
+    update: Contribution | None  # None: the site refused for budget
     metrics: dict[str, float] = field(default_factory=dict)
     refusal: BudgetExhausted | None = None
 

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedgan import pki, wire
+from fedgan import wire
 from fedgan.config.run import SiteSettings
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.client import SiteSession
 from fedgan.secagg.identity import Verifier
 from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare, pack
-from fedgan.update import SiteUpdate, flatten
+from fedgan.site import credentials
+from fedgan.update import Contribution, flatten
 
 SESSION, PENDING = "secagg-session", "secagg-update"
 
@@ -33,7 +34,7 @@ def _require(site: SiteSettings, *keys: str) -> None:
 
 def _verifier(site: SiteSettings) -> Verifier:
     _require(site, "ca-cert")
-    return pki.load_verifier(Path(site.ca_cert), Path(site.crl) if site.crl else None)
+    return credentials.load_verifier(Path(site.ca_cert), Path(site.crl) if site.crl else None)
 
 
 def advertise(
@@ -41,16 +42,17 @@ def advertise(
     site: SiteSettings,
     params: SecAggParams,
     server_pk: bytes,
-    update: SiteUpdate,
+    sent: Contribution,
 ) -> Advertisement:
     """Stage 1: fresh round keys, signed; the update is held back."""
     _require(site, "signing-key", "signing-cert")
-    if params.length != sum(a.size for a in (*update.gen, *update.disc)):
+    values = flatten(sent)
+    if params.length != values.size:
         raise SecAggError(f"site {site.site_id}: the update's size does not match the round's")
-    signer = pki.load_signer(Path(site.signing_key), Path(site.signing_cert), site.site_id)
-    session, ad = SiteSession.start(params, server_pk, signer, max(1, round(update.weight)))
+    signer = credentials.load_signer(Path(site.signing_key), Path(site.signing_cert), site.site_id)
+    session, ad = SiteSession.start(params, server_pk, signer, max(1, round(sent.weight)))
     _save(state, session)
-    state[PENDING] = ArrayRecord([flatten(update)])
+    state[PENDING] = ArrayRecord([values])
     return ad
 
 

@@ -64,8 +64,8 @@ def test_sites_release_once_and_the_aggregator_fits_to_the_secure_sum(released_r
         for s in SITES
     ]
     # What each site sent is its release over its count: 5 classes × (2·500 + 1).
-    assert [u["gen"][0].shape for u in sent] == [(5, 1001)] * 2
-    assert all("disc" not in u for u in sent)  # no D update: nothing of D is sent
+    assert [u["release"][0].shape for u in sent] == [(5, 1001)] * 2
+    assert all("gen" not in u and "disc" not in u for u in sent)  # no model update is sent
     weights = [float(u["weight"][0]) for u in sent]
     # Each weight is the site's noisy count, a whole number near its 30
     # images, and the record's `examples` is their sum: no exact silo size.
@@ -73,14 +73,14 @@ def test_sites_release_once_and_the_aggregator_fits_to_the_secure_sum(released_r
     assert m["examples"] == pytest.approx(sum(weights))
     value_range, bound = m["secagg"]["value_range"], m["secagg_error_bound"]
     expected = sum(
-        w * np.clip(u["gen"][0], -value_range, value_range)
+        w * np.clip(u["release"][0], -value_range, value_range)
         for w, u in zip(weights, sent, strict=True)
     ) / sum(weights)
-    (aggregate,) = load_dump(run_dir / "dumps" / "round_001" / "release_mean.npz")["gen"]
+    (aggregate,) = load_dump(run_dir / "dumps" / "round_001" / "release_mean.npz")["release"]
     np.testing.assert_allclose(aggregate, expected, rtol=0, atol=bound + 1e-6)
     # The releases carry noise: two sites' class-fraction columns differ from
     # the exact fractions, and from each other.
-    assert not np.array_equal(sent[0]["gen"][0][:, -1], sent[1]["gen"][0][:, -1])
+    assert not np.array_equal(sent[0]["release"][0][:, -1], sent[1]["release"][0][:, -1])
     for s in SITES:
         (spend,) = PrivacyLedger.in_work_dir(run_dir / "sites" / s).spends()
         assert (spend.mechanism, spend.steps, spend.sample_rate) == ("mean-embedding", 1, 1.0)

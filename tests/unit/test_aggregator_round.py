@@ -130,3 +130,31 @@ def test_an_unreadable_error_is_a_failure_not_a_refusal(tmp_path):
     record = run_round(fed, 1)
     assert record.sites_failed == 1 and record.failures == ["node 1: boom"]
     assert 1 in fed.available()
+
+
+ME = {
+    "mechanism": "mean-embedding",
+    "num_server_rounds": 1,
+    "embedding_features": 20,
+    "embedding_fit_steps": 4,
+}
+
+
+def test_a_mean_embedding_round_keeps_the_release_sum_then_fits_g_to_it(tmp_path):
+    fed = federation(tmp_path, _sites(tmp_path), secagg=False, **ME)
+    record = run_round(fed, 1)
+    assert record.mechanism == "mean-embedding" and record.fit_steps == 4
+    kept = fed.store.kept_release(1, fed.mechanism.digest, (1, 41))
+    assert kept is not None and kept.record["examples"] == sum(WEIGHTS.values())
+    assert np.allclose(kept.mean, _mean_step(list(WEIGHTS)), atol=1e-7)
+    assert record.class_counts == {"all": pytest.approx(100 * _mean_step(list(WEIGHTS)), abs=0.1)}
+
+
+def test_a_model_update_in_a_mean_embedding_round_is_not_summed(tmp_path):
+    sites = _sites(tmp_path)
+    sites[0].release_for = lambda record: None  # site-a answers with Δ of G and D
+    fed = federation(tmp_path, sites, secagg=False, **ME)
+    record = run_round(fed, 1)
+    assert record.failures == ["site site-a: its release is not (1, 41) values"]
+    kept = fed.store.kept_release(1, fed.mechanism.digest, (1, 41))
+    assert np.allclose(kept.mean, _mean_step(["site-b", "site-c"]), atol=1e-7)

@@ -28,6 +28,7 @@ from fedgan.privacy.mean_embedding import (
 from fedgan.silo.synth import synth_silo
 from fedgan.site.approval import AppRefused, Limits
 from fedgan.site.release import FeatureMismatch, noisy_count, release_round
+from fedgan.update import Release
 
 
 def _phi(pixels: int = 64, features: int = 300, seed: int = 0) -> FeatureMap:
@@ -155,11 +156,11 @@ def test_site_release_records_one_step_at_rate_one_before_releasing(tmp_path):
     site = _site(tmp_path)
     outcome = release_round(site, {}, "flower-1", _cfg())
     assert outcome.update is not None
-    assert outcome.update.gen[0].shape == (1, 401) and outcome.update.disc == []
+    assert isinstance(outcome.update, Release) and outcome.update.values.shape == (1, 401)
     # The weight is the release's own noisy count (12 images plus noise σ√2),
     # and the class column of release / weight is then 1 up to rounding.
     assert abs(outcome.update.weight - 12.0) < 6 * 2.0 * SENSITIVITY
-    assert abs(float(outcome.update.gen[0][0, -1]) - 1.0) <= 0.5 / outcome.update.weight + 1e-6
+    assert abs(float(outcome.update.values[0, -1]) - 1.0) <= 0.5 / outcome.update.weight + 1e-6
     (spend,) = PrivacyLedger.in_work_dir(tmp_path / "work").spends()
     assert (spend.steps, spend.sample_rate, spend.mechanism) == (1, 1.0, "mean-embedding")
     assert spend.run == "me-unit"
@@ -182,7 +183,7 @@ def test_the_weight_a_site_sends_is_its_noisy_count_not_its_silo_size(tmp_path, 
     outcome = release_round(_site(tmp_path), {}, "flower-1", _cfg(**{"target-epsilon": 0.5}))
     assert outcome.update is not None
     weight = outcome.update.weight
-    noisy = float(outcome.update.gen[0][:, -1].astype(np.float64).sum()) * weight
+    noisy = float(outcome.update.values[:, -1].astype(np.float64).sum()) * weight
     assert weight == max(1, round(noisy)) and weight != 12.0
     sigma = outcome.metrics["noise-multiplier"]
     assert outcome.metrics["noise-figure"] == pytest.approx(sigma * math.sqrt(401) / weight)

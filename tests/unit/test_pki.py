@@ -8,6 +8,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fedgan import pki
+from fedgan.site import credentials
 
 
 @pytest.fixture()
@@ -140,8 +141,8 @@ def test_site_signing_key_is_certified_ed25519_and_revocable(certs):
     paths = pki.PkiPaths(certs)
     site = paths.site("site-a")
     assert stat.S_IMODE(site.signing_key.stat().st_mode) == 0o600
-    signer = pki.load_signer(site.signing_key, site.signing_cert, "site-a")
-    verify = pki.load_verifier(paths.ca_cert, paths.crl)
+    signer = credentials.load_signer(site.signing_key, site.signing_cert, "site-a")
+    verify = credentials.load_verifier(paths.ca_cert, paths.crl)
     verify("site-a", signer.cert_pem, b"keys", signer.sign(b"keys"))
     with pytest.raises(pki.FedGanError, match="bad signature"):
         verify("site-a", signer.cert_pem, b"other keys", signer.sign(b"keys"))
@@ -149,9 +150,9 @@ def test_site_signing_key_is_certified_ed25519_and_revocable(certs):
         verify("site-b", signer.cert_pem, b"keys", signer.sign(b"keys"))
     pki.revoke_site(certs, "site-a")
     with pytest.raises(pki.FedGanError, match="revoked"):
-        pki.load_verifier(paths.ca_cert, paths.crl)(
+        credentials.load_verifier(paths.ca_cert, paths.crl)(
             "site-a", signer.cert_pem, b"k", signer.sign(b"k")
         )
     with pytest.raises(pki.PkiError, match="does not certify"):
         pki.issue_site(certs, "site-b")
-        pki.load_signer(site.signing_key, paths.site("site-b").signing_cert, "site-a")
+        credentials.load_signer(site.signing_key, paths.site("site-b").signing_cert, "site-a")

@@ -96,7 +96,7 @@ def test_privacy_settings_are_validated():
 def test_device_resolution(monkeypatch):
     import torch
 
-    from fedgan.config.run import resolve_device
+    from fedgan.train import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == "cpu"
