@@ -74,10 +74,19 @@ container-deps:
 certs: setup
 	$(BIN)/fedgan pki staging --out certs --sites 3 $(if $(AGGREGATOR_HOST),--san $(AGGREGATOR_HOST))
 
-# The aggregator and site images (the site image on its CUDA base).
+# The aggregator and site images, each on FedGAN's base image
+# (deploy/images/base.Dockerfile): on Python with the CPU torch for the
+# aggregator, on NVIDIA's CUDA runtime with the CUDA torch for the sites.
+CUDA_BASE  ?= docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04
+CUDA_TORCH ?= https://download.pytorch.org/whl/cu128
 images:
-	$(ENGINE) build -f server/Dockerfile -t localhost/fedgan-server:latest -t localhost/fedgan-server:$(VERSION) .
-	$(ENGINE) build -f client/Dockerfile -t localhost/fedgan-site:latest -t localhost/fedgan-site:$(VERSION) .
+	$(ENGINE) build -f deploy/images/base.Dockerfile -t localhost/fedgan-base:cpu .
+	$(ENGINE) build -f deploy/images/base.Dockerfile -t localhost/fedgan-base:cuda \
+		--build-arg BASE_IMAGE=$(CUDA_BASE) --build-arg TORCH_INDEX_URL=$(CUDA_TORCH) .
+	$(ENGINE) build -f server/Dockerfile --build-arg FEDGAN_BASE=localhost/fedgan-base:cpu \
+		-t localhost/fedgan-server:latest -t localhost/fedgan-server:$(VERSION) .
+	$(ENGINE) build -f client/Dockerfile --build-arg FEDGAN_BASE=localhost/fedgan-base:cuda \
+		-t localhost/fedgan-site:latest -t localhost/fedgan-site:$(VERSION) .
 
 # The staging consortium on this host: synthetic silos in ./data if none.
 up: certs

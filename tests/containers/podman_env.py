@@ -29,6 +29,7 @@ NGINX_IMAGE = "localhost/fedgan-test-nginx:bookworm"
 PROMETHEUS_IMAGE = "localhost/fedgan-test-prometheus:bookworm"
 SERVER_IMAGE = "localhost/fedgan-server:test"
 SITE_IMAGE = "localhost/fedgan-site:test"
+FEDGAN_BASE = "localhost/fedgan-base:test"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
 
@@ -148,10 +149,13 @@ def wheelhouse() -> Path:
 
 
 def fedgan_images() -> None:
-    """The real Dockerfiles, on the local base, offline; the site image shares
-    the server image's layers up to its role section."""
+    """The real Dockerfiles, offline: FedGAN's base image once, on the local
+    Debian base with the CPU torch, and both roles on it."""
     wheels = wheelhouse()
-    common = [
+    _build(
+        FEDGAN_BASE,
+        ROOT / "deploy" / "images" / "base.Dockerfile",
+        ROOT,
         "--volume",
         f"{wheels}:/wheels:ro",
         "--build-arg",
@@ -160,9 +164,10 @@ def fedgan_images() -> None:
         "TORCH_INDEX_URL=",
         "--build-arg",
         "PIP_OPTIONS=--no-index --find-links /wheels",
-    ]
-    _build(SERVER_IMAGE, ROOT / "server" / "Dockerfile", ROOT, *common)
-    _build(SITE_IMAGE, ROOT / "client" / "Dockerfile", ROOT, *common)
+    )
+    role = ["--build-arg", f"FEDGAN_BASE={FEDGAN_BASE}"]
+    _build(SERVER_IMAGE, ROOT / "server" / "Dockerfile", ROOT, *role)
+    _build(SITE_IMAGE, ROOT / "client" / "Dockerfile", ROOT, *role)
 
 
 def compose_env() -> dict[str, str]:
