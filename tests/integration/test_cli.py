@@ -100,3 +100,12 @@ def test_silo_split_writes_sites(tmp_path):
     assert r.stdout.count("images") == 2
     assert r.stdout.count("+ attributes.csv") == 2
     assert (tmp_path / "out" / "site-2" / "labels.csv").exists()
+
+
+def test_evaluate_names_missing_inception_weights_before_any_work(tmp_path):
+    # The run does not even exist: the weights are checked first, in one line.
+    args = ["evaluate", str(tmp_path / "no-run"), "--real", str(tmp_path)]
+    result = fedgan(*args, "--inception-weights", "absent.pth", cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("fedgan: --inception-weights absent.pth not found")
+    assert len(result.stderr.strip().splitlines()) == 1

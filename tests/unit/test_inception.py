@@ -6,8 +6,6 @@ the file is written from a seeded network with the same keys
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -85,14 +83,3 @@ def test_a_wrong_weights_file_is_refused_naming_the_file_and_the_fix(weights, tm
     (tmp_path / "junk.pth").write_bytes(b"not a weights file")
     with pytest.raises(inception.InceptionWeightsError, match="not a PyTorch weights file"):
         inception.load(tmp_path / "junk.pth")
-    # The CLI fails before any other work (the run does not even exist), in one line.
-    args = ["evaluate", str(tmp_path / "no-run"), "--real", str(tmp_path)]
-    result = subprocess.run(
-        [sys.executable, "-m", "fedgan.cli", *args, "--inception-weights", "absent.pth"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.startswith("fedgan: --inception-weights absent.pth not found")
-    assert len(result.stderr.strip().splitlines()) == 1
