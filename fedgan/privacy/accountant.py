@@ -86,9 +86,8 @@ def calibrate_noise(
     ``hint``: a σ calibrated before (a site's earlier round of the same run;
     each round runs in a fresh process). It is used only if it passes the
     test Opacus's search stops on, ε in [target − 0.01, target], checked with
-    one accounting instead of the search's dozen (0.2 s against 3 s at ε = 8,
-    1 s against 23 s at ε = 100, 2 CPU cores). A wrong or tampered hint costs
-    that check and nothing else."""
+    one accounting instead of the search's dozen, each as slow as the run is
+    long. A wrong or tampered hint costs that check and nothing else."""
     if target_epsilon <= 0:
         raise ValueError("target-epsilon must be > 0")
     if hint is not None and hint > 0:
