@@ -91,7 +91,7 @@ images:
 # The staging consortium on this host: synthetic silos in ./data if none.
 up: certs
 	@for i in 1 2 3; do \
-		test -d data/site-$$i || $(BIN)/fedgan silo synth data/site-$$i --kind fundus --n 64 --seed $$i; \
+		test -d data/site-$$i || $(BIN)/fedgan silo synth data/site-$$i --kind fundus --n 256 --seed $$i; \
 	done
 	$(COMPOSE) up -d
 

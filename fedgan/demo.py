@@ -247,9 +247,18 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
 
     report = write_report(run_dir)
     say("outputs")
-    say(f"  report      {report}")
-    say(f"  generator   {outputs.generator_path}")
-    say(f"  samples     {run_dir}/samples_round_*.png")
-    say(f"  metrics     {outputs.metrics_path}")
-    say(f"  logs        {run_dir / 'logs'}")
+    listed = (
+        ("report", report, report),
+        ("generator", outputs.generator_path, outputs.generator_path),
+        (
+            "samples",
+            f"{run_dir}/samples_round_*.png",
+            next(run_dir.glob("samples_round_*.png"), None),
+        ),
+        ("metrics", outputs.metrics_path, outputs.metrics_path),
+        ("logs", run_dir / "logs", run_dir / "logs"),
+    )
+    for name, shown, path in listed:
+        if path is not None and Path(path).exists():  # only what the run left
+            say(f"  {name:<11} {shown}")
     return run_dir

@@ -23,7 +23,7 @@ from fedgan.config.appbundle import default_run_config, fab_sha256, stage_app_di
 from fedgan.config.run import ConfigError, RunSettings
 from fedgan.deploy import commands
 from fedgan.errors import FedGanError
-from fedgan.progress import ROUND_MARKER, fit_progress, format_round
+from fedgan.progress import ROUND_MARKER, VERDICT_MARKER, fit_progress, format_round
 
 
 class OperatorError(FedGanError):
@@ -115,7 +115,7 @@ def submit(
                     log.write(line)
                 _follow(line, rounds, say)
                 # The ServerApp's own verdict (flwr exits 0 whatever it was).
-                failed = failed or "fedgan: no site will take part" in line
+                failed = failed or f"fedgan.server: {VERDICT_MARKER}" in line
             code = proc.wait()
             return code if code != 0 or not failed else 1
         finally:

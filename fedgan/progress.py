@@ -8,6 +8,9 @@ from typing import Any
 
 # The ServerApp logs each round's record after this marker, as JSON.
 ROUND_MARKER = "FEDGAN-ROUND "
+# A failed run's reason follows this in the ServerApp's last error line
+# (flwr exits 0 whatever the ServerApp decided).
+VERDICT_MARKER = "fedgan: "
 # ... and the progress of a mean-embedding run's fit of G (minutes on a CPU)
 # in lines that start here, which `fedgan run` and `fedgan demo` pass on.
 FIT_MARKER = "fitting G to the releases"

@@ -6,7 +6,7 @@ certificates from a throwaway consortium PKI. No process, no network."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,23 +128,23 @@ def consortium(root: Path, site_ids: Sequence[str]) -> dict[str, SiteSettings]:
     return out
 
 
-def federation(
-    tmp_path: Path,
-    sites: Sequence[MemorySite],
-    *,
-    customize: Callable[[dict], None] | None = None,
-    **run_config: object,
-) -> Federation:
-    """The aggregator's run state for ``sites`` (node ids 1, 2, ...)."""
+def aggregator(
+    tmp_path: Path, sites: Sequence[MemorySite], **run_config: object
+) -> tuple[MemoryTransport, RunSettings, RunOutputs, AuditLog]:
+    """What the ServerApp hands `run_federation`, for ``sites`` (node ids
+    1, 2, ...); ``run_config`` overrides keys (``_`` for ``-``)."""
     cfg = default_run_config() | SMALL | {"run-dir": str(tmp_path / "run")}
     cfg |= {k.replace("_", "-"): v for k, v in run_config.items()}
-    if customize:
-        customize(cfg)
     settings = RunSettings.from_run_config(cfg)
     store = RunOutputs(Path(settings.run_dir))
     audit = AuditLog(tmp_path / "audit.jsonl")
+    return MemoryTransport({i + 1: s for i, s in enumerate(sites)}), settings, store, audit
+
+
+def federation(tmp_path: Path, sites: Sequence[MemorySite], **run_config: object) -> Federation:
+    """The aggregator's run state, for driving single rounds."""
+    transport, settings, store, audit = aggregator(tmp_path, sites, **run_config)
     gen, disc, _ = start(settings, store)
-    transport = MemoryTransport({i + 1: s for i, s in enumerate(sites)})
     return Federation(
         transport,
         settings,

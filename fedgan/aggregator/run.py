@@ -15,6 +15,7 @@ from fedgan.aggregator.transport import Transport
 from fedgan.audit_log import AuditLog
 from fedgan.config.run import ConfigError, RunSettings
 from fedgan.gan.models import Discriminator, Generator, build
+from fedgan.progress import VERDICT_MARKER
 
 log = logging.getLogger("fedgan.server")
 
@@ -33,15 +34,25 @@ def run_federation(
     wanted = max(settings.min_sites, 2 if settings.secagg.enabled else 1)
     if not (isinstance(mechanism, MeanEmbeddingFit) and mechanism.all_kept(first_round)):
         wait_for_sites(transport, wanted, NODE_WAIT_SECONDS)
+    record = None
     for server_round in range(first_round, settings.rounds + 1):
-        run_round(fed, server_round)
+        record = run_round(fed, server_round)
         stopped = fed.nobody_left()
         if stopped:
-            # Returned, not raised: Flower streams the ServerApp's last log
-            # lines to the operator only when it ends normally.
-            log.error("fedgan: %s", stopped)
-            return {"stopped": stopped}
+            return _failed(stopped)
+    if not store.generator_path.exists():
+        # Every round left the model as it started: there is nothing to share,
+        # and a run that says "completed" would pass random weights for a model.
+        why = record.skipped if record is not None and record.skipped else "no round ran"
+        return _failed(f"no round produced a model (the last: {why})")
     return fed.summary()
+
+
+def _failed(reason: str) -> dict:
+    # Returned, not raised: Flower streams the ServerApp's last log lines to
+    # the operator only when it ends normally; `fedgan run` reads this one.
+    log.error("%s%s", VERDICT_MARKER, reason)
+    return {"stopped": reason}
 
 
 def wait_for_sites(transport: Transport, wanted: int, timeout: float) -> list[int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fedgan.config.round import RoundConfig
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger, Spend
 from fedgan.privacy.plan import RoundPlan, plan_release, plan_round
-from fedgan.site.approval import Limits, check_run
+from fedgan.site.approval import AppRefused, Limits, check_run
 
 log = logging.getLogger("fedgan.site")
 
@@ -44,6 +44,24 @@ def plan_for(cfg: RoundConfig, images: int, noise_hint: float | None = None) -> 
         local_steps=cfg.local.steps_for(images),
         rounds=cfg.rounds,
         noise_hint=noise_hint,
+    )
+
+
+def check_plan(site_id: str, cfg: RoundConfig, plan: RoundPlan, images: int) -> None:
+    """Refuse a DP-SGD round that would read the whole silo at every step
+    (sampling rate 1): its privacy rests on noise alone, with no
+    amplification from sampling, and on a silo this small the noise drowns
+    what D could learn (a random walk, and G fools it with anything). Raised
+    before the ledger is written, so the refusal costs the site nothing.
+    A mean-embedding release reads every image once by design: exempt."""
+    if cfg.privacy.mean_embedding or plan.sample_rate < 1:
+        return
+    batch = cfg.local.batch_size
+    raise AppRefused(
+        site_id,
+        f"the run's batch of {batch} would read this silo's {images} usable images whole at "
+        f"every step (sampling rate 1, no privacy from sampling); a DP round needs more than "
+        f"{batch} images here (the more, the less noise), or a run with batch-size below {images}",
     )
 
 
@@ -92,6 +110,7 @@ def admit(
         return Admission()
     plan = plan_for(cfg, images, ledger.latest_noise(run_name))
     assert plan is not None
+    check_plan(site_id, cfg, plan, images)
     check_limits(limits, site_id, cfg, secure, plan.noise_multiplier)
     try:
         spend = ledger.spend(

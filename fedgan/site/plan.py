@@ -20,7 +20,7 @@ from fedgan.privacy.plan import (
     noise_to_signal,
     release_noise_figure,
 )
-from fedgan.site.admission import plan_for
+from fedgan.site.admission import check_plan, plan_for
 from fedgan.site.approval import AppRefused, Limits, check_run
 
 
@@ -48,8 +48,14 @@ def assess(
     The plan is `fedgan.site.admission.plan_for`'s, the one the round makes."""
     if images < 1:
         raise ValueError(f"--images {images}: give the number of usable images in the silo (>= 1)")
-    plan = plan_for(run.round_config(1), images)
+    cfg = run.round_config(1)
+    plan = plan_for(cfg, images)
     refusal = _refusal(run, limits, plan.noise_multiplier if plan else None)
+    if plan is not None and refusal is None:
+        try:
+            check_plan("this site", cfg, plan, images)
+        except AppRefused as refused:
+            refusal = refused.reason
     if plan is None:
         return SitePlan(run, images, budget, refusal)
     if run.privacy.mean_embedding:

@@ -147,6 +147,8 @@ def test_sigterm_to_demo_stops_every_process(tmp_path):
             "sig",
             "--config",
             "secagg=false",
+            "--config",
+            "batch-size=4",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -12,8 +12,9 @@ import pytest
 
 from fedgan import wire
 from fedgan.aggregator.round import run_round
+from fedgan.aggregator.run import run_federation
 from fedgan.weights import get_arrays
-from tests.memory_federation import MemorySite, consortium, federation
+from tests.memory_federation import MemorySite, aggregator, consortium, federation
 
 WEIGHTS = {"site-a": 10.0, "site-b": 30.0, "site-c": 60.0}
 STEPS = {"site-a": 0.004, "site-b": -0.002, "site-c": 0.001}
@@ -158,3 +159,20 @@ def test_a_model_update_in_a_mean_embedding_round_is_not_summed(tmp_path):
     assert record.failures == ["site site-a: its release is not (1, 41) values"]
     kept = fed.store.kept_release(1, fed.mechanism.digest, (1, 41))
     assert np.allclose(kept.mean, _mean_step(["site-b", "site-c"]), atol=1e-7)
+
+
+def test_a_run_in_which_no_round_produced_a_model_fails(tmp_path):
+    # Every round abandoned: nothing to share, and no generator.pt to list.
+    sites = _sites(tmp_path, **{s: {"silent_at": "secagg_mask"} for s in WEIGHTS})
+    transport, settings, store, audit = aggregator(tmp_path, sites, num_server_rounds=2)
+    summary = run_federation(transport, settings, store, audit)
+    assert summary["stopped"].startswith("no round produced a model")
+    assert "fewer than" in summary["stopped"] or "threshold" in summary["stopped"]
+    assert not store.generator_path.exists()
+    assert len(store.metrics_path.read_text().splitlines()) == 2
+
+
+def test_a_run_with_one_model_producing_round_completes(tmp_path):
+    transport, settings, store, audit = aggregator(tmp_path, _sites(tmp_path), secagg=False)
+    summary = run_federation(transport, settings, store, audit)
+    assert "stopped" not in summary and store.generator_path.exists()

@@ -255,3 +255,37 @@ def test_dp_rounds_of_one_run_search_for_sigma_once_and_log_their_noise(
     expected = noise_to_signal(sigma, 4, trainable_parameters(disc))  # q·N = 4/12·12
     lines = [r.getMessage() for r in caplog.records if "× the largest clipped" in r.getMessage()]
     assert len(lines) == 2 and all(f"noise is {expected:.1f}×" in line for line in lines), lines
+
+
+def test_a_tiny_silo_under_dp_is_refused_before_any_ledger_line(tmp_path):
+    """Sampling rate 1 (batch ≥ silo): refused with the number of images it
+    would need, and nothing spent; `fedgan site plan` says the same."""
+    from fedgan.config.appbundle import default_run_config
+    from fedgan.config.run import RunSettings, SiteSettings
+    from fedgan.gan.models import build
+    from fedgan.privacy.ledger import PrivacyLedger
+    from fedgan.silo.synth import synth_silo
+    from fedgan.site import plan as site_plan
+    from fedgan.site import round as site_round
+    from fedgan.site.approval import AppRefused, Limits
+    from fedgan.weights import get_arrays
+
+    silo = synth_silo(tmp_path / "silo", "fundus", 6, seed=1, size=32)
+    cfg = RunSettings.from_run_config(
+        {
+            **default_run_config(),
+            "image-size": 16,
+            "width": 8,
+            "batch-size": 8,
+            "run-dir": str(tmp_path / "run"),
+        }
+    )
+    site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", 10.0)
+    gen, disc = build(cfg.spec, seed=0)
+    with pytest.raises(AppRefused, match="needs more than 8 images") as refused:
+        site_round.run_round(site, {}, "r", cfg.round_config(1), get_arrays(gen), get_arrays(disc))
+    assert "6 usable images" in refused.value.reason and "\n" not in refused.value.reason
+    assert PrivacyLedger.in_work_dir(tmp_path / "work").spends() == []
+    preview = site_plan.assess(cfg, 6, [], Limits(), 10.0)
+    assert preview.refusal == refused.value.reason
+    assert site_plan.assess(cfg, 9, [], Limits(), 10.0).refusal is None
