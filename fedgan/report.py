@@ -104,8 +104,38 @@ def _audit_events(run_dir: Path) -> list[dict[str, Any]]:
     return events
 
 
+def worst_findings(records: list[dict[str, Any]]) -> list[str]:
+    """What makes a run's images not worth sharing, said first: no round
+    produced a model, or D collapsed (G's loss fell towards 0 while D's rose:
+    G was rewarded for anything, which DP noise on a small silo causes)."""
+    done = [r for r in records if "skipped" not in r]
+    if records and not done:
+        return [
+            "No round produced a model: there is no generator to share "
+            f"(the last round: {records[-1]['skipped']})."
+        ]
+    losses = [(r["g_loss"], r["d_loss"]) for r in done if "g_loss" in r and "d_loss" in r]
+    if len(losses) >= 2 and _collapsed(losses[0], losses[-1]):
+        (g0, d0), (g1, d1) = losses[0], losses[-1]
+        return [
+            f"The discriminator collapsed: G's loss fell from {g0:.3f} to {g1:.3f} while D's "
+            f"rose from {d0:.3f} to {d1:.3f}, so G was rewarded for anything and its samples "
+            "are not images of the data. Do not share them; under DP this is the noise "
+            "drowning what D can learn (docs/privacy.md: the noise figure)."
+        ]
+    return []
+
+
+def _collapsed(first: tuple[float, float], last: tuple[float, float]) -> bool:
+    """G's loss near 0 and falling while D's rises. A healthy non-saturating
+    GAN keeps G's loss near or above ln 2 (D unsure); below 0.1, D calls
+    every fake real with about 90 % confidence."""
+    (g0, d0), (g1, d1) = first, last
+    return g1 < 0.1 and g1 < g0 and d1 > d0
+
+
 def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
-    """A short plain-language reading for clinicians."""
+    """A short plain-language reading for clinicians, the worst finding first."""
     done = [r for r in records if "skipped" not in r]
     sites = sorted({s for r in done for s in r["sites"]})
     eps = latest_by_site(records, "epsilon")
@@ -161,7 +191,7 @@ def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
         "The images are synthetic. How realistic, diverse and private they are is measured by "
         "`fedgan evaluate` at a hospital; until then, treat them as unvalidated."
     )
-    return lines
+    return worst_findings(records) + lines
 
 
 def _class_rows(run_dir: Path, rows: int = 8) -> str:

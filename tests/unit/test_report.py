@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from fedgan.audit_log import AuditLog
-from fedgan.report import ReportError, build, write
+from fedgan.report import ReportError, build, reading, write
 
 
 def _png() -> bytes:
@@ -130,3 +130,21 @@ def test_a_conditional_runs_grid_names_the_class_of_each_row(tmp_path):
     assert "one class per row (1: normal, 2: pneumonia, 3: &lt;b&gt;, 4: normal," in page
     (run / "run-config.json").write_text(json.dumps({"classes": "a,a"}))  # broken: no caption
     assert "one class per row" not in build(run)
+
+
+def test_the_reading_leads_with_a_collapsed_discriminator():
+    """The demo's DP defaults: G's loss falls to 0.002 while D's climbs."""
+    collapsed = [
+        {"round": r, "sites": ["a"], "g_loss": g, "d_loss": d}
+        for r, (g, d) in enumerate([(0.056, 3.41), (0.010, 4.79), (0.002, 6.30)], 1)
+    ]
+    first = reading(collapsed, {"status": "completed"})[0]
+    assert first.startswith("The discriminator collapsed") and "0.002" in first
+    healthy = [dict(r, g_loss=r["g_loss"] + 1.5) for r in collapsed]
+    assert not any("collapsed" in x for x in reading(healthy, {"status": "completed"}))
+
+
+def test_the_reading_leads_with_no_model_when_every_round_was_abandoned():
+    records = [{"round": r, "sites": [], "skipped": "fewer than 2 sites"} for r in (1, 2)]
+    lines = reading(records, {"status": "failed"})
+    assert lines[0].startswith("No round produced a model") and "fewer than 2" in lines[0]
