@@ -52,7 +52,7 @@ integration: setup
 	$(BIN)/pytest -q tests/integration
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 # What `make test-containers` needs: podman and podman-compose run the
 # containers, debootstrap builds their Debian base (no registry is reachable),
