@@ -6,8 +6,8 @@ BodyPartExamined, ViewPosition); decode (compressed transfer syntaxes through
 pylibjpeg's plugins); split multi-frame objects; apply the Modality LUT
 (rescale slope/intercept) and the VOI transform (the site's window, else the
 file's VOI LUT, else its window center/width as PS3.3 C.11.2.1.2 defines it,
-else the frame's own range); invert MONOCHROME1; convert colour to luminance
-or refuse it.
+else the frame's own range), for enhanced objects from each frame's functional
+groups; invert MONOCHROME1; convert colour to luminance or refuse it.
 
 Everything that goes wrong in one file becomes a `SkipFile` with a reason
 built from our own words and the file's structure, never from tag values, so
@@ -117,6 +117,53 @@ def gray_unit(
     return np.clip(out, 0.0, 1.0)
 
 
+# Enhanced (multi-frame) objects keep the rescale and the window in
+# functional groups, per frame or shared by all (PS3.3 C.7.6.16), not at the
+# top level where `apply_modality_lut` and the window code look for them.
+_FRAME_GROUPS = (
+    ("PixelValueTransformationSequence", ("RescaleIntercept", "RescaleSlope", "RescaleType")),
+    ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
+)
+
+
+def has_functional_groups(ds: pydicom.Dataset) -> bool:
+    return "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds
+
+
+def frame_view(ds: pydicom.Dataset, index: int) -> pydicom.Dataset:
+    """Frame ``index`` of an enhanced object as a classic dataset: the
+    top-level attributes its display depends on, with the rescale and window
+    of its per-frame functional group, else of the shared one."""
+    view = pydicom.Dataset()
+    for keyword in (
+        "PhotometricInterpretation",
+        "PixelRepresentation",
+        "BitsStored",
+        "ModalityLUTSequence",
+        "VOILUTSequence",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+    ):
+        if keyword in ds:
+            view[keyword] = ds[keyword]
+    groups = (
+        [ds.SharedFunctionalGroupsSequence[0]] if ds.get("SharedFunctionalGroupsSequence") else []
+    )
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if index < len(per_frame):
+        groups.append(per_frame[index])  # last, so it overrides the shared group
+    for group in groups:
+        for sequence, keywords in _FRAME_GROUPS:
+            items = group.get(sequence) or []
+            for keyword in keywords:
+                if items and keyword in items[0]:
+                    view[keyword] = items[0][keyword]
+    return view
+
+
 def _to_u8(unit: np.ndarray) -> np.ndarray:
     return np.rint(unit * 255.0).astype(np.uint8)
 
@@ -156,6 +203,23 @@ def _decoder_available(ts: UID) -> bool:
         return bool(get_decoder(ts).is_available)
     except (NotImplementedError, ValueError):
         return False
+
+
+def _require_layout(ds: pydicom.Dataset, meta: pydicom.Dataset | None) -> None:
+    """Name what is missing for the pixel data to be laid out, before
+    decoding fails on it with an error that names nothing."""
+    if meta is None or "TransferSyntaxUID" not in meta:
+        raise SkipFile(
+            "no Transfer Syntax UID in the file meta (how the pixels are encoded is unknown); "
+            "re-export the file from the PACS"
+        )
+    missing = [
+        keyword
+        for keyword in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation")
+        if ds.get(keyword) in (None, "")
+    ]
+    if missing:
+        raise SkipFile(f"missing {', '.join(missing)}: the pixel data cannot be laid out")
 
 
 def _passes(value: str, allowed: tuple[str, ...]) -> bool:
@@ -205,6 +269,7 @@ def _decode(path: Path, opts: SiloOptions) -> DecodedDicom:
                 raise SkipFile(
                     f"filtered out: {keyword} {value or '(empty)'} not in {','.join(allowed)}"
                 )
+        _require_layout(ds, meta)
         photometric = str(ds.get("PhotometricInterpretation", ""))
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
         is_color = spp == 3 or photometric == "PALETTE COLOR"
@@ -231,7 +296,14 @@ def _decode(path: Path, opts: SiloOptions) -> DecodedDicom:
         else:
             if not np.issubdtype(pixels.dtype, np.integer) and not np.isfinite(pixels).all():
                 raise SkipFile("pixel values are not finite")
-            frames = [gray_u8(frame, ds, opts.window) for frame in pixels]
+            views = (
+                [frame_view(ds, i) for i in range(len(pixels))]
+                if has_functional_groups(ds)
+                else [ds] * len(pixels)
+            )
+            frames = [
+                gray_u8(frame, view, opts.window) for frame, view in zip(pixels, views, strict=True)
+            ]
         tag_label = None
         if opts.label_tag:
             value = ds.get(opts.label_tag)

@@ -224,3 +224,74 @@ def test_empty_directory_is_an_error_naming_it(tmp_path):
     assert read_silo(tmp_path, OPTS).report.images == 0
     with pytest.raises(SiloError, match="fedgan silo check"):
         load_images(tmp_path, "dicom", 32, 1)
+
+
+def _enhanced(ds, per_frame_window=None):
+    """``ds`` rewritten as an Enhanced CT object keeps its rescale and window
+    (intercept −1024, window 40/80 shared by all frames; optionally another
+    window in the frame's own group) in functional groups, none at the top."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if "WindowWidth" in ds:
+        del ds.WindowWidth
+    transform, voi = Dataset(), Dataset()
+    transform.RescaleIntercept, transform.RescaleSlope, transform.RescaleType = -1024, 1, "HU"
+    voi.WindowCenter, voi.WindowWidth = 40, 80
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = Sequence([transform])
+    shared.FrameVOILUTSequence = Sequence([voi])
+    frame = Dataset()
+    if per_frame_window:
+        own = Dataset()
+        own.WindowCenter, own.WindowWidth = per_frame_window
+        frame.FrameVOILUTSequence = Sequence([own])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([frame])
+    ds.NumberOfFrames = 1
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    return ds
+
+
+def test_an_enhanced_ct_frame_is_windowed_from_its_functional_groups(one):
+    ds, tmp = one
+    stored = ds.pixel_array.astype(np.float64)
+    frame = decode_dicom_file(_write(_enhanced(ds), tmp / "e.dcm"), OPTS).frames[0]
+    # By hand, one pixel: HU = stored − 1024; linear window 40/80 (PS3.3
+    # C.11.2.1.2.1): (HU − 39.5) / 79 + 0.5, clipped, times 255.
+    y, x = np.unravel_index(np.argmin(np.abs(stored - 1024 - 50)), stored.shape)
+    hu = stored[y, x] - 1024
+    assert frame[y, x] == round(min(max((hu - 39.5) / 79 + 0.5, 0.0), 1.0) * 255)
+    expected = np.rint(np.clip((stored - 1024 - 39.5) / 79 + 0.5, 0, 1) * 255)
+    np.testing.assert_array_equal(frame, expected)
+    # A frame's own group overrides the shared one.
+    ds2 = _enhanced(pydicom.dcmread(tmp / "e.dcm"), per_frame_window=(0, 400))
+    own = decode_dicom_file(_write(ds2, tmp / "e2.dcm"), OPTS).frames[0]
+    np.testing.assert_array_equal(
+        own, np.rint(np.clip((stored - 1024 + 0.5) / 399 + 0.5, 0, 1) * 255)
+    )
+
+
+def test_missing_layout_is_named_not_a_python_error(one):
+    ds, tmp = one
+    del ds.Rows
+    reason = _skip_reason(_write(ds, tmp / "norows.dcm"))
+    assert reason == "missing Rows: the pixel data cannot be laid out"
+    ds, tmp = one
+    ds = pydicom.dcmread(next((tmp / "src").rglob("*.dcm")))
+    del ds.PhotometricInterpretation
+    assert "missing PhotometricInterpretation" in _skip_reason(_write(ds, tmp / "nophoto.dcm"))
+    ds = pydicom.dcmread(next((tmp / "src").rglob("*.dcm")))
+    del ds.file_meta.TransferSyntaxUID
+    path = tmp / "nots.dcm"
+    pydicom.dcmwrite(path, ds, implicit_vr=False, little_endian=True)
+    assert _skip_reason(path).startswith("no Transfer Syntax UID")
+
+
+def _skip_reason(path):
+    with pytest.raises(SkipFile) as skipped:
+        decode_dicom_file(path, OPTS)
+    return str(skipped.value)
