@@ -29,7 +29,14 @@ def load_all(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def reading(ev: dict[str, Any]) -> list[str]:
-    """What one site's numbers mean, for clinicians."""
+    """What one site's numbers mean, for clinicians: the worst finding first
+    (an attack better than guessing, possible copies), then the rest."""
+    lines = _lines(ev)
+    worst = [x for x in lines if x.endswith((": review.", "do not share them."))]
+    return worst + [x for x in lines if x not in worst]
+
+
+def _lines(ev: dict[str, Any]) -> list[str]:
     q, p, u = ev.get("quality", {}), ev.get("privacy", {}), ev.get("utility", {})
     site = ev["site"]
     out = []

@@ -40,6 +40,16 @@ class EvaluationError(FedGanError):
     """The run or the real images cannot be evaluated; says which and why."""
 
 
+# Below these, the numbers flatter rather than measure, so the evaluation
+# refuses. With a handful of real images every k-NN ball covers everything
+# (precision and realism 1.00 for pure noise against 6 images) and FID's
+# covariance is mostly its estimation error. A membership AUC's standard
+# error with n images a side is about √(1/(6n)) near 0.5 (Hanley and McNeil):
+# 0.09 at 20, so an AUC there is read only against 0.5 ± 0.18.
+MIN_REAL = 40  # members and held-out images together: FID, KID, precision/recall
+MIN_MIA = 20  # members, and held-out images, each: the membership attacks
+
+
 def run_settings(run_dir: Path) -> dict[str, Any]:
     """The run's configuration as its folder records it (classes, attributes)."""
     for name in ("run-config.json", "run-config.toml"):
@@ -175,6 +185,7 @@ def evaluate(
     run = _open_run(Path(run_dir))
     _check_normal_class(normal_class, run.classes, holdout)
     images = _read_images(run, real, holdout, kind, silo_options or {}, effort, say)
+    _check_enough(images)
     out_dir = run.dir / EVALUATION_DIR
     enc_path = Path(encoder_path) if encoder_path else out_dir / f"{site_id}-encoder.pt"
     enc = _domain_encoder(enc_path, bool(encoder_path), images.members, effort, say)
@@ -195,6 +206,24 @@ def evaluate(
     path = out_dir / f"{site_id}.json"
     write_text_atomic(path, json.dumps(result, indent=1, sort_keys=True))
     return path
+
+
+def _check_enough(images: _Images) -> None:
+    """Refuse, in one line naming the minimum, before any minute of work."""
+    n = images.real.shape[0]
+    if n < MIN_REAL:
+        raise EvaluationError(
+            f"{n} real images: FID, KID and precision/recall need at least {MIN_REAL} "
+            "(--real and --holdout together), or they flatter any generator; evaluate at a "
+            "site with more images"
+        )
+    if images.held is not None:
+        members, held = images.members.shape[0], images.held.shape[0]
+        if min(members, held) < MIN_MIA:
+            raise EvaluationError(
+                f"{members} members and {held} held-out images: the membership attacks need at "
+                f"least {MIN_MIA} of each; hold out more images, or leave out --holdout"
+            )
 
 
 def _open_run(run_dir: Path) -> _Run:

@@ -407,3 +407,19 @@ def test_report_compares_baselines_evaluated_with_the_same_encoder(evaluated, tm
     ]
     bad = CliRunner().invoke(app, ["report", str(run_dir), "--baseline", "nolabel"])
     assert bad.exit_code != 0
+
+
+def test_too_few_real_or_held_out_images_are_refused_naming_the_minimum(evaluated, tmp_path):
+    """Pure noise measured against 6 real images read 'precision 1.00': below
+    the minimums the evaluation refuses before any work, in one line."""
+    from fedgan.evaluate.site import MIN_MIA, MIN_REAL
+
+    run_dir, _, _ = evaluated
+    few = synth_silo(tmp_path / "few", "fundus", 6, seed=3, size=16)
+    quiet = {"site_id": "x", "n_synthetic": 8, "say": lambda _m: None}
+    with pytest.raises(EvaluationError, match=f"6 real images: .* at least {MIN_REAL}") as err:
+        evaluate(run_dir, few, "fundus", **quiet)
+    assert "\n" not in str(err.value)
+    silo = run_dir.parents[1] / "silo"
+    with pytest.raises(EvaluationError, match=f"48 members and 6 held-out .* {MIN_MIA} of each"):
+        evaluate(run_dir, silo, "fundus", holdout=few, **quiet)

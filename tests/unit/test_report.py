@@ -148,3 +148,18 @@ def test_the_reading_leads_with_no_model_when_every_round_was_abandoned():
     records = [{"round": r, "sites": [], "skipped": "fewer than 2 sites"} for r in (1, 2)]
     lines = reading(records, {"status": "failed"})
     assert lines[0].startswith("No round produced a model") and "fewer than 2" in lines[0]
+
+
+def test_a_sites_evaluation_reading_leads_with_its_worst_finding():
+    from fedgan.evaluate.results import reading as site_reading
+
+    ev = {
+        "site": "site-1",
+        "quality": {"precision": 0.9, "recall": 0.8},
+        "privacy": {"mia_discriminator_auc": 0.71, "memorized_fraction": 0.0},
+    }
+    lines = site_reading(ev)
+    assert lines[0].startswith("An attacker") and lines[0].endswith(": review.")
+    assert lines[1].startswith("At site-1, 90% of synthetic images")
+    calm = site_reading(ev | {"privacy": {"mia_discriminator_auc": 0.52}})
+    assert calm[0].startswith("At site-1")
