@@ -114,7 +114,7 @@ def train_local(
     attributes: torch.Tensor | None = None,
     sample_attributes: Callable[[int, torch.Generator], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Run ``cfg.local_steps`` alternating D and G steps on ``images``
+    """Run ``cfg.local_steps`` G steps, each after ``cfg.d_steps_per_g`` D steps, on ``images``
     (N×C×H×W in [-1, 1]); D's real half is private when ``dp`` is given.
     A conditional model needs ``labels`` (N class indices); generated images
     get uniformly drawn classes, which depend on no patient data. An
@@ -145,7 +145,7 @@ def train_local(
         d_step.close()
     return TrainResult(
         g_loss=float(g_total) / cfg.local_steps,
-        d_loss=float(d_total) / cfg.local_steps,
+        d_loss=float(d_total) / cfg.d_steps,  # over every D step
         steps=cfg.local_steps,
         examples=silo.size,
         seconds=time.perf_counter() - start,
@@ -253,6 +253,8 @@ def _run_steps(
     d_total = torch.zeros((), device=device)
     ms_total = torch.zeros((), device=device)
     for step in range(cfg.local_steps):
+        for _ in range(cfg.d_steps_per_g - 1):  # n_D > 1: D's extra steps first
+            d_total += _d_only_step(loop, silo)
         index = d_step.sample(n, batch, rng).to(device)
         real = images[index].contiguous(memory_format=fmt)
         real_y = labels[index] if classes else None
@@ -274,6 +276,24 @@ def _run_steps(
         if progress:
             progress(step + 1, cfg.local_steps)
     return g_total, d_total, ms_total
+
+
+def _d_only_step(loop: _Loop, silo: _Silo) -> torch.Tensor:
+    """One of D's extra steps: a fresh real batch (private like every D step)
+    against fresh fakes that G does not learn from; the draws come in the
+    order of a full step's, so n_D = 1 leaves the loop as it was."""
+    gen, device, rng, batch = loop.gen, loop.device, loop.rng, loop.batch
+    classes, attr_dim = gen.spec.num_classes, gen.spec.attr_dim
+    index = loop.d_step.sample(silo.size, batch, rng).to(device)
+    real = silo.images[index].contiguous(memory_format=loop.fmt)
+    real_y = silo.labels[index] if classes else None
+    real_a = silo.attributes[index] if attr_dim else None
+    z = torch.randn(batch, gen.spec.latent_dim, generator=rng).to(device)
+    fake_y = torch.randint(0, classes, (batch,), generator=rng).to(device) if classes else None
+    fake_a = loop.sample_attributes(batch, rng).to(device) if attr_dim else None
+    with torch.no_grad(), loop.autocast():
+        fake = gen(z, fake_y, fake_a).contiguous(memory_format=loop.fmt)
+    return loop.d_step(real, real_y, fake, fake_y, real_a)
 
 
 # Poisson batches are padded up to a multiple of this (ghost mode).

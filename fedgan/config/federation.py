@@ -78,6 +78,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "training": {
         "local_steps": Field("local-steps", int, _positive),
+        "d_steps_per_g": Field("d-steps-per-g", int, _positive),
         "local_epochs": Field("local-epochs", float, _non_negative),
         "batch_size": Field("batch-size", int, _positive),
         "lr_g": Field("lr-g", float, _positive),

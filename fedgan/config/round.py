@@ -41,12 +41,17 @@ class LocalTraining:
     cond_lambda: float
     prox_mu: float  # 0 unless the run's strategy is FedProx
     seed: int  # this round's, different at every round
+    d_steps_per_g: int = 1  # n_D: private D steps before each G step
 
     def steps_for(self, images: int) -> int:
         """This round's local steps at a silo of ``images`` images."""
         if self.epochs > 0:
             return max(1, math.ceil(self.epochs * images / self.batch_size))
         return max(1, self.steps)
+
+    def d_steps_for(self, images: int) -> int:
+        """D's private steps this round: what the accountant counts."""
+        return self.steps_for(images) * self.d_steps_per_g
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class RoundConfig:
             "cond-lambda": t.cond_lambda,
             "prox-mu": t.prox_mu,
             "seed": t.seed,
+            "d-steps-per-g": t.d_steps_per_g,
             "embedding-seed": self.embedding_seed,
             "dump-updates": self.dump_updates,
             **self.privacy.as_config(),
@@ -117,6 +123,7 @@ class RoundConfig:
                 cond_lambda=get("cond-lambda", float),
                 prox_mu=get("prox-mu", float),
                 seed=get("seed", int),
+                d_steps_per_g=get("d-steps-per-g", int),
             ),
             privacy=PrivacySettings.from_run_config(record, WHERE),
             embedding_seed=get("embedding-seed", int),

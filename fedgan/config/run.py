@@ -278,6 +278,7 @@ class RunSettings:
                 lr_d=_get(cfg, "lr-d", float),
                 seed=_get(cfg, "seed", int),
                 mode_seeking=_get(cfg, "mode-seeking", float),
+                d_steps_per_g=_get(cfg, "d-steps-per-g", int),
             )
         except ConfigError:
             raise
@@ -337,7 +338,8 @@ class RunSettings:
             # Sites send release / (noisy n): feature means of norm <= 1 (values
             # <= 1/√F), class fractions in [0, 1], and noise σ√2/n per value.
             return self.secagg.value_range or 1.0
-        steps = self.train.local_steps if self.local_epochs <= 0 else None
+        # D moves most: n_D of its steps per G step.
+        steps = self.train.d_steps if self.local_epochs <= 0 else None
         lr = max(self.train.lr_g, self.train.lr_d)
         return self.secagg.value_range_for(length, self.privacy.update_clip, lr, steps)
 
@@ -365,6 +367,7 @@ class RunSettings:
                 lr_g=self.train.lr_g,
                 lr_d=self.train.lr_d,
                 mode_seeking=self.train.mode_seeking,
+                d_steps_per_g=self.train.d_steps_per_g,
                 cond_lambda=self.cond_lambda,
                 prox_mu=self.prox_mu if self.strategy == "fedprox" else 0.0,
                 # Each site and round draws different batches and noise.

@@ -25,6 +25,14 @@ class TrainConfig:
     cond_lambda: float = 1.0
     # λ of G's mode-seeking term (gan.losses.mode_seeking_loss); 0: off.
     mode_seeking: float = 0.0
+    # n_D: D steps before each of G's ``local_steps`` steps; each reads a
+    # fresh batch, so a round takes local_steps × n_D private steps.
+    d_steps_per_g: int = 1
+
+    @property
+    def d_steps(self) -> int:
+        """D's steps in the round: what the accountant counts."""
+        return self.local_steps * self.d_steps_per_g
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -39,5 +47,7 @@ class TrainConfig:
             raise ValueError("cond-lambda must be >= 0")
         if self.mode_seeking < 0:
             raise ValueError("mode-seeking must be >= 0")
+        if self.d_steps_per_g < 1:
+            raise ValueError("d-steps-per-g must be >= 1")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision {self.precision!r}: use fp32 or bf16")

@@ -41,7 +41,7 @@ def plan_for(cfg: RoundConfig, images: int, noise_hint: float | None = None) -> 
         accountant=p.accountant,
         num_examples=images,
         batch_size=cfg.local.batch_size,
-        local_steps=cfg.local.steps_for(images),
+        local_steps=cfg.local.d_steps_for(images),
         rounds=cfg.rounds,
         noise_hint=noise_hint,
     )

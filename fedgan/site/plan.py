@@ -120,8 +120,10 @@ def describe(p: SitePlan, ledger_note: str, policy_note: str) -> list[str]:
 def _sgd_lines(p: SitePlan, how: str) -> list[str]:
     run, plan = p.run, p.plan
     assert plan is not None
+    n_d = run.train.d_steps_per_g
+    steps = f"{plan.steps} local steps" if n_d == 1 else f"{plan.steps} D steps ({n_d} per G step)"
     return [
-        f"run: {run.rounds} rounds × {plan.steps} local steps, batch {run.train.batch_size}, "
+        f"run: {run.rounds} rounds × {steps}, batch {run.train.batch_size}, "
         f"{run.spec.image_size} px, D with {p.weights:,} weights",
         f"silo of {p.images:,} images: q {plan.sample_rate:.4g}, δ {plan.delta:.3g}, "
         f"σ {plan.noise_multiplier:.3f} ({how}, {plan.accountant.upper()})",
@@ -166,7 +168,8 @@ def as_dict(p: SitePlan) -> dict[str, Any]:
     }
     if p.plan is not None and p.forecast is not None:
         out |= {
-            "local_steps": p.plan.steps,
+            "local_steps": p.plan.steps // p.run.train.d_steps_per_g,
+            "d_steps_per_g": p.run.train.d_steps_per_g,
             "noise_multiplier": p.plan.noise_multiplier,
             "calibrated": p.run.privacy.noise_multiplier <= 0,
             "sample_rate": p.plan.sample_rate,

@@ -208,6 +208,7 @@ def _train_config(cfg: RoundConfig, site: SiteSettings, images: int) -> TrainCon
         precision=site.precision,
         cond_lambda=t.cond_lambda,
         mode_seeking=t.mode_seeking,
+        d_steps_per_g=t.d_steps_per_g,
     )
 
 

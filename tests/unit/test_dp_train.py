@@ -192,3 +192,25 @@ def test_poisson_batches_are_padded_to_a_few_shapes_with_every_image_kept():
         assert len(rows) % PAD_MULTIPLE == 0 and len(rows) - size < PAD_MULTIPLE
         assert torch.equal(rows[:size], torch.arange(size))  # the batch itself, in order
         assert int(rows.max()) < size  # padding repeats its own rows
+
+
+def test_several_d_steps_per_g_step_each_read_a_fresh_private_batch(monkeypatch):
+    """n_D = 3: three private D steps (each sampling its own batch) before each
+    of G's steps, so a round takes local_steps × 3 of them."""
+    import fedgan.train as train
+
+    calls: list[int] = []
+    original = train.DPDiscriminatorStep.__call__
+
+    def counted(self, real, *args):
+        calls.append(real.shape[0])
+        return original(self, real, *args)
+
+    monkeypatch.setattr(train.DPDiscriminatorStep, "__call__", counted)
+    dp = DPConfig(1.0, 1.0, 0.5, secret_seed=1)
+    gen, disc = build(SPEC, seed=0)
+    cfg = TrainConfig(local_steps=2, batch_size=4, d_steps_per_g=3)
+    result = train_local(gen, disc, _data(16), cfg, dp=dp)
+    assert len(calls) == 6 and result.steps == 2 and cfg.d_steps == 6
+    with pytest.raises(ValueError, match="d-steps-per-g"):
+        TrainConfig(d_steps_per_g=0)

@@ -289,3 +289,49 @@ def test_a_tiny_silo_under_dp_is_refused_before_any_ledger_line(tmp_path):
     preview = site_plan.assess(cfg, 6, [], Limits(), 10.0)
     assert preview.refusal == refused.value.reason
     assert site_plan.assess(cfg, 9, [], Limits(), 10.0).refusal is None
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("prv", PRVAccountant), ("rdp", RDPAccountant)])
+def test_with_several_d_steps_per_g_every_d_step_is_accounted(tmp_path, kind, cls):
+    """n_D = 3: each round spends local-steps × 3 private steps, and the
+    ledger's ε after two rounds equals Opacus's for that history of D steps."""
+    from fedgan.config.appbundle import default_run_config
+    from fedgan.config.run import RunSettings, SiteSettings
+    from fedgan.gan.models import build
+    from fedgan.privacy.ledger import PrivacyLedger
+    from fedgan.silo.synth import synth_silo
+    from fedgan.site import plan as site_plan
+    from fedgan.site import round as site_round
+    from fedgan.site.approval import Limits
+    from fedgan.weights import get_arrays
+
+    silo = synth_silo(tmp_path / "silo", "fundus", 12, seed=1, size=32)
+    cfg = RunSettings.from_run_config(
+        {
+            **default_run_config(),
+            "image-size": 16,
+            "width": 8,
+            "batch-size": 4,
+            "local-steps": 2,
+            "d-steps-per-g": 3,
+            "noise-multiplier": 1.2,
+            "accountant": kind,
+            "run-dir": str(tmp_path / "run"),
+        }
+    )
+    site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", 1000.0)
+    gen, disc = build(cfg.spec, seed=0)
+    for r in (1, 2):
+        outcome = site_round.run_round(
+            site, {}, "r", cfg.round_config(r), get_arrays(gen), get_arrays(disc)
+        )
+    spends = PrivacyLedger.in_work_dir(tmp_path / "work").spends()
+    assert [(s.noise, s.sample_rate, s.steps) for s in spends] == [(1.2, 4 / 12, 6)] * 2
+    reference = cls()
+    reference.history = [(1.2, 4 / 12, 6)] * 2
+    expected = reference.get_epsilon(spends[-1].delta)
+    assert outcome.metrics["epsilon"] == pytest.approx(expected, rel=1e-9)
+    preview = site_plan.assess(cfg, 12, [], Limits(), 1000.0)
+    assert preview.plan.steps == 6 and "6 D steps (3 per G step)" in " ".join(
+        site_plan.describe(preview, "new", "default")
+    )
