@@ -46,6 +46,7 @@ class DecodedDicom:
     tag_label: str | None
     rows: int
     columns: int
+    sop_class: str = "unknown SOP class"  # its name, e.g. "RT Dose Storage"
 
 
 def _sop_name(ds: pydicom.Dataset) -> str:
@@ -315,4 +316,5 @@ def _decode(path: Path, opts: SiloOptions) -> DecodedDicom:
             tag_label=tag_label,
             rows=int(pixels.shape[1]),
             columns=int(pixels.shape[2]),
+            sop_class=_sop_name(ds),
         )

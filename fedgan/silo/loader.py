@@ -28,7 +28,7 @@ from fedgan.silo.dicom import decode_dicom_file
 from fedgan.silo.fundus import EXTENSIONS, decode_fundus_file
 from fedgan.silo.labels import GRADES, LabelIndex, dicom_labels, fundus_labels
 from fedgan.silo.options import SiloError, SiloOptions
-from fedgan.silo.report import SiloReport, SkipFile
+from fedgan.silo.report import SiloReport, SkipFile, content_warnings
 from fedgan.silo.resize import fit_square
 
 Progress = Callable[[int, int], None]
@@ -97,6 +97,7 @@ class Decoded:
     modality: str | None
     sop_instance_uid: str
     tag_label: str | None
+    sop_class: str | None = None
 
 
 def decode_file(path: Path, opts: SiloOptions) -> Decoded:
@@ -111,7 +112,7 @@ def decode_file(path: Path, opts: SiloOptions) -> Decoded:
         _gray_to_channels(_resize_u8(frame, opts.image_size), opts.channels) for frame in dcm.frames
     ]
     size = f"{dcm.columns}x{dcm.rows}"
-    return Decoded(images, size, dcm.modality, dcm.sop_instance_uid, dcm.tag_label)
+    return Decoded(images, size, dcm.modality, dcm.sop_instance_uid, dcm.tag_label, dcm.sop_class)
 
 
 def _decode_or_reason(job: tuple[Path, SiloOptions]) -> Decoded | str:
@@ -187,6 +188,8 @@ def read_silo(
         report.sizes[outcome.size] += len(outcome.images)
         if outcome.modality is not None:
             report.modalities[outcome.modality] += len(outcome.images)
+        if outcome.sop_class is not None:
+            report.sop_classes[outcome.sop_class] += len(outcome.images)
         images.extend(outcome.images)
         labels.extend([label] * len(outcome.images))
         keys.extend([path.stem if opts.kind == "fundus" else rel] * len(outcome.images))
@@ -199,6 +202,7 @@ def read_silo(
         )
     report.images = len(images)
     report.labels.update("(none)" if lb is None else lb for lb in labels)
+    report.warnings.extend(content_warnings(report, opts.image_size))
     size = opts.image_size
     stacked = (
         np.stack(images) if images else np.zeros((0, opts.channels, size, size), dtype=np.uint8)

@@ -295,3 +295,31 @@ def _skip_reason(path):
     with pytest.raises(SkipFile) as skipped:
         decode_dicom_file(path, OPTS)
     return str(skipped.value)
+
+
+def test_silo_check_warns_about_what_makes_a_poor_training_set(tmp_path):
+    """Every file decodes, yet: CT beside MR, images below the run's size,
+    and an RT Dose grid (15 frames of dose, not anatomy)."""
+    from fedgan.silo.loader import load_silo
+
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtdose.dcm"):
+        shutil.copy(get_testdata_file(name), tmp_path / name)
+    opts = SiloOptions(kind="dicom", image_size=128, channels=1)
+    warnings_ = load_silo(tmp_path, opts, workers=1).report.warnings
+    assert any(w.startswith("mixed modalities (RTDOSE: 15, CT: 1, MR: 1)") for w in warnings_)
+    assert "16 of 17 images are smaller than the run's 128 px" in " ".join(warnings_)
+    assert any("15 images are dose grids (RT Dose Storage)" in w for w in warnings_)
+    assert not any("no label" in w for w in warnings_)
+
+
+def test_labels_missing_for_most_images_are_warned():
+    from collections import Counter
+
+    from fedgan.silo.report import SiloReport, content_warnings
+
+    report = SiloReport("silo", "fundus", images=10, labels=Counter({"(none)": 7, "2": 3}))
+    assert content_warnings(report, 32) == [
+        "7 of 10 images have no label: a class-conditional run leaves them out"
+    ]
+    report.labels = Counter({"(none)": 10})  # an unlabelled silo: nothing to warn about
+    assert content_warnings(report, 32) == []
