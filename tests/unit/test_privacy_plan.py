@@ -214,41 +214,45 @@ def test_a_calibrated_hint_skips_the_search_and_a_wrong_one_does_not(monkeypatch
     assert epsilon([(sigma, 0.05, 400)], 1e-5) <= 5.0
 
 
+def _one_site(tmp_path, images: int, budget: float = 10.0, **keys):
+    """A synthetic fundus silo of ``images`` images, a run on it at 16 px with
+    run-config ``keys`` over the defaults, the site's settings (its ε
+    ``budget``), and the run's first G and D."""
+    from fedgan.config.appbundle import default_run_config
+    from fedgan.config.run import RunSettings, SiteSettings
+    from fedgan.silo.synth import synth_silo
+
+    silo = synth_silo(tmp_path / "silo", "fundus", images, seed=1, size=32)
+    base = {"image-size": 16, "width": 8, "run-dir": str(tmp_path / "run")}
+    cfg = RunSettings.from_run_config({**default_run_config(), **base, **keys})
+    site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", budget)
+    gen, disc = build(cfg.spec, seed=0)
+    return cfg, site, gen, disc
+
+
+def _round(cfg, site, gen, disc, server_round: int):
+    from fedgan.site import round as site_round
+    from fedgan.weights import get_arrays
+
+    return site_round.run_round(
+        site, {}, "r", cfg.round_config(server_round), get_arrays(gen), get_arrays(disc)
+    )
+
+
 def test_dp_rounds_of_one_run_search_for_sigma_once_and_log_their_noise(
     tmp_path, caplog, monkeypatch
 ):
     """Round 2 takes round 1's σ from the ledger (checked, not trusted). The
     site's log gives every DP round the noise figure `fedgan site plan`
     forecast: a hospital sees it without reading code."""
-    from fedgan.config.appbundle import default_run_config
-    from fedgan.config.run import RunSettings, SiteSettings
-    from fedgan.silo.synth import synth_silo
-    from fedgan.site import round as site_round
-    from fedgan.weights import get_arrays
-
-    silo = synth_silo(tmp_path / "silo", "fundus", 12, seed=1, size=32)
-    cfg = RunSettings.from_run_config(
-        {
-            **default_run_config(),
-            "image-size": 16,
-            "width": 8,
-            "batch-size": 4,
-            "local-steps": 2,
-            "num-server-rounds": 3,
-            "target-epsilon": 5.0,
-            "run-dir": str(tmp_path / "run"),
-        }
+    cfg, site, gen, disc = _one_site(
+        tmp_path,
+        12,
+        **{"batch-size": 4, "local-steps": 2, "num-server-rounds": 3, "target-epsilon": 5.0},
     )
-    site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", 10.0)
-    gen, disc = build(cfg.spec, seed=0)
     calls = _searches(monkeypatch)
     with caplog.at_level("INFO", logger="fedgan.site"):
-        outcomes = [
-            site_round.run_round(
-                site, {}, "r", cfg.round_config(r), get_arrays(gen), get_arrays(disc)
-            )
-            for r in (1, 2)
-        ]
+        outcomes = [_round(cfg, site, gen, disc, r) for r in (1, 2)]
     assert all(o.update is not None for o in outcomes)
     sigma = outcomes[0].metrics["noise-multiplier"]
     assert outcomes[1].metrics["noise-multiplier"] == sigma and len(calls) == 1
@@ -260,30 +264,13 @@ def test_dp_rounds_of_one_run_search_for_sigma_once_and_log_their_noise(
 def test_a_tiny_silo_under_dp_is_refused_before_any_ledger_line(tmp_path):
     """Sampling rate 1 (batch ≥ silo): refused with the number of images it
     would need, and nothing spent; `fedgan site plan` says the same."""
-    from fedgan.config.appbundle import default_run_config
-    from fedgan.config.run import RunSettings, SiteSettings
-    from fedgan.gan.models import build
     from fedgan.privacy.ledger import PrivacyLedger
-    from fedgan.silo.synth import synth_silo
     from fedgan.site import plan as site_plan
-    from fedgan.site import round as site_round
     from fedgan.site.approval import AppRefused, Limits
-    from fedgan.weights import get_arrays
 
-    silo = synth_silo(tmp_path / "silo", "fundus", 6, seed=1, size=32)
-    cfg = RunSettings.from_run_config(
-        {
-            **default_run_config(),
-            "image-size": 16,
-            "width": 8,
-            "batch-size": 8,
-            "run-dir": str(tmp_path / "run"),
-        }
-    )
-    site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", 10.0)
-    gen, disc = build(cfg.spec, seed=0)
+    cfg, site, gen, disc = _one_site(tmp_path, 6, **{"batch-size": 8})
     with pytest.raises(AppRefused, match="needs more than 8 images") as refused:
-        site_round.run_round(site, {}, "r", cfg.round_config(1), get_arrays(gen), get_arrays(disc))
+        _round(cfg, site, gen, disc, 1)
     assert "6 usable images" in refused.value.reason and "\n" not in refused.value.reason
     assert PrivacyLedger.in_work_dir(tmp_path / "work").spends() == []
     preview = site_plan.assess(cfg, 6, [], Limits(), 10.0)
@@ -295,36 +282,14 @@ def test_a_tiny_silo_under_dp_is_refused_before_any_ledger_line(tmp_path):
 def test_with_several_d_steps_per_g_every_d_step_is_accounted(tmp_path, kind, cls):
     """n_D = 3: each round spends local-steps × 3 private steps, and the
     ledger's ε after two rounds equals Opacus's for that history of D steps."""
-    from fedgan.config.appbundle import default_run_config
-    from fedgan.config.run import RunSettings, SiteSettings
-    from fedgan.gan.models import build
     from fedgan.privacy.ledger import PrivacyLedger
-    from fedgan.silo.synth import synth_silo
     from fedgan.site import plan as site_plan
-    from fedgan.site import round as site_round
     from fedgan.site.approval import Limits
-    from fedgan.weights import get_arrays
 
-    silo = synth_silo(tmp_path / "silo", "fundus", 12, seed=1, size=32)
-    cfg = RunSettings.from_run_config(
-        {
-            **default_run_config(),
-            "image-size": 16,
-            "width": 8,
-            "batch-size": 4,
-            "local-steps": 2,
-            "d-steps-per-g": 3,
-            "noise-multiplier": 1.2,
-            "accountant": kind,
-            "run-dir": str(tmp_path / "run"),
-        }
-    )
-    site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", 1000.0)
-    gen, disc = build(cfg.spec, seed=0)
+    keys = {"batch-size": 4, "local-steps": 2, "d-steps-per-g": 3, "noise-multiplier": 1.2}
+    cfg, site, gen, disc = _one_site(tmp_path, 12, budget=1000.0, accountant=kind, **keys)
     for r in (1, 2):
-        outcome = site_round.run_round(
-            site, {}, "r", cfg.round_config(r), get_arrays(gen), get_arrays(disc)
-        )
+        outcome = _round(cfg, site, gen, disc, r)
     spends = PrivacyLedger.in_work_dir(tmp_path / "work").spends()
     assert [(s.noise, s.sample_rate, s.steps) for s in spends] == [(1.2, 4 / 12, 6)] * 2
     reference = cls()
