@@ -62,7 +62,7 @@ class Mechanism(Protocol):
         """Values per site's update, for secure aggregation."""
         ...
 
-    def misfit(self, sent: Contribution) -> str:
+    def misfit(self, sent: Contribution, before: Model) -> str:
         """Why what a site sent in the clear cannot be summed, or ""."""
         ...
 
@@ -97,8 +97,13 @@ class FedAvgOfDeltas:
     def length(self, before: Model) -> int:
         return sum(a.size for a in (*before[0], *before[1]))
 
-    def misfit(self, sent: Contribution) -> str:
-        return "" if isinstance(sent, SiteUpdate) else "it sent a release, not an update"
+    def misfit(self, sent: Contribution, before: Model) -> str:
+        if not isinstance(sent, SiteUpdate):
+            return "it sent a release, not an update"
+        shapes = [[a.shape for a in arrays] for arrays in (sent.gen, sent.disc)]
+        if shapes != [[a.shape for a in arrays] for arrays in before]:
+            return "its update does not have the global model's shapes"
+        return ""
 
     def mean(self, sent: list[Contribution]) -> Model:
         return weighted_mean([u for u in sent if isinstance(u, SiteUpdate)])
@@ -165,7 +170,7 @@ class MeanEmbeddingFit:
     def length(self, before: Model) -> int:
         return self.shape[0] * self.shape[1]
 
-    def misfit(self, sent: Contribution) -> str:
+    def misfit(self, sent: Contribution, before: Model) -> str:
         if not isinstance(sent, Release) or sent.values.shape != self.shape:
             return f"its release is not {self.shape} values"
         return ""

@@ -151,7 +151,7 @@ def collect(fed: Federation, server_round: int) -> Collected:
         for node in (nodes if not setup_error else [])
     ]
     answers = fed.transport.exchange(requests, settings.round_timeout) if requests else []
-    replies = sort_replies(fed, answers, secure, server_round)
+    replies = sort_replies(fed, answers, secure, before, server_round)
     for failure in replies.failures:
         log.warning("round %d: %s", server_round, failure)
     collected = Collected(
@@ -194,37 +194,36 @@ def _secure_round(
 
 
 def sort_replies(
-    fed: Federation, replies: list[Reply], secure: SecureRound | None, server_round: int
+    fed: Federation,
+    replies: list[Reply],
+    secure: SecureRound | None,
+    before: Model,
+    server_round: int,
 ) -> Replies:
     out = Replies()
     for reply in replies:
         if reply.content is None:
             _refused_or_failed(fed, reply, out, server_round)
             continue
-        if secure:
-            update, (site_id, metrics) = None, wire.read_train_reply_metrics(reply.content)
-        else:
-            update, site_id, metrics = wire.read_train_reply(reply.content)
+        try:
+            if secure:
+                update, (site_id, metrics) = None, wire.read_train_reply_metrics(reply.content)
+            else:
+                update, site_id, metrics = wire.read_train_reply(reply.content)
+        except (KeyError, TypeError, ValueError) as exc:
+            # What it sent is not echoed: a reply is numbers, never free text.
+            out.failures.append(f"node {reply.node}: an unreadable reply ({type(exc).__name__})")
+            continue
         if metrics.get("budget-exhausted"):
-            fed.exhausted[reply.node] = site_id
-            out.budget[site_id] = metrics
-            log.warning(
-                "round %d: site %s refused: budget exhausted (ε %.3f spent, %.3f after, "
-                "budget %.3f); left out of later rounds",
-                server_round,
-                site_id,
-                metrics["epsilon"],
-                metrics["epsilon-next"],
-                metrics["epsilon-budget"],
-            )
+            _out_of_budget(fed, reply.node, site_id, metrics, out, server_round)
             continue
         try:
             if secure:
                 out.ads[reply.node] = wire.read_advertisement(reply.content)
                 weight = metrics.pop("num-examples")
             else:
-                weight = _accept(fed, update, out)
-        except (SecAggError, ValueError) as exc:
+                weight = _accept(fed, update, before, out)
+        except (SecAggError, KeyError, ValueError) as exc:
             out.failures.append(f"site {site_id}: {exc}")
             continue
         out.received.append((site_id, weight, metrics))
@@ -233,13 +232,29 @@ def sort_replies(
     return out
 
 
-def _accept(fed: Federation, update: Contribution | None, out: Replies) -> float:
-    assert update is not None
-    why = fed.mechanism.misfit(update)
+def _out_of_budget(
+    fed: Federation, node: int, site_id: str, metrics: dict, out: Replies, server_round: int
+) -> None:
+    fed.exhausted[node] = site_id
+    out.budget[site_id] = metrics
+    log.warning(
+        "round %d: site %s refused: budget exhausted (ε %.3f spent, %.3f after, "
+        "budget %.3f); left out of later rounds",
+        server_round,
+        site_id,
+        metrics["epsilon"],
+        metrics["epsilon-next"],
+        metrics["epsilon-budget"],
+    )
+
+
+def _accept(fed: Federation, sent: Contribution | None, before: Model, out: Replies) -> float:
+    assert sent is not None
+    why = fed.mechanism.misfit(sent, before)
     if why:
         raise ValueError(why)
-    out.updates.append(update)
-    return update.weight
+    out.updates.append(sent)
+    return sent.weight
 
 
 def _refused_or_failed(fed: Federation, reply: Reply, out: Replies, server_round: int) -> None:

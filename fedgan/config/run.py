@@ -327,6 +327,11 @@ class RunSettings:
                     'run config: mechanism = "mean-embedding" releases once per site; '
                     "set 'num-server-rounds' = 1"
                 )
+            if self.train.d_steps_per_g != 1:
+                raise ConfigError(
+                    'run config: mechanism = "mean-embedding" trains no D; '
+                    "set 'd-steps-per-g' = 1"
+                )
             if self.attributes:
                 raise ConfigError(
                     'run config: mechanism = "mean-embedding" conditions on classes only; '

@@ -185,7 +185,6 @@ def evaluate(
     run = _open_run(Path(run_dir))
     _check_normal_class(normal_class, run.classes, holdout)
     images = _read_images(run, real, holdout, kind, silo_options or {}, effort, say)
-    _check_enough(images)
     out_dir = run.dir / EVALUATION_DIR
     enc_path = Path(encoder_path) if encoder_path else out_dir / f"{site_id}-encoder.pt"
     enc = _domain_encoder(enc_path, bool(encoder_path), images.members, effort, say)
@@ -208,20 +207,20 @@ def evaluate(
     return path
 
 
-def _check_enough(images: _Images) -> None:
+def _check_enough(members: torch.Tensor, held: torch.Tensor | None) -> None:
     """Refuse, in one line naming the minimum, before any minute of work."""
-    n = images.real.shape[0]
+    n = members.shape[0] + (0 if held is None else held.shape[0])
     if n < MIN_REAL:
         raise EvaluationError(
             f"{n} real images: FID, KID and precision/recall need at least {MIN_REAL} "
             "(--real and --holdout together), or they flatter any generator; evaluate at a "
             "site with more images"
         )
-    if images.held is not None:
-        members, held = images.members.shape[0], images.held.shape[0]
-        if min(members, held) < MIN_MIA:
+    if held is not None:
+        m, h = members.shape[0], held.shape[0]
+        if min(m, h) < MIN_MIA:
             raise EvaluationError(
-                f"{members} members and {held} held-out images: the membership attacks need at "
+                f"{m} members and {h} held-out images: the membership attacks need at "
                 f"least {MIN_MIA} of each; hold out more images, or leave out --holdout"
             )
 
@@ -270,6 +269,7 @@ def _read_images(
     if holdout is not None:
         held, held_labels = _images(holdout, kind, spec, options, run.classes)
         say(f"held out      {held.shape[0]} images from {holdout}")
+    _check_enough(members, held)
     fake, fake_labels = generate(
         run.gen, effort.n_synthetic, seed=effort.seed, attributes=run.attributes
     )

@@ -123,7 +123,7 @@ def gray_unit(
 # top level where `apply_modality_lut` and the window code look for them.
 _FRAME_GROUPS = (
     ("PixelValueTransformationSequence", ("RescaleIntercept", "RescaleSlope", "RescaleType")),
-    ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
+    ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence")),
 )
 
 
@@ -136,6 +136,9 @@ def frame_view(ds: pydicom.Dataset, index: int) -> pydicom.Dataset:
     top-level attributes its display depends on, with the rescale and window
     of its per-frame functional group, else of the shared one."""
     view = pydicom.Dataset()
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:  # LUT data stored as OW is read by its transfer syntax
+        view.file_meta = meta
     for keyword in (
         "PhotometricInterpretation",
         "PixelRepresentation",

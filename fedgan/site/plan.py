@@ -168,7 +168,7 @@ def as_dict(p: SitePlan) -> dict[str, Any]:
     }
     if p.plan is not None and p.forecast is not None:
         out |= {
-            "local_steps": p.plan.steps // p.run.train.d_steps_per_g,
+            "local_steps": p.plan.steps // max(1, p.run.train.d_steps_per_g),
             "d_steps_per_g": p.run.train.d_steps_per_g,
             "noise_multiplier": p.plan.noise_multiplier,
             "calibrated": p.run.privacy.noise_multiplier <= 0,

@@ -176,3 +176,26 @@ def test_a_run_with_one_model_producing_round_completes(tmp_path):
     transport, settings, store, audit = aggregator(tmp_path, _sites(tmp_path), secagg=False)
     summary = run_federation(transport, settings, store, audit)
     assert "stopped" not in summary and store.generator_path.exists()
+
+
+def test_a_misshapen_or_unreadable_reply_is_one_sites_failure_not_the_runs(tmp_path):
+    from flwr.app import RecordDict
+
+    from fedgan.update import SiteUpdate
+
+    sites = _sites(tmp_path)
+    sites[0].update_for = (
+        lambda gen, disc: SiteUpdate(  # one array short
+            gen=[np.zeros_like(a) for a in gen[1:]], disc=disc, weight=10.0
+        )
+    )
+    sites[1].answer = lambda request: RecordDict()  # no metrics, no site id
+    fed = federation(tmp_path, sites, secagg=False)
+    before = get_arrays(fed.disc)
+    record = run_round(fed, 1)
+    assert record.failures == [
+        "site site-a: its update does not have the global model's shapes",
+        "node 2: an unreadable reply (KeyError)",
+    ]
+    assert record.sites == ["site-c"]
+    assert np.allclose(_disc_moved_by(fed, before), STEPS["site-c"], atol=1e-7)

@@ -144,3 +144,13 @@ def test_demo_refuses_secure_aggregation_with_one_site():
     with pytest.raises(ValueError, match=r"at least 2 sites.*secagg=false"):
         DemoOptions(sites=1)
     assert DemoOptions(sites=1, extra_config={"secagg": False}).sites == 1
+
+
+def test_mean_embedding_refuses_d_steps_per_g():
+    cfg = default_run_config() | {
+        "mechanism": "mean-embedding",
+        "num-server-rounds": 1,
+        "d-steps-per-g": 2,
+    }
+    with pytest.raises(ConfigError, match="trains no D; set 'd-steps-per-g' = 1"):
+        RunSettings.from_run_config(cfg)
