@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedgan.config.round import RoundConfig
+from fedgan.config.run import SiteSettings
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger, Spend
 from fedgan.privacy.plan import RoundPlan, plan_release, plan_round
 from fedgan.site.approval import AppRefused, Limits, check_run
@@ -85,44 +87,52 @@ def check_limits(
 @dataclass(frozen=True)
 class Admission:
     plan: RoundPlan | None = None  # None: the run has no DP
-    spend: Spend | None = None  # recorded ahead; complete it after the release
+    spend: Spend | None = None  # recorded ahead; `complete` once the release is made
     refusal: BudgetExhausted | None = None  # the site's budget would be passed
+    ledger: PrivacyLedger | None = None
 
     @property
     def admitted(self) -> bool:
         return self.refusal is None
 
+    def complete(self) -> None:
+        """Mark the written-ahead spend as released (nothing without DP)."""
+        if self.spend is not None and self.ledger is not None:
+            self.ledger.complete(run=self.spend.run, server_round=self.spend.round)
+
 
 def admit(
-    site_id: str,
-    budget: float,
-    ledger: PrivacyLedger,
+    site: SiteSettings,
     cfg: RoundConfig,
     images: int,
     *,
-    run_name: str,
+    run_id: str,
     limits: Limits | None,
     secure: bool,
 ) -> Admission:
     """Plan, check the limits with the planned σ (raises `AppRefused`), and
-    record the spend ahead; a budget refusal is returned, nothing recorded."""
+    record the spend ahead in the site's ledger; a budget refusal is
+    returned, nothing recorded. ``run_id``: Flower's, for a run without a
+    name of its own."""
     if not cfg.privacy.enabled:
         return Admission()
+    ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
+    run_name = cfg.run_name or run_id
     plan = plan_for(cfg, images, ledger.latest_noise(run_name))
     assert plan is not None
-    check_plan(site_id, cfg, plan, images)
-    check_limits(limits, site_id, cfg, secure, plan.noise_multiplier)
+    check_plan(site.site_id, cfg, plan, images)
+    check_limits(limits, site.site_id, cfg, secure, plan.noise_multiplier)
     try:
         spend = ledger.spend(
             run=run_name,
             server_round=cfg.round,
             round_=plan.as_round,
             delta=plan.delta,
-            budget=budget,
+            budget=site.epsilon_budget,
             accountant=plan.accountant,
             mechanism=cfg.privacy.mechanism,
         )
     except BudgetExhausted as refusal:
-        log.warning("site %s round %d: %s", site_id, cfg.round, refusal)
-        return Admission(plan, refusal=refusal)
-    return Admission(plan, spend)
+        log.warning("site %s round %d: %s", site.site_id, cfg.round, refusal)
+        return Admission(plan, refusal=refusal, ledger=ledger)
+    return Admission(plan, spend, ledger=ledger)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,6 @@ import numpy as np
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.errors import FedGanError
-from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.privacy.mean_embedding import FeatureMap, release
 from fedgan.privacy.plan import release_noise_figure
 from fedgan.silo.options import SiloOptions
@@ -57,25 +55,14 @@ def release_round(
         site, SiloOptions.from_mapping(site.kind, size, channels, node_config), cfg.model.classes
     )
     n = images.shape[0]
-    ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
-    admission = admit(
-        site.site_id,
-        site.epsilon_budget,
-        ledger,
-        cfg,
-        n,
-        run_name=cfg.run_name or run_id,
-        limits=limits,
-        secure=secure,
-    )
+    admission = admit(site, cfg, n, run_id=run_id, limits=limits, secure=secure)
     if not admission.admitted:
         return RoundOutcome(None, refusal=admission.refusal)
     plan, spend = admission.plan, admission.spend
     sigma = plan.noise_multiplier if plan is not None else 0.0
     started = time.perf_counter()
     values = release(phi, images, labels, len(cfg.model.classes), sigma)
-    if spend is not None:
-        ledger.complete(run=spend.run, server_round=cfg.round)
+    admission.complete()
     weight = noisy_count(values)
     metrics: dict[str, float] = {}
     if plan is not None and spend is not None:

@@ -20,7 +20,7 @@ from fedgan.attributes import width as attribute_width
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.gan.models import Discriminator, GanSpec, build, trainable_parameters
-from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
+from fedgan.privacy.ledger import BudgetExhausted
 from fedgan.privacy.plan import noise_to_signal
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
@@ -140,17 +140,7 @@ def run_round(
     )
     images, labels, vectors = site_images(site, options, cfg.model.classes, attrs)
     train_cfg = _train_config(cfg, site, images.shape[0])
-    ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
-    admission = admit(
-        site.site_id,
-        site.epsilon_budget,
-        ledger,
-        cfg,
-        images.shape[0],
-        run_name=cfg.run_name or run_id,
-        limits=limits,
-        secure=secure,
-    )
+    admission = admit(site, cfg, images.shape[0], run_id=run_id, limits=limits, secure=secure)
     if not admission.admitted:
         return RoundOutcome(None, refusal=admission.refusal)
     dp, metrics = _dp(site, cfg, admission, images.shape[0], disc)
@@ -166,8 +156,7 @@ def run_round(
         attributes=vectors,
         sample_attributes=(lambda n, g: sample_attributes(attrs, n, g)) if attrs else None,
     )
-    if admission.spend is not None:
-        ledger.complete(run=admission.spend.run, server_round=cfg.round)
+    admission.complete()
     update = make_update(
         get_arrays(gen), get_arrays(disc), global_gen, global_disc, result.examples
     )
