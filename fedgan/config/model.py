@@ -38,6 +38,31 @@ class GanSpec:
         if self.attr_dim < 0:
             raise ValueError("attr-dim must be >= 0")
 
+    @classmethod
+    def declared(
+        cls,
+        image_size: int,
+        channels: int,
+        latent_dim: int,
+        width: int,
+        classes: tuple[str, ...],
+        attributes: str,
+    ) -> GanSpec:
+        """The spec of a run that names its classes and declares its
+        attributes (e.g. "age=0:100,sex=F|M"): the form the run settings and
+        the round contract carry."""
+        from fedgan.attributes import parse
+        from fedgan.attributes import width as attribute_width
+
+        return cls(
+            image_size=image_size,
+            channels=channels,
+            latent_dim=latent_dim,
+            width=width,
+            num_classes=len(classes),
+            attr_dim=attribute_width(parse(attributes)),
+        )
+
     @property
     def blocks(self) -> int:
         """Resolution doublings between the 4x4 seed and the image."""

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedgan.config.model import GanSpec
 from fedgan.config.run import PrivacySettings, _get, parse_classes
 
 WHERE = "round config"
@@ -28,6 +29,16 @@ class ModelShape:
     width: int
     classes: tuple[str, ...]
     attributes: str  # the declaration, e.g. "age=0:100,sex=F|M" (fedgan.attributes)
+
+    def spec(self) -> GanSpec:
+        return GanSpec.declared(
+            self.image_size,
+            self.channels,
+            self.latent_dim,
+            self.width,
+            self.classes,
+            self.attributes,
+        )
 
 
 @dataclass(frozen=True)

@@ -256,20 +256,18 @@ class RunSettings:
         if min_sites < 1:
             raise ConfigError("run config key 'min-sites' must be >= 1")
         from fedgan.attributes import AttributesError
-        from fedgan.attributes import parse as parse_attributes
-        from fedgan.attributes import width as attribute_width
 
         for key in ("cond-lambda", "mode-seeking"):
             if _get(cfg, key, float) < 0:
                 raise ConfigError(f"run config key '{key}' must be >= 0")
         try:
-            spec = GanSpec(
+            spec = GanSpec.declared(
                 image_size=_get(cfg, "image-size", int),
                 channels=_get(cfg, "channels", int),
                 latent_dim=_get(cfg, "latent-dim", int),
                 width=_get(cfg, "width", int),
-                num_classes=len(parse_classes(_get(cfg, "classes", str))),
-                attr_dim=attribute_width(parse_attributes(_get(cfg, "attributes", str))),
+                classes=parse_classes(_get(cfg, "classes", str)),
+                attributes=_get(cfg, "attributes", str),
             )
             train = TrainConfig(
                 local_steps=_get(cfg, "local-steps", int),

@@ -16,10 +16,9 @@ import torch
 from fedgan.attributes import Attribute, read_site_attributes
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
-from fedgan.attributes import width as attribute_width
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
-from fedgan.gan.models import Discriminator, GanSpec, build, trainable_parameters
+from fedgan.gan.models import Discriminator, build, trainable_parameters
 from fedgan.privacy.ledger import BudgetExhausted
 from fedgan.privacy.plan import noise_to_signal
 from fedgan.silo.loader import load_silo
@@ -132,7 +131,7 @@ def run_round(
     them raises `AppRefused` before anything is trained or recorded."""
     check_limits(limits, site.site_id, cfg, secure, sigma=None)  # before the silo is read
     attrs = parse_attributes(cfg.model.attributes)
-    gen, disc = build(model_spec(cfg))
+    gen, disc = build(cfg.model.spec())
     set_arrays(gen, global_gen)
     set_arrays(disc, global_disc)
     options = SiloOptions.from_mapping(
@@ -171,18 +170,6 @@ def run_round(
     }
     _log_trained(site.site_id, cfg.round, result, metrics)
     return RoundOutcome(update, metrics)
-
-
-def model_spec(cfg: RoundConfig) -> GanSpec:
-    m = cfg.model
-    return GanSpec(
-        image_size=m.image_size,
-        channels=m.channels,
-        latent_dim=m.latent_dim,
-        width=m.width,
-        num_classes=len(m.classes),
-        attr_dim=attribute_width(parse_attributes(m.attributes)),
-    )
 
 
 def _train_config(cfg: RoundConfig, site: SiteSettings, images: int) -> TrainConfig:
