@@ -169,12 +169,23 @@ def silo_synth(
     n: Annotated[int, typer.Option(help="Number of images.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same silo).")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="site (the sites' camera) or public: a stand-in public fundus set, another "
+            "camera, colour profile and grade mix, for `fedgan pretrain` rehearsals."
+        ),
+    ] = "site",
 ) -> None:
     """Write a synthetic silo (fundus JPEGs + labels.csv, or chest DICOM + labels.csv)."""
     from fedgan.silo.synth import synth_silo
 
-    synth_silo(directory, kind, n, seed=seed, size=size)
-    typer.echo(f"wrote {n} {kind} images and labels.csv to {directory}")
+    try:
+        synth_silo(directory, kind, n, seed=seed, size=size, profile=profile)
+    except ValueError as exc:
+        fail(str(exc))
+    what = "stand-in public " if profile == "public" else ""
+    typer.echo(f"wrote {n} {what}{kind} images and labels.csv to {directory}")
 
 
 def _silo_options(

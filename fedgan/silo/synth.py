@@ -13,6 +13,7 @@ import csv
 import datetime as dt
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,43 @@ from fedgan.atomic import write_atomic, write_text_atomic
 GRADE_WEIGHTS = np.array([0.45, 0.15, 0.2, 0.1, 0.1])
 
 
-def _fundus_image(rng: np.random.Generator, grade: int, size: int) -> Image.Image:
+@dataclass(frozen=True)
+class FundusCamera:
+    """How one camera and one population look: the field of view, the colour
+    profile, the sharpness and the mix of DR grades."""
+
+    radius: tuple[float, float]  # of the field of view, as a fraction of the side
+    base_rgb: tuple[tuple[float, float], ...]  # uniform range per channel
+    blur: float  # Gaussian blur radius per 256 px
+    quality: int  # JPEG quality
+    grades: tuple[float, ...]
+
+
+PROFILES = {
+    # The sites' silos.
+    "site": FundusCamera(
+        (0.42, 0.47), ((150, 200), (60, 95), (20, 45)), 1.0, 92, tuple(GRADE_WEIGHTS)
+    ),
+    # A stand-in for a public collection: another camera (a wider field cut
+    # at the top and bottom, a yellower, brighter colour profile, softer
+    # optics, stronger compression) and a screening population (mostly
+    # healthy). Its distribution differs from the sites' on purpose, as a real
+    # public set's would; it is a stand-in and is named so wherever it appears.
+    "public": FundusCamera(
+        (0.5, 0.54), ((195, 235), (105, 140), (35, 65)), 2.0, 80, (0.7, 0.12, 0.1, 0.05, 0.03)
+    ),
+}
+STAND_IN_MARKER = "STAND-IN-PUBLIC-SET.txt"
+
+
+def _fundus_image(
+    rng: np.random.Generator, grade: int, size: int, camera: FundusCamera = PROFILES["site"]
+) -> Image.Image:
     img = Image.new("RGB", (size, size), (0, 0, 0))
     draw = ImageDraw.Draw(img)
     cx, cy = size / 2 + rng.normal(0, size * 0.01), size / 2 + rng.normal(0, size * 0.01)
-    radius = size * rng.uniform(0.42, 0.47)
-    base = np.array([rng.uniform(150, 200), rng.uniform(60, 95), rng.uniform(20, 45)])
+    radius = size * rng.uniform(*camera.radius)
+    base = np.array([rng.uniform(*span) for span in camera.base_rgb])
     # Radial shading: brighter centre, darker rim, as in a real fundus photograph.
     for step in range(24, 0, -1):
         r = radius * step / 24
@@ -64,20 +96,31 @@ def _fundus_image(rng: np.random.Generator, grade: int, size: int) -> Image.Imag
         x, y = cx + d * math.cos(a), cy + d * math.sin(a)
         s = max(1.0, size / 128 * rng.uniform(1.0, 3.0))
         draw.ellipse([x - s, y - s, x + s, y + s], fill=(235, 220, 90))
-    return img.filter(ImageFilter.GaussianBlur(radius=size / 256))
+    if radius > size / 2:  # a wide field is cut by the sensor at the top and bottom
+        cut = int(size * 0.04)
+        draw.rectangle([0, 0, size, cut], fill=(0, 0, 0))
+        draw.rectangle([0, size - cut, size, size], fill=(0, 0, 0))
+    return img.filter(ImageFilter.GaussianBlur(radius=camera.blur * size / 256))
 
 
-def synth_fundus(directory: Path, n: int, *, seed: int = 0, size: int = 128) -> Path:
+def synth_fundus(
+    directory: Path, n: int, *, seed: int = 0, size: int = 128, profile: str = "site"
+) -> Path:
     """Write ``n`` fundus JPEGs, ``labels.csv`` (``id_code,diagnosis``) and
-    ``attributes.csv`` (``id_code,age,sex``)."""
+    ``attributes.csv`` (``id_code,age,sex``); with ``profile="public"``, a
+    stand-in public set (another camera and grade mix) marked as such."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown fundus profile {profile!r}; use {' or '.join(PROFILES)}")
+    camera = PROFILES[profile]
     directory = Path(directory)
     rng = np.random.default_rng(seed)
     rows = []
+    prefix = "synth" if profile == "site" else "standin"
     for i in range(n):
-        grade = int(rng.choice(5, p=GRADE_WEIGHTS))
-        image_id = f"synth{seed:04d}_{i:05d}"
+        grade = int(rng.choice(5, p=np.array(camera.grades)))
+        image_id = f"{prefix}{seed:04d}_{i:05d}"
         out = io.BytesIO()
-        _fundus_image(rng, grade, size).save(out, format="JPEG", quality=92)
+        _fundus_image(rng, grade, size, camera).save(out, format="JPEG", quality=camera.quality)
         write_atomic(directory / f"{image_id}.jpg", out.getvalue())
         rows.append((image_id, grade))
     text = io.StringIO()
@@ -86,6 +129,13 @@ def synth_fundus(directory: Path, n: int, *, seed: int = 0, size: int = 128) -> 
     writer.writerows(rows)
     write_text_atomic(directory / "labels.csv", text.getvalue())
     _write_attributes(directory, "id_code", [r[0] for r in rows], seed)
+    if profile == "public":
+        write_text_atomic(
+            directory / STAND_IN_MARKER,
+            "A stand-in for a public fundus collection, drawn by `fedgan silo synth "
+            "--profile public`:\nanother camera, colour profile and grade mix than the sites' "
+            "synthetic silos. Not real data.\n",
+        )
     return directory
 
 
@@ -191,11 +241,15 @@ def synth_dicom(directory: Path, n: int, *, seed: int = 0, size: int = 128) -> P
     return directory
 
 
-def synth_silo(directory: Path, kind: str, n: int, *, seed: int = 0, size: int = 128) -> Path:
+def synth_silo(
+    directory: Path, kind: str, n: int, *, seed: int = 0, size: int = 128, profile: str = "site"
+) -> Path:
     if n < 1:
         raise ValueError("--n must be at least 1")
     if kind == "fundus":
-        return synth_fundus(directory, n, seed=seed, size=size)
+        return synth_fundus(directory, n, seed=seed, size=size, profile=profile)
+    if profile != "site":
+        raise ValueError("--profile public is drawn for fundus silos only; use --kind fundus")
     if kind == "dicom":
         return synth_dicom(directory, n, seed=seed, size=size)
     raise ValueError(f"unknown silo kind {kind!r}; use fundus or dicom")
