@@ -363,6 +363,68 @@ def demo(
     run_demo(opts, say=typer.echo)
 
 
+@app.command("pretrain")
+def pretrain(
+    data: Annotated[Path, typer.Option(help="A folder of public images (fundus JPEGs or DICOM).")],
+    out: Annotated[Path, typer.Option(help="The init file to write (model.init names it).")],
+    kind: Annotated[str, typer.Option(help="fundus or dicom.")] = "fundus",
+    config: Annotated[
+        Path | None,
+        typer.Option(help="The federation.yaml whose model section sets G's and D's shape."),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="G steps (each after d-steps-per-g D steps).")] = 1500,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of both networks.")] = 2e-4,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the batches.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    force: ForceOpt = False,
+) -> None:
+    """Train G and D centrally, without DP, on public images: a federation's starting point."""
+    from fedgan.atomic import write_atomic
+    from fedgan.config.appbundle import default_run_config
+    from fedgan.config.federation import load as load_federation
+    from fedgan.config.run import RunSettings
+    from fedgan.config.training import TrainConfig
+    from fedgan.gan.pretrain import pretrain as run_pretrain
+    from fedgan.gan.pretrain import public_images, sample_grid
+    from fedgan.model_init import save_init
+    from fedgan.progress import step_progress
+    from fedgan.silo.options import KINDS
+
+    if kind not in KINDS:
+        fail(f"--kind {kind!r}: use {' or '.join(KINDS)}")
+    if out.exists() and not force:
+        fail(f"{out} exists; choose another --out or pass --force to replace it")
+    run_config = default_run_config() | (load_federation(config) if config else {})
+    settings = RunSettings.from_run_config(run_config)
+    spec = settings.spec
+    images, labels, described = public_images(data, kind, spec, settings.classes)
+    cfg = TrainConfig(local_steps=steps, batch_size=batch_size, lr_g=lr, lr_d=lr, seed=seed)
+    typer.echo(
+        f"pretraining on {described['description']}: {described['images']} images at "
+        f"{spec.image_size} px, {steps} steps of {min(batch_size, described['images'])}, no DP "
+        "(public data only)"
+    )
+    gen, disc, seconds = run_pretrain(
+        images,
+        spec,
+        cfg,
+        labels=labels,
+        device=device,
+        progress=step_progress(typer.echo, "pretrain"),
+    )
+    init = save_init(out, gen, disc, data=described, steps=steps)
+    grid = out.with_suffix(".png")
+    write_atomic(grid, sample_grid(gen))
+    typer.echo(f"wrote {out} after {seconds:.0f} s; samples: {grid}")
+    typer.echo(f"file sha256     {init.file_sha256}")
+    typer.echo(
+        f"weights sha256  {init.weights_sha256}  (what a site pins: "
+        "fedgan site policy --allow-init)"
+    )
+    typer.echo(f"start a federation from it: model.init: {out} in federation.yaml")
+
+
 ConnOpt = Annotated[
     str | None,
     typer.Option(
@@ -797,6 +859,23 @@ def site_policy(
             "--require-secagg/--allow-no-secagg", help="Refuse runs without secure aggregation."
         ),
     ] = None,
+    refuse_init: Annotated[
+        bool | None,
+        typer.Option(
+            "--refuse-init/--accept-init",
+            help="Refuse runs that start from pretrained weights (model.init), or accept them.",
+        ),
+    ] = None,
+    allow_init: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Pin a pretrained init by its weights SHA-256 (as `fedgan pretrain` prints it); "
+            "once any is pinned, only pinned inits are accepted. Repeatable."
+        ),
+    ] = None,
+    forget_init: Annotated[
+        list[str] | None, typer.Option(help="Remove a pinned init's SHA-256. Repeatable.")
+    ] = None,
     work_dir: WorkDirOpt = Path("/var/lib/fedgan"),
 ) -> None:
     """Print this site's approval policy and limits; change them with the options."""
@@ -804,6 +883,17 @@ def site_policy(
 
     store = _site_store(work_dir)
     limits: dict[str, object] = {}
+    if refuse_init is not None:
+        limits["refuse_init"] = refuse_init
+    if allow_init or forget_init:
+        pinned = list(store.current().limits.init_hashes)
+        pinned += [h.strip().lower() for h in allow_init or [] if h.strip().lower() not in pinned]
+        gone = {h.strip().lower() for h in forget_init or []}
+        if gone - set(pinned):
+            fail(
+                f"--forget-init {', '.join(sorted(gone - set(pinned)))}: not pinned in {store.path}"
+            )
+        limits["init_hashes"] = [h for h in pinned if h not in gone]
     if min_noise is not None:
         limits["min_noise_multiplier"] = min_noise
     if max_epsilon is not None:

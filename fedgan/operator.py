@@ -73,7 +73,12 @@ def prepare(
         overrides["run-dir"] = run_dir
     config = default_run_config() | overrides
     try:
-        RunSettings.from_run_config(config)
+        settings = RunSettings.from_run_config(config)
+        if settings.model_init:
+            # Read here too, so that a wrong path or shape fails before submitting.
+            from fedgan.model_init import load_init
+
+            load_init(Path(settings.model_init), settings.spec)
     except ConfigError as exc:
         raise OperatorError(f"{config_path}: {exc}") from None
     return config

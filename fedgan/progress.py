@@ -4,6 +4,8 @@ reads the ServerApp's log stream)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 # The ServerApp logs each round's record after this marker, as JSON.
@@ -62,3 +64,18 @@ def format_round(r: dict[str, Any], rounds: int) -> list[str]:
     for site, why in r.get("secagg", {}).get("failures", {}).items():
         lines.append(f"  {site} dropped out: {why}")
     return lines
+
+
+def step_progress(say: Callable[[str], None], what: str) -> Callable[[int, int], None]:
+    """A trainer's ``progress(step, total)`` that prints a bar with the time
+    spent and left at every tenth of the work, for long runs at a terminal."""
+    start = time.perf_counter()
+
+    def report(step: int, total: int) -> None:
+        if step != total and step % max(1, total // 10):
+            return
+        spent = time.perf_counter() - start
+        left = spent / step * (total - step) if step else 0.0
+        say(f"  {what} {_bar(step, total)} {step}/{total} steps, {spent:.0f} s, ~{left:.0f} s left")
+
+    return report

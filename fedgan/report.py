@@ -194,13 +194,34 @@ def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
     return worst_findings(records) + lines
 
 
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((run_dir / "run-config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def starting_point(run_dir: Path) -> str:
+    """Where the federation's model started: a pretrained init (which data,
+    which hashes) or random weights."""
+    init = _run_config(run_dir).get("model-init-record")
+    if not isinstance(init, dict):
+        return "Started from random weights (no pretrained init)."
+    data = init.get("data", {}) if isinstance(init.get("data"), dict) else {}
+    return (
+        f"Started from a model pretrained without DP on {data.get('description', 'public data')} "
+        f"({data.get('images', '?')} images, {init.get('steps', '?')} steps): init file SHA-256 "
+        f"{init.get('file_sha256', '?')}, weights SHA-256 {init.get('weights_sha256', '?')}."
+    )
+
+
 def _class_rows(run_dir: Path, rows: int = 8) -> str:
     """A conditional run's grid has one class per row (the ServerApp asks row
     i for class i mod the number of classes): say which."""
     try:
-        config = json.loads((run_dir / "run-config.json").read_text("utf-8"))
-        classes = parse_classes(str(config.get("classes", ""))) if isinstance(config, dict) else ()
-    except (OSError, ValueError):  # ConfigError (a class named twice) is a ValueError
+        classes = parse_classes(str(_run_config(run_dir).get("classes", "")))
+    except ValueError:  # ConfigError (a class named twice) is a ValueError
         return ""
     if not classes:
         return ""
@@ -222,6 +243,7 @@ def build(run_dir: Path, baselines: list[tuple[str, Path]] | None = None) -> str
         f"<h1>FedGAN run {_e(run_dir.name)}</h1>",
         f"<p>Status: <b>{_e(status.get('status', 'unknown'))}</b>; rounds "
         f"{min(rounds)}–{max(rounds)}; Flower run {_e(status.get('flower_run_id', '?'))}.</p>",
+        f"<p>{_e(starting_point(run_dir))}</p>",
         "<h2>Reading</h2><ul>"
         + "".join(f"<li>{_e(x)}</li>" for x in reading(records, status))
         + "</ul>",

@@ -55,6 +55,7 @@ class Federation:
     declined: dict[int, tuple[str, str]] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)  # sites that have been in a sum
     clipped: dict[str, list[bool]] = field(default_factory=dict)  # per site, per round
+    init_sha256: str = ""  # the weights hash of the pretrained init the run started from
 
     def available(self) -> list[int]:
         left_out = self.exhausted.keys() | self.declined.keys()
@@ -138,7 +139,7 @@ def collect(fed: Federation, server_round: int) -> Collected:
     available = fed.available()
     nodes = sample_sites(available, settings.fraction_sites, settings.train.seed, server_round)
     before = get_arrays(fed.gen), get_arrays(fed.disc)
-    config = settings.round_config(server_round, fed.mechanism.digest)
+    config = settings.round_config(server_round, fed.mechanism.digest, fed.init_sha256)
     length = fed.mechanism.length(before)
     secure, setup_error = _secure_round(fed, config, nodes, length)
     contract = config.to_record()

@@ -15,6 +15,7 @@ from fedgan.aggregator.transport import Transport
 from fedgan.audit_log import AuditLog
 from fedgan.config.run import ConfigError, RunSettings
 from fedgan.gan.models import Discriminator, Generator, build
+from fedgan.model_init import ModelInit
 from fedgan.progress import VERDICT_MARKER
 
 log = logging.getLogger("fedgan.server")
@@ -23,13 +24,19 @@ NODE_WAIT_SECONDS = 300.0
 
 
 def run_federation(
-    transport: Transport, settings: RunSettings, store: RunOutputs, audit: AuditLog
+    transport: Transport,
+    settings: RunSettings,
+    store: RunOutputs,
+    audit: AuditLog,
+    init: ModelInit | None = None,
 ) -> dict:
-    """The rounds; returns the run's summary for status.json (with
+    """The rounds, from ``init`` (the run's pretrained `model_init`, loaded)
+    or random weights; returns the run's summary for status.json (with
     ``stopped`` when no site would take part any more)."""
-    gen, disc, first_round = start(settings, store)
+    gen, disc, first_round = start(settings, store, init)
     mechanism = mechanism_for(settings, store, audit)
     fed = Federation(transport, settings, store, audit, mechanism, gen, disc, Preview(settings))
+    fed.init_sha256 = init.weights_sha256 if init else ""
     # Secure aggregation needs two sites at least: a sum of one is that update.
     wanted = max(settings.min_sites, 2 if settings.secagg.enabled else 1)
     if not (isinstance(mechanism, MeanEmbeddingFit) and mechanism.all_kept(first_round)):
@@ -69,12 +76,16 @@ def wait_for_sites(transport: Transport, wanted: int, timeout: float) -> list[in
         time.sleep(1.0)
 
 
-def start(settings: RunSettings, store: RunOutputs) -> tuple[Generator, Discriminator, int]:
-    """The global model and the first round: fresh, or from the checkpoint
-    when resuming (or, stopped in the first round's fit, from its kept
-    release sum). A run folder that holds either is never restarted from
-    scratch over it."""
+def start(
+    settings: RunSettings, store: RunOutputs, init: ModelInit | None = None
+) -> tuple[Generator, Discriminator, int]:
+    """The global model and the first round: fresh (``init``'s weights, or
+    random ones from the run's seed), or from the checkpoint when resuming
+    (or, stopped in the first round's fit, from its kept release sum). A run
+    folder that holds either is never restarted from scratch over it."""
     gen, disc = build(settings.spec, seed=settings.train.seed)
+    if init is not None:
+        init.load_into(gen, disc)
     kept = store.kept_rounds()
     if not settings.resume:
         for held in (store.checkpoint_path, *map(store.release_path, kept)):

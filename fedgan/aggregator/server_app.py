@@ -18,6 +18,7 @@ from fedgan.aggregator.transport import GridTransport
 from fedgan.atomic import write_text_atomic
 from fedgan.audit_log import AuditLog
 from fedgan.config.run import ConfigError, RunSettings
+from fedgan.model_init import load_init
 
 log = logging.getLogger("fedgan.server")
 app = ServerApp()
@@ -40,6 +41,7 @@ def main(grid: Grid, context: Context) -> None:
     _log_to_stream()
     try:
         settings = RunSettings.from_run_config(context.run_config)
+        init = load_init(Path(settings.model_init), settings.spec) if settings.model_init else None
     except ConfigError as exc:
         raise SystemExit(f"fedgan: {exc}") from None
     run_dir = Path(settings.run_dir or Path.cwd() / "runs" / f"flower-{context.run_id}")
@@ -49,9 +51,9 @@ def main(grid: Grid, context: Context) -> None:
     run = out.dir.name
     out.write_status("running", flower_run_id=context.run_id, rounds=settings.rounds)
     # What `fedgan evaluate` needs to draw like the run (class names, attributes).
-    write_text_atomic(
-        out.dir / "run-config.json", json.dumps(dict(context.run_config), indent=1, sort_keys=True)
-    )
+    # And, for auditors and the report, what the run started from.
+    recorded = dict(context.run_config) | ({"model-init-record": init.record()} if init else {})
+    write_text_atomic(out.dir / "run-config.json", json.dumps(recorded, indent=1, sort_keys=True))
     audit.append(
         "run_started",
         run=run,
@@ -60,9 +62,10 @@ def main(grid: Grid, context: Context) -> None:
         resume=settings.resume,
         dp=settings.privacy.enabled,
         secure_aggregation=settings.secagg.enabled,
+        model_init=init.record() if init else None,
     )
     try:
-        summary = run_federation(GridTransport(grid), settings, out, audit)
+        summary = run_federation(GridTransport(grid), settings, out, audit, init)
     except BaseException as exc:
         out.write_status("failed", flower_run_id=context.run_id, reason=str(exc))
         audit.append("run_failed", run=run, reason=str(exc) or type(exc).__name__)

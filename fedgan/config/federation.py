@@ -75,6 +75,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "classes": Field("classes", list),
         "attributes": Field("attributes", str),
         "cond_lambda": Field("cond-lambda", float, _non_negative),
+        "init": Field("model-init", str),
     },
     "training": {
         "local_steps": Field("local-steps", int, _positive),
@@ -209,4 +210,8 @@ def load(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise FederationConfigError(path, [f"{where}not valid YAML"]) from None
-    return parse(document, path)
+    config = parse(document, path)
+    if config.get("model-init"):
+        # Relative to the file that names it, as an operator reads it.
+        config["model-init"] = str((path.parent / config["model-init"]).resolve())
+    return config

@@ -76,6 +76,9 @@ class RoundConfig:
     embedding_seed: int  # the random features' public seed (mean-embedding runs)
     embedding_digest: str = ""  # their hash, for the site to check it drew the same
     dump_updates: bool = False  # test mode
+    # The weights SHA-256 of the pretrained init the run started from ("":
+    # random weights); a site may pin or refuse it, and checks round 1's model.
+    init_sha256: str = ""
 
     def to_record(self) -> dict[str, Scalar]:
         m, t = self.model, self.local
@@ -105,6 +108,8 @@ class RoundConfig:
         }
         if self.embedding_digest:
             record["embedding-digest"] = self.embedding_digest
+        if self.init_sha256:
+            record["model-init-sha256"] = self.init_sha256
         return record
 
     @classmethod
@@ -140,4 +145,5 @@ class RoundConfig:
             embedding_seed=get("embedding-seed", int),
             embedding_digest=str(record.get("embedding-digest", "")),
             dump_updates=get("dump-updates", bool),
+            init_sha256=str(record.get("model-init-sha256", "")),
         )

@@ -246,6 +246,8 @@ class RunSettings:
     cond_lambda: float
     local_epochs: float
     secagg: SecAggSettings
+    # A `fedgan pretrain` init file at the aggregator ("": random weights).
+    model_init: str = ""
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunSettings:
@@ -304,6 +306,7 @@ class RunSettings:
             secagg=SecAggSettings.from_run_config(
                 cfg, _get(cfg, "update-clip", float), _get(cfg, "local-epochs", float)
             ),
+            model_init=_get(cfg, "model-init", str),
         )
 
     def __post_init__(self) -> None:
@@ -346,8 +349,11 @@ class RunSettings:
         lr = max(self.train.lr_g, self.train.lr_d)
         return self.secagg.value_range_for(length, self.privacy.update_clip, lr, steps)
 
-    def round_config(self, server_round: int, embedding_digest: str = "") -> RoundConfig:
-        """What a site needs to train one round (sent in the train message)."""
+    def round_config(
+        self, server_round: int, embedding_digest: str = "", init_sha256: str = ""
+    ) -> RoundConfig:
+        """What a site needs to train one round (sent in the train message).
+        ``init_sha256``: the weights hash of the run's `model_init`, if any."""
         from fedgan.config.round import LocalTraining, ModelShape, RoundConfig
 
         return RoundConfig(
@@ -381,6 +387,7 @@ class RunSettings:
             embedding_seed=self.train.seed,
             embedding_digest=embedding_digest,
             dump_updates=self.dump_updates,
+            init_sha256=init_sha256,
         )
 
 

@@ -11,8 +11,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
+from fedgan.model_init import weights_sha256
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger, Spend
 from fedgan.privacy.plan import RoundPlan, plan_release, plan_round
 from fedgan.site.approval import AppRefused, Limits, check_run
@@ -81,6 +84,21 @@ def check_limits(
             noise_multiplier=sigma,
             target_epsilon=cfg.privacy.target_epsilon,
             secure_aggregation=secure,
+            init_sha256=cfg.init_sha256,
+        )
+
+
+def check_init_weights(
+    site_id: str, cfg: RoundConfig, gen: list[np.ndarray], disc: list[np.ndarray]
+) -> None:
+    """In round 1 the global model is the declared init itself: refuse one
+    whose weights do not hash to it, so that the hash a site pins (and the
+    one in the run's record) is the model the site really trains."""
+    if cfg.init_sha256 and cfg.round == 1 and weights_sha256(gen, disc) != cfg.init_sha256:
+        raise AppRefused(
+            site_id,
+            f"round 1's global model is not the pretrained init {cfg.init_sha256} the run "
+            "declares (its weights hash differently)",
         )
 
 

@@ -84,6 +84,11 @@ class Limits:
     # Largest target ε a run may plan for (None: only the site's ε budget).
     max_target_epsilon: float | None = None
     require_secure_aggregation: bool = False
+    # Pretrained inits (`fedgan pretrain`, `model.init`): refuse any run that
+    # starts from one, or, when hashes are listed, allow only those (their
+    # weights SHA-256, which the site checks against round 1's model).
+    refuse_init: bool = False
+    init_hashes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -118,10 +123,10 @@ class SitePolicy:
     def validate(self, where: str) -> None:
         if self.mode not in MODES:
             raise PolicyError(f"{where}: mode {self.mode!r} must be one of {', '.join(MODES)}")
-        for h in self.hashes:
+        lim = self.limits
+        for h in (*self.hashes, *lim.init_hashes):
             if not _SHA256.match(h):
                 raise PolicyError(f"{where}: {h!r} is not a SHA-256 (64 hex digits)")
-        lim = self.limits
         if not (math.isfinite(lim.min_noise_multiplier) and lim.min_noise_multiplier >= 0):
             raise PolicyError(f"{where}: limits.min_noise_multiplier must be ≥ 0")
         if lim.max_target_epsilon is not None and not lim.max_target_epsilon > 0:
@@ -255,10 +260,24 @@ def check_run(
     noise_multiplier: float | None,
     target_epsilon: float,
     secure_aggregation: bool,
+    init_sha256: str = "",
 ) -> None:
-    """Refuse a run whose privacy settings are weaker than the site allows.
+    """Refuse a run whose privacy settings are weaker than the site allows,
+    or that starts from a pretrained init the site does not accept.
     ``noise_multiplier`` is the σ this round would train with (given by the
     run, or calibrated from its target ε)."""
+    if init_sha256 and limits.refuse_init:
+        raise AppRefused(
+            site_id,
+            f"the run starts from pretrained weights {init_sha256[:16]}…; this site's policy "
+            "refuses any init (fedgan site policy --accept-init)",
+        )
+    if init_sha256 and limits.init_hashes and init_sha256 not in limits.init_hashes:
+        raise AppRefused(
+            site_id,
+            f"the run starts from pretrained weights {init_sha256}, not one this site pins; "
+            f"after review: fedgan site policy --allow-init {init_sha256}",
+        )
     if limits.require_dp and not dp:
         raise AppRefused(site_id, "the run turns differential privacy off; this site requires it")
     if dp and noise_multiplier is not None and noise_multiplier < limits.min_noise_multiplier:
@@ -296,5 +315,11 @@ def describe(policy: SitePolicy, path: Path) -> str:
         "max target ε       "
         + ("budget only" if lim.max_target_epsilon is None else f"{lim.max_target_epsilon:g}"),
         f"requires secagg    {'yes' if lim.require_secure_aggregation else 'no'}",
+        "pretrained inits   "
+        + (
+            "refused"
+            if lim.refuse_init
+            else (", ".join(lim.init_hashes) if lim.init_hashes else "any")
+        ),
     ]
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from fedgan.privacy.ledger import BudgetExhausted
 from fedgan.privacy.plan import noise_to_signal
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
-from fedgan.site.admission import Admission, admit, check_limits
+from fedgan.site.admission import Admission, admit, check_init_weights, check_limits
 from fedgan.site.approval import Limits
 from fedgan.train import DPConfig, TrainConfig, resolve_device, train_local
 from fedgan.update import Contribution, clip_update, make_update
@@ -130,6 +130,7 @@ def run_round(
     """``limits``: the site's own (`fedgan.site.approval`); a run weaker than
     them raises `AppRefused` before anything is trained or recorded."""
     check_limits(limits, site.site_id, cfg, secure, sigma=None)  # before the silo is read
+    check_init_weights(site.site_id, cfg, global_gen, global_disc)
     attrs = parse_attributes(cfg.model.attributes)
     gen, disc = build(cfg.model.spec())
     set_arrays(gen, global_gen)

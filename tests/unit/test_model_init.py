@@ -1,0 +1,163 @@
+"""A federation started from a pretrained init (`fedgan pretrain`,
+`model.init`): the file, its two hashes, the aggregator starting from it,
+and the site's policy (pin or refuse) and check of round 1's model."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedgan import wire
+from fedgan.aggregator.round import run_round
+from fedgan.aggregator.run import start
+from fedgan.config import federation as federation_yaml
+from fedgan.config.appbundle import default_run_config
+from fedgan.config.model import GanSpec
+from fedgan.config.run import ConfigError, RunSettings, SiteSettings
+from fedgan.gan.models import build
+from fedgan.model_init import load_init, save_init, weights_sha256
+from fedgan.site import round as site_round
+from fedgan.site.admission import check_init_weights
+from fedgan.site.approval import AppRefused, Limits
+from fedgan.weights import get_arrays
+from tests.memory_federation import SMALL, MemorySite, consortium, federation
+
+SPEC = GanSpec(image_size=16, channels=1, latent_dim=8, width=8)
+DATA = {"description": "test data", "images": 3, "kind": "fundus", "stand_in": True}
+
+
+def _init(tmp_path: Path, spec: GanSpec = SPEC, seed: int = 7) -> Path:
+    gen, disc = build(spec, seed=seed)
+    path = tmp_path / f"init-{seed}.pt"
+    save_init(path, gen, disc, data=DATA, steps=5)
+    return path
+
+
+def test_the_init_file_keeps_both_hashes_and_loads_back_the_same_weights(tmp_path):
+    path = _init(tmp_path)
+    init = load_init(path, SPEC)
+    gen, disc = build(SPEC, seed=7)
+    assert init.file_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert init.weights_sha256 == weights_sha256(get_arrays(gen), get_arrays(disc))
+    assert init.record()["data"] == DATA and init.record()["steps"] == 5
+    other, _ = build(SPEC, seed=8)
+    assert weights_sha256(get_arrays(other), get_arrays(disc)) != init.weights_sha256
+    # One value changed by one ulp changes the hash.
+    arrays = get_arrays(gen)
+    arrays[0].flat[0] = np.nextafter(arrays[0].flat[0], np.float32(1))
+    assert weights_sha256(arrays, get_arrays(disc)) != init.weights_sha256
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ("missing", "not found; write it with `fedgan pretrain"),
+        ("garbage", "is not a FedGAN init file"),
+        ("tampered", "is damaged"),
+        ("other-shape", "was pretrained for 16 px × 1 channels, latent 8, width 8"),
+    ],
+)
+def test_a_bad_init_file_is_one_line_naming_the_key_and_the_file(tmp_path, damage, named):
+    path = _init(tmp_path)
+    spec = SPEC
+    if damage == "missing":
+        path = tmp_path / "nothing.pt"
+    elif damage == "garbage":
+        path.write_bytes(b"not a torch file")
+    elif damage == "tampered":
+        doc = torch.load(path, weights_only=True)
+        doc["state_dict"]["net.0.weight"] += 0.5
+        torch.save(doc, path)
+    else:
+        spec = GanSpec(image_size=16, channels=1, latent_dim=8, width=16)
+    with pytest.raises(ConfigError) as err:
+        load_init(path, spec)
+    assert str(err.value).startswith(f"model.init: {path}") and named in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_federation_yaml_names_the_init_relative_to_itself(tmp_path):
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "federation.yaml"
+    path.write_text("model:\n  init: ../inits/chest.pt\n")
+    assert federation_yaml.load(path)["model-init"] == str(tmp_path / "inits" / "chest.pt")
+
+
+def test_the_aggregator_starts_from_the_init_and_round_one_declares_its_hash(tmp_path):
+    init = load_init(_init(tmp_path), SPEC)
+    settings = consortium(tmp_path, ["site-a", "site-b"])
+    sites = [MemorySite(s, 10.0, 0.001, settings[s]) for s in settings]
+    fed = federation(tmp_path, sites, secagg=False)
+    gen, disc, first = start(fed.settings, fed.store, init)
+    assert first == 1
+    assert weights_sha256(get_arrays(gen), get_arrays(disc)) == init.weights_sha256
+    fed.gen, fed.disc, fed.init_sha256 = gen, disc, init.weights_sha256
+    run_round(fed, 1)
+    request = fed.transport.log[0]
+    sent_gen, sent_disc, record = wire.read_train_request(request.content)
+    assert record["model-init-sha256"] == init.weights_sha256
+    assert weights_sha256(sent_gen, sent_disc) == init.weights_sha256
+
+
+def _site(tmp_path: Path, **keys) -> tuple[RunSettings, SiteSettings]:
+    from fedgan.silo.synth import synth_silo
+
+    silo = synth_silo(tmp_path / "silo", "fundus", 12, seed=1, size=16)
+    base = SMALL | {"run-dir": str(tmp_path / "run"), "batch-size": 4, "local-steps": 2}
+    run = RunSettings.from_run_config(default_run_config() | base | keys)
+    site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", 10.0)
+    return run, site
+
+
+@pytest.mark.parametrize(
+    ("limits", "sent", "why"),
+    [
+        (Limits(refuse_init=True), "init", "refuses any init"),
+        (Limits(init_hashes=["0" * 64]), "init", "not one this site pins"),
+        (Limits(), "other", "is not the pretrained init"),
+    ],
+)
+def test_a_site_refuses_an_init_it_does_not_accept_before_any_spend(tmp_path, limits, sent, why):
+    run, site = _site(tmp_path)
+    init = load_init(_init(tmp_path, run.spec), run.spec)
+    gen, disc = build(run.spec, seed=7 if sent == "init" else 99)
+    cfg = run.round_config(1, init_sha256=init.weights_sha256)
+    with pytest.raises(AppRefused) as err:
+        site_round.run_round(site, {}, "r", cfg, get_arrays(gen), get_arrays(disc), limits=limits)
+    assert why in err.value.reason
+    assert not (Path(site.work_dir) / "privacy-ledger.jsonl").exists()
+
+
+def test_a_site_that_pins_the_init_trains_from_it(tmp_path):
+    run, site = _site(tmp_path)
+    init = load_init(_init(tmp_path, run.spec), run.spec)
+    gen, disc = build(run.spec, seed=7)
+    cfg = run.round_config(1, init_sha256=init.weights_sha256)
+    outcome = site_round.run_round(
+        site,
+        {},
+        "r",
+        cfg,
+        get_arrays(gen),
+        get_arrays(disc),
+        limits=Limits(init_hashes=[init.weights_sha256]),
+    )
+    assert outcome.update is not None and "epsilon" in outcome.metrics
+    # Later rounds carry averaged weights: only round 1 is checked against the hash.
+    other, _ = build(run.spec, seed=99)
+    cfg2 = run.round_config(2, init_sha256=init.weights_sha256)
+    check_init_weights(site.site_id, cfg2, get_arrays(other), get_arrays(disc))
+
+
+def test_the_operator_is_told_before_submitting_that_the_init_does_not_fit(tmp_path):
+    from fedgan.operator import OperatorError, prepare
+
+    path = _init(tmp_path, GanSpec(image_size=16, channels=3, latent_dim=8, width=8))
+    config = tmp_path / "federation.yaml"
+    config.write_text(f"model:\n  init: {path}\n  image_size: 32\n")
+    with pytest.raises(OperatorError, match="was pretrained for 16 px"):
+        prepare(config)
