@@ -141,3 +141,75 @@ def test_a_bundle_carrying_code_is_refused_before_any_of_it_runs(federation):
     log = (fed.logs / "flwr-run.log").read_text()
     assert "site site-2 refused: app bundle" in log
     assert "fedgan: no site will take part any more" in log
+
+
+def test_a_run_starts_from_a_pretrained_init_that_sites_pin_or_refuse(federation):
+    """`fedgan pretrain` on a stand-in public set, `model.init` in
+    federation.yaml, and a real round: site-1 pins the init's weights hash
+    and trains from it (its ClientApp checked round 1's model against the
+    hash), site-3 pins another and refuses before any spend."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from fedgan.config import federation as federation_yaml
+    from fedgan.model_init import load_init
+
+    fed, root = federation
+    public = synth_silo(root / "public", "fundus", 24, seed=42, size=16, profile="public")
+    spec_yaml = root / "init-federation.yaml"
+    spec_yaml.write_text(
+        "model:\n  image_size: 16\n  width: 8\n  latent_dim: 16\n  init: init.pt\n"
+    )
+    init_path = root / "init.pt"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedgan.cli",
+            "pretrain",
+            "--data",
+            str(public),
+            "--out",
+            str(init_path),
+            "--config",
+            str(spec_yaml),
+            "--steps",
+            "4",
+            "--batch-size",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    init = load_init(init_path)
+    assert f"weights sha256  {init.weights_sha256}" in out and "stand-in public set" in out
+    assert init_path.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+    PolicyStore(fed.site_work_dir("site-1"), "site-1").update(
+        mode="config-only", init_hashes=[init.weights_sha256]
+    )
+    PolicyStore(fed.site_work_dir("site-3"), "site-3").update(
+        min_noise_multiplier=0.0, init_hashes=["ab" * 32]
+    )
+    config = default_run_config() | SMALL | federation_yaml.load(spec_yaml)
+    config |= {"num-server-rounds": 1, "run-dir": str(root / "from-init"), "min-sites": 3}
+    fed.run(stage_app_dir(root / "app-init"), write_run_config(root / "init.toml", config))
+
+    run = root / "from-init"
+    (record,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert record["sites"] == ["site-1", "site-2"], record
+    assert "not one this site pins" in record["refused"]["site-3"]
+    recorded = json.loads((run / "run-config.json").read_text())["model-init-record"]
+    assert recorded["weights_sha256"] == init.weights_sha256
+    assert recorded["file_sha256"] == hashlib.sha256(init_path.read_bytes()).hexdigest()
+    assert recorded["data"]["stand_in"] is True
+    started = [e for e in _events(root / "audit.jsonl") if e["event"] == "run_started"][-1]
+    assert started["model_init"]["weights_sha256"] == init.weights_sha256
+    ledger = fed.site_work_dir("site-3") / "privacy-ledger.jsonl"
+    assert not ledger.exists() or "from-init" not in ledger.read_text()
+    from fedgan.report import starting_point
+
+    assert init.file_sha256 in starting_point(run) and "stand-in" in starting_point(run)
