@@ -554,6 +554,13 @@ def evaluate_run(
             "the Inception FID published numbers use (nothing is downloaded)."
         ),
     ] = None,
+    start: Annotated[
+        Path | None,
+        typer.Option(
+            help="The init file the run started from (model.init): adds its domain-FID on the "
+            "same encoder, to see what the federation added."
+        ),
+    ] = None,
 ) -> None:
     """Measure a run's synthetic images against this site's real images, at the site:
     quality, privacy attacks, utility. Writes RUN/evaluation/SITE.json (numbers only)."""
@@ -578,6 +585,7 @@ def evaluate_run(
         normal_class=normal_class,
         encoder_path=encoder,
         inception_weights=inception_weights,
+        start=start,
         say=typer.echo,
     )
     typer.echo(f"evaluation    {path} (fedgan report {run} adds it to the report)")

@@ -395,6 +395,7 @@ def write(
 
 EVAL_COLUMNS = (
     ("quality", "domain_fid", "domain-FID", "{:.2f}"),
+    ("quality", "domain_fid_start", "domain-FID of the starting model", "{:.2f}"),
     ("quality", "domain_kid_x1000", "KID×1000", "{:.2f}"),
     ("quality", "inception_fid", "Inception FID", "{:.2f}"),
     ("quality", "precision", "precision", "{:.2f}"),

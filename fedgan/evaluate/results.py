@@ -46,6 +46,18 @@ def _lines(ev: dict[str, Any]) -> list[str]:
             f"the site really has (fidelity), and they cover {q['recall']:.0%} of the variety of "
             "its real images (diversity)."
         )
+    if "domain_fid_start" in q:
+        better = q["domain_fid"] < q["domain_fid_start"]
+        out.append(
+            f"On {site}'s own images the federation's generator scores a domain-FID of "
+            f"{q['domain_fid']:.1f} against {q['domain_fid_start']:.1f} for the model it started "
+            "from (lower is closer to the site's images): "
+            + (
+                "the private rounds brought it closer."
+                if better
+                else "the private rounds did not bring it closer: review."
+            )
+        )
     if "inception_fid" in q:
         standard = ev.get("inception_weights", {}).get("standard", False)
         out.append(

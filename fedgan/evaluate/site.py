@@ -167,13 +167,17 @@ def evaluate(
     normal_class: str | None = None,
     encoder_path: Path | None = None,
     inception_weights: Path | None = None,
+    start: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> Path:
     """``normal_class`` (a class of a conditional run): also train the
     anomaly detector on synthetic images of that class and score the
     held-out images; it is an autoencoder trained for ``encoder_steps``,
     as the domain encoder is. ``inception_weights`` (a local file): also the
-    Inception FID that published numbers use. TSTR and train-on-real are
+    Inception FID that published numbers use. ``start``: the generator the
+    federation started from (its `fedgan pretrain` init file): also its
+    domain-FID on the same encoder, so the site sees what the federation
+    added to the public starting point. TSTR and train-on-real are
     each the mean of ``classifier_seeds`` classifiers: one is quicker, but its
     figure moves by up to ±0.09 with its seed (bench/RESULTS.md)."""
     if classifier_seeds < 1:
@@ -183,6 +187,7 @@ def evaluate(
     # Loaded first: a wrong file should fail before minutes of work.
     weights = inception.load(inception_weights) if inception_weights is not None else None
     run = _open_run(Path(run_dir))
+    start_gen = load_generator(Path(start)) if start is not None else None
     _check_normal_class(normal_class, run.classes, holdout)
     images = _read_images(run, real, holdout, kind, silo_options or {}, effort, say)
     out_dir = run.dir / EVALUATION_DIR
@@ -191,6 +196,8 @@ def evaluate(
     result = _summary(run, site_id, images, enc_path)
     quality, disc = _quality(run, images, enc, say)
     result["quality"] = quality
+    if start_gen is not None:
+        quality["domain_fid_start"] = _start_fid(start_gen, run, images, effort, enc, say)
     if weights is not None:
         net, sha = weights
         quality["inception_fid"] = _inception_fid(net, images.real, images.fake, say)
@@ -205,6 +212,26 @@ def evaluate(
     path = out_dir / f"{site_id}.json"
     write_text_atomic(path, json.dumps(result, indent=1, sort_keys=True))
     return path
+
+
+def _start_fid(
+    gen: Generator,
+    run: _Run,
+    images: _Images,
+    effort: _Effort,
+    enc: torch.nn.Module,
+    say: Callable[[str], None],
+) -> float:
+    if gen.spec != run.gen.spec:
+        raise EvaluationError(
+            "--start: that generator's model differs from the run's; give the init file the "
+            "run started from (run-config.json, model-init-record)"
+        )
+    fake, _ = generate(gen, effort.n_synthetic, seed=effort.seed, attributes=run.attributes)
+    with torch.no_grad():
+        fid, _ = metrics.fid_kid(images.real, fake, enc)
+    say(f"start         domain-FID {fid:.2f} of the generator the federation started from")
+    return fid
 
 
 def _check_enough(members: torch.Tensor, held: torch.Tensor | None) -> None:

@@ -291,6 +291,38 @@ def test_a_second_evaluation_reuses_the_encoder(evaluated, tmp_path):
     assert json.loads(path.read_text())["quality"]["domain_fid"] == pytest.approx(first)
 
 
+def test_the_starting_model_is_measured_on_the_same_encoder(evaluated, tmp_path):
+    """--start: the domain-FID of the generator the federation started from.
+    Given the run's own generator, it equals the run's figure; given an
+    untrained one, it is further from the site's images."""
+    import shutil
+
+    from fedgan.model_init import save_init
+
+    original, _, _ = evaluated
+    run_dir = shutil.copytree(original, tmp_path / "runs" / "r1")  # its own evaluation folder
+    untrained_gen, untrained_disc = build(load_generator(run_dir / "generator.pt").spec, seed=5)
+    untrained = save_init(tmp_path / "init.pt", untrained_gen, untrained_disc, data={}, steps=0)
+    assert untrained.steps == 0
+    figures = {}
+    for name, start in (("same", run_dir / "generator.pt"), ("untrained", tmp_path / "init.pt")):
+        out = evaluate(
+            run_dir,
+            original.parents[1] / "silo",
+            "fundus",
+            site_id=f"start-{name}",
+            n_synthetic=96,
+            encoder_path=original / "evaluation" / "site-1-encoder.pt",
+            start=start,
+            say=lambda _: None,
+        )
+        figures[name] = json.loads(out.read_text())
+    same, far = figures["same"]["quality"], figures["untrained"]["quality"]
+    assert same["domain_fid_start"] == pytest.approx(same["domain_fid"])
+    assert far["domain_fid_start"] > far["domain_fid"]
+    assert any("brought it closer" in line for line in reading(figures["untrained"]))
+
+
 def test_report_and_exporter_show_the_evaluation(evaluated):
     run_dir, _, _ = evaluated
     html = write_report(run_dir).read_text()
