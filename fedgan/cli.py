@@ -884,6 +884,13 @@ def site_policy(
     forget_init: Annotated[
         list[str] | None, typer.Option(help="Remove a pinned init's SHA-256. Repeatable.")
     ] = None,
+    max_noise_figure: Annotated[
+        str | None,
+        typer.Option(
+            help="Refuse DP rounds whose noise figure (fedgan site plan) is above this "
+            "('none': no limit)."
+        ),
+    ] = None,
     work_dir: WorkDirOpt = Path("/var/lib/fedgan"),
 ) -> None:
     """Print this site's approval policy and limits; change them with the options."""
@@ -893,6 +900,13 @@ def site_policy(
     limits: dict[str, object] = {}
     if refuse_init is not None:
         limits["refuse_init"] = refuse_init
+    if max_noise_figure is not None:
+        try:
+            limits["max_noise_figure"] = (
+                None if max_noise_figure.lower() == "none" else float(max_noise_figure)
+            )
+        except ValueError:
+            fail(f"--max-noise-figure {max_noise_figure!r}: give a number or 'none'")
     if allow_init or forget_init:
         pinned = list(store.current().limits.init_hashes)
         pinned += [h.strip().lower() for h in allow_init or [] if h.strip().lower() not in pinned]

@@ -8,6 +8,7 @@ same function the round runs, so the preview cannot drift from the code."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.model_init import weights_sha256
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger, Spend
-from fedgan.privacy.plan import RoundPlan, plan_release, plan_round
+from fedgan.privacy.plan import RoundPlan, noise_to_signal, plan_release, plan_round
 from fedgan.site.approval import AppRefused, Limits, check_run
 
 log = logging.getLogger("fedgan.site")
@@ -52,14 +53,25 @@ def plan_for(cfg: RoundConfig, images: int, noise_hint: float | None = None) -> 
     )
 
 
-def check_plan(site_id: str, cfg: RoundConfig, plan: RoundPlan, images: int) -> None:
+def check_plan(
+    site_id: str,
+    cfg: RoundConfig,
+    plan: RoundPlan,
+    images: int,
+    parameters: int | None = None,
+    max_figure: float | None = None,
+) -> None:
     """Refuse a DP-SGD round that would read the whole silo at every step
     (sampling rate 1): its privacy rests on noise alone, with no
     amplification from sampling, and on a silo this small the noise drowns
     what D could learn (a random walk, and G fools it with anything). Raised
     before the ledger is written, so the refusal costs the site nothing.
     A mean-embedding release reads every image once by design: exempt."""
-    if cfg.privacy.mean_embedding or plan.sample_rate < 1:
+    if cfg.privacy.mean_embedding:
+        return
+    if plan.sample_rate < 1:
+        if parameters is not None and max_figure is not None:
+            _check_noise(site_id, plan, images, parameters, max_figure)
         return
     batch = cfg.local.batch_size
     raise AppRefused(
@@ -67,6 +79,25 @@ def check_plan(site_id: str, cfg: RoundConfig, plan: RoundPlan, images: int) -> 
         f"the run's batch of {batch} would read this silo's {images} usable images whole at "
         f"every step (sampling rate 1, no privacy from sampling); a DP round needs more than "
         f"{batch} images here (the more, the less noise), or a run with batch-size below {images}",
+    )
+
+
+def _check_noise(
+    site_id: str, plan: RoundPlan, images: int, parameters: int, max_figure: float
+) -> None:
+    """Refuse a round whose every step's noise would drown what the silo's
+    images could teach D (σ·√d over the expected batch; `fedgan site plan`
+    prints it). With a fixed batch the figure falls about as 1/N (σ is
+    calibrated ∝ q = batch/N), which gives the images it would need."""
+    figure = noise_to_signal(plan.noise_multiplier, plan.sample_rate * images, parameters)
+    if figure <= max_figure:
+        return
+    needed = math.ceil(images * figure / max_figure)
+    raise AppRefused(
+        site_id,
+        f"each DP step's noise would be {figure:.0f}× the strongest signal of this silo's "
+        f"{images} images (this site trains up to {max_figure:g}×); this run needs about "
+        f"{needed} images here, or fewer rounds or steps, a larger target ε or a smaller model",
     )
 
 
@@ -127,18 +158,21 @@ def admit(
     run_id: str,
     limits: Limits | None,
     secure: bool,
+    parameters: int | None = None,
 ) -> Admission:
     """Plan, check the limits with the planned σ (raises `AppRefused`), and
     record the spend ahead in the site's ledger; a budget refusal is
     returned, nothing recorded. ``run_id``: Flower's, for a run without a
-    name of its own."""
+    name of its own. ``parameters``: D's trainable weights, for the noise
+    figure the site's limits bound (None: not checked)."""
     if not cfg.privacy.enabled:
         return Admission()
     ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
     run_name = cfg.run_name or run_id
     plan = plan_for(cfg, images, ledger.latest_noise(run_name))
     assert plan is not None
-    check_plan(site.site_id, cfg, plan, images)
+    max_figure = limits.max_noise_figure if limits is not None else None
+    check_plan(site.site_id, cfg, plan, images, parameters, max_figure)
     check_limits(limits, site.site_id, cfg, secure, plan.noise_multiplier)
     try:
         spend = ledger.spend(

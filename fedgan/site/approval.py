@@ -52,6 +52,9 @@ CLIENTAPP = "fedgan.site.client_app:app"
 # manifest of the FAB's files (.info/CONTENT).
 CONFIG_FILES = frozenset({"pyproject.toml"})
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Chosen from measurements (bench/RESULTS.md, "noise figure"): the figures at
+# which the sites' updates still moved a pretrained G towards their images.
+DEFAULT_MAX_NOISE_FIGURE = 100.0
 
 
 class PolicyError(FedGanError):
@@ -89,6 +92,10 @@ class Limits:
     # weights SHA-256, which the site checks against round 1's model).
     refuse_init: bool = False
     init_hashes: list[str] = field(default_factory=list)
+    # Largest DP-SGD noise figure (σ·√d / expected batch) this site trains
+    # with: above it its images would shape D too weakly to be worth the ε
+    # spent (bench/RESULTS.md). Refused before any spend; null: no limit.
+    max_noise_figure: float | None = DEFAULT_MAX_NOISE_FIGURE
 
 
 @dataclass
@@ -129,6 +136,8 @@ class SitePolicy:
                 raise PolicyError(f"{where}: {h!r} is not a SHA-256 (64 hex digits)")
         if not (math.isfinite(lim.min_noise_multiplier) and lim.min_noise_multiplier >= 0):
             raise PolicyError(f"{where}: limits.min_noise_multiplier must be ≥ 0")
+        if lim.max_noise_figure is not None and not lim.max_noise_figure > 0:
+            raise PolicyError(f"{where}: limits.max_noise_figure must be > 0 (or null)")
         if lim.max_target_epsilon is not None and not lim.max_target_epsilon > 0:
             raise PolicyError(f"{where}: limits.max_target_epsilon must be > 0 (or null)")
 
@@ -315,6 +324,8 @@ def describe(policy: SitePolicy, path: Path) -> str:
         "max target ε       "
         + ("budget only" if lim.max_target_epsilon is None else f"{lim.max_target_epsilon:g}"),
         f"requires secagg    {'yes' if lim.require_secure_aggregation else 'no'}",
+        "max noise figure   "
+        + ("no limit" if lim.max_noise_figure is None else f"{lim.max_noise_figure:g}"),
         "pretrained inits   "
         + (
             "refused"

@@ -52,8 +52,9 @@ def assess(
     plan = plan_for(cfg, images)
     refusal = _refusal(run, limits, plan.noise_multiplier if plan else None)
     if plan is not None and refusal is None:
+        weights = trainable_parameters(build(run.spec)[1])
         try:
-            check_plan("this site", cfg, plan, images)
+            check_plan("this site", cfg, plan, images, weights, limits.max_noise_figure)
         except AppRefused as refused:
             refusal = refused.reason
     if plan is None:

@@ -140,7 +140,15 @@ def run_round(
     )
     images, labels, vectors = site_images(site, options, cfg.model.classes, attrs)
     train_cfg = _train_config(cfg, site, images.shape[0])
-    admission = admit(site, cfg, images.shape[0], run_id=run_id, limits=limits, secure=secure)
+    admission = admit(
+        site,
+        cfg,
+        images.shape[0],
+        run_id=run_id,
+        limits=limits,
+        secure=secure,
+        parameters=trainable_parameters(disc),
+    )
     if not admission.admitted:
         return RoundOutcome(None, refusal=admission.refusal)
     dp, metrics = _dp(site, cfg, admission, images.shape[0], disc)

@@ -278,6 +278,35 @@ def test_a_tiny_silo_under_dp_is_refused_before_any_ledger_line(tmp_path):
     assert site_plan.assess(cfg, 9, [], Limits(), 10.0).refusal is None
 
 
+def test_a_round_whose_noise_drowns_the_silo_is_refused_before_any_ledger_line(tmp_path):
+    """Noise figure above the site's limit: refused with the images it would
+    need, nothing spent; the same run on a silo of that size passes, and
+    `fedgan site plan` gives the same verdict."""
+    from fedgan.privacy.ledger import PrivacyLedger
+    from fedgan.site import plan as site_plan
+    from fedgan.site import round as site_round
+    from fedgan.site.approval import AppRefused, Limits
+    from fedgan.weights import get_arrays
+
+    keys = {"batch-size": 4, "local-steps": 20, "target-epsilon": 0.5}
+    cfg, site, gen, disc = _one_site(tmp_path, 12, **keys)
+    preview = site_plan.assess(cfg, 12, [], Limits(), 10.0)
+    assert preview.noise_figure > 100, preview.noise_figure  # the default limit
+    with pytest.raises(AppRefused, match=r"noise would be \d+× the strongest") as refused:
+        site_round.run_round(
+            site, {}, "r", cfg.round_config(1), get_arrays(gen), get_arrays(disc), limits=Limits()
+        )
+    reason = refused.value.reason
+    assert "this site trains up to 100×" in reason and "\n" not in reason
+    assert PrivacyLedger.in_work_dir(tmp_path / "work").spends() == []
+    assert preview.refusal == reason
+    needed = int(reason.split("needs about ")[1].split()[0])
+    assert needed > 12
+    assert site_plan.assess(cfg, needed, [], Limits(), 10.0).refusal is None
+    # A site may set its own limit, or none.
+    assert site_plan.assess(cfg, 12, [], Limits(max_noise_figure=None), 10.0).refusal is None
+
+
 @pytest.mark.parametrize(("kind", "cls"), [("prv", PRVAccountant), ("rdp", RDPAccountant)])
 def test_with_several_d_steps_per_g_every_d_step_is_accounted(tmp_path, kind, cls):
     """n_D = 3: each round spends local-steps × 3 private steps, and the
