@@ -82,7 +82,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "d_steps_per_g": Field("d-steps-per-g", int, _positive),
         "local_epochs": Field("local-epochs", float, _non_negative),
         "batch_size": Field("batch-size", int, _positive),
-        "lr_g": Field("lr-g", float, _positive),
+        "lr_g": Field("lr-g", float, _non_negative),
         "lr_d": Field("lr-d", float, _positive),
         "mode_seeking": Field("mode-seeking", float, _non_negative),
     },

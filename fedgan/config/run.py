@@ -24,6 +24,22 @@ class ConfigError(FedGanError, ValueError):
     """A run-config or node-config value is missing or invalid."""
 
 
+# G's learning rate when the run leaves it to us (lr-g = 0): from random
+# weights DCGAN's; fine-tuning a pretrained G under DP, ten times less, so
+# that G follows the noised D slowly (bench/RESULTS.md, "pretraining").
+LR_G_FROM_SCRATCH = 2e-4
+LR_G_FROM_INIT = 2e-5
+
+
+def g_learning_rate(cfg: Mapping[str, Any]) -> float:
+    lr = _get(cfg, "lr-g", float)
+    if lr < 0:
+        raise ConfigError("run config key 'lr-g' must be >= 0 (0: chosen from model-init)")
+    if lr > 0:
+        return lr
+    return LR_G_FROM_INIT if _get(cfg, "model-init", str) else LR_G_FROM_SCRATCH
+
+
 # A site's lifetime ε budget unless it sets `epsilon-budget` itself; auditors
 # are warned above 10.
 DEFAULT_EPSILON_BUDGET = 10.0
@@ -274,7 +290,7 @@ class RunSettings:
             train = TrainConfig(
                 local_steps=_get(cfg, "local-steps", int),
                 batch_size=_get(cfg, "batch-size", int),
-                lr_g=_get(cfg, "lr-g", float),
+                lr_g=g_learning_rate(cfg),
                 lr_d=_get(cfg, "lr-d", float),
                 seed=_get(cfg, "seed", int),
                 mode_seeking=_get(cfg, "mode-seeking", float),
