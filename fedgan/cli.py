@@ -342,10 +342,34 @@ def demo(
         Path | None,
         typer.Option(help="Continue an earlier demo run folder up to --rounds rounds."),
     ] = None,
+    init: Annotated[
+        Path | None, typer.Option(help="Start from this `fedgan pretrain` file (model.init).")
+    ] = None,
+    pretrain: Annotated[
+        bool | None,
+        typer.Option(
+            "--pretrain/--no-pretrain",
+            help="Start from G and D pretrained on a stand-in public fundus set, cached in "
+            "OUT/.cache after the first demo (default: on for fundus without --init).",
+        ),
+    ] = None,
+    pretrain_steps: Annotated[int, typer.Option(help="Steps of that pretraining.")] = 1000,
+    evaluate: Annotated[
+        bool | None,
+        typer.Option(
+            "--evaluate/--no-evaluate",
+            help="site-1 holds out images and evaluates the run on them; the report shows it "
+            "(default: on without --data).",
+        ),
+    ] = None,
 ) -> None:
     """Run a local federation of real processes over mutual TLS and train a GAN."""
     from fedgan.demo import DemoOptions, parse_overrides, run_demo
 
+    if pretrain is None:
+        pretrain = kind == "fundus" and init is None and resume is None
+    if evaluate is None:
+        evaluate = not data and resume is None
     opts = DemoOptions(
         sites=sites,
         rounds=rounds,
@@ -359,6 +383,10 @@ def demo(
         run_id=run_id,
         extra_config=parse_overrides(config or []),
         resume=resume,
+        init=init,
+        pretrain=pretrain,
+        pretrain_steps=pretrain_steps,
+        evaluate=evaluate,
     )
     run_demo(opts, say=typer.echo)
 
@@ -380,15 +408,10 @@ def pretrain(
     force: ForceOpt = False,
 ) -> None:
     """Train G and D centrally, without DP, on public images: a federation's starting point."""
-    from fedgan.atomic import write_atomic
     from fedgan.config.appbundle import default_run_config
     from fedgan.config.federation import load as load_federation
     from fedgan.config.run import RunSettings
-    from fedgan.config.training import TrainConfig
-    from fedgan.gan.pretrain import pretrain as run_pretrain
-    from fedgan.gan.pretrain import public_images, sample_grid
-    from fedgan.model_init import save_init
-    from fedgan.progress import step_progress
+    from fedgan.gan.pretrain import pretrain_to_file
     from fedgan.silo.options import KINDS
 
     if kind not in KINDS:
@@ -397,26 +420,19 @@ def pretrain(
         fail(f"{out} exists; choose another --out or pass --force to replace it")
     run_config = default_run_config() | (load_federation(config) if config else {})
     settings = RunSettings.from_run_config(run_config)
-    spec = settings.spec
-    images, labels, described = public_images(data, kind, spec, settings.classes)
-    cfg = TrainConfig(local_steps=steps, batch_size=batch_size, lr_g=lr, lr_d=lr, seed=seed)
-    typer.echo(
-        f"pretraining on {described['description']}: {described['images']} images at "
-        f"{spec.image_size} px, {steps} steps of {min(batch_size, described['images'])}, no DP "
-        "(public data only)"
-    )
-    gen, disc, seconds = run_pretrain(
-        images,
-        spec,
-        cfg,
-        labels=labels,
+    init = pretrain_to_file(
+        data,
+        kind,
+        settings.spec,
+        settings.classes,
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
         device=device,
-        progress=step_progress(typer.echo, "pretrain"),
+        say=typer.echo,
     )
-    init = save_init(out, gen, disc, data=described, steps=steps)
-    grid = out.with_suffix(".png")
-    write_atomic(grid, sample_grid(gen))
-    typer.echo(f"wrote {out} after {seconds:.0f} s; samples: {grid}")
     typer.echo(f"file sha256     {init.file_sha256}")
     typer.echo(
         f"weights sha256  {init.weights_sha256}  (what a site pins: "

@@ -3,6 +3,7 @@ trained generator, through the real mutual-TLS chain."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -18,7 +19,7 @@ from fedgan.config.appbundle import default_run_config, stage_app_dir, write_run
 from fedgan.deploy.local import LocalFederation, SiteSpec
 from fedgan.errors import FedGanError
 from fedgan.progress import fit_progress, format_round
-from fedgan.silo.synth import synth_silo
+from fedgan.silo.synth import STAND_IN_MARKER, synth_silo
 from fedgan.site.approval import PolicyStore
 
 CHANNELS = {"fundus": 3, "dicom": 1}
@@ -48,6 +49,15 @@ class DemoOptions:
     site_env: dict[str, dict[str, str]] = field(default_factory=dict)
     # An earlier demo run folder to continue (same certificates, silos, ledgers).
     resume: Path | None = None
+    # Start from this `fedgan pretrain` file; or, with ``pretrain``, from G and
+    # D pretrained on a stand-in public fundus set (cached under
+    # out_root/.cache between demos, so only the first demo pays for it).
+    init: Path | None = None
+    pretrain: bool = False
+    pretrain_steps: int = 1000
+    standin_images: int = 2000  # in the stand-in public set
+    # site-1 keeps images out of training and evaluates the run on them.
+    evaluate: bool = False
 
     def __post_init__(self) -> None:
         if self.resume is not None:
@@ -67,6 +77,15 @@ class DemoOptions:
         for d in self.data:
             if not Path(d).is_dir():
                 raise ValueError(f"--data {d} is not a directory")
+        if self.init is not None and self.pretrain:
+            raise ValueError("--init names a pretrained file; leave out --pretrain")
+        if self.pretrain and self.kind != "fundus":
+            raise ValueError(
+                "the stand-in public set is fundus only; for --kind dicom pretrain with "
+                "`fedgan pretrain --data PUBLIC_DICOM` and pass --init"
+            )
+        if self.evaluate and self.data:
+            raise ValueError("--evaluate holds out synthetic images; leave out --data")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -130,7 +149,69 @@ def prepare(opts: DemoOptions, run_dir: Path, say: Callable[[str], None]) -> lis
     if not opts.data:
         per_site = f"{opts.images_per_site} {opts.kind} images per site"
         say(f"silos         {run_dir / 'silos'} ({per_site})")
+    if opts.evaluate:
+        held = held_out_dir(run_dir)
+        synth_silo(held, opts.kind, HELD_OUT, seed=opts.seed * 1000 + 999, size=64)
+        say(f"held out      {held} ({HELD_OUT} images site-1 never trains on, to evaluate with)")
     return specs
+
+
+# site-1's images kept out of training: the membership attacks need 20 a side.
+HELD_OUT = 64
+
+
+def held_out_dir(run_dir: Path) -> Path:
+    return run_dir / "silos" / "site-1-held-out"
+
+
+def standin_init(opts: DemoOptions, config: dict[str, Any], say: Callable[[str], None]) -> Path:
+    """G and D pretrained on a stand-in public fundus set, for the run's model
+    shape; cached under out_root/.cache, keyed by everything it depends on."""
+    import hashlib
+
+    from fedgan.config.run import ConfigError, RunSettings
+    from fedgan.model_init import FORMAT, load_init
+
+    spec = RunSettings.from_run_config(config).spec
+    cache = Path(opts.out_root).resolve() / ".cache"
+    recipe = [
+        dataclasses.asdict(spec),
+        config["classes"],
+        opts.pretrain_steps,
+        opts.standin_images,
+        opts.seed,
+        FORMAT,
+    ]
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache / f"standin-init-{key}.pt"
+    if path.exists():
+        try:
+            load_init(path, spec)
+        except ConfigError as exc:
+            say(f"init          cached {path} unusable ({exc}); pretraining again")
+        else:
+            say(f"init          {path} (cached; pretrained on a stand-in public set)")
+            return path
+    from fedgan.gan.pretrain import pretrain_to_file
+
+    public = cache / f"standin-public-fundus-{opts.standin_images}"
+    if not (public / STAND_IN_MARKER).exists():
+        synth_silo(public, "fundus", opts.standin_images, seed=10_000, size=64, profile="public")
+    say(
+        f"init          pretraining on a stand-in public set ({opts.standin_images} images from "
+        f"another camera, {public}); once, then cached"
+    )
+    pretrain_to_file(
+        public,
+        "fundus",
+        spec,
+        config["classes"],
+        path,
+        steps=opts.pretrain_steps,
+        seed=opts.seed,
+        say=say,
+    )
+    return path
 
 
 def run_config(opts: DemoOptions, run_dir: Path) -> dict[str, Any]:
@@ -204,6 +285,28 @@ def _resume_sites(run_dir: Path) -> list[SiteSpec]:
     ]
 
 
+def evaluate_site_1(run_dir: Path, kind: str, init: str | None, say: Callable[[str], None]) -> Path:
+    """What a hospital would do next: site-1 measures the run on its own
+    images and on those it held out (quality, against the model the
+    federation started from; the membership attacks). Numbers only; the
+    report includes them."""
+    from fedgan.evaluate.site import evaluate
+
+    say("evaluating    at site-1, on its own images and the ones it held out")
+    return evaluate(
+        run_dir,
+        run_dir / "silos" / "site-1",
+        kind,
+        site_id="site-1",
+        holdout=held_out_dir(run_dir),
+        n_synthetic=256,
+        encoder_steps=200,
+        classifier_seeds=1,
+        start=Path(init) if init else None,
+        say=lambda line: say("  " + line),
+    )
+
+
 def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
     if opts.resume is not None:
         run_dir = Path(opts.resume).resolve()
@@ -219,6 +322,11 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
         say(f"run           {run_dir}")
         sites = prepare(opts, run_dir, say)
         config = run_config(opts, run_dir)
+        init = opts.init.resolve() if opts.init else None
+        if opts.pretrain:
+            init = standin_init(opts, config, say)
+        if init is not None:
+            config["model-init"] = str(init)
     app_dir = stage_app_dir(run_dir / "app")
     config_path = write_run_config(run_dir / "run-config.toml", config)
     outputs = RunOutputs(run_dir)
@@ -245,6 +353,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
         raise RunFailed(f"the run did not complete: {reason}; see {run_dir / 'logs'}")
     from fedgan.report import write as write_report
 
+    if opts.evaluate:
+        evaluate_site_1(run_dir, opts.kind, config.get("model-init") or None, say)
     report = write_report(run_dir)
     say("outputs")
     listed = (

@@ -15,9 +15,12 @@ from typing import Any
 
 import torch
 
+from fedgan.atomic import write_atomic
 from fedgan.config.model import GanSpec
 from fedgan.config.training import TrainConfig
 from fedgan.gan.models import Discriminator, Generator, build
+from fedgan.model_init import ModelInit, save_init
+from fedgan.progress import step_progress
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
 from fedgan.silo.synth import STAND_IN_MARKER
@@ -93,3 +96,37 @@ def sample_grid(gen: Generator, seed: int = 1234) -> bytes:
     gen.eval()
     with torch.no_grad():
         return grid_png(gen(z, y))
+
+
+def pretrain_to_file(
+    data_dir: Path,
+    kind: str,
+    spec: GanSpec,
+    classes: str | tuple[str, ...],
+    out: Path,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-4,
+    seed: int = 0,
+    device: str = "auto",
+    say: Callable[[str], None] = print,
+) -> ModelInit:
+    """`fedgan pretrain`: the public set, the training with a progress bar,
+    the init file and its sample grid beside it (``out`` with ``.png``)."""
+    if isinstance(classes, str):
+        classes = tuple(c for c in classes.split(",") if c)
+    images, labels, described = public_images(data_dir, kind, spec, classes)
+    cfg = TrainConfig(local_steps=steps, batch_size=batch_size, lr_g=lr, lr_d=lr, seed=seed)
+    say(
+        f"pretraining on {described['description']}: {described['images']} images at "
+        f"{spec.image_size} px, {steps} steps of {min(batch_size, described['images'])}, no DP "
+        "(public data only)"
+    )
+    gen, disc, seconds = pretrain(
+        images, spec, cfg, labels=labels, device=device, progress=step_progress(say, "pretrain")
+    )
+    init = save_init(out, gen, disc, data=described, steps=steps)
+    write_atomic(Path(out).with_suffix(".png"), sample_grid(gen))
+    say(f"wrote {out} after {seconds:.0f} s; samples: {Path(out).with_suffix('.png')}")
+    return init

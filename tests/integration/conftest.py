@@ -32,9 +32,19 @@ def live_federation(tmp_path_factory):
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """A finished 2-site, 2-round federation (secure aggregation on, updates
-    dumped), shared by the tests that inspect a run's outputs."""
+    dumped), started from a (briefly) pretrained init and evaluated by
+    site-1, as `make demo` does; shared by the tests that inspect a run's
+    outputs."""
     opts = small_federation(
-        tmp_path_factory.mktemp("runs"), "it", rounds=2, images_per_site=24, dump_updates=True
+        tmp_path_factory.mktemp("runs"),
+        "it",
+        rounds=2,
+        images_per_site=24,
+        dump_updates=True,
+        pretrain=True,
+        pretrain_steps=3,
+        standin_images=48,
+        evaluate=True,
     )
     lines: list[str] = []
     run_dir = run_demo(opts, say=lines.append)

@@ -36,9 +36,18 @@ def test_run_completes_with_outputs(finished_run):
     )
     assert (run_dir / "generator.pt").stat().st_size > 0
     assert any(line.startswith("round 2/2") for line in lines)
+    # It started from G and D pretrained on the stand-in public set, and says so.
+    assert any(line.startswith("init          pretraining on a stand-in") for line in lines)
+    init = json.loads((run_dir / "run-config.json").read_text())["model-init-record"]
+    assert init["data"]["stand_in"] is True and init["steps"] == 3
+    # site-1 evaluated it against the model it started from and the held-out images.
+    assert any(line.startswith("  start         domain-FID") for line in lines)
+    assert any(line.startswith("  privacy") for line in lines)
     # The demo writes the report; `fedgan report` rewrites it the same way.
     page = (run_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "Secure aggregation was on" in page
+    assert "Started from a model pretrained without DP on a stand-in public set" in page
+    assert init["weights_sha256"] in page and "<h2>Evaluation</h2>" in page
     again = subprocess.run(
         [
             sys.executable,

@@ -161,3 +161,29 @@ def test_the_operator_is_told_before_submitting_that_the_init_does_not_fit(tmp_p
     config.write_text(f"model:\n  init: {path}\n  image_size: 32\n")
     with pytest.raises(OperatorError, match="was pretrained for 16 px"):
         prepare(config)
+
+
+def test_the_demo_pretrains_on_the_stand_in_set_once_and_reuses_the_cache(tmp_path):
+    """`make demo` pays for pretraining once: the second demo with the same
+    model reuses the cached init; a damaged cache file is pretrained again;
+    another model shape gets its own."""
+    from fedgan.demo import DemoOptions, run_config, standin_init
+
+    opts = DemoOptions(
+        out_root=tmp_path, image_size=16, pretrain=True, pretrain_steps=2, standin_images=16
+    )
+    config = run_config(opts, tmp_path / "run") | {"width": 8, "latent-dim": 8}
+    lines: list[str] = []
+    first = standin_init(opts, config, lines.append)
+    init = load_init(first, RunSettings.from_run_config(config).spec)
+    assert init.data["stand_in"] is True and init.steps == 2
+    assert first.with_suffix(".png").exists() and any("pretraining on" in x for x in lines)
+    lines.clear()
+    assert standin_init(opts, config, lines.append) == first
+    assert any("(cached;" in x for x in lines) and not any("pretraining on" in x for x in lines)
+    first.write_bytes(b"damaged")
+    lines.clear()
+    assert standin_init(opts, config, lines.append) == first
+    assert any("unusable" in x for x in lines) and load_init(first).weights_sha256
+    wider = standin_init(opts, config | {"width": 16}, lines.append)
+    assert wider != first and load_init(wider).spec.width == 16

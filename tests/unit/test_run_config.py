@@ -34,9 +34,7 @@ def test_bad_values_name_their_key(key, value, match):
     ("lr_g", "init", "expected"),
     [(0.0, "", 2e-4), (0.0, "/inits/a.pt", 2e-5), (1e-3, "/inits/a.pt", 1e-3), (3e-4, "", 3e-4)],
 )
-def test_lr_g_left_at_zero_is_chosen_from_whether_the_run_starts_from_an_init(
-    lr_g, init, expected
-):
+def test_lr_g_left_at_zero_is_chosen_from_whether_the_run_starts_from_an_init(lr_g, init, expected):
     """Fine-tuning a pretrained G under DP needs a G that follows the noised D
     slowly (bench/RESULTS.md); an operator's own value is kept."""
     cfg = default_run_config() | {"lr-g": lr_g, "model-init": init}
