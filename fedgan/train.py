@@ -100,6 +100,8 @@ class TrainResult:
     seconds: float
     # λ times the mode-seeking term, averaged over the steps; 0 when it is off.
     mode_seeking_loss: float = 0.0
+    # D's steps taken: local_steps × n_D, or fewer with adaptive n_D.
+    d_steps: int = 0
 
 
 def train_local(
@@ -140,16 +142,18 @@ def train_local(
     d_step = _discriminator_step(disc, cfg, dp, batch, autocast)
     loop = _Loop(gen, g_step, d_step, autocast, fmt, device, rng, batch, sample_attributes)
     try:
-        g_total, d_total, ms_total = _run_steps(loop, silo, cfg, progress)
+        g_total, d_total, ms_total, d_taken = _run_steps(loop, silo, cfg, progress)
     finally:
         d_step.close()
+    g_step.finish()
     return TrainResult(
         g_loss=float(g_total) / cfg.local_steps,
-        d_loss=float(d_total) / cfg.d_steps,  # over every D step
+        d_loss=float(d_total) / d_taken,  # over every D step
         steps=cfg.local_steps,
         examples=silo.size,
         seconds=time.perf_counter() - start,
         mode_seeking_loss=float(ms_total) / cfg.local_steps,
+        d_steps=d_taken,
     )
 
 
@@ -239,8 +243,9 @@ def _run_steps(
     silo: _Silo,
     cfg: TrainConfig,
     progress: Callable[[int, int], None] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The hot loop; returns the summed G, D and mode-seeking losses. The
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The hot loop; returns the summed G, D and mode-seeking losses and
+    D's steps taken. The
     draws from ``rng`` come in a fixed order (D's batch where it is not
     private, then z, classes, attributes), so a seed gives the same weights.
     Losses are summed on the device: reading one back every step would
@@ -252,9 +257,13 @@ def _run_steps(
     g_total = torch.zeros((), device=device)
     d_total = torch.zeros((), device=device)
     ms_total = torch.zeros((), device=device)
+    d_taken = 0
     for step in range(cfg.local_steps):
         for _ in range(cfg.d_steps_per_g - 1):  # n_D > 1: D's extra steps first
+            if cfg.adaptive_d and d_step.fake_accuracy >= cfg.adaptive_d:
+                break  # D tells G's images apart well enough: G's turn
             d_total += _d_only_step(loop, silo)
+            d_taken += 1
         index = d_step.sample(n, batch, rng).to(device)
         real = images[index].contiguous(memory_format=fmt)
         real_y = labels[index] if classes else None
@@ -268,6 +277,7 @@ def _run_steps(
         with autocast():
             fake = gen(z, fake_y, fake_a).contiguous(memory_format=fmt)
         d_total += d_step(real, real_y, fake.detach(), fake_y, real_a)
+        d_taken += 1
         d_step.hooks(False)
         g_loss, ms_loss = g_step(fake, fake_y, fake_a, z)
         d_step.hooks(True)
@@ -275,7 +285,7 @@ def _run_steps(
         ms_total += ms_loss.detach().float()
         if progress:
             progress(step + 1, cfg.local_steps)
-    return g_total, d_total, ms_total
+    return g_total, d_total, ms_total, d_taken
 
 
 def _d_only_step(loop: _Loop, silo: _Silo) -> torch.Tensor:
@@ -294,6 +304,12 @@ def _d_only_step(loop: _Loop, silo: _Silo) -> torch.Tensor:
     with torch.no_grad(), loop.autocast():
         fake = gen(z, fake_y, fake_a).contiguous(memory_format=loop.fmt)
     return loop.d_step(real, real_y, fake, fake_y, real_a)
+
+
+def _fake_accuracy(logits: torch.Tensor) -> float | torch.Tensor:
+    """The share of generated images D calls fake: computed from generated
+    images only, so reading it costs no privacy."""
+    return (logits.detach() < 0).float().mean()
 
 
 # Poisson batches are padded up to a multiple of this (ghost mode).
@@ -361,6 +377,9 @@ class GeneratorStep:
         self.mode_seeking = cfg.mode_seeking
         self.attributes = bool(gen.spec.attr_dim)
         self.no_term = torch.zeros((), device=device)
+        self.params = [p for p in gen.parameters() if p.requires_grad]
+        self.ema_weight = 1.0 - cfg.g_ema
+        self.ema = [p.detach().clone() for p in self.params] if cfg.g_ema > 0 else []
 
     def __call__(
         self,
@@ -388,7 +407,17 @@ class GeneratorStep:
         (g_loss + ms_loss).backward(inputs=list(self.gen.parameters()))
         self.prox.add_gradient()
         self.opt.step()
+        if self.ema:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, self.params, self.ema_weight)
         return g_loss, ms_loss
+
+    def finish(self) -> None:
+        """With EMA, G leaves the round with its averaged weights (BatchNorm
+        statistics are recomputed from G's outputs by the aggregator)."""
+        if self.ema:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.ema)
 
 
 class PlainDiscriminatorStep:
@@ -407,6 +436,8 @@ class PlainDiscriminatorStep:
         self.autocast = autocast
         self.cond_lambda = cond_lambda
         self.opt = adam(disc.parameters(), lr)
+        # D's accuracy on the last step's generated images (adaptive n_D).
+        self.fake_accuracy = 0.0
 
     def sample(self, n: int, batch: int, rng: torch.Generator) -> torch.Tensor:
         return torch.randint(0, n, (batch,), generator=rng)
@@ -421,12 +452,14 @@ class PlainDiscriminatorStep:
     ) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
+            fake_logits = self.disc(fake, fake_y)
             if real_a is None:
-                loss = discriminator_loss(self.disc(real, real_y), self.disc(fake, fake_y))
+                loss = discriminator_loss(self.disc(real, real_y), fake_logits)
             else:
                 logits, predicted = self.disc(real, real_y, with_attributes=True)
-                loss = discriminator_loss(logits, self.disc(fake, fake_y))
+                loss = discriminator_loss(logits, fake_logits)
                 loss = loss + self.cond_lambda * attribute_loss(predicted, real_a)
+        self.fake_accuracy = _fake_accuracy(fake_logits)
         loss.backward()
         self.prox.add_gradient()
         self.opt.step()
@@ -474,6 +507,7 @@ class DPDiscriminatorStep:
         device = next(disc.parameters()).device
         self.noise_rng = torch.Generator(device=device).manual_seed(seed ^ 0x5DEECE66D)
         self.params = [p for p in disc.parameters() if p.requires_grad]
+        self.fake_accuracy = 0.0  # on the last step's generated images (adaptive n_D)
         self.engine: ClippedGradient | None = None
         self.module: GradSampleModule | None = None
         if dp.grad_sample_mode == "ghost":
@@ -596,6 +630,7 @@ class DPDiscriminatorStep:
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, torch.zeros_like(logits)
             )
+        self.fake_accuracy = _fake_accuracy(logits)
         # The attribute head plays no part in the fake half.
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         present = [g for g in grads if g is not None]

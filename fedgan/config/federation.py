@@ -47,6 +47,10 @@ def _fraction(v: Any) -> str | None:
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
+def _below_one(v: Any) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1) (0: off)"
+
+
 def _delta(v: Any) -> str | None:
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
@@ -80,6 +84,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "training": {
         "local_steps": Field("local-steps", int, _positive),
         "d_steps_per_g": Field("d-steps-per-g", int, _positive),
+        "adaptive_d": Field("adaptive-d", float, _below_one),
+        "g_ema": Field("g-ema", float, _below_one),
         "local_epochs": Field("local-epochs", float, _non_negative),
         "batch_size": Field("batch-size", int, _positive),
         "lr_g": Field("lr-g", float, _non_negative),

@@ -53,6 +53,8 @@ class LocalTraining:
     prox_mu: float  # 0 unless the run's strategy is FedProx
     seed: int  # this round's, different at every round
     d_steps_per_g: int = 1  # n_D: private D steps before each G step
+    adaptive_d: float = 0.0  # > 0: n_D is a ceiling (fedgan.config.training)
+    g_ema: float = 0.0  # > 0: G's weights are their moving average over the round
 
     def steps_for(self, images: int) -> int:
         """This round's local steps at a silo of ``images`` images."""
@@ -102,6 +104,8 @@ class RoundConfig:
             "prox-mu": t.prox_mu,
             "seed": t.seed,
             "d-steps-per-g": t.d_steps_per_g,
+            "adaptive-d": t.adaptive_d,
+            "g-ema": t.g_ema,
             "embedding-seed": self.embedding_seed,
             "dump-updates": self.dump_updates,
             **self.privacy.as_config(),
@@ -140,6 +144,8 @@ class RoundConfig:
                 prox_mu=get("prox-mu", float),
                 seed=get("seed", int),
                 d_steps_per_g=get("d-steps-per-g", int),
+                adaptive_d=get("adaptive-d", float),
+                g_ema=get("g-ema", float),
             ),
             privacy=PrivacySettings.from_run_config(record, WHERE),
             embedding_seed=get("embedding-seed", int),

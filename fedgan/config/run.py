@@ -295,6 +295,8 @@ class RunSettings:
                 seed=_get(cfg, "seed", int),
                 mode_seeking=_get(cfg, "mode-seeking", float),
                 d_steps_per_g=_get(cfg, "d-steps-per-g", int),
+                adaptive_d=_get(cfg, "adaptive-d", float),
+                g_ema=_get(cfg, "g-ema", float),
             )
         except ConfigError:
             raise
@@ -393,6 +395,8 @@ class RunSettings:
                 lr_d=self.train.lr_d,
                 mode_seeking=self.train.mode_seeking,
                 d_steps_per_g=self.train.d_steps_per_g,
+                adaptive_d=self.train.adaptive_d,
+                g_ema=self.train.g_ema,
                 cond_lambda=self.cond_lambda,
                 prox_mu=self.prox_mu if self.strategy == "fedprox" else 0.0,
                 # Each site and round draws different batches and noise.

@@ -28,6 +28,16 @@ class TrainConfig:
     # n_D: D steps before each of G's ``local_steps`` steps; each reads a
     # fresh batch, so a round takes local_steps × n_D private steps.
     d_steps_per_g: int = 1
+    # > 0: n_D becomes a ceiling: before each G step D steps until it calls
+    # at least this fraction of the step's generated images fake (its
+    # accuracy on generated images only: no image is read for it, so it costs
+    # no privacy), at most n_D times. The accountant still counts n_D, an
+    # upper bound. 0: always n_D.
+    adaptive_d: float = 0.0
+    # > 0: G's weights at the end of the round are the exponential moving
+    # average of its weights over the round's steps, with this decay (e.g.
+    # 0.99). Post-processing: no privacy cost. 0: G's last weights.
+    g_ema: float = 0.0
 
     @property
     def d_steps(self) -> int:
@@ -49,5 +59,9 @@ class TrainConfig:
             raise ValueError("mode-seeking must be >= 0")
         if self.d_steps_per_g < 1:
             raise ValueError("d-steps-per-g must be >= 1")
+        if not 0 <= self.adaptive_d < 1:
+            raise ValueError("adaptive-d must be in [0, 1) (0: off)")
+        if not 0 <= self.g_ema < 1:
+            raise ValueError("g-ema must be in [0, 1) (0: off)")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision {self.precision!r}: use fp32 or bf16")

@@ -194,6 +194,8 @@ def _train_config(cfg: RoundConfig, site: SiteSettings, images: int) -> TrainCon
         cond_lambda=t.cond_lambda,
         mode_seeking=t.mode_seeking,
         d_steps_per_g=t.d_steps_per_g,
+        adaptive_d=t.adaptive_d,
+        g_ema=t.g_ema,
     )
 
 
@@ -231,10 +233,11 @@ def _dp(
 
 def _log_trained(site_id: str, server_round: int, result: Any, metrics: dict[str, float]) -> None:
     log.info(
-        "site %s round %d: %d steps on %d images in %.1f s%s",
+        "site %s round %d: %d G steps and %d D steps on %d images in %.1f s%s",
         site_id,
         server_round,
         result.steps,
+        result.d_steps,
         result.examples,
         result.seconds,
         f", ε {metrics['epsilon']:.3f}" if "epsilon" in metrics else " (no DP)",

@@ -214,3 +214,45 @@ def test_several_d_steps_per_g_step_each_read_a_fresh_private_batch(monkeypatch)
     assert len(calls) == 6 and result.steps == 2 and cfg.d_steps == 6
     with pytest.raises(ValueError, match="d-steps-per-g"):
         TrainConfig(d_steps_per_g=0)
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_adaptive_n_d_stops_when_d_tells_fakes_apart_and_never_exceeds_n_d(private, monkeypatch):
+    """adaptive-d: n_D is a ceiling. While D calls every generated image fake,
+    G steps after one D step (after the first, when D has not yet been
+    asked); while it calls none fake, every G step waits for n_D D steps.
+    The accountant's count, local_steps × n_D, bounds what was taken."""
+    import fedgan.train as train
+
+    dp = DPConfig(1.0, 1.0, 0.5, secret_seed=1) if private else None
+    taken = {}
+    for accuracy in (1.0, 0.0):
+        monkeypatch.setattr(train, "_fake_accuracy", lambda logits, a=accuracy: a)
+        gen, disc = build(SPEC, seed=0)
+        cfg = TrainConfig(local_steps=4, batch_size=4, d_steps_per_g=3, adaptive_d=0.6)
+        taken[accuracy] = train_local(gen, disc, _data(16), cfg, dp=dp).d_steps
+    assert taken == {1.0: 5, 0.0: 12} and cfg.d_steps == 12
+    with pytest.raises(ValueError, match="adaptive-d"):
+        TrainConfig(adaptive_d=1.0)
+
+
+def test_ema_of_g_changes_only_what_g_sends():
+    """g-ema: D trains exactly as without it (G's training is the same); G
+    leaves with the average of its weights, closer to where it started."""
+    from fedgan.weights import get_arrays
+
+    runs = {}
+    for decay in (0.0, 0.9):
+        gen, disc = build(SPEC, seed=0)
+        start = [p.detach().clone() for p in gen.parameters()]
+        cfg = TrainConfig(local_steps=6, batch_size=4, g_ema=decay, seed=3)
+        train_local(gen, disc, _data(16), cfg)
+        moved = sum(
+            float((p.detach() - s).norm()) for p, s in zip(gen.parameters(), start, strict=True)
+        )
+        runs[decay] = (get_arrays(disc), moved)
+    for a, b in zip(runs[0.0][0], runs[0.9][0], strict=True):
+        assert np.array_equal(a, b)
+    assert 0 < runs[0.9][1] < runs[0.0][1]
+    with pytest.raises(ValueError, match="g-ema"):
+        TrainConfig(g_ema=1.0)
