@@ -22,8 +22,14 @@ memorized fraction, and TSTR accuracy against train-on-real. Goals (issue 8):
 
     python bench/quality.py [--data digits synth] [--rounds 20] [--steps 40] [--device cpu]
         [--batch 32] [--dp-batch B] [--synth-images 1200] [--width 32] [--size 32|64]
-        [--mode-seeking λ]
+        [--mode-seeking λ] [--pretrain-steps N] [--public-images 2000]
         [--only "federated 3 sites, DP ε=10" ...] [--json FILE] [--grids DIR]
+
+`--pretrain-steps N` adds three rows: G and D pretrained without DP on a public
+set that differs from the sites' (digits: a disjoint part with a shifted class mix;
+fundus: the stand-in public set of `fedgan silo synth --profile public`), measured
+as they are, then fine-tuned by 3 DP sites at ε = 10 and ε = 1 (lr-g 2e-5, as a
+run with `model.init` does by default).
 
 `--grids DIR` writes one PNG per configuration: for each class a row of real training
 images over a row of fakes. Look at them before reading a figure: on fundus at the
@@ -143,10 +149,63 @@ def dirichlet_split(labels: torch.Tensor, sites: int, alpha: float, seed: int) -
     return [np.array(sorted(p)) for p in parts]
 
 
-def train_federated(
-    x, y, spec, *, sites, rounds, steps, batch, target_eps, device, seed, mode_seeking=0.0
-):
+def public_split(name: str, x, y, *, images: int, size: int, seed: int) -> tuple:
+    """(public_x, public_y, site_x, site_y): a public set for pretraining whose
+    distribution differs from the sites', disjoint from them. Digits: part of
+    the training images with a shifted class mix (half of each of 0-4, a
+    tenth of each of 5-9), the sites keep the rest. Fundus: the stand-in
+    public set (`fedgan silo synth --profile public`: another camera, colour
+    profile and grade mix); the sites keep every training image."""
+    if name == "digits":
+        rng = torch.Generator().manual_seed(seed + 1)
+        share = torch.where(y < 5, 0.5, 0.1)
+        public = torch.rand(len(y), generator=rng) < share
+        return x[public], y[public], x[~public], y[~public]
+    root = Path("/tmp/fedgan-bench-quality") / f"standin-public-{images}-{size}px"
+    silo = synth_silo(root, "fundus", images, seed=10_000, size=size, profile="public")
+    data = load_silo(silo, SiloOptions.from_mapping("fundus", size, 3, {}))
+    keep = [i for i, lab in enumerate(data.labels) if lab is not None]
+    px = torch.from_numpy(data.as_float())[keep]
+    py = torch.tensor([int(data.labels[i]) for i in keep])
+    return px, py, x, y
+
+
+def pretrain(px, py, spec, *, steps: int, device: str, seed: int):
+    """`fedgan pretrain`'s training: central, no DP, on the public set only."""
     gen, disc = build(spec, seed=seed)
+    train_local(
+        gen,
+        disc,
+        px,
+        TrainConfig(local_steps=steps, batch_size=64, seed=seed),
+        device=device,
+        labels=py,
+    )
+    recalibrate(gen)
+    return gen.cpu(), disc.cpu()
+
+
+def train_federated(
+    x,
+    y,
+    spec,
+    *,
+    sites,
+    rounds,
+    steps,
+    batch,
+    target_eps,
+    device,
+    seed,
+    mode_seeking=0.0,
+    init=None,
+    lr_g=2e-4,
+):
+    """``init``: (G, D) to start from instead of random weights."""
+    gen, disc = build(spec, seed=seed)
+    if init is not None:
+        gen.load_state_dict(init[0].state_dict())
+        disc.load_state_dict(init[1].state_dict())
     silos = (
         [torch.arange(len(y))]
         if sites == 1
@@ -187,6 +246,7 @@ def train_federated(
                     batch_size=batch,
                     seed=seed + r * 31 + s,
                     mode_seeking=mode_seeking,
+                    lr_g=lr_g,
                 ),
                 device=device,
                 dp=dp,
@@ -264,6 +324,14 @@ def main() -> None:
     ap.add_argument("--n-fake", type=int, default=1000)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="> 0: add rows that start from G and D pretrained (no DP) this many steps on a "
+        "public set that differs from the sites' (public_split), fine-tuned at lr-g 2e-5.",
+    )
+    ap.add_argument("--public-images", type=int, default=2000, help="Fundus stand-in set size.")
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     ap.add_argument(
         "--grids", type=Path, help="Write each configuration's real-over-fake PNG in this folder."
@@ -279,6 +347,12 @@ def main() -> None:
         ("federated 3 sites, DP ε=10", 3, 10.0),
         ("federated 3 sites, DP ε=1", 3, 1.0),
     ]
+    if args.pretrain_steps:
+        configs += [
+            ("pretrained only (public)", 0, None),
+            ("pretrained, 3 sites, DP ε=10", 3, 10.0),
+            ("pretrained, 3 sites, DP ε=1", 3, 1.0),
+        ]
     if args.only:
         unknown = set(args.only) - {c[0] for c in configs}
         if unknown:
@@ -293,6 +367,19 @@ def main() -> None:
         train_x, train_y, test_x, test_y = held_out_split(x, y, args.seed)
         classes = int(y.max()) + 1
         spec = bench_spec(x, classes, args.size, args.width)
+        init = site_x = site_y = None
+        if args.pretrain_steps:
+            px, py, site_x, site_y = public_split(
+                name, train_x, train_y, images=args.public_images, size=args.size, seed=args.seed
+            )
+            t = time.perf_counter()
+            init = pretrain(px, py, spec, steps=args.pretrain_steps, device=args.device, seed=0)
+            print(
+                f"pretrained on {len(py)} public images ({args.pretrain_steps} steps, "
+                f"{time.perf_counter() - t:.0f} s); the pretrained rows' sites hold "
+                f"{len(site_y)} of the training images",
+                flush=True,
+            )
         enc = domain.train_encoder(train_x, steps=600, seed=args.seed)
         trtr = accuracy(train_classifier(train_x, train_y, classes, seed=args.seed), test_x, test_y)
         print(
@@ -306,19 +393,26 @@ def main() -> None:
         rows = {}
         for label, sites, eps in configs:
             t = time.perf_counter()
-            gen, disc, spent = train_federated(
-                train_x,
-                train_y,
-                spec,
-                sites=sites,
-                rounds=args.rounds,
-                steps=args.steps,
-                batch=(args.dp_batch or args.batch) if eps else args.batch,
-                target_eps=eps,
-                device=args.device,
-                seed=args.seed,
-                mode_seeking=args.mode_seeking,
-            )
+            pretrained = label.startswith("pretrained")
+            if sites == 0:  # the public starting point itself, before any site
+                assert init is not None
+                gen, disc, spent = init[0].eval(), init[1].eval(), None
+            else:
+                gen, disc, spent = train_federated(
+                    site_x if pretrained else train_x,
+                    site_y if pretrained else train_y,
+                    spec,
+                    sites=sites,
+                    rounds=args.rounds,
+                    steps=args.steps,
+                    batch=(args.dp_batch or args.batch) if eps else args.batch,
+                    target_eps=eps,
+                    device=args.device,
+                    seed=args.seed,
+                    mode_seeking=args.mode_seeking,
+                    init=init if pretrained else None,
+                    lr_g=2e-5 if pretrained else 2e-4,
+                )
             r = evaluate(
                 gen, disc, enc, train_x, train_y, test_x, test_y, classes, args.n_fake, args.seed
             )

@@ -353,7 +353,7 @@ def demo(
             "OUT/.cache after the first demo (default: on for fundus without --init).",
         ),
     ] = None,
-    pretrain_steps: Annotated[int, typer.Option(help="Steps of that pretraining.")] = 1000,
+    pretrain_steps: Annotated[int, typer.Option(help="Steps of that pretraining.")] = 2000,
     evaluate: Annotated[
         bool | None,
         typer.Option(
@@ -366,8 +366,18 @@ def demo(
     """Run a local federation of real processes over mutual TLS and train a GAN."""
     from fedgan.demo import DemoOptions, parse_overrides, run_demo
 
+    overrides = parse_overrides(config or [])
     if pretrain is None:
-        pretrain = kind == "fundus" and init is None and resume is None
+        # The stand-in set is fundus with grades 0-4 and no patient attributes.
+        grades = {"0", "1", "2", "3", "4"}
+        classes = {c for c in str(overrides.get("classes", "")).split(",") if c}
+        pretrain = (
+            kind == "fundus"
+            and init is None
+            and resume is None
+            and not overrides.get("attributes")
+            and classes <= grades
+        )
     if evaluate is None:
         evaluate = not data and resume is None
     opts = DemoOptions(
@@ -381,7 +391,7 @@ def demo(
         seed=seed,
         out_root=out,
         run_id=run_id,
-        extra_config=parse_overrides(config or []),
+        extra_config=overrides,
         resume=resume,
         init=init,
         pretrain=pretrain,
@@ -400,8 +410,8 @@ def pretrain(
         Path | None,
         typer.Option(help="The federation.yaml whose model section sets G's and D's shape."),
     ] = None,
-    steps: Annotated[int, typer.Option(help="G steps (each after d-steps-per-g D steps).")] = 1500,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    steps: Annotated[int, typer.Option(help="G steps (each after one D step).")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     lr: Annotated[float, typer.Option(help="Adam learning rate of both networks.")] = 2e-4,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the batches.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",

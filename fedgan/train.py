@@ -138,7 +138,7 @@ def train_local(
     )
     rng = torch.Generator().manual_seed(cfg.seed)
     g_step = GeneratorStep(gen, disc, cfg, autocast, device)
-    batch = min(cfg.batch_size, silo.size)
+    batch = min(cfg.batch_for(silo.size), silo.size)
     d_step = _discriminator_step(disc, cfg, dp, batch, autocast)
     loop = _Loop(gen, g_step, d_step, autocast, fmt, device, rng, batch, sample_attributes)
     try:

@@ -87,7 +87,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "adaptive_d": Field("adaptive-d", float, _below_one),
         "g_ema": Field("g-ema", float, _below_one),
         "local_epochs": Field("local-epochs", float, _non_negative),
-        "batch_size": Field("batch-size", int, _positive),
+        "batch_size": Field("batch-size", int, _non_negative),
         "lr_g": Field("lr-g", float, _non_negative),
         "lr_d": Field("lr-d", float, _positive),
         "mode_seeking": Field("mode-seeking", float, _non_negative),

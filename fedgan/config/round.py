@@ -14,6 +14,7 @@ from typing import Any
 
 from fedgan.config.model import GanSpec
 from fedgan.config.run import PrivacySettings, _get, parse_classes
+from fedgan.config.training import auto_batch
 
 WHERE = "round config"
 Scalar = int | float | bool | str
@@ -56,10 +57,15 @@ class LocalTraining:
     adaptive_d: float = 0.0  # > 0: n_D is a ceiling (fedgan.config.training)
     g_ema: float = 0.0  # > 0: G's weights are their moving average over the round
 
+    def batch_for(self, images: int) -> int:
+        """The (expected) batch at a silo of ``images`` images: the run's, or
+        with batch-size 0 the silo's own (`fedgan.config.training.auto_batch`)."""
+        return self.batch_size or auto_batch(images)
+
     def steps_for(self, images: int) -> int:
         """This round's local steps at a silo of ``images`` images."""
         if self.epochs > 0:
-            return max(1, math.ceil(self.epochs * images / self.batch_size))
+            return max(1, math.ceil(self.epochs * images / self.batch_for(images)))
         return max(1, self.steps)
 
     def d_steps_for(self, images: int) -> int:

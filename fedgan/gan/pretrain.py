@@ -106,7 +106,7 @@ def pretrain_to_file(
     out: Path,
     *,
     steps: int,
-    batch_size: int = 64,
+    batch_size: int = 32,
     lr: float = 2e-4,
     seed: int = 0,
     device: str = "auto",

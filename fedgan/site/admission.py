@@ -7,6 +7,7 @@ same function the round runs, so the preview cannot drift from the code."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedgan.atomic import write_text_atomic
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.model_init import weights_sha256
@@ -46,7 +48,7 @@ def plan_for(cfg: RoundConfig, images: int, noise_hint: float | None = None) -> 
         delta=p.delta,
         accountant=p.accountant,
         num_examples=images,
-        batch_size=cfg.local.batch_size,
+        batch_size=cfg.local.batch_for(images),
         local_steps=cfg.local.d_steps_for(images),
         rounds=cfg.rounds,
         noise_hint=noise_hint,
@@ -73,7 +75,7 @@ def check_plan(
         if parameters is not None and max_figure is not None:
             _check_noise(site_id, plan, images, parameters, max_figure)
         return
-    batch = cfg.local.batch_size
+    batch = cfg.local.batch_for(images)
     raise AppRefused(
         site_id,
         f"the run's batch of {batch} would read this silo's {images} usable images whole at "
@@ -97,7 +99,8 @@ def _check_noise(
         site_id,
         f"each DP step's noise would be {figure:.0f}× the strongest signal of this silo's "
         f"{images} images (this site trains up to {max_figure:g}×); this run needs about "
-        f"{needed} images here, or fewer rounds or steps, a larger target ε or a smaller model",
+        f"{needed} images here, or a larger batch-size (0: half the silo, up to 128), fewer "
+        "rounds or steps, a larger target ε or a smaller model",
     )
 
 
@@ -119,18 +122,60 @@ def check_limits(
         )
 
 
-def check_init_weights(
-    site_id: str, cfg: RoundConfig, gen: list[np.ndarray], disc: list[np.ndarray]
+def check_start(
+    site: SiteSettings,
+    cfg: RoundConfig,
+    gen: list[np.ndarray],
+    disc: list[np.ndarray],
+    limits: Limits | None,
 ) -> None:
-    """In round 1 the global model is the declared init itself: refuse one
-    whose weights do not hash to it, so that the hash a site pins (and the
-    one in the run's record) is the model the site really trains."""
-    if cfg.init_sha256 and cfg.round == 1 and weights_sha256(gen, disc) != cfg.init_sha256:
+    """The model a run starts from, checked where the site can check it: in
+    round 1 the global model is the declared pretrained init, or without one
+    the random weights of the run's seed, so a model that hashes to neither
+    is refused. A site whose policy refuses or pins inits must have made
+    that check itself: it records it per run, and refuses a later round of
+    a run whose round 1 it did not see (it cannot tell what the run started
+    from, and the aggregator's word is not enough)."""
+    strict = limits is not None and (limits.refuse_init or bool(limits.init_hashes))
+    marker = _start_marker(site, cfg.run_name)
+    if cfg.round != 1:
+        if strict and not marker.exists():
+            raise AppRefused(
+                site.site_id,
+                f"this site checks the model a run starts from in its round 1; it was not "
+                f"asked in round 1 of run {cfg.run_name!r}, so it cannot (with fraction-sites 1 "
+                "every site trains round 1)",
+            )
+        return
+    received = weights_sha256(gen, disc)
+    if cfg.init_sha256 and received != cfg.init_sha256:
         raise AppRefused(
-            site_id,
+            site.site_id,
             f"round 1's global model is not the pretrained init {cfg.init_sha256} the run "
             "declares (its weights hash differently)",
         )
+    if not cfg.init_sha256 and strict and received != _random_start(cfg):
+        raise AppRefused(
+            site.site_id,
+            "round 1's global model is neither a declared pretrained init nor the random "
+            f"weights of the run's seed {cfg.embedding_seed}; this site's policy checks inits",
+        )
+    if strict:
+        write_text_atomic(marker, received + "\n")
+
+
+def _start_marker(site: SiteSettings, run_name: str) -> Path:
+    # The run's name comes from the aggregator: hashed, never a path.
+    digest = hashlib.sha256(run_name.encode()).hexdigest()[:32]
+    return Path(site.work_dir) / "verified-starts" / digest
+
+
+def _random_start(cfg: RoundConfig) -> str:
+    from fedgan.gan.models import build
+    from fedgan.weights import get_arrays
+
+    gen, disc = build(cfg.model.spec(), seed=cfg.embedding_seed)
+    return weights_sha256(get_arrays(gen), get_arrays(disc))
 
 
 @dataclass(frozen=True)

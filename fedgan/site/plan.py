@@ -124,7 +124,7 @@ def _sgd_lines(p: SitePlan, how: str) -> list[str]:
     n_d = run.train.d_steps_per_g
     steps = f"{plan.steps} local steps" if n_d == 1 else f"{plan.steps} D steps ({n_d} per G step)"
     return [
-        f"run: {run.rounds} rounds × {steps}, batch {run.train.batch_size}, "
+        f"run: {run.rounds} rounds × {steps}, batch {run.train.batch_for(p.images)}, "
         f"{run.spec.image_size} px, D with {p.weights:,} weights",
         f"silo of {p.images:,} images: q {plan.sample_rate:.4g}, δ {plan.delta:.3g}, "
         f"σ {plan.noise_multiplier:.3f} ({how}, {plan.accountant.upper()})",
@@ -161,7 +161,7 @@ def as_dict(p: SitePlan) -> dict[str, Any]:
     out: dict[str, Any] = {
         "images": p.images,
         "rounds": p.run.rounds,
-        "batch_size": p.run.train.batch_size,
+        "batch_size": p.run.train.batch_for(p.images),
         "dp": p.plan is not None,
         "mechanism": p.run.privacy.mechanism,
         "epsilon_budget": p.budget,

@@ -23,7 +23,7 @@ from fedgan.privacy.ledger import BudgetExhausted
 from fedgan.privacy.plan import noise_to_signal
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
-from fedgan.site.admission import Admission, admit, check_init_weights, check_limits
+from fedgan.site.admission import Admission, admit, check_limits, check_start
 from fedgan.site.approval import Limits
 from fedgan.train import DPConfig, TrainConfig, resolve_device, train_local
 from fedgan.update import Contribution, clip_update, make_update
@@ -130,7 +130,7 @@ def run_round(
     """``limits``: the site's own (`fedgan.site.approval`); a run weaker than
     them raises `AppRefused` before anything is trained or recorded."""
     check_limits(limits, site.site_id, cfg, secure, sigma=None)  # before the silo is read
-    check_init_weights(site.site_id, cfg, global_gen, global_disc)
+    check_start(site, cfg, global_gen, global_disc, limits)
     attrs = parse_attributes(cfg.model.attributes)
     gen, disc = build(cfg.model.spec())
     set_arrays(gen, global_gen)
@@ -185,7 +185,7 @@ def _train_config(cfg: RoundConfig, site: SiteSettings, images: int) -> TrainCon
     t = cfg.local
     return TrainConfig(
         local_steps=t.steps_for(images),
-        batch_size=t.batch_size,
+        batch_size=t.batch_for(images),
         lr_g=t.lr_g,
         lr_d=t.lr_d,
         seed=t.seed,

@@ -142,6 +142,8 @@ def test_sigterm_to_demo_stops_every_process(tmp_path):
             "-m",
             "fedgan.cli",
             "demo",
+            "--no-pretrain",
+            "--no-evaluate",
             "--sites",
             "1",
             "--rounds",

@@ -4,6 +4,7 @@ and the site's policy (pin or refuse) and check of round 1's model."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from fedgan.config.run import ConfigError, RunSettings, SiteSettings
 from fedgan.gan.models import build
 from fedgan.model_init import load_init, save_init, weights_sha256
 from fedgan.site import round as site_round
-from fedgan.site.admission import check_init_weights
+from fedgan.site.admission import check_start
 from fedgan.site.approval import AppRefused, Limits
 from fedgan.weights import get_arrays
 from tests.memory_federation import SMALL, MemorySite, consortium, federation
@@ -132,25 +133,38 @@ def test_a_site_refuses_an_init_it_does_not_accept_before_any_spend(tmp_path, li
     assert not (Path(site.work_dir) / "privacy-ledger.jsonl").exists()
 
 
-def test_a_site_that_pins_the_init_trains_from_it(tmp_path):
+def test_a_site_that_pins_the_init_trains_from_it_and_checks_later_rounds_were_seen(tmp_path):
     run, site = _site(tmp_path)
     init = load_init(_init(tmp_path, run.spec), run.spec)
     gen, disc = build(run.spec, seed=7)
+    pinned = Limits(init_hashes=[init.weights_sha256])
     cfg = run.round_config(1, init_sha256=init.weights_sha256)
     outcome = site_round.run_round(
-        site,
-        {},
-        "r",
-        cfg,
-        get_arrays(gen),
-        get_arrays(disc),
-        limits=Limits(init_hashes=[init.weights_sha256]),
+        site, {}, "r", cfg, get_arrays(gen), get_arrays(disc), limits=pinned
     )
     assert outcome.update is not None and "epsilon" in outcome.metrics
-    # Later rounds carry averaged weights: only round 1 is checked against the hash.
+    # Later rounds carry averaged weights: it checked round 1, and remembers it did.
     other, _ = build(run.spec, seed=99)
-    cfg2 = run.round_config(2, init_sha256=init.weights_sha256)
-    check_init_weights(site.site_id, cfg2, get_arrays(other), get_arrays(disc))
+    later = run.round_config(2, init_sha256=init.weights_sha256)
+    check_start(site, later, get_arrays(other), get_arrays(disc), pinned)
+    # A site that never saw round 1 of a run cannot tell what it started from.
+    unseen = dataclasses.replace(later, run_name="another-run")
+    with pytest.raises(AppRefused, match="was not asked in round 1 of run 'another-run'"):
+        check_start(site, unseen, get_arrays(other), get_arrays(disc), pinned)
+    check_start(site, unseen, get_arrays(other), get_arrays(disc), Limits())  # not strict
+
+
+def test_a_site_that_checks_inits_refuses_undeclared_pretrained_weights(tmp_path):
+    """An aggregator that leaves the init's hash out and sends pretrained
+    weights as if they were random: round 1's model is not the run seed's."""
+    run, site = _site(tmp_path)
+    undeclared, disc = build(run.spec, seed=7)  # not the run's seed (0)
+    cfg = run.round_config(1)
+    with pytest.raises(AppRefused, match="neither a declared pretrained init nor the random"):
+        check_start(site, cfg, get_arrays(undeclared), get_arrays(disc), Limits(refuse_init=True))
+    gen, disc = build(run.spec, seed=run.train.seed)  # the honest random start
+    check_start(site, cfg, get_arrays(gen), get_arrays(disc), Limits(refuse_init=True))
+    check_start(site, cfg, get_arrays(undeclared), get_arrays(disc), Limits())  # not strict
 
 
 def test_the_operator_is_told_before_submitting_that_the_init_does_not_fit(tmp_path):

@@ -8,7 +8,7 @@ from fedgan.config.run import ConfigError, RunSettings, SiteSettings
 
 def test_defaults_parse():
     s = RunSettings.from_run_config(default_run_config())
-    assert s.rounds == 3 and s.spec.image_size == 32 and s.train.local_steps == 100
+    assert s.rounds == 3 and s.spec.image_size == 32 and s.train.local_steps == 25
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def test_secagg_settings_and_value_range():
     s = RunSettings.from_run_config(default_run_config())
     assert s.secagg.enabled and s.secagg.bits == 12 and s.secagg.threshold == 0
     # Adam moves a weight by ~lr per step: 2·lr·steps beats 8C/√P here.
-    assert s.secagg_range(10_000) == pytest.approx(2 * 2e-4 * 100)
+    assert s.secagg_range(10_000) == pytest.approx(2 * 2e-4 * 25)
     assert s.secagg_range(10**9) == pytest.approx(8 * 20 / 10**4.5)
     cfg = default_run_config() | {"local-epochs": 1.0}
     assert RunSettings.from_run_config(cfg).secagg_range(400) == pytest.approx(8.0)
