@@ -426,6 +426,8 @@ def pretrain(
 
     if kind not in KINDS:
         fail(f"--kind {kind!r}: use {' or '.join(KINDS)}")
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        fail("--steps and --batch-size must be at least 1 and --lr above 0")
     if out.exists() and not force:
         fail(f"{out} exists; choose another --out or pass --force to replace it")
     run_config = default_run_config() | (load_federation(config) if config else {})

@@ -109,10 +109,16 @@ def save_init(
     )
 
 
-def load_init(path: Path, spec: GanSpec | None = None, key: str = "model.init") -> ModelInit:
+def load_init(
+    path: Path,
+    spec: GanSpec | None = None,
+    key: str = "model.init",
+    classes: tuple[str, ...] | None = None,
+) -> ModelInit:
     """The init file at ``path``, checked: readable, of our format, with the
-    run's model shape (``spec``) and weights that match their recorded hash.
-    Errors are one line naming ``key`` and the file."""
+    run's model shape (``spec``) and class names in the same order
+    (``classes``), and weights that match their recorded hash. Errors are
+    one line naming ``key`` and the file."""
     import torch
 
     path = Path(path)
@@ -137,6 +143,12 @@ def load_init(path: Path, spec: GanSpec | None = None, key: str = "model.init") 
         raise ConfigError(
             f"{key}: {path} was pretrained for {_shape(file_spec)}; the run asks for "
             f"{_shape(spec)}; pretrain again with the run's model settings"
+        )
+    recorded = doc.get("data", {}).get("classes")
+    if classes is not None and recorded is not None and tuple(recorded) != tuple(classes):
+        raise ConfigError(
+            f"{key}: {path} was pretrained with classes {', '.join(recorded)}; the run names "
+            f"{', '.join(classes)}: name them in that order, or pretrain with the run's classes"
         )
     from fedgan.gan.models import build
 

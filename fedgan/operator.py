@@ -78,7 +78,7 @@ def prepare(
             # Read here too, so that a wrong path or shape fails before submitting.
             from fedgan.model_init import load_init
 
-            load_init(Path(settings.model_init), settings.spec)
+            load_init(Path(settings.model_init), settings.spec, classes=settings.classes)
     except ConfigError as exc:
         raise OperatorError(f"{config_path}: {exc}") from None
     return config

@@ -218,9 +218,13 @@ def _discriminator_step(
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> PlainDiscriminatorStep | DPDiscriminatorStep:
     prox = Proximal(disc, cfg.prox_mu)
+    step: PlainDiscriminatorStep | DPDiscriminatorStep
     if dp is None:
-        return PlainDiscriminatorStep(disc, cfg.lr_d, prox, autocast, cfg.cond_lambda)
-    return DPDiscriminatorStep(disc, cfg.lr_d, dp, batch, prox, autocast, cfg.cond_lambda)
+        step = PlainDiscriminatorStep(disc, cfg.lr_d, prox, autocast, cfg.cond_lambda)
+    else:
+        step = DPDiscriminatorStep(disc, cfg.lr_d, dp, batch, prox, autocast, cfg.cond_lambda)
+    step.track_fakes = cfg.adaptive_d > 0
+    return step
 
 
 @dataclass(frozen=True)
@@ -378,8 +382,11 @@ class GeneratorStep:
         self.attributes = bool(gen.spec.attr_dim)
         self.no_term = torch.zeros((), device=device)
         self.params = [p for p in gen.parameters() if p.requires_grad]
-        self.ema_weight = 1.0 - cfg.g_ema
-        self.ema = [p.detach().clone() for p in self.params] if cfg.g_ema > 0 else []
+        self.ema_decay = cfg.g_ema
+        # Started at G's weights after its first step, not at the global model
+        # the round began from, which would otherwise hold most of the weight
+        # of a short round's average (0.99^25 = 0.78).
+        self.ema: list[torch.Tensor] = []
 
     def __call__(
         self,
@@ -407,9 +414,12 @@ class GeneratorStep:
         (g_loss + ms_loss).backward(inputs=list(self.gen.parameters()))
         self.prox.add_gradient()
         self.opt.step()
-        if self.ema:
+        if self.ema_decay > 0:
             with torch.no_grad():
-                torch._foreach_lerp_(self.ema, self.params, self.ema_weight)
+                if self.ema:
+                    torch._foreach_lerp_(self.ema, self.params, 1.0 - self.ema_decay)
+                else:
+                    self.ema = [p.detach().clone() for p in self.params]
         return g_loss, ms_loss
 
     def finish(self) -> None:
@@ -436,8 +446,10 @@ class PlainDiscriminatorStep:
         self.autocast = autocast
         self.cond_lambda = cond_lambda
         self.opt = adam(disc.parameters(), lr)
-        # D's accuracy on the last step's generated images (adaptive n_D).
-        self.fake_accuracy = 0.0
+        # D's accuracy on the last step's generated images (adaptive n_D
+        # only: reading it back would stall a GPU's queue every step).
+        self.track_fakes = False
+        self.fake_accuracy: float | torch.Tensor = 0.0
 
     def sample(self, n: int, batch: int, rng: torch.Generator) -> torch.Tensor:
         return torch.randint(0, n, (batch,), generator=rng)
@@ -459,7 +471,8 @@ class PlainDiscriminatorStep:
                 logits, predicted = self.disc(real, real_y, with_attributes=True)
                 loss = discriminator_loss(logits, fake_logits)
                 loss = loss + self.cond_lambda * attribute_loss(predicted, real_a)
-        self.fake_accuracy = _fake_accuracy(fake_logits)
+        if self.track_fakes:
+            self.fake_accuracy = _fake_accuracy(fake_logits)
         loss.backward()
         self.prox.add_gradient()
         self.opt.step()
@@ -507,7 +520,8 @@ class DPDiscriminatorStep:
         device = next(disc.parameters()).device
         self.noise_rng = torch.Generator(device=device).manual_seed(seed ^ 0x5DEECE66D)
         self.params = [p for p in disc.parameters() if p.requires_grad]
-        self.fake_accuracy = 0.0  # on the last step's generated images (adaptive n_D)
+        self.track_fakes = False  # adaptive n_D: keep D's accuracy on generated images
+        self.fake_accuracy: float | torch.Tensor = 0.0
         self.engine: ClippedGradient | None = None
         self.module: GradSampleModule | None = None
         if dp.grad_sample_mode == "ghost":
@@ -630,7 +644,8 @@ class DPDiscriminatorStep:
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, torch.zeros_like(logits)
             )
-        self.fake_accuracy = _fake_accuracy(logits)
+        if self.track_fakes:
+            self.fake_accuracy = _fake_accuracy(logits)
         # The attribute head plays no part in the fake half.
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         present = [g for g in grads if g is not None]

@@ -18,7 +18,7 @@ from fedgan.aggregator.transport import GridTransport
 from fedgan.atomic import write_text_atomic
 from fedgan.audit_log import AuditLog
 from fedgan.config.run import ConfigError, RunSettings
-from fedgan.model_init import load_init
+from fedgan.model_init import ModelInit, load_init
 
 log = logging.getLogger("fedgan.server")
 app = ServerApp()
@@ -36,12 +36,33 @@ def _log_to_stream() -> None:
         log.propagate = False
 
 
+def start_from(settings: RunSettings) -> ModelInit | None:
+    """The run's pretrained init, loaded and checked; None without one, and
+    on a resume from a checkpoint, which holds the weights (the init file
+    may have moved since)."""
+    if not settings.model_init:
+        return None
+    run_dir = Path(settings.run_dir) if settings.run_dir else None
+    if settings.resume and run_dir is not None and RunOutputs(run_dir).checkpoint_path.exists():
+        return None
+    return load_init(Path(settings.model_init), settings.spec, classes=settings.classes)
+
+
+def _earlier_init_record(out: RunOutputs) -> dict | None:
+    try:
+        earlier = json.loads((out.dir / "run-config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    record = earlier.get("model-init-record") if isinstance(earlier, dict) else None
+    return record if isinstance(record, dict) else None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _log_to_stream()
     try:
         settings = RunSettings.from_run_config(context.run_config)
-        init = load_init(Path(settings.model_init), settings.spec) if settings.model_init else None
+        init = start_from(settings)
     except ConfigError as exc:
         raise SystemExit(f"fedgan: {exc}") from None
     run_dir = Path(settings.run_dir or Path.cwd() / "runs" / f"flower-{context.run_id}")
@@ -51,8 +72,11 @@ def main(grid: Grid, context: Context) -> None:
     run = out.dir.name
     out.write_status("running", flower_run_id=context.run_id, rounds=settings.rounds)
     # What `fedgan evaluate` needs to draw like the run (class names, attributes).
-    # And, for auditors and the report, what the run started from.
-    recorded = dict(context.run_config) | ({"model-init-record": init.record()} if init else {})
+    # And, for auditors and the report, what the run started from (a resume
+    # keeps the record of the run's first start).
+    first = _earlier_init_record(out) if settings.resume else None
+    record = init.record() if init else first
+    recorded = dict(context.run_config) | ({"model-init-record": record} if record else {})
     write_text_atomic(out.dir / "run-config.json", json.dumps(recorded, indent=1, sort_keys=True))
     audit.append(
         "run_started",
@@ -62,7 +86,7 @@ def main(grid: Grid, context: Context) -> None:
         resume=settings.resume,
         dp=settings.privacy.enabled,
         secure_aggregation=settings.secagg.enabled,
-        model_init=init.record() if init else None,
+        model_init=record,
     )
     try:
         summary = run_federation(GridTransport(grid), settings, out, audit, init)

@@ -187,7 +187,7 @@ def evaluate(
     # Loaded first: a wrong file should fail before minutes of work.
     weights = inception.load(inception_weights) if inception_weights is not None else None
     run = _open_run(Path(run_dir))
-    start_gen = load_generator(Path(start)) if start is not None else None
+    start_gen = _start_generator(Path(start), run) if start is not None else None
     _check_normal_class(normal_class, run.classes, holdout)
     images = _read_images(run, real, holdout, kind, silo_options or {}, effort, say)
     out_dir = run.dir / EVALUATION_DIR
@@ -212,6 +212,27 @@ def evaluate(
     path = out_dir / f"{site_id}.json"
     write_text_atomic(path, json.dumps(result, indent=1, sort_keys=True))
     return path
+
+
+def _start_generator(path: Path, run: _Run) -> Generator:
+    """The generator the run started from; an init file whose weights are not
+    the ones the run recorded is refused, so the comparison is with the real
+    starting point."""
+    from fedgan.config.run import ConfigError
+    from fedgan.model_init import load_init
+
+    recorded = run.settings.get("model-init-record")
+    if isinstance(recorded, dict) and recorded.get("weights_sha256"):
+        try:
+            init = load_init(path, key="--start")
+        except ConfigError as exc:
+            raise EvaluationError(str(exc)) from None
+        if init.weights_sha256 != recorded["weights_sha256"]:
+            raise EvaluationError(
+                f"--start {path} is not the init the run started from (its weights SHA-256 "
+                f"{init.weights_sha256[:16]}…, the run's {recorded['weights_sha256'][:16]}…)"
+            )
+    return load_generator(path)
 
 
 def _start_fid(

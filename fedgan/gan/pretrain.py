@@ -55,6 +55,8 @@ def public_images(
     stand_in = (Path(data_dir) / STAND_IN_MARKER).exists()
     described = {
         "folder": Path(data_dir).resolve().name,
+        # Class i of the init is this name: a run must name its classes alike.
+        "classes": list(classes),
         "kind": kind,
         "images": len(keep),
         "stand_in": stand_in,

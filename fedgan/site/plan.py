@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedgan.config.run import RunSettings
@@ -69,7 +70,25 @@ def assess(
     return SitePlan(run, images, budget, refusal, plan, forecast, values, figure)
 
 
+def _declared_init(run: RunSettings) -> str:
+    """The weights hash of the run's init as the round would declare it: from
+    the file when it is readable here, else a placeholder that a policy
+    refusing inits still refuses (a pin is checked in round 1)."""
+    if not run.model_init:
+        return ""
+    from fedgan.config.run import ConfigError
+    from fedgan.model_init import load_init
+
+    try:
+        return load_init(Path(run.model_init), run.spec).weights_sha256
+    except ConfigError:
+        return "(the run's model.init, not readable here)"
+
+
 def _refusal(run: RunSettings, limits: Limits, noise: float | None) -> str | None:
+    init = _declared_init(run)
+    if init.startswith("(") and limits.init_hashes and not limits.refuse_init:
+        init = ""  # a pin can only be checked against the weights, in round 1
     try:
         check_run(
             limits,
@@ -78,6 +97,7 @@ def _refusal(run: RunSettings, limits: Limits, noise: float | None) -> str | Non
             noise_multiplier=noise,
             target_epsilon=run.privacy.target_epsilon,
             secure_aggregation=run.secagg.enabled,
+            init_sha256=init,
         )
     except AppRefused as refused:
         return refused.reason

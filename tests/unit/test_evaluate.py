@@ -321,6 +321,14 @@ def test_the_starting_model_is_measured_on_the_same_encoder(evaluated, tmp_path)
     assert same["domain_fid_start"] == pytest.approx(same["domain_fid"])
     assert far["domain_fid_start"] > far["domain_fid"]
     assert any("brought it closer" in line for line in reading(figures["untrained"]))
+    # A run that records its init refuses a --start that is not that init.
+    config = run_dir / "run-config.json"
+    recorded = json.loads(config.read_text()) | {"model-init-record": {"weights_sha256": "0" * 64}}
+    config.write_text(json.dumps(recorded))
+    with pytest.raises(EvaluationError, match="is not the init the run started from"):
+        evaluate(
+            run_dir, original.parents[1] / "silo", "fundus", site_id="x", start=tmp_path / "init.pt"
+        )
 
 
 def test_report_and_exporter_show_the_evaluation(evaluated):

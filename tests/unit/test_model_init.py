@@ -201,3 +201,29 @@ def test_the_demo_pretrains_on_the_stand_in_set_once_and_reuses_the_cache(tmp_pa
     assert any("unusable" in x for x in lines) and load_init(first).weights_sha256
     wider = standin_init(opts, config | {"width": 16}, lines.append)
     assert wider != first and load_init(wider).spec.width == 16
+
+
+def test_an_init_pretrained_with_other_class_names_is_refused(tmp_path):
+    """Same shape, classes in another order: class i of the init would be
+    another grade in the run, silently."""
+    spec = GanSpec(image_size=16, channels=1, latent_dim=8, width=8, num_classes=2)
+    gen, disc = build(spec, seed=1)
+    path = tmp_path / "init.pt"
+    save_init(path, gen, disc, data=DATA | {"classes": ["normal", "abnormal"]}, steps=1)
+    assert load_init(path, spec, classes=("normal", "abnormal")).spec == spec
+    with pytest.raises(ConfigError, match="pretrained with classes normal, abnormal; the run"):
+        load_init(path, spec, classes=("abnormal", "normal"))
+
+
+def test_a_resumed_run_takes_its_weights_from_the_checkpoint_not_the_init(tmp_path):
+    from fedgan.aggregator.server_app import start_from
+
+    path = _init(tmp_path)
+    base = default_run_config() | SMALL | {"model-init": str(path), "run-dir": str(tmp_path / "r")}
+    assert start_from(RunSettings.from_run_config(base)).weights_sha256
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"held")
+    path.unlink()  # moved since: a resume no longer needs it
+    assert start_from(RunSettings.from_run_config(base | {"resume": True})) is None
+    with pytest.raises(ConfigError, match="not found"):
+        start_from(RunSettings.from_run_config(base))
