@@ -171,13 +171,14 @@ def public_split(name: str, x, y, *, images: int, size: int, seed: int) -> tuple
 
 
 def pretrain(px, py, spec, *, steps: int, device: str, seed: int):
-    """`fedgan pretrain`'s training: central, no DP, on the public set only."""
+    """`fedgan pretrain`'s training (batch 32, lr 2e-4, no DP, the public set
+    only), then G's BatchNorm statistics recomputed as the aggregator does."""
     gen, disc = build(spec, seed=seed)
     train_local(
         gen,
         disc,
         px,
-        TrainConfig(local_steps=steps, batch_size=64, seed=seed),
+        TrainConfig(local_steps=steps, batch_size=32, seed=seed),
         device=device,
         labels=py,
     )

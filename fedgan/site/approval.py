@@ -52,8 +52,8 @@ CLIENTAPP = "fedgan.site.client_app:app"
 # manifest of the FAB's files (.info/CONTENT).
 CONFIG_FILES = frozenset({"pyproject.toml"})
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# Chosen from measurements (bench/RESULTS.md, "noise figure"): the figures at
-# which the sites' updates still moved a pretrained G towards their images.
+# Chosen from measurements (bench/RESULTS.md, "The noise figure a site refuses
+# above"): past it the sites' updates move a pretrained G less and less.
 DEFAULT_MAX_NOISE_FIGURE = 100.0
 
 
