@@ -329,3 +329,33 @@ def test_with_several_d_steps_per_g_every_d_step_is_accounted(tmp_path, kind, cl
     assert preview.plan.steps == 6 and "6 D steps (3 per G step)" in " ".join(
         site_plan.describe(preview, "new", "default")
     )
+
+
+@pytest.mark.parametrize("images", [12, 300])
+def test_the_default_batch_is_the_sites_own_and_the_ledger_and_trainer_agree(
+    tmp_path, images, monkeypatch
+):
+    """batch-size 0 (the default): each site's expected batch is min(128,
+    N/2). The ledger's q, the DP step's expected batch and the number of
+    private steps must all be that one batch's."""
+    import fedgan.train as train
+    from fedgan.config.training import auto_batch
+    from fedgan.privacy.ledger import PrivacyLedger
+
+    seen = {}
+    original = train.DPDiscriminatorStep.__init__
+
+    def recording(self, disc, lr, dp, expected_batch, *args, **kwargs):
+        seen.update(q=dp.sample_rate, expected=expected_batch)
+        original(self, disc, lr, dp, expected_batch, *args, **kwargs)
+
+    monkeypatch.setattr(train.DPDiscriminatorStep, "__init__", recording)
+    cfg, site, gen, disc = _one_site(tmp_path, images, **{"local-steps": 2})
+    assert cfg.train.batch_size == 0  # the shipped default
+    outcome = _round(cfg, site, gen, disc, 1)
+    batch = auto_batch(images)
+    assert batch == min(128, images // 2)
+    (spend,) = PrivacyLedger.in_work_dir(tmp_path / "work").spends()
+    assert spend.sample_rate == pytest.approx(batch / images) == seen["q"]
+    assert seen["expected"] == batch and spend.steps == 2
+    assert outcome.metrics["sample-rate"] == pytest.approx(batch / images)
