@@ -421,7 +421,7 @@ def pretrain(
     from fedgan.config.appbundle import default_run_config
     from fedgan.config.federation import load as load_federation
     from fedgan.config.run import RunSettings
-    from fedgan.gan.pretrain import pretrain_to_file
+    from fedgan.pretrain import pretrain_to_file
     from fedgan.silo.options import KINDS
 
     if kind not in KINDS:

@@ -202,7 +202,7 @@ def standin_init(opts: DemoOptions, config: dict[str, Any], say: Callable[[str],
         else:
             say(f"init          {path} (cached; pretrained on a stand-in public set)")
             return path
-    from fedgan.gan.pretrain import pretrain_to_file
+    from fedgan.pretrain import pretrain_to_file
 
     public = cache / f"standin-public-fundus-{opts.standin_images}"
     if not (public / STAND_IN_MARKER).exists():
