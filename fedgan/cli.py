@@ -874,6 +874,26 @@ def site_plan(
             typer.echo(line)
 
 
+def _number_or_none(flag: str, value: str) -> float | None:
+    """A limit given as a number, or 'none' for no limit."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        fail(f"{flag} {value!r}: give a number or 'none'")
+
+
+def _pinned_inits(store, allow: list[str], forget: list[str]) -> list[str]:
+    """The site's pinned init hashes after adding ``allow`` and removing ``forget``."""
+    pinned = list(store.current().limits.init_hashes)
+    pinned += [h.strip().lower() for h in allow if h.strip().lower() not in pinned]
+    gone = {h.strip().lower() for h in forget}
+    if gone - set(pinned):
+        fail(f"--forget-init {', '.join(sorted(gone - set(pinned)))}: not pinned in {store.path}")
+    return [h for h in pinned if h not in gone]
+
+
 @site_app.command("policy")
 def site_policy(
     mode: Annotated[
@@ -929,30 +949,13 @@ def site_policy(
     if refuse_init is not None:
         limits["refuse_init"] = refuse_init
     if max_noise_figure is not None:
-        try:
-            limits["max_noise_figure"] = (
-                None if max_noise_figure.lower() == "none" else float(max_noise_figure)
-            )
-        except ValueError:
-            fail(f"--max-noise-figure {max_noise_figure!r}: give a number or 'none'")
+        limits["max_noise_figure"] = _number_or_none("--max-noise-figure", max_noise_figure)
     if allow_init or forget_init:
-        pinned = list(store.current().limits.init_hashes)
-        pinned += [h.strip().lower() for h in allow_init or [] if h.strip().lower() not in pinned]
-        gone = {h.strip().lower() for h in forget_init or []}
-        if gone - set(pinned):
-            fail(
-                f"--forget-init {', '.join(sorted(gone - set(pinned)))}: not pinned in {store.path}"
-            )
-        limits["init_hashes"] = [h for h in pinned if h not in gone]
+        limits["init_hashes"] = _pinned_inits(store, allow_init or [], forget_init or [])
     if min_noise is not None:
         limits["min_noise_multiplier"] = min_noise
     if max_epsilon is not None:
-        try:
-            limits["max_target_epsilon"] = (
-                None if max_epsilon.lower() == "none" else float(max_epsilon)
-            )
-        except ValueError:
-            fail(f"--max-epsilon {max_epsilon!r}: give a number or 'none'")
+        limits["max_target_epsilon"] = _number_or_none("--max-epsilon", max_epsilon)
     if require_dp is not None:
         limits["require_dp"] = require_dp
     if require_secagg is not None:

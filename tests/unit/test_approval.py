@@ -261,3 +261,27 @@ def test_site_cli_prints_and_changes_the_policy(tmp_path):
     assert policy.limits == Limits(True, 0.8, 4.0, True)
     out = runner.invoke(app, ["site", "revoke", digest, "--work-dir", str(tmp_path)])
     assert out.exit_code == 0 and PolicyStore(tmp_path).load().hashes == []
+
+
+def test_site_cli_pins_and_refuses_inits_and_limits_the_noise_figure(tmp_path):
+    runner = CliRunner()
+
+    def policy(*args: str):
+        return runner.invoke(app, ["site", "policy", "--work-dir", str(tmp_path), *args])
+
+    a, b = "ab" * 32, "cd" * 32
+    out = policy("--allow-init", a, "--allow-init", b.upper(), "--max-noise-figure", "30")
+    assert out.exit_code == 0, out.output
+    assert f"pretrained inits   {a}, {b}" in out.output and "max noise figure   30" in out.output
+    out = policy("--forget-init", a, "--max-noise-figure", "none", "--refuse-init")
+    assert out.exit_code == 0 and "pretrained inits   refused" in out.output
+    limits = PolicyStore(tmp_path).load().limits
+    assert limits.init_hashes == [b] and limits.refuse_init and limits.max_noise_figure is None
+    for args, named in (
+        (("--forget-init", a), f"--forget-init {a}: not pinned"),
+        (("--max-noise-figure", "lots"), "--max-noise-figure 'lots': give a number or 'none'"),
+        (("--allow-init", "xyz"), "is not a SHA-256"),
+    ):
+        out = policy(*args)
+        assert out.exit_code != 0 and named in out.output + str(out.exception), args
+    assert PolicyStore(tmp_path).load().limits == limits  # nothing changed by a refused flag
