@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedgan.config.model import GanSpec
 from fedgan.deploy.kit import staging_pki
+from fedgan.pretrain import pretrain_to_file
 from fedgan.silo.synth import synth_silo
 from tests.containers import podman_env as pe
 
@@ -98,6 +100,21 @@ def _project(tmp: Path) -> Path:
     config["run"].update({"rounds": 1, "min_sites": 3, "round_timeout": 300})
     config["model"].update({"image_size": 16, "channels": 3, "width": 8, "latent_dim": 16})
     config["training"].update({"local_steps": 2, "batch_size": 8})
+    # The run starts from a (briefly) pretrained init in the mounted deploy/inits.
+    public = synth_silo(project / "public", "fundus", 16, seed=9, size=32, profile="public")
+    spec = GanSpec(image_size=16, channels=3, latent_dim=16, width=8)
+    init = pretrain_to_file(
+        public,
+        "fundus",
+        spec,
+        (),
+        project / "deploy" / "inits" / "t.pt",
+        steps=2,
+        batch_size=8,
+        say=lambda _: None,
+    )
+    (project / "init-sha256").write_text(init.weights_sha256)
+    config["model"]["init"] = "inits/t.pt"
     (project / "deploy" / "federation.yaml").write_text(yaml.safe_dump(config))
     return project
 
@@ -207,6 +224,13 @@ def test_one_round_through_edge_and_sidecars(consortium):
     assert "generator.pt" in _podman(
         "exec", _name("superlink"), "ls", f"/var/lib/fedgan/runs/{run_id}"
     )
+    # It started from the init mounted at /etc/fedgan/inits (every site checked round 1's
+    # model against the declared hash before training).
+    recorded = json.loads(
+        _podman("exec", _name("superlink"), "cat", f"/var/lib/fedgan/runs/{run_id}/run-config.json")
+    )
+    assert recorded["model-init"] == "/etc/fedgan/inits/t.pt"
+    assert recorded["model-init-record"]["weights_sha256"] == (project / "init-sha256").read_text()
 
     # The exporter serves the run's round metric…
     scraped = _python(
