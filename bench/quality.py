@@ -29,7 +29,9 @@ memorized fraction, and TSTR accuracy against train-on-real. Goals (issue 8):
 set that differs from the sites' (digits: a disjoint part with a shifted class mix;
 fundus: the stand-in public set of `fedgan silo synth --profile public`), measured
 as they are, then fine-tuned by 3 DP sites at ε = 10 and ε = 1 (lr-g 2e-5, as a
-run with `model.init` does by default).
+run with `model.init` does by default). Every row is measured against the same training
+images, the public part included: on digits the membership attacks then also ask about images
+the init saw without DP, a pessimistic reading of the pretrained rows' privacy.
 
 `--grids DIR` writes one PNG per configuration: for each class a row of real training
 images over a row of fakes. Look at them before reading a figure: on fundus at the
@@ -375,8 +377,10 @@ def main() -> None:
             )
             t = time.perf_counter()
             init = pretrain(px, py, spec, steps=args.pretrain_steps, device=args.device, seed=0)
+            what = "a disjoint part, shifted class mix" if name == "digits" else "another camera"
             print(
-                f"pretrained on {len(py)} public images ({args.pretrain_steps} steps, "
+                f"pretrained on a stand-in public set of {len(py)} images ({what}; "
+                f"{args.pretrain_steps} steps, "
                 f"{time.perf_counter() - t:.0f} s); the pretrained rows' sites hold "
                 f"{len(site_y)} of the training images",
                 flush=True,
