@@ -8,6 +8,7 @@ Series Description that says so, fresh UIDs, and empty patient attributes.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -206,6 +207,10 @@ def export(
 
     gen = load_generator(generator)
     uids = (generate_uid(), generate_uid())
+    # Which generator, by name and content; not where it lies on the
+    # aggregator's disk (a path names people and folders).
+    digest = hashlib.sha256(Path(generator).read_bytes()).hexdigest()[:16]
+    source = f"{Path(generator).name} (sha256 {digest})"
     paths: list[Path] = []
     chunk = 512
     for start in range(0, n, chunk):
@@ -219,9 +224,7 @@ def export(
         if fmt == "png":
             written = write_png(images, out, first=start)
         else:
-            written = write_dicom(
-                images, out, source=str(Path(generator).resolve()), first=start, uids=uids
-            )
+            written = write_dicom(images, out, source=source, first=start, uids=uids)
         paths += written
         progress(len(paths), n)
     return paths

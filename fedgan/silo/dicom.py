@@ -16,6 +16,7 @@ no patient data reaches a log.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,23 @@ from pydicom.uid import UID
 
 from fedgan.silo.options import SiloOptions
 from fedgan.silo.report import SkipFile
+
+
+def _silence_pydicom() -> None:
+    """pydicom reports an invalid element value by quoting it, through
+    `warnings` and through its own logger: a patient tag or a real file's
+    SOPInstanceUID would reach the site's log. A site never needs pydicom
+    to validate what it reads (it decides what to keep itself, with reasons
+    that name no value), so reading validation is off and pydicom's log
+    records go nowhere, in every process that reads a silo."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logger = logging.getLogger("pydicom")
+    logger.propagate = False
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+
+
+_silence_pydicom()
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 LUMA = np.array([0.299, 0.587, 0.114])

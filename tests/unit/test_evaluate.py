@@ -156,6 +156,10 @@ def test_dicom_export_rereads_and_is_marked_synthetic(generator_file, tmp_path):
     assert first.SeriesInstanceUID == last.SeriesInstanceUID  # one synthetic series
     assert first.SOPInstanceUID != last.SOPInstanceUID
     assert (first.InstanceNumber, last.InstanceNumber) == (1, 515)
+    # Which generator, by name and hash; never where it lies on the aggregator's disk.
+    described = str(first.DerivationDescription)
+    assert generator_file.name in described and str(generator_file.parent) not in described
+    assert "/" not in described and "sha256" in described
 
 
 def test_a_class_mix_is_drawn_in_proportion_and_checked(generator_file):

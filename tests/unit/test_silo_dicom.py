@@ -323,3 +323,33 @@ def test_labels_missing_for_most_images_are_warned():
     ]
     report.labels = Counter({"(none)": 10})  # an unlabelled silo: nothing to warn about
     assert content_warnings(report, 32) == []
+
+
+def test_a_tag_value_pydicom_complains_about_reaches_no_log_or_warning(
+    one, tmp_path, caplog, capfd, recwarn
+):
+    """pydicom reports an invalid element value by quoting it, through its
+    logger as well as `warnings`: the site's log printed a real file's
+    SOPInstanceUID that way. Reading a silo with such files shows neither."""
+    import logging
+
+    from pydicom.dataelem import DataElement
+
+    canary = "1.2.CANARY-UID_x"
+    ds = one[0].copy()
+    ds.add(DataElement(0x00080018, "UI", canary))  # SOPInstanceUID, invalid characters
+    ds.add(DataElement(0x00100010, "PN", "CANARY^" + "X" * 70))  # PatientName, too long
+    silo = tmp_path / "silo"
+    silo.mkdir()
+    _write(ds, silo / "bad.dcm")
+    caplog.clear()  # what writing the file said is the test's, not the site's
+    capfd.readouterr()
+    recwarn.clear()
+    with caplog.at_level(logging.DEBUG):
+        data = read_silo(
+            silo, SiloOptions.from_mapping("dicom", 32, 1, {}), [silo / "bad.dcm"], None, 1
+        )
+    assert data.report.images == 1  # read, and quiet about it
+    out, err = capfd.readouterr()
+    said = caplog.text + out + err + "".join(str(w.message) for w in recwarn)
+    assert "CANARY" not in said, said
