@@ -66,9 +66,11 @@ def check_plan(
     """Refuse a DP-SGD round that would read the whole silo at every step
     (sampling rate 1): its privacy rests on noise alone, with no
     amplification from sampling, and on a silo this small the noise drowns
-    what D could learn (a random walk, and G fools it with anything). Raised
-    before the ledger is written, so the refusal costs the site nothing.
-    A mean-embedding release reads every image once by design: exempt."""
+    what D could learn (a random walk, and G fools it with anything); and,
+    given D's ``parameters`` and the site's ``max_figure``, one whose noise
+    figure is above it. Raised before the ledger is written, so the refusal
+    costs the site nothing. A mean-embedding release reads every image once
+    by design: exempt."""
     if cfg.privacy.mean_embedding:
         return
     if plan.sample_rate < 1:
