@@ -52,12 +52,34 @@ def pki_init(
     out: CertsOpt = Path("certs"),
     days: Annotated[int, typer.Option(help="CA validity in days.")] = 3650,
     force: ForceOpt = False,
+    no_passphrase: Annotated[
+        bool,
+        typer.Option(
+            "--no-passphrase", help="Store the CA key unencrypted (staging and tests only)."
+        ),
+    ] = False,
 ) -> None:
-    """Create the consortium CA and an empty CRL."""
-    paths = pki.init_ca(out, consortium, days=days, force=force)
+    """Create the consortium CA and an empty CRL. The CA key is encrypted with
+    the passphrase in FEDGAN_CA_PASSPHRASE (asked for when unset and a
+    terminal is attached); every later CA command reads it from there."""
+    import sys
+
+    passphrase = None if no_passphrase else pki.ca_passphrase()
+    if passphrase is None and not no_passphrase:
+        if not sys.stdin.isatty():
+            fail(
+                f"set {pki.CA_PASSPHRASE_ENV} to the CA key's passphrase (at least "
+                f"{pki.MIN_PASSPHRASE} characters), or pass --no-passphrase for staging"
+            )
+        passphrase = typer.prompt(
+            "CA key passphrase", hide_input=True, confirmation_prompt=True
+        ).encode()
+    paths = pki.init_ca(out, consortium, days=days, force=force, passphrase=passphrase)
     typer.echo(
         f"CA certificate {paths.ca_cert}\n"
-        f"CA key         {paths.ca_key} (0600)\n"
+        f"CA key         {paths.ca_key} (0600, "
+        + ("encrypted" if passphrase else "UNENCRYPTED: staging only")
+        + ")\n"
         f"CRL            {paths.crl}"
     )
 
@@ -93,6 +115,29 @@ def pki_issue_site(
         f"client certificate  {site.client_cert}\nsidecar certificate {site.sidecar_cert}\n"
         f"node key            {site.node_key} (0600), public {site.node_pub}\n"
         f"signing certificate {site.signing_cert}, key {site.signing_key} (0600)"
+    )
+
+
+@pki_app.command("sign")
+def pki_sign(
+    requests: Annotated[
+        Path, typer.Argument(help="The requests/ folder a site made with `fedgan site keys`.")
+    ],
+    out: CertsOpt = Path("certs"),
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    force: ForceOpt = False,
+) -> None:
+    """Certify a site's own keys from its requests (the key ceremony): client,
+    sidecar and signing certificates, and its node key as public material.
+    Compare the SHA-256 lines with those the site's officer reads out first."""
+    for name, digest in pki.request_sha256(pki.RequestPaths(requests)).items():
+        typer.echo(f"request {name:<14} sha256 {digest}")
+    site = pki.sign_requests(out, requests, days=days, force=force)
+    typer.echo(
+        f"certified site {site.dir.name}: {site.client_cert}, {site.sidecar_cert}, "
+        f"{site.signing_cert}; node key {site.node_pub}\n"
+        "next: fedgan pki membership (the new site joins the list), then "
+        f"fedgan site-kit {site.dir.name} (certificates only; the site keeps its keys)"
     )
 
 
@@ -144,6 +189,35 @@ def pki_crl(
     crl = pki.refresh_crl(out, days=days)
     typer.echo(
         f"CRL {pki.PkiPaths(out).crl}: {len(list(crl))} revoked, next update {crl.next_update_utc}"
+    )
+
+
+@pki_app.command("membership")
+def pki_membership(
+    out: CertsOpt = Path("certs"),
+    days: Annotated[int, typer.Option(help="Days until the list expires.")] = 90,
+    colluding_sites: Annotated[
+        int | None,
+        typer.Option(
+            help="Colluding sites the consortium tolerates: every site then needs t > (n + c)/2 "
+            "and t ≥ c + 2 (default: t ≥ ⌊2n/3⌋ + 1)."
+        ),
+    ] = None,
+    min_sites: Annotated[int, typer.Option(help="Fewest sites in one secure sum.")] = 3,
+) -> None:
+    """Sign the membership list: every issued, unrevoked site and its signing
+    certificate. Sites accept only rosters drawn from it; ship it in the kits,
+    and the aggregator sends a newer version with the next round's setup."""
+    listed = pki.write_membership(out, days=days, colluding=colluding_sites, min_sites=min_sites)
+    rule = (
+        "t ≥ ⌊2n/3⌋ + 1"
+        if listed.colluding is None
+        else f"t > (n + {listed.colluding})/2, t ≥ {listed.colluding + 2}"
+    )
+    typer.echo(
+        f"membership {pki.PkiPaths(out).membership}: version {listed.version}, "
+        f"{len(listed.sites)} sites ({', '.join(sorted(listed.sites)) or 'none'}), {rule}, "
+        f"at least {listed.min_sites} sites in a sum, expires {listed.expires.isoformat()}"
     )
 
 
@@ -780,6 +854,29 @@ def _site_store(work_dir: Path):
     return PolicyStore(work_dir, os.environ.get("FEDGAN_SITE_ID", ""))
 
 
+@site_app.command("keys")
+def site_keys(
+    site_id: str,
+    out: Annotated[Path, typer.Option("--out", help="The site's certs folder.")] = Path("certs"),
+    sidecar_san: Annotated[
+        list[str] | None, typer.Option("--sidecar-san", help="Sidecar DNS name or IP (repeatable).")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Make this site's private keys here, on the site's machine, and the
+    requests the consortium CA signs (the key ceremony, docs/security.md).
+    Send only OUT/requests/ to the CA; the keys never leave OUT."""
+    requests = pki.site_keys(out, site_id, sidecar_sans=sidecar_san, force=force)
+    typer.echo(f"keys (0600)  {out}/client.key sidecar.key node_key signing.key")
+    typer.echo(f"requests     {requests.dir} (send this folder to the CA)")
+    for name, digest in pki.request_sha256(requests).items():
+        typer.echo(f"request {name:<14} sha256 {digest}")
+    typer.echo(
+        "read these SHA-256 lines to the CA's officer by another channel; then unpack the site "
+        f"kit the CA returns so that its certs/ lands in {out}"
+    )
+
+
 @site_app.command("approve")
 def site_approve(
     fab_hash: Annotated[
@@ -884,6 +981,13 @@ def _number_or_none(flag: str, value: str) -> float | None:
         fail(f"{flag} {value!r}: give a number or 'none'")
 
 
+def _count(flag: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        fail(f"{flag} {value!r}: give a whole number or 'default'")
+
+
 def _pinned_inits(store, allow: list[str], forget: list[str]) -> list[str]:
     """The site's pinned init hashes after adding ``allow`` and removing ``forget``."""
     pinned = list(store.current().limits.init_hashes)
@@ -913,6 +1017,17 @@ def site_policy(
         bool | None,
         typer.Option(
             "--require-secagg/--allow-no-secagg", help="Refuse runs without secure aggregation."
+        ),
+    ] = None,
+    min_sites: Annotated[
+        int | None,
+        typer.Option(help="Fewest sites in one secure sum this site joins (default 3)."),
+    ] = None,
+    colluding_sites: Annotated[
+        str | None,
+        typer.Option(
+            help="Colluding sites tolerated: the threshold must exceed (n + c)/2 and be at least "
+            "c + 2 ('default': t ≥ ⌊2n/3⌋ + 1)."
         ),
     ] = None,
     refuse_init: Annotated[
@@ -960,6 +1075,12 @@ def site_policy(
         limits["require_dp"] = require_dp
     if require_secagg is not None:
         limits["require_secure_aggregation"] = require_secagg
+    if min_sites is not None:
+        limits["min_sites"] = min_sites
+    if colluding_sites is not None:
+        limits["colluding_sites"] = (
+            None if colluding_sites == "default" else _count("--colluding-sites", colluding_sites)
+        )
     if mode is not None and mode not in MODES:
         fail(f"--mode {mode!r}: use one of {', '.join(MODES)}")
     policy = store.update(mode=mode, **limits) if mode or limits else store.load()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import secrets
 import time
 import tomllib
@@ -19,6 +20,7 @@ from fedgan.config.appbundle import default_run_config, stage_app_dir, write_run
 from fedgan.deploy.local import LocalFederation, SiteSpec
 from fedgan.errors import FedGanError
 from fedgan.progress import fit_progress, format_round
+from fedgan.secagg.params import DEFAULT_MIN_SITES, required_threshold
 from fedgan.silo.synth import STAND_IN_MARKER, synth_silo
 from fedgan.site.approval import PolicyStore
 
@@ -132,7 +134,11 @@ def prepare(opts: DemoOptions, run_dir: Path, say: Callable[[str], None]) -> lis
     pki.issue_aggregator(certs, [], days=30)
     for site_id in site_ids:
         pki.issue_site(certs, site_id, days=30)
-    say(f"certificates  {certs} (CA, aggregator, {len(site_ids)} sites, CRL)")
+    # One place makes every key: the demo plays the CA and every hospital.
+    say(
+        f"certificates  {certs} (CA, aggregator, {len(site_ids)} sites, CRL; "
+        "staging: every key made here)"
+    )
     specs = []
     for i, site_id in enumerate(site_ids):
         if opts.data:
@@ -236,6 +242,10 @@ def run_config(opts: DemoOptions, run_dir: Path) -> dict[str, Any]:
             "run-dir": str(run_dir),
             "dump-updates": opts.dump_updates,
             "min-sites": opts.sites,
+            # The demo's CA re-signs this file on `fedgan pki revoke`; the
+            # ServerApp sends it with every secure round's setup.
+            "secagg-crl": str(run_dir / "certs" / "ca" / "crl.pem"),
+            "secagg-membership": str(run_dir / "certs" / "ca" / "membership.json"),
         }
     )
     if opts.local_steps is not None:
@@ -318,6 +328,31 @@ def evaluate_site_1(run_dir: Path, kind: str, init: str | None, say: Callable[[s
     )
 
 
+def demo_site_limits(config: dict, sites: int) -> tuple[dict[str, object], str]:
+    """The site limits a demo must relax for its own settings: runs without
+    DP or secure aggregation, fewer than three sites in a sum, or a threshold
+    below the sites' default rule. (limits, what the demo tells the user)."""
+    limits: dict[str, object] = {}
+    said = []
+    if not config.get("dp", True):
+        limits["require_dp"] = False
+        said.append("allow runs without DP (--allow-no-dp)")
+    if not config.get("secagg", True):
+        limits["require_secure_aggregation"] = False
+        said.append("answer rounds without secure aggregation (--allow-no-secagg)")
+    else:
+        # The fewest sites a round samples (fraction-sites of those available).
+        fewest = max(2, math.ceil(float(config.get("fraction-sites", 1.0)) * sites))
+        if fewest < DEFAULT_MIN_SITES:
+            limits["min_sites"] = fewest
+            said.append(f"join sums of {fewest} sites (--min-sites {fewest})")
+        threshold = int(config.get("secagg-threshold", 0) or 0)
+        if threshold and threshold < required_threshold(sites):
+            limits["colluding_sites"] = 0
+            said.append(f"accept threshold {threshold} of {sites} (--colluding-sites 0)")
+    return limits, "; ".join(said) + (" (fedgan site policy)" if said else "")
+
+
 def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
     if opts.resume is not None:
         run_dir = Path(opts.resume).resolve()
@@ -333,6 +368,16 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
         say(f"run           {run_dir}")
         sites = prepare(opts, run_dir, say)
         config = run_config(opts, run_dir)
+        relaxed, _ = demo_site_limits(config, len(sites))
+        # The consortium's list says what the demo's sites accept, too.
+        min_sites, colluding = relaxed.get("min_sites"), relaxed.get("colluding_sites")
+        listed = pki.write_membership(
+            run_dir / "certs",
+            days=30,
+            min_sites=min_sites if isinstance(min_sites, int) else DEFAULT_MIN_SITES,
+            colluding=colluding if isinstance(colluding, int) else None,
+        )
+        say(f"membership    version {listed.version}: {', '.join(sorted(listed.sites))}")
         init = opts.init.resolve() if opts.init else None
         if opts.pretrain:
             init = standin_init(opts, config, say)
@@ -342,12 +387,13 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> Path:
     config_path = write_run_config(run_dir / "run-config.toml", config)
     outputs = RunOutputs(run_dir)
     with LocalFederation(run_dir, run_dir / "certs", sites) as fed:
-        if not config.get("dp", True):
+        relaxed, why = demo_site_limits(config, len(sites))
+        if relaxed:
             # The demo plays the hospitals too: their default policy refuses
-            # runs without DP, so it allows them here, and says so.
+            # what this demo asks for, so it allows it here, and says so.
             for site in sites:
-                PolicyStore(fed.site_work_dir(site.site_id), site.site_id).update(require_dp=False)
-            say("sites         allow runs without DP (fedgan site policy --allow-no-dp)")
+                PolicyStore(fed.site_work_dir(site.site_id), site.site_id).update(**relaxed)
+            say(f"sites         {why}")
         fed.start(progress=say)
         say(f"deployment    {run_dir / 'deployment.json'}")
         shape = f"{opts.image_size}px {opts.kind}"

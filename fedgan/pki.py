@@ -15,7 +15,9 @@ replaced unless the caller passes ``force=True``.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,12 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from fedgan.atomic import write_atomic
 from fedgan.errors import FedGanError
+from fedgan.secagg import membership as membership_list
+from fedgan.secagg.identity import SIGNING_EKU
+from fedgan.secagg.params import DEFAULT_MIN_SITES
 
+CA_PASSPHRASE_ENV = "FEDGAN_CA_PASSPHRASE"
+MIN_PASSPHRASE = 12
 _CURVE = ec.SECP384R1()
 _HASH = hashes.SHA384()
 SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -115,6 +122,11 @@ class PkiPaths:
         return self.root / "ca" / "crl.pem"
 
     @property
+    def membership(self) -> Path:
+        """The CA-signed list of member sites and their signing certificates."""
+        return self.root / "ca" / "membership.json"
+
+    @property
     def server_cert(self) -> Path:
         return self.root / "aggregator" / "server.crt"
 
@@ -187,14 +199,35 @@ def load_cert(path: Path) -> x509.Certificate:
             raise PkiError(f"{path} is not a PEM or DER X.509 certificate") from None
 
 
+def ca_passphrase() -> bytes | None:
+    """The CA key's passphrase, from ``FEDGAN_CA_PASSPHRASE`` (None: unset).
+    From the environment, not an argument, so it never shows in a process
+    list or a shell history."""
+    value = os.environ.get(CA_PASSPHRASE_ENV, "")
+    return value.encode() if value else None
+
+
 def _load_ca(paths: PkiPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     if not paths.ca_cert.exists():
         raise PkiError(f"{paths.ca_cert} not found; run `fedgan pki init --out {paths.root}` first")
     cert = load_cert(paths.ca_cert)
     try:
-        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+        data = paths.ca_key.read_bytes()
     except FileNotFoundError:
         raise PkiError(f"{paths.ca_key} not found; run `fedgan pki init` first") from None
+    encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0]
+    passphrase = ca_passphrase() if encrypted else None
+    if encrypted and passphrase is None:
+        raise PkiError(
+            f"{paths.ca_key} is encrypted; set {CA_PASSPHRASE_ENV} to its passphrase "
+            "(read -rs FEDGAN_CA_PASSPHRASE && export FEDGAN_CA_PASSPHRASE)"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except (ValueError, TypeError):
+        raise PkiError(
+            f"{paths.ca_key} cannot be read: wrong {CA_PASSPHRASE_ENV}, or not a PEM key"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise PkiError(f"{paths.ca_key} is not an EC private key")
     return cert, key
@@ -221,10 +254,21 @@ def _san(names: list[str], uris: tuple[str, ...] = ()) -> x509.SubjectAlternativ
     return x509.SubjectAlternativeName(entries)
 
 
-def init_ca(root: Path, consortium: str, *, days: int = 3650, force: bool = False) -> PkiPaths:
-    """Create the consortium CA and an empty CRL (nginx needs one to exist)."""
+def init_ca(
+    root: Path,
+    consortium: str,
+    *,
+    days: int = 3650,
+    force: bool = False,
+    passphrase: bytes | None = None,
+) -> PkiPaths:
+    """Create the consortium CA and an empty CRL (nginx needs one to exist).
+    With a passphrase the key is stored encrypted (PKCS#8, the strongest
+    encryption `cryptography` offers); without, it is for staging only."""
     if days < 1:
         raise PkiError("--days must be at least 1")
+    if passphrase is not None and len(passphrase) < MIN_PASSPHRASE:
+        raise PkiError(f"the CA passphrase must be at least {MIN_PASSPHRASE} characters")
     paths = PkiPaths(Path(root))
     _refuse_existing([paths.ca_key, paths.ca_cert], force)
     key = ec.generate_private_key(_CURVE)
@@ -257,7 +301,18 @@ def init_ca(root: Path, consortium: str, *, days: int = 3650, force: bool = Fals
         .add_extension(ski, critical=False)
         .sign(key, _HASH)
     )
-    _write_key(paths.ca_key, _key_pem(key), force)
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase is not None
+        else serialization.NoEncryption()
+    )
+    _write_key(
+        paths.ca_key,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+        ),
+        force,
+    )
     _write_cert(paths.ca_cert, cert)
     _write_crl(paths, cert, key, revoked=[])
     return paths
@@ -269,7 +324,7 @@ def _leaf(
     sans: list[str],
     usage: x509.ObjectIdentifier,
     days: int,
-    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+    public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey,
     uris: tuple[str, ...] = (),
 ) -> x509.Certificate:
     if days < 1:
@@ -281,7 +336,7 @@ def _leaf(
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
@@ -301,7 +356,7 @@ def _leaf(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
         )
@@ -323,7 +378,7 @@ def issue_aggregator(
     _refuse_existing([paths.server_key, paths.server_cert], force)
     names = [*(sans or []), *ALWAYS_AGGREGATOR_SANS]
     key = ec.generate_private_key(_CURVE)
-    cert = _leaf(paths, names[0], names, ExtendedKeyUsageOID.SERVER_AUTH, days, key)
+    cert = _leaf(paths, names[0], names, ExtendedKeyUsageOID.SERVER_AUTH, days, key.public_key())
     _write_key(paths.server_key, _key_pem(key), force)
     _write_cert(paths.server_cert, cert)
     return paths
@@ -363,10 +418,17 @@ class _SiteCredentials:
     signing: x509.Certificate
 
 
-def _issue_site_credentials(
-    paths: PkiPaths, site_id: str, days: int, sidecar_sans: list[str] | None
-) -> _SiteCredentials:
-    client_key = ec.generate_private_key(_CURVE)
+def _site_certificates(
+    paths: PkiPaths,
+    site_id: str,
+    days: int,
+    sidecar_sans: list[str] | None,
+    client_pk: ec.EllipticCurvePublicKey,
+    sidecar_pk: ec.EllipticCurvePublicKey,
+    signing_pk: ed25519.Ed25519PublicKey,
+) -> tuple[x509.Certificate, x509.Certificate, x509.Certificate]:
+    """(client, sidecar, signing) certificates for a site's public keys; the
+    CA decides every name and usage, whatever a request asked for."""
     # RFC 5280 profiles require a SAN; the URI names the site unambiguously.
     client = _leaf(
         paths,
@@ -374,10 +436,9 @@ def _issue_site_credentials(
         [],
         ExtendedKeyUsageOID.CLIENT_AUTH,
         days,
-        client_key,
+        client_pk,
         uris=(site_uri(site_id),),
     )
-    sidecar_key = ec.generate_private_key(_CURVE)
     # `<site-id>-sidecar`: the sidecar's service name in the staging compose file.
     sidecar_names = list(sidecar_sans or (*DEFAULT_SITE_SIDECAR_SANS, f"{site_id}-sidecar"))
     sidecar = _leaf(
@@ -386,22 +447,215 @@ def _issue_site_credentials(
         sidecar_names,
         ExtendedKeyUsageOID.SERVER_AUTH,
         days,
-        sidecar_key,
+        sidecar_pk,
     )
+    # Its own extended key usage, not clientAuth: the edge refuses it as a
+    # TLS identity, and the secure-aggregation verifier refuses anything else.
+    signing = _leaf(
+        paths, f"{site_id}-secagg", [], SIGNING_EKU, days, signing_pk, uris=(site_uri(site_id),)
+    )
+    return client, sidecar, signing
+
+
+def _issue_site_credentials(
+    paths: PkiPaths, site_id: str, days: int, sidecar_sans: list[str] | None
+) -> _SiteCredentials:
+    client_key = ec.generate_private_key(_CURVE)
+    sidecar_key = ec.generate_private_key(_CURVE)
     node_key = ec.generate_private_key(_CURVE)
     signing_key = ed25519.Ed25519PrivateKey.generate()
-    signing = _leaf(
+    client, sidecar, signing = _site_certificates(
         paths,
-        f"{site_id}-secagg",
-        [],
-        ExtendedKeyUsageOID.CLIENT_AUTH,
+        site_id,
         days,
-        signing_key,
-        uris=(site_uri(site_id),),
+        sidecar_sans,
+        client_key.public_key(),
+        sidecar_key.public_key(),
+        signing_key.public_key(),
     )
     return _SiteCredentials(
         client_key, client, sidecar_key, sidecar, node_key, signing_key, signing
     )
+
+
+REQUESTS_DIR = "requests"
+
+
+@dataclass(frozen=True)
+class RequestPaths:
+    """What a site sends the CA: certificate requests and its node's public key."""
+
+    dir: Path
+
+    @property
+    def client_csr(self) -> Path:
+        return self.dir / "client.csr"
+
+    @property
+    def sidecar_csr(self) -> Path:
+        return self.dir / "sidecar.csr"
+
+    @property
+    def signing_csr(self) -> Path:
+        return self.dir / "signing.csr"
+
+    @property
+    def node_pub(self) -> Path:
+        return self.dir / "node_key.pub"
+
+
+def _csr(
+    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, common_name: str, sans: list[str]
+) -> x509.CertificateSigningRequest:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(_name(common_name))
+    if sans:
+        builder = builder.add_extension(_san(sans), critical=False)
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else _HASH
+    return builder.sign(key, algorithm)
+
+
+def site_keys(
+    out: Path, site_id: str, *, sidecar_sans: list[str] | None = None, force: bool = False
+) -> RequestPaths:
+    """At the site, on the site's own machine: every private key the site
+    needs (client, sidecar, node, signing), written 0600 into ``out`` under
+    the names the site kit uses, and the requests the CA signs in
+    ``out/requests/``. No private key ever leaves ``out``."""
+    check_site_id(site_id)
+    site = SitePaths(Path(out))
+    _refuse_existing([site.client_key, site.sidecar_key, site.node_key, site.signing_key], force)
+    client_key = ec.generate_private_key(_CURVE)
+    sidecar_key = ec.generate_private_key(_CURVE)
+    node_key = ec.generate_private_key(_CURVE)
+    signing_key = ed25519.Ed25519PrivateKey.generate()
+    sidecar_names = list(sidecar_sans or (*DEFAULT_SITE_SIDECAR_SANS, f"{site_id}-sidecar"))
+    requests = RequestPaths(Path(out) / REQUESTS_DIR)
+    pem = serialization.Encoding.PEM
+    csrs = {
+        requests.client_csr: _csr(client_key, site_id, []),
+        requests.sidecar_csr: _csr(sidecar_key, f"{site_id}-sidecar", sidecar_names),
+        requests.signing_csr: _csr(signing_key, f"{site_id}-secagg", []),
+    }
+    _write_key(site.client_key, _key_pem(client_key), force)
+    _write_key(site.sidecar_key, _key_pem(sidecar_key), force)
+    _write_key(
+        site.signing_key,
+        signing_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        force,
+    )
+    _write_key(
+        site.node_key,
+        node_key.private_bytes(
+            pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+        force,
+    )
+    public = (
+        node_key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + f" {site_id}\n".encode()
+    )
+    write_atomic(site.node_pub, public, mode=0o644)
+    write_atomic(requests.node_pub, public, mode=0o644)
+    for path, csr in csrs.items():
+        write_atomic(path, csr.public_bytes(pem), mode=0o644)
+    return requests
+
+
+def request_sha256(requests: RequestPaths) -> dict[str, str]:
+    """Each request file's SHA-256, to read aloud at the key ceremony: the CA
+    signs only requests whose hashes the site's officer confirms."""
+    files = (requests.client_csr, requests.sidecar_csr, requests.signing_csr, requests.node_pub)
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.exists()}
+
+
+def _load_csr(path: Path) -> x509.CertificateSigningRequest:
+    try:
+        csr = x509.load_pem_x509_csr(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise PkiError(
+            f"{path} not found: the site makes its requests with `fedgan site keys`"
+        ) from None
+    except ValueError:
+        raise PkiError(f"{path} is not a PEM certificate request") from None
+    if not csr.is_signature_valid:
+        raise PkiError(f"{path}: its signature does not verify (damaged or altered in transit)")
+    return csr
+
+
+def _common_name(csr: x509.CertificateSigningRequest, path: Path) -> str:
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise PkiError(f"{path}: the request must name exactly one common name")
+    return str(names[0].value)
+
+
+def sign_requests(
+    root: Path, requests_dir: Path, *, days: int = 365, force: bool = False
+) -> SitePaths:
+    """At the CA: certificates for the public keys a site sent (client,
+    sidecar, signing) and its node key registered as public material. The
+    CA sets every name and usage itself; it never sees a private key of the
+    site. Writes ``sites/<id>/`` (certificates and node_key.pub only)."""
+    requests = RequestPaths(Path(requests_dir))
+    paths = PkiPaths(Path(root))
+    client = _load_csr(requests.client_csr)
+    site_id = check_site_id(_common_name(client, requests.client_csr))
+    sidecar = _load_csr(requests.sidecar_csr)
+    signing = _load_csr(requests.signing_csr)
+    for csr, path, want in (
+        (sidecar, requests.sidecar_csr, f"{site_id}-sidecar"),
+        (signing, requests.signing_csr, f"{site_id}-secagg"),
+    ):
+        if _common_name(csr, path) != want:
+            raise PkiError(f"{path}: the request names {_common_name(csr, path)!r}, not {want!r}")
+    client_pk, sidecar_pk, signing_pk = (
+        client.public_key(),
+        sidecar.public_key(),
+        signing.public_key(),
+    )
+    for pk, path in ((client_pk, requests.client_csr), (sidecar_pk, requests.sidecar_csr)):
+        if not (isinstance(pk, ec.EllipticCurvePublicKey) and pk.curve.name == _CURVE.name):
+            raise PkiError(f"{path}: the key must be EC P-384 (`fedgan site keys` makes one)")
+    if not isinstance(signing_pk, ed25519.Ed25519PublicKey):
+        raise PkiError(f"{requests.signing_csr}: the signing key must be Ed25519")
+    assert isinstance(client_pk, ec.EllipticCurvePublicKey)
+    assert isinstance(sidecar_pk, ec.EllipticCurvePublicKey)
+    try:
+        node_text = requests.node_pub.read_bytes()
+        node_pk = serialization.load_ssh_public_key(b" ".join(node_text.split()[:2]))
+    except FileNotFoundError:
+        raise PkiError(f"{requests.node_pub} not found: send the site's node_key.pub too") from None
+    except (ValueError, IndexError):
+        raise PkiError(f"{requests.node_pub} is not an OpenSSH public key") from None
+    if not (isinstance(node_pk, ec.EllipticCurvePublicKey) and node_pk.curve.name == _CURVE.name):
+        raise PkiError(f"{requests.node_pub}: the node key must be EC P-384")
+    try:
+        san = sidecar.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
+            str(v) for v in san.get_values_for_type(x509.IPAddress)
+        ]
+    except x509.ExtensionNotFound:
+        sans = []
+    site = paths.site(site_id)
+    _refuse_existing([site.client_cert, site.sidecar_cert, site.signing_cert], force)
+    certificates = _site_certificates(
+        paths, site_id, days, sans or None, client_pk, sidecar_pk, signing_pk
+    )
+    for path, cert in zip(
+        (site.client_cert, site.sidecar_cert, site.signing_cert), certificates, strict=True
+    ):
+        _write_cert(path, cert)
+    write_atomic(
+        site.node_pub,
+        node_pk.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        + f" {site_id}\n".encode(),
+        mode=0o644,
+    )
+    return site
 
 
 def _write_site(site: SitePaths, site_id: str, c: _SiteCredentials, force: bool) -> None:
@@ -461,16 +715,34 @@ def _write_crl(
     days: int = 30,
 ) -> None:
     now = _now()
+    # Sites keep the newest CRL they have seen (kit or round setup); the CRL
+    # number and lastUpdate tell them which one is newer.
+    number = 1
+    if paths.crl.exists():
+        try:
+            previous = x509.load_pem_x509_crl(paths.crl.read_bytes())
+            number = crl_number(previous) + 1
+        except ValueError:
+            pass
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca_cert.subject)
         .last_update(now - dt.timedelta(minutes=5))
         .next_update(now + dt.timedelta(days=days))
+        .add_extension(x509.CRLNumber(number), critical=False)
     )
     for entry in revoked:
         builder = builder.add_revoked_certificate(entry)
     crl = builder.sign(ca_key, _HASH)
     write_atomic(paths.crl, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL's sequence number (0 for a CRL issued without one)."""
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return 0
 
 
 def refresh_crl(root: Path, *, days: int = 30) -> x509.CertificateRevocationList:
@@ -487,8 +759,8 @@ def refresh_crl(root: Path, *, days: int = 30) -> x509.CertificateRevocationList
 
 
 def revoke_site(root: Path, site_id: str, *, days: int = 30) -> list[int]:
-    """Revoke the site's client, sidecar and signing certificates; returns the
-    serials."""
+    """Revoke the site's client, sidecar and signing certificates (and drop
+    it from the membership list, if there is one); returns the serials."""
     paths = PkiPaths(Path(root))
     site = paths.site(site_id)
     if not site.client_cert.exists():
@@ -513,7 +785,69 @@ def revoke_site(root: Path, site_id: str, *, days: int = 30) -> list[int]:
             .build()
         )
     _write_crl(paths, ca_cert, ca_key, entries, days)
+    if paths.membership.exists():
+        # The revoked site leaves the list too; the rule stays.
+        old = membership_list.read(paths.membership.read_bytes(), ca_cert)
+        write_membership(root, colluding=old.colluding, min_sites=old.min_sites)
     return serials
+
+
+def write_membership(
+    root: Path,
+    *,
+    days: int = 90,
+    colluding: int | None = None,
+    min_sites: int = DEFAULT_MIN_SITES,
+) -> membership_list.Membership:
+    """Sign the consortium's membership list: every issued site whose signing
+    certificate is not revoked, with the threshold rule and an expiry. Its
+    version is one more than the list it replaces, so sites that hold the old
+    one take the new one from the next round's setup."""
+    if days < 1:
+        raise PkiError("--days must be at least 1")
+    if min_sites < 2 or (colluding is not None and colluding < 0):
+        raise PkiError("--min-sites must be at least 2 and --colluding-sites at least 0")
+    paths = PkiPaths(Path(root))
+    ca_cert, ca_key = _load_ca(paths)
+    crl = load_crl(paths)
+    version = 1
+    if paths.membership.exists():
+        try:
+            version = membership_list.read(paths.membership.read_bytes(), ca_cert).version + 1
+        except FedGanError:
+            raise PkiError(
+                f"{paths.membership} is not a membership list this CA signed; move it aside "
+                "to start again at version 1"
+            ) from None
+    sites = {}
+    for site_id in paths.site_ids():
+        cert_path = paths.site(site_id).signing_cert
+        if not cert_path.exists():
+            continue
+        cert = load_cert(cert_path)
+        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is None:
+            sites[site_id] = membership_list.certificate_sha256(cert)
+    listed = membership_list.Membership(
+        consortium=ca_cert.subject.rfc4514_string(),
+        version=version,
+        expires=min(_now() + dt.timedelta(days=days), ca_cert.not_valid_after_utc),
+        sites=sites,
+        min_sites=min_sites,
+        colluding=colluding,
+    )
+    write_atomic(paths.membership, membership_list.sign(listed, ca_key), mode=0o644)
+    return listed
+
+
+def list_members(root: Path, sites: list[str]) -> None:
+    """Staging: (re)sign the membership list only when one of ``sites`` is
+    missing from it, so that launching twice changes nothing."""
+    paths = PkiPaths(Path(root))
+    if paths.membership.exists():
+        listed = membership_list.read(paths.membership.read_bytes(), load_cert(paths.ca_cert))
+        if set(sites) <= set(listed.sites):
+            return
+    write_membership(root, min_sites=max(2, min(len(sites), DEFAULT_MIN_SITES)))
 
 
 def is_revoked(root: Path, cert: x509.Certificate) -> bool:

@@ -8,6 +8,7 @@ patient tags, no free text from the silo ever goes into a reply.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -106,19 +107,40 @@ def read_train_reply(content: RecordDict) -> tuple[Contribution | None, str, dic
 SECAGG = "secagg"
 
 
-def secagg_setup(params: SecAggParams, server_pk: bytes) -> ConfigRecord:
-    return ConfigRecord({**params.as_dict(), "server-pk": server_pk})
+@dataclass(frozen=True)
+class SecAggSetup:
+    """What a secure round's train request carries besides the model: the
+    parameters, the aggregator's round key, and the newest CRL and membership
+    list the aggregator holds (sites keep them only if the CA signed them and
+    they are newer than theirs; b"": none sent)."""
+
+    params: SecAggParams
+    server_pk: bytes
+    crl: bytes = b""
+    membership: bytes = b""
 
 
-def read_secagg_setup(content: RecordDict) -> tuple[SecAggParams, bytes] | None:
-    """The round's secure-aggregation parameters, or None for a plain round."""
+def secagg_setup(setup: SecAggSetup) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            **setup.params.as_dict(),
+            "server-pk": setup.server_pk,
+            "crl": setup.crl,
+            "membership": setup.membership,
+        }
+    )
+
+
+def read_secagg_setup(content: RecordDict) -> SecAggSetup | None:
+    """The round's secure-aggregation setup, or None for a plain round."""
     if SECAGG not in content.config_records:
         return None
     record = dict(content.config_records[SECAGG])
-    server_pk = record.pop("server-pk")
-    if not isinstance(server_pk, bytes):
+    extras = [record.pop(k, b"") for k in ("server-pk", "crl", "membership")]
+    if not all(isinstance(x, bytes) for x in extras) or not extras[0]:
         raise SecAggError("malformed secure-aggregation setup: no server key")
-    return SecAggParams.from_dict(record), server_pk
+    server_pk, crl, members = extras
+    return SecAggSetup(SecAggParams.from_dict(record), server_pk, crl, members)
 
 
 def secagg_train_reply(ad: Advertisement, site_id: str, metrics: dict[str, float]) -> RecordDict:
@@ -157,6 +179,22 @@ def secagg_bytes(content: RecordDict, key: str) -> bytes:
 def secagg_list(content: RecordDict, key: str, kind: type[T]) -> list[T]:
     """A packed list of protocol messages of one kind."""
     return [kind.from_dict(d) for d in unpack(secagg_bytes(content, key))]  # type: ignore[attr-defined]
+
+
+def secagg_signatures(content: RecordDict, key: str) -> dict[str, bytes]:
+    """Site id → signature, as the unmask request carries them."""
+    items = unpack(secagg_bytes(content, key))
+    out: dict[str, bytes] = {}
+    for item in items:
+        site, signature = item.get("site"), item.get("signature")
+        if not isinstance(site, str) or not isinstance(signature, bytes) or site in out:
+            raise SecAggError(f"secure-aggregation field {key!r} is not a list of signatures")
+        out[site] = signature
+    return out
+
+
+def pack_signatures(signatures: dict[str, bytes]) -> bytes:
+    return pack([{"site": s, "signature": sig} for s, sig in sorted(signatures.items())])
 
 
 def secagg_names(content: RecordDict, key: str) -> list[str]:

@@ -23,7 +23,9 @@ from fedgan.aggregator.transport import Reply, Request
 from fedgan.audit_log import AuditLog
 from fedgan.config.appbundle import default_run_config
 from fedgan.config.run import RunSettings, SiteSettings
+from fedgan.errors import FedGanError
 from fedgan.site import secure_round
+from fedgan.site.approval import AppRefused, Limits
 from fedgan.update import Release, SiteUpdate
 
 # A tiny model: the round's arithmetic, not the GAN, is under test.
@@ -39,11 +41,14 @@ class MemorySite:
     weight: float
     step: float
     settings: SiteSettings
-    silent_at: str = ""  # "train", "secagg_share", "secagg_mask" or "secagg_unmask"
+    silent_at: str = ""  # "train", "secagg_share", "_mask", "_confirm" or "_unmask"
     error_at: str = ""  # the stage at which it answers with this error
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     state: RecordDict = field(default_factory=RecordDict)  # Flower's per-run node state
+    # The protocol's floor (t > n/2, n ≥ 2), so that the aggregator's
+    # arithmetic is tested at any n; the sites' default rule has its own tests.
+    limits: Limits = field(default_factory=lambda: Limits(min_sites=2, colluding_sites=0))
 
     def answer(self, request: Request) -> RecordDict | str | None:
         stage = request.kind.removeprefix("train.")
@@ -56,6 +61,7 @@ class MemorySite:
         handler = {
             "secagg_share": secure_round.share_keys,
             "secagg_mask": secure_round.masked_input,
+            "secagg_confirm": secure_round.confirm,
             "secagg_unmask": secure_round.unmask,
         }[stage]
         return handler(self.state, self.settings, request.content)
@@ -82,8 +88,15 @@ class MemorySite:
         setup = wire.read_secagg_setup(content)
         if setup is None:
             return wire.train_reply(update, self.site_id, metrics)
-        params, server_pk = setup
-        ad = secure_round.advertise(self.state, self.settings, params, server_pk, update)
+        try:
+            secure_round.check_setup(
+                self.settings, self.limits, setup.params, setup.crl, setup.membership
+            )
+        except FedGanError as exc:
+            return str(AppRefused(self.site_id, str(exc)))
+        ad = secure_round.advertise(
+            self.state, self.settings, setup.params, setup.server_pk, update, self.limits
+        )
         return wire.secagg_train_reply(ad, self.site_id, {"num-examples": update.weight, **metrics})
 
 
@@ -110,9 +123,11 @@ class MemoryTransport:
 def consortium(root: Path, site_ids: Sequence[str]) -> dict[str, SiteSettings]:
     """A throwaway PKI and each site's settings pointing into it."""
     pki.init_ca(root / "certs", "test-consortium")
+    issued = {site_id: pki.issue_site(root / "certs", site_id) for site_id in site_ids}
+    # The floor (t > n/2, n ≥ 2), as the memory sites' limits.
+    pki.write_membership(root / "certs", min_sites=2, colluding=0)
     out = {}
-    for site_id in site_ids:
-        paths = pki.issue_site(root / "certs", site_id)
+    for site_id, paths in issued.items():
         out[site_id] = SiteSettings(
             site_id=site_id,
             data_dir=str(root / "data" / site_id),
@@ -124,6 +139,7 @@ def consortium(root: Path, site_ids: Sequence[str]) -> dict[str, SiteSettings]:
             signing_cert=str(paths.signing_cert),
             ca_cert=str(root / "certs" / "ca" / "ca.crt"),
             crl=str(root / "certs" / "ca" / "crl.pem"),
+            membership=str(root / "certs" / "ca" / "membership.json"),
         )
     return out
 

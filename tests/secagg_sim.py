@@ -11,15 +11,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
+from fedgan.secagg import membership
 from fedgan.secagg.client import SiteSession
-from fedgan.secagg.identity import Signer, ca_verifier
-from fedgan.secagg.params import SecAggParams
+from fedgan.secagg.identity import SIGNING_EKU, Signer, ca_verifier
+from fedgan.secagg.membership import Membership, certificate_sha256
+from fedgan.secagg.params import SecAggParams, ThresholdRule
 from fedgan.secagg.quantize import weight_units
 from fedgan.secagg.server import Aggregate, ServerSession
 
 NOW = dt.datetime.now(dt.UTC)
+# The protocol's floor (t > n/2, n ≥ 2), for tests of the arithmetic at any
+# n and t; the sites' default rule is tested on its own.
+FLOOR = ThresholdRule(min_sites=2, colluding=0)
 
 
 def _name(cn: str) -> x509.Name:
@@ -56,8 +61,14 @@ class Consortium:
             .sign(self.ca_key, hashes.SHA256())
         )
 
-    def signer(self, site_id: str, uri_site: str | None = None) -> Signer:
-        if site_id not in self.signers or uri_site:
+    def signer(
+        self,
+        site_id: str,
+        uri_site: str | None = None,
+        usages: tuple[x509.ObjectIdentifier, ...] = (SIGNING_EKU,),
+    ) -> Signer:
+        fresh = uri_site or usages != (SIGNING_EKU,)
+        if site_id not in self.signers or fresh:
             key = ed25519.Ed25519PrivateKey.generate()
             cert = (
                 x509.CertificateBuilder()
@@ -68,9 +79,7 @@ class Consortium:
                 .not_valid_before(NOW - dt.timedelta(days=1))
                 .not_valid_after(NOW + dt.timedelta(days=10))
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(
-                    x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-                )
+                .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
                 .add_extension(
                     x509.SubjectAlternativeName(
                         [x509.UniformResourceIdentifier(f"urn:fedgan:site:{uri_site or site_id}")]
@@ -84,13 +93,52 @@ class Consortium:
                 .sign(self.ca_key, hashes.SHA256())
             )
             signer = Signer(site_id, key, cert.public_bytes(Encoding.PEM))
-            if uri_site:
+            if fresh:
                 return signer
             self.signers[site_id] = signer
         return self.signers[site_id]
 
-    def verifier(self):
-        return ca_verifier(self.ca)
+    def crl(
+        self, revoked: tuple[int, ...] = (), next_update: dt.datetime | None = None
+    ) -> x509.CertificateRevocationList:
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.ca.subject)
+            .last_update(min(NOW, next_update or NOW) - dt.timedelta(days=1))
+            .next_update(next_update or NOW + dt.timedelta(days=7))
+        )
+        for serial in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW).build()
+            )
+        return builder.sign(self.ca_key, hashes.SHA256())
+
+    def membership(
+        self,
+        sites: list[str],
+        version: int = 1,
+        expires: dt.datetime | None = None,
+        colluding: int | None = None,
+    ) -> bytes:
+        """A CA-signed membership list naming these sites' signing certificates."""
+        listed = {
+            site: certificate_sha256(x509.load_pem_x509_certificate(self.signer(site).cert_pem))
+            for site in sites
+        }
+        body = Membership(
+            "test", version, expires or NOW + dt.timedelta(days=30), listed, 2, colluding
+        )
+        return membership.sign(body, self.ca_key)
+
+    def verifier(
+        self,
+        crl: x509.CertificateRevocationList | None = None,
+        members: bytes | None = None,
+    ):
+        """Checks chain, usage, name and a current CRL; with ``members``, the
+        membership list too (None: tests of the protocol's arithmetic)."""
+        listed = membership.read(members, self.ca) if members else None
+        return ca_verifier(self.ca, crl or self.crl(), membership=listed)
 
 
 def site_ids(n: int) -> list[str]:
@@ -103,9 +151,10 @@ def run_round(
     examples: dict[str, int],
     consortium: Consortium,
     drop: dict[str, set[str]] | None = None,
+    rule: ThresholdRule = FLOOR,
 ) -> Aggregate:
     """One round; ``drop[stage]`` are the sites that vanish before replying at
-    that stage ("advertise", "share", "mask", "unmask")."""
+    that stage ("advertise", "share", "mask", "confirm", "unmask")."""
     drop = {k: set(v) for k, v in (drop or {}).items()}
     server = ServerSession(params)
     sessions, ads = {}, []
@@ -113,7 +162,7 @@ def run_round(
         if site in drop.get("advertise", ()):
             continue
         sessions[site], ad = SiteSession.start(
-            params, server.public_key, consortium.signer(site), examples[site]
+            params, server.public_key, consortium.signer(site), examples[site], rule
         )
         ads.append(ad)
     roster = server.advertised(ads)
@@ -129,10 +178,16 @@ def run_round(
         envelope, _ = sessions[site].masked_input(updates[site], inbox, server.u2)
         if site not in drop.get("mask", ()):
             envelopes[site] = envelope
-    survivors, dropped = server.received_masked(envelopes)
-    reveals = {}
+    survivors, _ = server.received_masked(envelopes)
+    signatures = {}
     for site in survivors:
-        out = sessions[site].unmask(survivors, dropped)
+        signature = sessions[site].confirm(survivors, consortium.signer(site))
+        if site not in drop.get("confirm", ()):
+            signatures[site] = signature
+    confirmed = server.confirmed(signatures)
+    reveals = {}
+    for site in confirmed:
+        out = sessions[site].unmask(confirmed)
         if site not in drop.get("unmask", ()):
             reveals[site] = out
     return server.unmasked(reveals)

@@ -16,6 +16,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fedgan import wire
 from fedgan.aggregator.mechanisms import Mechanism, Model
@@ -191,7 +192,19 @@ def _secure_round(
         )
     except SecAggError as exc:
         return None, f"secure aggregation cannot run this round: {exc}; the model is unchanged"
-    return SecureRound(fed.transport, params, settings.secagg.stage_timeout), ""
+    # Re-read every round: a revocation or a new member reaches the sites
+    # with the next setup.
+    delivered = {}
+    for key, path in (("crl", settings.secagg.crl), ("membership", settings.secagg.membership)):
+        try:
+            delivered[key] = Path(path).read_bytes() if path else b""
+        except OSError as exc:
+            return None, (
+                f"secure aggregation cannot run this round: {path} cannot be read "
+                f"({exc.strerror}); fix run config 'secagg-{key}'; the model is unchanged"
+            )
+    timeout = settings.secagg.stage_timeout
+    return SecureRound(fed.transport, params, timeout, **delivered), ""
 
 
 def sort_replies(

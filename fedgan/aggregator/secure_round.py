@@ -1,6 +1,7 @@
 """The aggregator's side of a secure-aggregation round over a `Transport`:
-stage 1 rides on the train round trip; this drives stages 2-4 and returns
-the aggregate. Protocol decisions are `fedgan.secagg.server`'s; this only
+stage 1 rides on the train round trip; this drives stages 2-5 (shares,
+masked inputs, the consistency check, unmasking) and returns the aggregate.
+Protocol decisions are `fedgan.secagg.server`'s; this only
 moves records and notes who answered, with how many bytes."""
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class SecureRound:
     transport: Transport
     params: SecAggParams
     timeout: float
+    crl: bytes = b""  # the newest CRL the aggregator holds, for the setup
+    membership: bytes = b""  # the newest membership list, likewise
     session: ServerSession = field(init=False)
     nodes: dict[str, int] = field(default_factory=dict)  # site id -> node id
     bytes_sent: dict[str, int] = field(default_factory=dict)  # per site, all stages
@@ -37,7 +40,9 @@ class SecureRound:
         self.session = ServerSession(self.params)
 
     def setup_record(self) -> ConfigRecord:
-        return wire.secagg_setup(self.params, self.session.public_key)
+        return wire.secagg_setup(
+            wire.SecAggSetup(self.params, self.session.public_key, self.crl, self.membership)
+        )
 
     def _count(self, site: str, *payloads: bytes) -> None:
         self.bytes_sent[site] = self.bytes_sent.get(site, 0) + sum(len(p) for p in payloads)
@@ -87,8 +92,15 @@ class SecureRound:
         return out
 
     def run(self, ads: dict[int, Advertisement]) -> Aggregate:
-        """Stages 2-4 for the sites that trained and advertised (node → ad).
+        """Stages 2-5 for the sites that trained and advertised (node → ad).
         Raises RoundAborted when fewer than the threshold remain."""
+        try:
+            return self._stages(ads)
+        finally:
+            for site, why in self.session.refused.items():
+                self.failures.setdefault(site, why)
+
+    def _stages(self, ads: dict[int, Advertisement]) -> Aggregate:
         for node, ad in ads.items():
             self.nodes[ad.site_id] = node
             self._count(ad.site_id, ad.c_pk, ad.s_pk, ad.cert_pem, ad.signature)
@@ -111,12 +123,18 @@ class SecureRound:
             "envelope",
             lambda raw: raw,
         )
-        survivors, dropped = self.session.received_masked(envelopes)
-        for site, why in self.session.refused.items():
-            self.failures.setdefault(site, why)
+        survivors, _ = self.session.received_masked(envelopes)
+        signatures = self._exchange(
+            "secagg_confirm",
+            {s: wire.secagg_message(survivors=survivors) for s in survivors},
+            "signature",
+            lambda raw: raw,
+        )
+        confirmed = self.session.confirmed(signatures)
+        packed_signatures = wire.pack_signatures(confirmed)
         reveals = self._exchange(
             "secagg_unmask",
-            {s: wire.secagg_message(survivors=survivors, dropped=dropped) for s in survivors},
+            {s: wire.secagg_message(signatures=packed_signatures) for s in confirmed},
             "reveals",
             lambda raw: [RevealedShare.from_dict(d) for d in unpack(raw)],
         )

@@ -116,6 +116,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "bits": Field("secagg-bits", int, _one_of(8, 12, 16)),
         "range": Field("secagg-range", float, _non_negative),
         "timeout": Field("secagg-timeout", float, _positive),
+        "crl": Field("secagg-crl", str),
+        "membership": Field("secagg-membership", str),
     },
 }
 
@@ -220,4 +222,7 @@ def load(path: Path) -> dict[str, Any]:
     if config.get("model-init"):
         # Relative to the file that names it, as an operator reads it.
         config["model-init"] = str((path.parent / config["model-init"]).resolve())
+    for key in ("secagg-crl", "secagg-membership"):
+        if config.get(key):
+            config[key] = str((path.parent / config[key]).resolve())
     return config

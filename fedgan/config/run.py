@@ -195,9 +195,11 @@ class SecAggSettings:
 
     enabled: bool
     bits: int
-    threshold: int  # 0: ⌈2n/3⌉ of the sites sampled in the round
+    threshold: int  # 0: ⌊2n/3⌋ + 1 of the sites sampled in the round
     value_range: float  # 0: from update-clip, the learning rates and the steps
     stage_timeout: float
+    crl: str = ""  # the consortium CRL to send with each round's setup ("": none)
+    membership: str = ""  # the membership list to send likewise ("": none)
 
     @classmethod
     def from_run_config(
@@ -209,6 +211,8 @@ class SecAggSettings:
             threshold=_get(cfg, "secagg-threshold", int),
             value_range=_get(cfg, "secagg-range", float),
             stage_timeout=_get(cfg, "secagg-timeout", float),
+            crl=str(cfg.get("secagg-crl", "")),
+            membership=str(cfg.get("secagg-membership", "")),
         )
         if s.bits not in (8, 12, 16):
             raise ConfigError(f"run config key 'secagg-bits' = {s.bits}; use 8, 12 or 16")
@@ -431,6 +435,7 @@ class SiteSettings:
     signing_cert: str = ""
     ca_cert: str = ""
     crl: str = ""
+    membership: str = ""  # the consortium's CA-signed membership list (site kit)
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteSettings:
@@ -456,4 +461,5 @@ class SiteSettings:
             signing_cert=str(cfg.get("signing-cert", "")),
             ca_cert=str(cfg.get("ca-cert", "")),
             crl=str(cfg.get("crl", "")),
+            membership=str(cfg.get("membership", "")),
         )

@@ -141,6 +141,7 @@ def site_node_config(
     signing_cert: Path,
     ca: Path,
     crl: Path,
+    membership: Path,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str | int | float]:
     """The SuperNode's ``--node-config``: what the site decides (its silo, its
@@ -155,6 +156,7 @@ def site_node_config(
         "signing-cert": str(signing_cert),
         "ca-cert": str(ca),
         "crl": str(crl),
+        "membership": str(membership),
     }
     config.update(extra or {})
     return config

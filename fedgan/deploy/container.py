@@ -142,6 +142,7 @@ def supernode_launch(env: Mapping[str, str]) -> Launch:
         signing_cert=_secret(env, "signing_cert"),
         ca=ca,
         crl=_secret(env, "crl"),
+        membership=_secret(env, "membership"),
         extra=extra,
     )
     argv = commands.supernode_command(

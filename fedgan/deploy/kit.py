@@ -74,6 +74,7 @@ def staging_pki(root: Path, n_sites: int, extra_sans: list[str] | None = None) -
         if not paths.site(site_id).client_cert.exists():
             pki.issue_site(root, site_id)
         write_atomic(nodes / f"{site_id}.pub", paths.site(site_id).node_pub.read_bytes())
+    pki.list_members(root, sites)
     needs: list[Path] = []
     for key in _container_keys(paths, sites):
         if key.stat().st_uid == CONTAINER_UID:
@@ -98,27 +99,42 @@ def _kit_member(name: str, data: bytes, mode: int) -> tuple[tarfile.TarInfo, io.
 def site_kit(certs: Path, site_id: str, kit_dir: Path, out: Path) -> Path:
     """``fedgan-site-<id>.tar.gz``: the kit's compose files, README and
     templates, ``.env`` prefilled with the site id, and ``certs/`` with this
-    site's keys and certificates, the CA certificate and the CRL: nothing of
-    any other site, never the CA key. Owned by uid 10001 inside the archive."""
+    site's certificates, the CA certificate, the CRL and the membership list:
+    nothing of any other site, never the CA key. A site that made its own
+    keys (`fedgan site keys`, the production ceremony) gets no key in its
+    kit: it unpacks the kit beside the keys it holds. Only a staging site
+    whose keys the CA made (`fedgan pki issue-site`) gets them in the kit.
+    Owned by uid 10001 inside the archive."""
     paths = pki.PkiPaths(Path(certs))
     site = paths.site(site_id)
-    wanted = {
+    public = {
         "ca.crt": (paths.ca_cert, 0o444),
         "crl.pem": (paths.crl, 0o444),
+        "membership.json": (paths.membership, 0o444),
         "client.crt": (site.client_cert, 0o444),
-        "client.key": (site.client_key, 0o400),
         "sidecar.crt": (site.sidecar_cert, 0o444),
-        "sidecar.key": (site.sidecar_key, 0o400),
-        "node_key": (site.node_key, 0o400),
         "node_key.pub": (site.node_pub, 0o444),
         "signing.crt": (site.signing_cert, 0o444),
+    }
+    private = {
+        "client.key": (site.client_key, 0o400),
+        "sidecar.key": (site.sidecar_key, 0o400),
+        "node_key": (site.node_key, 0o400),
         "signing.key": (site.signing_key, 0o400),
     }
-    for src, _mode in wanted.values():
+    for src, _mode in public.values():
         if not src.is_file():
             raise KitError(
-                f"{src} is missing; issue the site first: fedgan pki issue-site {site_id}"
+                f"{src} is missing; sign the site's requests first (fedgan pki sign) and the "
+                "membership list (fedgan pki membership)"
             )
+    held = [src for src, _mode in private.values() if src.is_file()]
+    if held and len(held) != len(private):
+        raise KitError(
+            f"{site.dir} holds some of the site's private keys but not all; re-issue the site "
+            "(staging) or remove them (production: the site keeps its own keys)"
+        )
+    wanted = {**public, **(private if held else {})}
     for name in KIT_FILES:
         if not (kit_dir / name).is_file():
             raise KitError(f"{kit_dir / name} is missing; run from the FedGAN checkout")

@@ -42,7 +42,7 @@ from fedgan.deploy.process import (
     tail,
     tcp_open,
 )
-from fedgan.pki import PkiPaths
+from fedgan.pki import PkiPaths, list_members
 
 CONNECTION = "fedgan-local"
 LOOPBACK = "127.0.0.1"
@@ -100,6 +100,7 @@ class LocalFederation:
         self._start_edge()
         progress(f"edge          https://{LOOPBACK}:{self.edge_port}  (mutual TLS, CRL)")
         self._write_operator_config()
+        list_members(self.pki.root, [s.site_id for s in self.sites])
         for site in self.sites:
             self.node_ids[site.site_id] = self._register(site.site_id)
         for site in self.sites:
@@ -259,6 +260,7 @@ class LocalFederation:
                 signing_cert=paths.signing_cert.resolve(),
                 ca=self.pki.ca_cert.resolve(),
                 crl=self.pki.crl.resolve(),
+                membership=self.pki.membership.resolve(),
                 extra=site.node_config,
             ),
         )

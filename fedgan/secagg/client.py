@@ -20,9 +20,14 @@ from fedgan.secagg.aead import agree, seal
 from fedgan.secagg.aead import open_sealed as _open
 from fedgan.secagg.encoding import associated_data
 from fedgan.secagg.errors import SecAggError
-from fedgan.secagg.identity import Signer, Verifier
-from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare
-from fedgan.secagg.params import SecAggParams
+from fedgan.secagg.identity import Signer, Verifier, check_signature
+from fedgan.secagg.messages import (
+    Advertisement,
+    EncryptedShare,
+    RevealedShare,
+    consistency_bytes,
+)
+from fedgan.secagg.params import SecAggParams, ThresholdRule
 from fedgan.secagg.prg import SEED_BYTES, expand
 from fedgan.secagg.quantize import quantize, weight_units
 
@@ -68,18 +73,29 @@ class SiteSession:
     b: bytes
     examples: int
     stage: str = "advertised"
-    roster: dict[str, tuple[bytes, bytes, int]] = field(default_factory=dict)  # c_pk, s_pk, n
+    # peer -> (c_pk, s_pk, examples, signing key): the signing key checked
+    # against its certificate once, then used for the survivor-set signatures.
+    roster: dict[str, tuple[bytes, bytes, int, bytes]] = field(default_factory=dict)
     own_shares: tuple[int, int] = (0, 0)
     held: dict[str, tuple[int, int]] = field(default_factory=dict)  # peer -> (b share, s share)
     u2: list[str] = field(default_factory=list)
+    survivors: list[str] = field(default_factory=list)  # the set this site signed (U3)
 
     # -- stage 1 ---------------------------------------------------------------
     @classmethod
     def start(
-        cls, params: SecAggParams, server_pk: bytes, signer: Signer, examples: int
+        cls,
+        params: SecAggParams,
+        server_pk: bytes,
+        signer: Signer,
+        examples: int,
+        rule: ThresholdRule | None = None,
     ) -> tuple[SiteSession, Advertisement]:
-        """Fresh keys and self-mask seed for this round; the signed advertisement."""
+        """Fresh keys and self-mask seed for this round; the signed
+        advertisement. The round's n and t are checked against the site's own
+        rule first: the aggregator announces them, the site decides."""
         params.check()
+        (rule or ThresholdRule()).check(params, signer.site_id)
         if examples < 1:
             raise SecAggError("a site with no training examples cannot take part")
         c, s = X25519PrivateKey.generate(), X25519PrivateKey.generate()
@@ -127,15 +143,18 @@ class SiteSession:
             raise SecAggError(
                 f"site {self.site_id}: the roster does not carry this site's own keys"
             )
-        for ad in ads:
-            if ad.site_id != self.site_id:
-                verify(
-                    ad.site_id,
-                    ad.cert_pem,
-                    ad.signed_bytes(self.params, self.server_pk),
-                    ad.signature,
-                )
-        self.roster = {ad.site_id: (ad.c_pk, ad.s_pk, ad.examples) for ad in ads}
+        signing = {
+            ad.site_id: verify(
+                ad.site_id,
+                ad.cert_pem,
+                ad.signed_bytes(self.params, self.server_pk),
+                ad.signature,
+            )
+            for ad in ads
+        }
+        self.roster = {
+            ad.site_id: (ad.c_pk, ad.s_pk, ad.examples, signing[ad.site_id]) for ad in ads
+        }
         points = self._points()
         xs = [points[s] for s in sorted(points)]
         t = self.params.threshold
@@ -189,7 +208,7 @@ class SiteSession:
                 shamir.from_bytes(plain[:half]),
                 shamir.from_bytes(plain[half:]),
             )
-        largest = max(n for _, _, n in self.roster.values())
+        largest = max(entry[2] for entry in self.roster.values())
         vector, clipped = quantize(
             update, weight_units(self.examples, largest, self.params), self.params
         )
@@ -210,26 +229,56 @@ class SiteSession:
         self.stage = "masked"
         return envelope, clipped
 
-    # -- stage 4 ---------------------------------------------------------------
-    def unmask(self, survivors: list[str], dropped: list[str]) -> list[RevealedShare]:
-        """Shares of the survivors' seeds and of the dropped sites' mask keys;
-        never both for one site (that would reveal its update)."""
-        self._expect("masked", "unmask")
-        both = sorted(set(survivors) & set(dropped))
-        if both:
+    # -- stage 4: consistency (Bonawitz et al. 2017, §4) -----------------------
+    def confirm(self, survivors: list[str], signer: Signer) -> bytes:
+        """Sign the survivor set (U3) this site was told. It will reveal only
+        for this set, and only once t sites have signed the same one."""
+        self._expect("masked", "confirm the survivors")
+        told = sorted(set(survivors))
+        if self.site_id not in told or not set(told) <= set(self.u2):
             raise SecAggError(
-                f"site {self.site_id}: refusing to unmask; asked for both the seed and the mask "
-                f"key of {both}, which would reveal their updates"
+                f"site {self.site_id}: the survivor set is not part of the round's sites"
             )
-        if set(survivors) | set(dropped) != set(self.u2):
+        if len(told) < self.params.threshold:
             raise SecAggError(
-                f"site {self.site_id}: the unmask request does not match the round's sites"
-            )
-        if self.site_id not in survivors or len(survivors) < self.params.threshold:
-            raise SecAggError(
-                f"site {self.site_id}: {len(survivors)} survivors is below the threshold "
+                f"site {self.site_id}: {len(told)} survivors is below the threshold "
                 f"{self.params.threshold}"
             )
+        self.survivors = told
+        self.stage = "confirmed"
+        return signer.sign(consistency_bytes(self.params, self.server_pk, told))
+
+    # -- stage 5 ---------------------------------------------------------------
+    def unmask(self, signatures: dict[str, bytes]) -> list[RevealedShare]:
+        """Shares of the survivors' seeds and of the dropped sites' mask keys,
+        never both for one site (the two sets are disjoint by construction),
+        and only when at least t survivors signed the very set this site
+        signed: a server that told two groups different survivor sets
+        cannot gather t signatures for both."""
+        self._expect("confirmed", "unmask")
+        signers = sorted(signatures)
+        outside = sorted(set(signers) - set(self.survivors))
+        if outside:
+            raise SecAggError(
+                f"site {self.site_id}: refusing to unmask; {outside} signed but are not among "
+                "the survivors this site was told"
+            )
+        if self.site_id not in signers or len(signers) < self.params.threshold:
+            raise SecAggError(
+                f"site {self.site_id}: refusing to unmask; {len(signers)} sites confirmed the "
+                f"survivor set, the threshold is {self.params.threshold}"
+            )
+        message = consistency_bytes(self.params, self.server_pk, self.survivors)
+        for peer in signers:
+            try:
+                check_signature(peer, self.roster[peer][3], message, signatures[peer])
+            except SecAggError:
+                raise SecAggError(
+                    f"site {self.site_id}: refusing to unmask; site {peer} did not sign the "
+                    "survivor set this site was told (the sites were told different sets)"
+                ) from None
+        survivors = self.survivors
+        dropped = [s for s in self.u2 if s not in survivors]
         x = self._points()[self.site_id]
         held = {**self.held, self.site_id: self.own_shares}
         out = [RevealedShare(s, "b", x, shamir.to_bytes(held[s][0])) for s in sorted(survivors)]
@@ -250,10 +299,13 @@ class SiteSession:
                 "b": b64(self.b),
                 "examples": self.examples,
                 "stage": self.stage,
-                "roster": {k: [b64(c), b64(s), n] for k, (c, s, n) in self.roster.items()},
+                "roster": {
+                    k: [b64(c), b64(s), n, b64(v)] for k, (c, s, n, v) in self.roster.items()
+                },
                 "own_shares": list(self.own_shares),
                 "held": {k: list(v) for k, v in self.held.items()},
                 "u2": self.u2,
+                "survivors": self.survivors,
             }
         ).encode()
 
@@ -270,8 +322,9 @@ class SiteSession:
             b=unb(d["b"]),
             examples=int(d["examples"]),
             stage=d["stage"],
-            roster={k: (unb(c), unb(s), int(n)) for k, (c, s, n) in d["roster"].items()},
+            roster={k: (unb(c), unb(s), int(n), unb(v)) for k, (c, s, n, v) in d["roster"].items()},
             own_shares=(int(d["own_shares"][0]), int(d["own_shares"][1])),
             held={k: (int(v[0]), int(v[1])) for k, v in d["held"].items()},
             u2=list(d["u2"]),
+            survivors=list(d["survivors"]),
         )

@@ -6,7 +6,7 @@ another."""
 
 from __future__ import annotations
 
-PROTOCOL = b"fedgan-secagg-v1"
+PROTOCOL = b"fedgan-secagg-v2"
 
 
 def fields(*parts: bytes | str | int) -> bytes:

@@ -58,6 +58,12 @@ def signed_bytes(
     return fields("advertise", params.context, server_pk, site_id, c_pk, s_pk, examples)
 
 
+def consistency_bytes(params: SecAggParams, server_pk: bytes, survivors: list[str]) -> bytes:
+    """What a site signs at the consistency check: the round and the
+    survivor set it was told, in sorted order."""
+    return fields("consistency", params.context, server_pk, *sorted(survivors))
+
+
 @dataclass(frozen=True)
 class EncryptedShare:
     """Shares of the sender's self-mask seed and mask key, for one receiver."""

@@ -14,11 +14,52 @@ from fedgan.secagg.errors import SecAggError
 
 BITS = (8, 12, 16)
 MIN_SITES = 2
+# The fewest sites a site's default policy lets into one sum.
+DEFAULT_MIN_SITES = 3
+
+
+def required_threshold(n: int, colluding: int | None = None) -> int:
+    """The least t a site accepts for n sites. Default ⌊2n/3⌋ + 1; a site
+    that states c, the colluding sites it tolerates, needs t > (n + c)/2 (two
+    survivor sets of t signers then share more than c sites, so an honest
+    one signed both: the split view fails) and t ≥ c + 2 (a sum always holds
+    two honest updates)."""
+    if colluding is None:
+        return 2 * n // 3 + 1
+    return max((n + colluding) // 2 + 1, colluding + 2)
 
 
 def default_threshold(n: int) -> int:
-    """⌈2n/3⌉, and always a strict majority of n."""
-    return max(math.ceil(2 * n / 3), n // 2 + 1)
+    """What the aggregator asks for unless configured: the default rule."""
+    return required_threshold(n)
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """A site's own rule for the rounds it joins, checked against whatever
+    n and t the aggregator announces."""
+
+    min_sites: int = DEFAULT_MIN_SITES
+    colluding: int | None = None  # None: the default rule ⌊2n/3⌋ + 1
+
+    def check(self, params: SecAggParams, site_id: str) -> None:
+        n, t = params.sites, params.threshold
+        if n < max(self.min_sites, MIN_SITES):
+            raise SecAggError(
+                f"site {site_id}: the round asks {n} sites; this site joins sums of at least "
+                f"{self.min_sites} (fedgan site policy --min-sites)"
+            )
+        need = required_threshold(n, self.colluding)
+        if t < need:
+            rule = (
+                "⌊2n/3⌋ + 1"
+                if self.colluding is None
+                else f"t > (n + {self.colluding})/2 and t ≥ {self.colluding + 2}"
+            )
+            raise SecAggError(
+                f"site {site_id}: threshold {t} of {n} sites is below this site's rule "
+                f"({rule} = {need}); ask for secagg-threshold {need} or more"
+            )
 
 
 def min_modulus_bits(bits: int, n: int) -> int:
@@ -51,7 +92,7 @@ class SecAggParams:
         threshold: int = 0,
         modulus_bits: int = 0,
     ) -> SecAggParams:
-        """Fill in the defaults (threshold ⌈2n/3⌉, the smallest safe modulus)
+        """Fill in the defaults (threshold ⌊2n/3⌋ + 1, the smallest safe modulus)
         and check everything."""
         params = cls(
             run_id=run_id,

@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -20,7 +22,13 @@ from fedgan.secagg.aead import agree, open_sealed
 from fedgan.secagg.client import AGGREGATOR, apply_mask, mask_seed, pair_sign
 from fedgan.secagg.encoding import associated_data
 from fedgan.secagg.errors import RoundAborted, SecAggError
-from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare
+from fedgan.secagg.identity import check_signature
+from fedgan.secagg.messages import (
+    Advertisement,
+    EncryptedShare,
+    RevealedShare,
+    consistency_bytes,
+)
 from fedgan.secagg.params import SecAggParams
 from fedgan.secagg.quantize import dequantize_mean, error_bound
 
@@ -43,6 +51,7 @@ class ServerSession:
     roster: dict[str, Advertisement] = field(default_factory=dict)
     u2: list[str] = field(default_factory=list)
     masked: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    confirmations: dict[str, bytes] = field(default_factory=dict)  # site -> its U3 signature
     refused: dict[str, str] = field(default_factory=dict)  # site -> why its message was rejected
 
     @property
@@ -122,6 +131,25 @@ class ServerSession:
         self._enough(len(survivors), "masked input")
         return survivors, [s for s in self.u2 if s not in self.masked]
 
+    def confirmed(self, signatures: dict[str, bytes]) -> dict[str, bytes]:
+        """The survivors' signatures on the survivor set (U3), each checked
+        against the signing key its certificate holds, so that one site's bad
+        signature drops that site instead of making every other site refuse.
+        Returns what the unmask request carries."""
+        survivors = sorted(self.masked)
+        message = consistency_bytes(self.params, self.public_key, survivors)
+        for site, signature in sorted(signatures.items()):
+            if site not in self.masked:
+                continue
+            try:
+                check_signature(site, _signing_key(self.roster[site]), message, signature)
+            except SecAggError:
+                self.refused[site] = "its signature on the survivor set does not verify"
+                continue
+            self.confirmations[site] = signature
+        self._enough(len(self.confirmations), "consistency check")
+        return dict(sorted(self.confirmations.items()))
+
     def unmasked(self, reveals: dict[str, list[RevealedShare]]) -> Aggregate:
         """Reconstruct the survivors' self-mask seeds and the dropped sites'
         mask keys from ≥ t sites' shares, remove every mask, dequantize."""
@@ -132,7 +160,7 @@ class ServerSession:
         s_shares: dict[str, dict[int, int]] = {s: {} for s in dropped}
         responders = 0
         for site, items in sorted(reveals.items()):
-            if site not in self.masked:
+            if site not in self.confirmations:
                 continue
             wanted = {(s, "b") for s in survivors} | {(s, "s") for s in dropped}
             got = {(r.owner, r.kind) for r in items}
@@ -176,3 +204,15 @@ class ServerSession:
             dropped=dropped,
             error_bound=error_bound(len(survivors), weight, self.params),
         )
+
+
+def _signing_key(ad: Advertisement) -> bytes:
+    """The raw Ed25519 key in a site's signing certificate (the sites check
+    the certificate itself; the server only needs the key)."""
+    try:
+        key = x509.load_pem_x509_certificate(ad.cert_pem).public_key()
+    except ValueError:
+        raise SecAggError(f"site {ad.site_id}: its signing certificate is not PEM") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SecAggError(f"site {ad.site_id}: signing certificate does not hold an Ed25519 key")
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw)

@@ -41,6 +41,7 @@ from fedgan import wire
 from fedgan.atomic import write_text_atomic
 from fedgan.audit_log import AuditLog
 from fedgan.errors import FedGanError
+from fedgan.secagg.params import DEFAULT_MIN_SITES, MIN_SITES
 
 POLICY_FILE = "approval.json"
 SITE_AUDIT_FILE = "audit.jsonl"
@@ -86,7 +87,14 @@ class Limits:
     min_noise_multiplier: float = 0.0
     # Largest target ε a run may plan for (None: only the site's ε budget).
     max_target_epsilon: float | None = None
-    require_secure_aggregation: bool = False
+    # On by default: without it the aggregator sees this site's update. A
+    # site answers a plain round only if its own policy says so.
+    require_secure_aggregation: bool = True
+    # Secure aggregation: the fewest sites in one sum, and the colluding
+    # sites tolerated (None: the default threshold rule ⌊2n/3⌋ + 1; c: the
+    # threshold must exceed (n + c)/2 and be at least c + 2).
+    min_sites: int = DEFAULT_MIN_SITES
+    colluding_sites: int | None = None
     # Pretrained inits (`fedgan pretrain`, `model.init`): refuse any run that
     # starts from one, or, when hashes are listed, allow only those (their
     # weights SHA-256, which the site checks against round 1's model).
@@ -140,6 +148,12 @@ class SitePolicy:
             raise PolicyError(f"{where}: limits.max_noise_figure must be > 0 (or null)")
         if lim.max_target_epsilon is not None and not lim.max_target_epsilon > 0:
             raise PolicyError(f"{where}: limits.max_target_epsilon must be > 0 (or null)")
+        if not (isinstance(lim.min_sites, int) and lim.min_sites >= MIN_SITES):
+            raise PolicyError(f"{where}: limits.min_sites must be an integer ≥ {MIN_SITES}")
+        if lim.colluding_sites is not None and not (
+            isinstance(lim.colluding_sites, int) and lim.colluding_sites >= 0
+        ):
+            raise PolicyError(f"{where}: limits.colluding_sites must be an integer ≥ 0 (or null)")
 
 
 class PolicyStore:
@@ -302,7 +316,11 @@ def check_run(
             f"{limits.max_target_epsilon:g}",
         )
     if limits.require_secure_aggregation and not secure_aggregation:
-        raise AppRefused(site_id, "the run turns secure aggregation off; this site requires it")
+        raise AppRefused(
+            site_id,
+            "the round has no secure aggregation; this site requires it "
+            "(fedgan site policy --allow-no-secagg to answer plain rounds)",
+        )
 
 
 def describe(policy: SitePolicy, path: Path) -> str:
@@ -324,6 +342,13 @@ def describe(policy: SitePolicy, path: Path) -> str:
         "max target ε       "
         + ("budget only" if lim.max_target_epsilon is None else f"{lim.max_target_epsilon:g}"),
         f"requires secagg    {'yes' if lim.require_secure_aggregation else 'no'}",
+        f"min sites in a sum {lim.min_sites}",
+        "threshold rule     "
+        + (
+            "t ≥ ⌊2n/3⌋ + 1 (default)"
+            if lim.colluding_sites is None
+            else f"t > (n + {lim.colluding_sites})/2, t ≥ {lim.colluding_sites + 2}"
+        ),
         "max noise figure   "
         + ("no limit" if lim.max_noise_figure is None else f"{lim.max_noise_figure:g}"),
         "pretrained inits   "

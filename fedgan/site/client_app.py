@@ -15,6 +15,7 @@ from fedgan import wire
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.dumps import dump_arrays
+from fedgan.errors import FedGanError
 from fedgan.site import approval, faults, runtime, secure_round
 from fedgan.update import Contribution, Release
 
@@ -49,8 +50,16 @@ def train(msg: Message, context: Context) -> Message:
         )
     global_gen, global_disc, record = wire.read_train_request(msg.content)
     secagg = wire.read_secagg_setup(msg.content)
+    limits = store.load().limits
     try:
         cfg = RoundConfig.from_record(record)
+        if secagg is not None:
+            # Before anything is trained or spent: credentials, a current
+            # CRL, and n and t within this site's own rule.
+            try:
+                secure_round.check_setup(site, limits, secagg.params, secagg.crl, secagg.membership)
+            except FedGanError as exc:
+                raise approval.AppRefused(site.site_id, str(exc)) from None
         if cfg.privacy.mean_embedding:
             from fedgan.site.release import release_round
 
@@ -59,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
                 dict(context.node_config),
                 run_id,
                 cfg,
-                limits=store.load().limits,
+                limits=limits,
                 secure=secagg is not None,
             )
         else:
@@ -70,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
                 cfg,
                 global_gen,
                 global_disc,
-                limits=store.load().limits,
+                limits=limits,
                 secure=secagg is not None,
             )
     except approval.AppRefused as refusal:
@@ -96,14 +105,15 @@ def train(msg: Message, context: Context) -> Message:
             _dumped(outcome.update),
         )
     if secagg is not None:
-        params, server_pk = secagg
-        ad = secure_round.advertise(context.state, site, params, server_pk, outcome.update)
+        ad = secure_round.advertise(
+            context.state, site, secagg.params, secagg.server_pk, outcome.update, limits
+        )
         metrics = {"num-examples": outcome.update.weight, **outcome.metrics}
         return Message(wire.secagg_train_reply(ad, site.site_id, metrics), reply_to=msg)
     return Message(wire.train_reply(outcome.update, site.site_id, outcome.metrics), reply_to=msg)
 
 
-# Secure aggregation, stages 2-4 (stage 1 rides on the train reply above).
+# Secure aggregation, stages 2-5 (stage 1 rides on the train reply above).
 
 
 @app.train("secagg_share")
@@ -118,6 +128,13 @@ def secagg_mask(msg: Message, context: Context) -> Message:
     faults.crash_if_requested("secagg_mask")
     site = SiteSettings.from_node_config(context.node_config)
     return Message(secure_round.masked_input(context.state, site, msg.content), reply_to=msg)
+
+
+@app.train("secagg_confirm")
+def secagg_confirm(msg: Message, context: Context) -> Message:
+    faults.crash_if_requested("secagg_confirm")
+    site = SiteSettings.from_node_config(context.node_config)
+    return Message(secure_round.confirm(context.state, site, msg.content), reply_to=msg)
 
 
 @app.train("secagg_unmask")

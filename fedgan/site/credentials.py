@@ -1,7 +1,16 @@
 """The site's secure-aggregation credentials from its files: its Ed25519
 signer, and the verifier of its peers' signing certificates against the
-consortium CA (and CRL). Here, at the site that uses them, so that the PKI
-(`fedgan.pki`, which issues certificates) knows nothing of the protocol."""
+consortium CA and the newest CRL the site holds. Here, at the site that uses
+them, so that the PKI (`fedgan.pki`, which issues certificates) knows
+nothing of the protocol.
+
+Revocation fails closed: the kit's CRL is required, and a newer CRL that the
+aggregator delivers with a round's setup is kept (``<work-dir>/crl.pem``)
+only if the consortium CA signed it and it is newer than what the site
+holds. The aggregator can bring news of a revocation, never hide one: an
+older or foreign CRL is ignored, and an expired one refuses the round. The
+consortium's membership list is handled alike (``<work-dir>/membership.json``,
+newer versions only)."""
 
 from __future__ import annotations
 
@@ -11,9 +20,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fedgan.atomic import write_atomic
 from fedgan.errors import FedGanError
-from fedgan.pki import PkiError, load_cert
+from fedgan.pki import PkiError, crl_number, load_cert
+from fedgan.secagg import membership
 from fedgan.secagg.identity import Signer, Verifier, ca_verifier
+from fedgan.secagg.membership import Membership
+
+ADOPTED_CRL = "crl.pem"
+ADOPTED_MEMBERSHIP = "membership.json"
 
 
 def load_signer(key_path: Path, cert_path: Path, site_id: str) -> Signer:
@@ -36,18 +51,106 @@ def load_signer(key_path: Path, cert_path: Path, site_id: str) -> Signer:
     return Signer(site_id, key, cert.public_bytes(serialization.Encoding.PEM))
 
 
-def load_verifier(ca_path: Path, crl_path: Path | None = None) -> Verifier:
-    """Checks peers' signing certificates against the consortium CA (and CRL)."""
-    ca = load_cert(Path(ca_path))
-    crl = None
-    if crl_path is not None:
-        try:
-            crl = x509.load_pem_x509_crl(Path(crl_path).read_bytes())
-        except FileNotFoundError:
-            raise PkiError(f"{crl_path} not found; run `fedgan pki crl`") from None
-        except ValueError:
-            raise PkiError(f"{crl_path} is not a PEM CRL") from None
+def _age(crl: x509.CertificateRevocationList) -> tuple[int, float]:
+    return crl_number(crl), crl.last_update_utc.timestamp()
+
+
+def _read_crl(path: Path) -> x509.CertificateRevocationList:
     try:
-        return ca_verifier(ca, crl)
+        return x509.load_pem_x509_crl(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise PkiError(
+            f"{path} not found: secure aggregation needs the consortium CRL (node config 'crl', "
+            "from the site kit)"
+        ) from None
+    except ValueError:
+        raise PkiError(f"{path} is not a PEM CRL; copy crl.pem from a fresh site kit") from None
+
+
+def current_crl(
+    ca: x509.Certificate, kit_crl: Path, work_dir: Path
+) -> x509.CertificateRevocationList:
+    """The newest CA-signed CRL of the kit's and the one kept from a setup."""
+    best = _read_crl(kit_crl)
+    if not best.is_signature_valid(ca.public_key()):
+        raise PkiError(f"{kit_crl} is not signed by the consortium CA")
+    kept = Path(work_dir) / ADOPTED_CRL
+    if kept.exists():
+        other = _read_crl(kept)
+        if other.is_signature_valid(ca.public_key()) and _age(other) > _age(best):
+            best = other
+    return best
+
+
+def adopt_crl(ca_path: Path, kit_crl: Path, work_dir: Path, delivered: bytes) -> bool:
+    """Keep a CRL delivered with the round setup if the CA signed it and it
+    is newer than the site's; returns whether it was kept."""
+    if not delivered:
+        return False
+    try:
+        crl = x509.load_pem_x509_crl(delivered)
+    except ValueError:
+        return False
+    ca = load_cert(Path(ca_path))
+    if not crl.is_signature_valid(ca.public_key()):
+        return False
+    if _age(crl) <= _age(current_crl(ca, kit_crl, work_dir)):
+        return False
+    write_atomic(Path(work_dir) / ADOPTED_CRL, crl.public_bytes(serialization.Encoding.PEM))
+    return True
+
+
+def _read_membership(path: Path, ca: x509.Certificate) -> Membership:
+    try:
+        return membership.read(Path(path).read_bytes(), ca)
+    except FileNotFoundError:
+        raise PkiError(
+            f"{path} not found: secure aggregation needs the consortium's membership list (node "
+            "config 'membership', from the site kit)"
+        ) from None
     except FedGanError as exc:
-        raise PkiError(f"{crl_path}: {exc}") from None
+        raise PkiError(f"{path}: {exc}") from None
+
+
+def current_membership(ca: x509.Certificate, kit_list: Path, work_dir: Path) -> Membership:
+    """The highest version of the kit's list and the one kept from a setup."""
+    best = _read_membership(kit_list, ca)
+    kept = Path(work_dir) / ADOPTED_MEMBERSHIP
+    if kept.exists():
+        try:
+            other = membership.read(kept.read_bytes(), ca)
+        except FedGanError:
+            other = best
+        if other.version > best.version and other.consortium == best.consortium:
+            best = other
+    return best
+
+
+def adopt_membership(ca_path: Path, kit_list: Path, work_dir: Path, delivered: bytes) -> bool:
+    """Keep a membership list delivered with the round setup if the CA
+    signed it, it names the same consortium and its version is higher."""
+    if not delivered:
+        return False
+    ca = load_cert(Path(ca_path))
+    try:
+        offered = membership.read(delivered, ca)
+    except FedGanError:
+        return False
+    held = current_membership(ca, kit_list, work_dir)
+    if offered.version <= held.version or offered.consortium != held.consortium:
+        return False
+    write_atomic(Path(work_dir) / ADOPTED_MEMBERSHIP, delivered)
+    return True
+
+
+def load_verifier(ca_path: Path, kit_crl: Path, kit_list: Path, work_dir: Path) -> Verifier:
+    """Checks peers' signing certificates against the consortium CA, the
+    newest CRL and membership list the site holds; refuses (one line) when
+    either expired."""
+    ca = load_cert(Path(ca_path))
+    crl = current_crl(ca, Path(kit_crl), Path(work_dir))
+    members = current_membership(ca, Path(kit_list), Path(work_dir))
+    try:
+        return ca_verifier(ca, crl, membership=members)
+    except FedGanError as exc:
+        raise PkiError(f"{kit_crl}: {exc}") from None

@@ -3,38 +3,88 @@
 The session (private keys, seeds, shares held) and the update waiting to be
 masked live in ``context.state``, which the SuperNode keeps in memory for
 the run and never sends anywhere; the ClientApp process of each stage
-reloads them. The ClientApp handlers in `fedgan.site.client_app` call these."""
+reloads them. The ClientApp handlers in `fedgan.site.client_app` call these.
+
+Which survivor set the site signed is the one thing written to disk
+(``<work-dir>/secagg-reveals/``, fsynced, before the signature leaves): a
+site whose state was lost after it committed (a crash between its reply and
+Flower saving the state, a restart) refuses to sign or reveal for another
+set in that round, so it never hands out both secrets of one site."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedgan import wire
+from fedgan.atomic import write_atomic
 from fedgan.config.run import SiteSettings
+from fedgan.pki import load_cert
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.client import SiteSession
-from fedgan.secagg.identity import Verifier
+from fedgan.secagg.identity import Signer, Verifier
 from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare, pack
+from fedgan.secagg.params import ThresholdRule
 from fedgan.site import credentials
+from fedgan.site.approval import Limits
 from fedgan.update import Contribution, flatten
 
 SESSION, PENDING = "secagg-session", "secagg-update"
+REVEALS = "secagg-reveals"
+_NEEDS = ("signing-key", "signing-cert", "ca-cert", "crl", "membership")
 
 
-def _require(site: SiteSettings, *keys: str) -> None:
-    missing = [k for k in keys if not getattr(site, k.replace("-", "_"))]
+def rule(limits: Limits) -> ThresholdRule:
+    """The site's threshold rule, from its policy (`fedgan site policy`)."""
+    return ThresholdRule(min_sites=limits.min_sites, colluding=limits.colluding_sites)
+
+
+def _require(site: SiteSettings) -> None:
+    missing = [k for k in _NEEDS if not getattr(site, k.replace("-", "_"))]
     if missing:
         raise SecAggError(
             f"site {site.site_id}: secure aggregation needs node config "
-            f"{', '.join(repr(k) for k in missing)} (paths from `fedgan pki issue-site`)"
+            f"{', '.join(repr(k) for k in missing)} (paths from the site kit)"
         )
 
 
 def _verifier(site: SiteSettings) -> Verifier:
-    _require(site, "ca-cert")
-    return credentials.load_verifier(Path(site.ca_cert), Path(site.crl) if site.crl else None)
+    _require(site)
+    return credentials.load_verifier(
+        Path(site.ca_cert), Path(site.crl), Path(site.membership), Path(site.work_dir)
+    )
+
+
+def _signer(site: SiteSettings) -> Signer:
+    _require(site)
+    return credentials.load_signer(Path(site.signing_key), Path(site.signing_cert), site.site_id)
+
+
+def check_setup(
+    site: SiteSettings, limits: Limits, params: SecAggParams, crl: bytes, members: bytes
+) -> None:
+    """Before the site trains or spends anything: its credentials load, the
+    newest CRL and membership list it holds (newer CA-signed ones from the
+    setup are kept) are current and list this site, and the round's n and t
+    meet both the site's own rule and the consortium's. Raises SecAggError
+    or PkiError with one line."""
+    _require(site)
+    ca, work = Path(site.ca_cert), Path(site.work_dir)
+    credentials.adopt_crl(ca, Path(site.crl), work, crl)
+    credentials.adopt_membership(ca, Path(site.membership), work, members)
+    _verifier(site)
+    _signer(site)
+    rule(limits).check(params, site.site_id)
+    consortium = credentials.current_membership(load_cert(ca), Path(site.membership), work)
+    if params.sites > len(consortium.sites):
+        raise SecAggError(
+            f"site {site.site_id}: the round asks {params.sites} sites; the consortium's "
+            f"membership list (version {consortium.version}) has {len(consortium.sites)}"
+        )
+    consortium.rule.check(params, site.site_id)
 
 
 def advertise(
@@ -43,14 +93,15 @@ def advertise(
     params: SecAggParams,
     server_pk: bytes,
     sent: Contribution,
+    limits: Limits,
 ) -> Advertisement:
     """Stage 1: fresh round keys, signed; the update is held back."""
-    _require(site, "signing-key", "signing-cert")
     values = flatten(sent)
     if params.length != values.size:
         raise SecAggError(f"site {site.site_id}: the update's size does not match the round's")
-    signer = credentials.load_signer(Path(site.signing_key), Path(site.signing_cert), site.site_id)
-    session, ad = SiteSession.start(params, server_pk, signer, max(1, round(sent.weight)))
+    session, ad = SiteSession.start(
+        params, server_pk, _signer(site), max(1, round(sent.weight)), rule(limits)
+    )
     _save(state, session)
     state[PENDING] = ArrayRecord([values])
     return ad
@@ -93,12 +144,57 @@ def masked_input(state: RecordDict, site: SiteSettings, content: RecordDict) -> 
     return reply
 
 
-def unmask(state: RecordDict, site: SiteSettings, content: RecordDict) -> RecordDict:
-    """Stage 4: shares of the survivors' seeds and the dropped sites' keys;
-    the session is then forgotten."""
+def _committed(site: SiteSettings, params: SecAggParams) -> Path:
+    key = hashlib.sha256(f"{params.run_id}\0{params.round}".encode()).hexdigest()[:32]
+    return Path(site.work_dir) / REVEALS / f"{key}.json"
+
+
+def _check_commitment(site: SiteSettings, params: SecAggParams, survivors: list[str]) -> bool:
+    """True if this site already committed to ``survivors`` for the round;
+    refuses if it committed to another set."""
+    path = _committed(site, params)
+    if not path.exists():
+        return False
+    try:
+        earlier = json.loads(path.read_text("utf-8"))["survivors"]
+    except (ValueError, KeyError, TypeError, OSError):
+        earlier = None
+    if earlier != sorted(survivors):
+        raise SecAggError(
+            f"site {site.site_id}: refusing; this site already signed another survivor set for "
+            f"round {params.round} (recorded in {path}), and will not reveal for a second one"
+        )
+    return True
+
+
+def confirm(state: RecordDict, site: SiteSettings, content: RecordDict) -> RecordDict:
+    """Stage 4: sign the survivor set, committing to it on disk first."""
     session = _load(state, site)
-    reveals: list[RevealedShare] = session.unmask(
-        wire.secagg_names(content, "survivors"), wire.secagg_names(content, "dropped")
-    )
+    survivors = wire.secagg_names(content, "survivors")
+    already = _check_commitment(site, session.params, survivors)
+    signature = session.confirm(survivors, _signer(site))
+    if not already:
+        record = {
+            "run": session.params.run_id,
+            "round": session.params.round,
+            "survivors": session.survivors,
+        }
+        write_atomic(_committed(site, session.params), json.dumps(record).encode(), mode=0o600)
+    _save(state, session)
+    return wire.secagg_message(signature=signature)
+
+
+def unmask(state: RecordDict, site: SiteSettings, content: RecordDict) -> RecordDict:
+    """Stage 5: shares of the survivors' seeds and the dropped sites' keys,
+    for the survivor set this site signed and at least t others did too; the
+    session is then forgotten."""
+    session = _load(state, site)
+    if session.stage == "confirmed" and not _check_commitment(
+        site, session.params, session.survivors
+    ):
+        raise SecAggError(
+            f"site {site.site_id}: refusing to reveal; no record of the survivor set it signed"
+        )
+    reveals: list[RevealedShare] = session.unmask(wire.secagg_signatures(content, "signatures"))
     del state[SESSION]
     return wire.secagg_message(reveals=pack([r.as_dict() for r in reveals]))

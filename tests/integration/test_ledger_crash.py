@@ -19,6 +19,7 @@ from fedgan.demo import prepare, run_config
 from fedgan.deploy.local import LocalFederation
 from fedgan.privacy.accountant import epsilon
 from fedgan.privacy.ledger import PrivacyLedger
+from fedgan.site.approval import PolicyStore
 from tests.federations import small_federation
 from tests.proc import pids_in_groups
 
@@ -50,6 +51,10 @@ def test_kill_9_mid_round_counts_the_round_once(tmp_path):
     ledger = PrivacyLedger.in_work_dir(run_dir / "sites" / "site-1")
     errors: list[BaseException] = []
     with LocalFederation(run_dir, run_dir / "certs", sites) as fed:
+        for site in sites:  # each hospital's own choice: plain rounds allowed
+            PolicyStore(fed.site_work_dir(site.site_id), site.site_id).update(
+                require_secure_aggregation=False
+            )
         fed.start()
 
         def submit() -> None:

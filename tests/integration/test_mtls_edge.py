@@ -82,6 +82,19 @@ def test_certificate_from_another_ca_is_refused(live_federation, tmp_path):
     _assert_not_proxied(live_federation, path)
 
 
+def test_a_signing_certificate_is_not_a_tls_client_certificate(live_federation):
+    """Issue 32, item 6: the site's secure-aggregation signing certificate
+    (a current, unrevoked consortium certificate naming the site) opens no
+    connection: it carries the signing usage, not clientAuth."""
+    site = live_federation.pki.site("site-1")
+    path = _probe_path()
+    status, _ = _request(live_federation, path, cert=site.signing_cert, key=site.signing_key)
+    assert status == 400
+    line = _edge_log_line(live_federation, path)
+    assert "verify=FAILED" in line and "unsuitable certificate purpose" in line, line
+    _assert_not_proxied(live_federation, path)
+
+
 def test_revoked_certificate_is_refused_after_reload(live_federation):
     fed = live_federation
     pki.issue_site(fed.pki.root, "site-leaver")

@@ -14,6 +14,7 @@ import pytest
 from fedgan import pki
 from fedgan.deploy.local import CONNECTION, LocalFederation, SiteSpec
 from fedgan.silo.synth import synth_silo
+from fedgan.site.approval import PolicyStore
 
 pytestmark = pytest.mark.integration
 
@@ -62,6 +63,8 @@ def test_run_follow_resume_sites_and_status(tmp_path):
     run_dir = tmp_path / "runs" / "op"
     config = tmp_path / "federation.yaml"
     with LocalFederation(tmp_path / "deploy", certs, sites) as fed:
+        for site in sites:  # two hospitals, each joining sums of two
+            PolicyStore(fed.site_work_dir(site.site_id), site.site_id).update(min_sites=2)
         fed.start()
         home = fed.operator_home
 

@@ -26,7 +26,14 @@ def test_a_site_killed_at_the_masked_input_stage_drops_out_of_the_sum(tmp_path):
             "dropout",
             sites=3,
             dump_updates=True,
-            extra_config={"noise-multiplier": 1.0, "batch-size": 4, "secagg-timeout": 20.0},
+            # t = 2 of 3 tolerates one dropout; the demo relaxes the sites'
+            # default rule (⌊2n/3⌋ + 1 = 3) to allow it, and says so.
+            extra_config={
+                "noise-multiplier": 1.0,
+                "batch-size": 4,
+                "secagg-timeout": 20.0,
+                "secagg-threshold": 2,
+            },
             # site-3's ClientApp is SIGKILLed as the masked-input stage
             # reaches it, after the site has shared its keys.
             site_env={"site-3": {"FEDGAN_FAULT": "secagg_mask"}},

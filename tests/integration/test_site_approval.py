@@ -58,7 +58,12 @@ def federation(tmp_path_factory):
         silo = synth_silo(root / f"silo-{i}", "fundus", 12, seed=i, size=16)
         sites.append(SiteSpec(f"site-{i}", silo, "fundus"))
     fed = LocalFederation(root / "fed", certs, sites)
-    # Each hospital's own choice, made before it joins.
+    # Each hospital's own choice, made before it joins: these runs are
+    # about approval, and a secure sum of one site's update is refused.
+    for site in sites:
+        PolicyStore(fed.site_work_dir(site.site_id), site.site_id).update(
+            require_secure_aggregation=False
+        )
     PolicyStore(fed.site_work_dir("site-1"), "site-1").update(mode="hash-only")
     PolicyStore(fed.site_work_dir("site-3"), "site-3").update(min_noise_multiplier=5.0)
     with fed:

@@ -72,7 +72,9 @@ def test_a_secure_round_recovers_the_same_mean_within_its_error_bound(tmp_path):
 
 @pytest.mark.parametrize("stage", ["train", "secagg_share", "secagg_mask"])
 def test_a_site_silent_before_masking_is_left_out_of_the_sum(tmp_path, stage):
-    fed = federation(tmp_path, _sites(tmp_path, **{"site-c": {"silent_at": stage}}), secagg=True)
+    sites = _sites(tmp_path, **{"site-c": {"silent_at": stage}})
+    # t = 2 of 3: below the sites' default rule, within these sites' (the floor).
+    fed = federation(tmp_path, sites, secagg=True, secagg_threshold=2)
     before = get_arrays(fed.disc)
     record = run_round(fed, 1)
     moved = _disc_moved_by(fed, before)
@@ -82,10 +84,11 @@ def test_a_site_silent_before_masking_is_left_out_of_the_sum(tmp_path, stage):
         assert record.secagg["failures"]["site-c"].startswith(stage)
 
 
-def test_a_site_silent_at_unmasking_is_still_in_the_sum(tmp_path):
+@pytest.mark.parametrize("stage", ["secagg_confirm", "secagg_unmask"])
+def test_a_site_silent_after_masking_is_still_in_the_sum(tmp_path, stage):
     # It masked its update; the others' shares remove its masks.
-    sites = _sites(tmp_path, **{"site-c": {"silent_at": "secagg_unmask"}})
-    fed = federation(tmp_path, sites, secagg=True)
+    sites = _sites(tmp_path, **{"site-c": {"silent_at": stage}})
+    fed = federation(tmp_path, sites, secagg=True, secagg_threshold=2)
     before = get_arrays(fed.disc)
     record = run_round(fed, 1)
     moved = _disc_moved_by(fed, before)

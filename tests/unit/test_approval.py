@@ -89,7 +89,7 @@ def test_refusal_survives_flowers_error_reply_format():
         (Limits(), {"dp": False}, "turns differential privacy off"),
         (Limits(min_noise_multiplier=1.0), {"noise_multiplier": 0.7}, "at least 1.000"),
         (Limits(max_target_epsilon=4), {"target_epsilon": 8.0}, "at most 4"),
-        (Limits(require_secure_aggregation=True), {"secure_aggregation": False}, "secure agg"),
+        (Limits(), {"secure_aggregation": False}, "no secure aggregation; this site requires"),
     ],
 )
 def test_runs_weaker_than_the_sites_limits_are_refused(limits, run, why):
@@ -109,7 +109,7 @@ def test_runs_within_the_limits_pass():
         limits, "s1", dp=True, noise_multiplier=1.0, target_epsilon=4.0, secure_aggregation=True
     )
     approval.check_run(
-        Limits(require_dp=False),
+        Limits(require_dp=False, require_secure_aggregation=False),
         "s1",
         dp=False,
         noise_multiplier=None,

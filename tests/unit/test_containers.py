@@ -225,7 +225,7 @@ def _secrets(tmp_path: Path, names: list[str]) -> Path:
     return d
 
 
-SITE_SECRETS = ["ca_cert", "crl", "node_key", "signing_key", "signing_cert"]
+SITE_SECRETS = ["ca_cert", "crl", "membership", "node_key", "signing_key", "signing_cert"]
 
 
 def _site_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -375,6 +375,7 @@ def test_site_kit_holds_one_sites_keys_owned_by_the_container_user(tmp_path):
     assert certs == {
         "ca.crt",
         "crl.pem",
+        "membership.json",
         "client.crt",
         "client.key",
         "sidecar.crt",

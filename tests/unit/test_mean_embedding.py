@@ -215,7 +215,12 @@ def test_site_release_refuses_features_other_than_the_aggregators(tmp_path):
 def test_site_limits_apply_to_the_release(tmp_path):
     with pytest.raises(AppRefused, match="noise multiplier"):
         release_round(
-            _site(tmp_path), {}, "flower-1", _cfg(), limits=Limits(min_noise_multiplier=5.0)
+            _site(tmp_path),
+            {},
+            "flower-1",
+            _cfg(),
+            limits=Limits(min_noise_multiplier=5.0),
+            secure=True,
         )
     assert PrivacyLedger.in_work_dir(tmp_path / "work").spends() == []
 

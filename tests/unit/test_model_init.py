@@ -128,7 +128,9 @@ def test_a_site_refuses_an_init_it_does_not_accept_before_any_spend(tmp_path, li
     gen, disc = build(run.spec, seed=7 if sent == "init" else 99)
     cfg = run.round_config(1, init_sha256=init.weights_sha256)
     with pytest.raises(AppRefused) as err:
-        site_round.run_round(site, {}, "r", cfg, get_arrays(gen), get_arrays(disc), limits=limits)
+        site_round.run_round(
+            site, {}, "r", cfg, get_arrays(gen), get_arrays(disc), limits=limits, secure=True
+        )
     assert why in err.value.reason
     assert not (Path(site.work_dir) / "privacy-ledger.jsonl").exists()
 
@@ -140,7 +142,7 @@ def test_a_site_that_pins_the_init_trains_from_it_and_checks_later_rounds_were_s
     pinned = Limits(init_hashes=[init.weights_sha256])
     cfg = run.round_config(1, init_sha256=init.weights_sha256)
     outcome = site_round.run_round(
-        site, {}, "r", cfg, get_arrays(gen), get_arrays(disc), limits=pinned
+        site, {}, "r", cfg, get_arrays(gen), get_arrays(disc), limits=pinned, secure=True
     )
     assert outcome.update is not None and "epsilon" in outcome.metrics
     # Later rounds carry averaged weights: it checked round 1, and remembers it did.

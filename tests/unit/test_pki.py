@@ -8,6 +8,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fedgan import pki
+from fedgan.secagg.identity import SIGNING_EKU, ca_verifier
 from fedgan.site import credentials
 
 
@@ -142,7 +143,17 @@ def test_site_signing_key_is_certified_ed25519_and_revocable(certs):
     site = paths.site("site-a")
     assert stat.S_IMODE(site.signing_key.stat().st_mode) == 0o600
     signer = credentials.load_signer(site.signing_key, site.signing_cert, "site-a")
-    verify = credentials.load_verifier(paths.ca_cert, paths.crl)
+    usages = list(
+        pki.load_cert(site.signing_cert)
+        .extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        .value
+    )
+    assert usages == [SIGNING_EKU]  # not a TLS client certificate
+    work = certs / "work"
+    pki.write_membership(certs)
+    kit_list = certs / "kit-membership.json"  # the site's copy, from before the revocation
+    kit_list.write_bytes(paths.membership.read_bytes())
+    verify = credentials.load_verifier(paths.ca_cert, paths.crl, kit_list, work)
     verify("site-a", signer.cert_pem, b"keys", signer.sign(b"keys"))
     with pytest.raises(pki.FedGanError, match="bad signature"):
         verify("site-a", signer.cert_pem, b"other keys", signer.sign(b"keys"))
@@ -150,9 +161,101 @@ def test_site_signing_key_is_certified_ed25519_and_revocable(certs):
         verify("site-b", signer.cert_pem, b"keys", signer.sign(b"keys"))
     pki.revoke_site(certs, "site-a")
     with pytest.raises(pki.FedGanError, match="revoked"):
-        credentials.load_verifier(paths.ca_cert, paths.crl)(
+        credentials.load_verifier(paths.ca_cert, paths.crl, kit_list, work)(
+            "site-a", signer.cert_pem, b"k", signer.sign(b"k")
+        )
+    # The list the revocation re-signed no longer names the site.
+    with pytest.raises(pki.FedGanError, match="not in the consortium's membership list"):
+        credentials.load_verifier(paths.ca_cert, paths.crl, paths.membership, work)(
             "site-a", signer.cert_pem, b"k", signer.sign(b"k")
         )
     with pytest.raises(pki.PkiError, match="does not certify"):
         pki.issue_site(certs, "site-b")
         credentials.load_signer(site.signing_key, paths.site("site-b").signing_cert, "site-a")
+
+
+def test_a_site_adopts_only_newer_ca_signed_crls_from_the_round_setup(certs, tmp_path):
+    """The kit's CRL predates a revocation; the aggregator brings the newer
+    one with the round setup. An older or foreign CRL changes nothing."""
+    paths = pki.PkiPaths(certs)
+    kit_crl = tmp_path / "kit-crl.pem"
+    kit_crl.write_bytes(paths.crl.read_bytes())
+    work = tmp_path / "work"
+    site = paths.site("site-a")
+    signer = credentials.load_signer(site.signing_key, site.signing_cert, "site-a")
+    pki.write_membership(certs)
+    kit_list = tmp_path / "kit-membership.json"
+    kit_list.write_bytes(paths.membership.read_bytes())
+    credentials.load_verifier(paths.ca_cert, kit_crl, kit_list, work)(
+        "site-a", signer.cert_pem, b"k", signer.sign(b"k")
+    )
+    pki.revoke_site(certs, "site-a")
+    newer = paths.crl.read_bytes()
+    rogue = tmp_path / "rogue"
+    pki.init_ca(rogue, "Rogue")
+    assert not credentials.adopt_crl(
+        paths.ca_cert, kit_crl, work, (rogue / "ca/crl.pem").read_bytes()
+    )
+    assert not credentials.adopt_crl(paths.ca_cert, kit_crl, work, b"not a crl")
+    assert credentials.adopt_crl(paths.ca_cert, kit_crl, work, newer)
+    assert not credentials.adopt_crl(paths.ca_cert, kit_crl, work, kit_crl.read_bytes())  # older
+    with pytest.raises(pki.FedGanError, match="revoked"):
+        credentials.load_verifier(paths.ca_cert, kit_crl, kit_list, work)(
+            "site-a", signer.cert_pem, b"k", signer.sign(b"k")
+        )
+
+
+def test_a_site_without_a_current_crl_verifies_nobody(certs, tmp_path):
+    paths = pki.PkiPaths(certs)
+    with pytest.raises(
+        pki.PkiError, match="not found: secure aggregation needs the consortium CRL"
+    ):
+        credentials.load_verifier(
+            paths.ca_cert, tmp_path / "missing.pem", tmp_path / "list.json", tmp_path
+        )
+    pki.refresh_crl(certs, days=1)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+    with pytest.raises(pki.FedGanError, match="the CRL expired at"):
+        ca_verifier(pki.load_cert(paths.ca_cert), crl, membership=None, now=lambda: later)
+
+
+def test_membership_list_is_signed_versioned_and_adopted_only_when_newer(certs, tmp_path):
+    paths = pki.PkiPaths(certs)
+    first = pki.write_membership(certs, colluding=1)
+    assert first.version == 1 and set(first.sites) == {"site-a"} and first.colluding == 1
+    kit_list = tmp_path / "kit.json"
+    kit_list.write_bytes(paths.membership.read_bytes())
+    work = tmp_path / "work"
+    site_b = pki.issue_site(certs, "site-b")
+    signer = credentials.load_signer(site_b.signing_key, site_b.signing_cert, "site-b")
+    # A certified site that joined after the kit's list: not in a roster yet.
+    with pytest.raises(pki.FedGanError, match="site-b is not in the consortium's membership"):
+        credentials.load_verifier(paths.ca_cert, paths.crl, kit_list, work)(
+            "site-b", signer.cert_pem, b"k", signer.sign(b"k")
+        )
+    second = pki.write_membership(certs, colluding=1)
+    assert second.version == 2 and set(second.sites) == {"site-a", "site-b"}
+    newer = paths.membership.read_bytes()
+    # A list another CA signed, an edited one, and garbage are ignored.
+    rogue = tmp_path / "rogue"
+    pki.init_ca(rogue, "Test Consortium")
+    pki.issue_site(rogue, "site-b")
+    pki.write_membership(rogue)
+    forged = (rogue / "ca" / "membership.json").read_bytes()
+    edited = newer.replace(b'"version": 2', b'"version": 9')
+    for offered in (forged, edited, b"{}", b""):
+        assert not credentials.adopt_membership(paths.ca_cert, kit_list, work, offered)
+    assert credentials.adopt_membership(paths.ca_cert, kit_list, work, newer)
+    assert not credentials.adopt_membership(paths.ca_cert, kit_list, work, kit_list.read_bytes())
+    credentials.load_verifier(paths.ca_cert, paths.crl, kit_list, work)(
+        "site-b", signer.cert_pem, b"k", signer.sign(b"k")
+    )
+    # A certificate the CA issued later in site-b's name is not the listed one.
+    pki.issue_site(certs, "site-b", force=True)
+    again = pki.PkiPaths(certs).site("site-b")
+    impostor = credentials.load_signer(again.signing_key, again.signing_cert, "site-b")
+    with pytest.raises(pki.FedGanError, match="not the one membership list version 2 names"):
+        credentials.load_verifier(paths.ca_cert, paths.crl, kit_list, work)(
+            "site-b", impostor.cert_pem, b"k", impostor.sign(b"k")
+        )

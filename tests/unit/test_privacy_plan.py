@@ -294,7 +294,14 @@ def test_a_round_whose_noise_drowns_the_silo_is_refused_before_any_ledger_line(t
     assert preview.noise_figure > 100, preview.noise_figure  # the default limit
     with pytest.raises(AppRefused, match=r"noise would be \d+× the strongest") as refused:
         site_round.run_round(
-            site, {}, "r", cfg.round_config(1), get_arrays(gen), get_arrays(disc), limits=Limits()
+            site,
+            {},
+            "r",
+            cfg.round_config(1),
+            get_arrays(gen),
+            get_arrays(disc),
+            limits=Limits(),
+            secure=True,
         )
     reason = refused.value.reason
     assert "this site trains up to 100×" in reason and "\n" not in reason

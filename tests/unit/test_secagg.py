@@ -14,13 +14,19 @@ from scipy.stats import chisquare
 
 from fedgan.secagg import RoundAborted, SecAggError, SecAggParams, shamir
 from fedgan.secagg.client import SiteSession
-from fedgan.secagg.messages import Advertisement, EncryptedShare, pack, unpack
+from fedgan.secagg.messages import (
+    Advertisement,
+    EncryptedShare,
+    consistency_bytes,
+    pack,
+    unpack,
+)
 from fedgan.secagg.params import default_threshold, min_modulus_bits
 from fedgan.secagg.quantize import quantize
 from fedgan.secagg.server import ServerSession
-from tests.secagg_sim import Consortium, plain_weighted_mean, run_round, site_ids
+from tests.secagg_sim import FLOOR, Consortium, plain_weighted_mean, run_round, site_ids
 
-STAGES = ("advertise", "share", "mask", "unmask")
+STAGES = ("advertise", "share", "mask", "confirm", "unmask")
 CONSORTIUM = Consortium()
 
 
@@ -143,22 +149,41 @@ def _setup(n=3, length=8):
     server = ServerSession(params)
     sessions, ads = {}, []
     for s in ids:
-        sessions[s], ad = SiteSession.start(params, server.public_key, CONSORTIUM.signer(s), 10)
+        sessions[s], ad = SiteSession.start(
+            params, server.public_key, CONSORTIUM.signer(s), 10, FLOOR
+        )
         ads.append(ad)
     return ids, params, server, sessions, ads
 
 
-def test_a_site_refuses_to_reveal_both_secrets_of_one_site():
+def _confirm_all(server, sessions, survivors):
+    return server.confirmed(
+        {s: sessions[s].confirm(survivors, CONSORTIUM.signer(s)) for s in survivors}
+    )
+
+
+def test_a_site_reveals_once_and_only_for_the_set_it_signed():
     ids, params, server, sessions, ads = _setup()
     roster = server.advertised(ads)
     routed = server.shared({s: sessions[s].share_keys(roster, CONSORTIUM.verifier()) for s in ids})
-    for s in ids:
-        sessions[s].masked_input(np.zeros(params.length), routed[s], server.u2)
-    with pytest.raises(SecAggError, match="both the seed and the mask key"):
-        sessions[ids[0]].unmask(ids, [ids[1]])
-    sessions[ids[0]].unmask(ids, [])
+    server.received_masked(
+        {s: sessions[s].masked_input(np.zeros(params.length), routed[s], server.u2)[0] for s in ids}
+    )
     with pytest.raises(SecAggError, match="out-of-order"):
-        sessions[ids[0]].unmask(ids, [])  # a second request is a replay
+        sessions[ids[0]].unmask({})  # no reveal before the consistency check
+    confirmed = _confirm_all(server, sessions, ids)
+    with pytest.raises(SecAggError, match="2 sites confirmed"):
+        sessions[ids[0]].unmask({s: confirmed[s] for s in ids[:2]})
+    # A signature over another set (site-02 told that site-01 dropped).
+    other = CONSORTIUM.signer(ids[2]).sign(
+        consistency_bytes(params, server.public_key, [ids[0], ids[2]])
+    )
+    with pytest.raises(SecAggError, match="site-02 did not sign the survivor set"):
+        sessions[ids[0]].unmask({**confirmed, ids[2]: other})
+    reveals = sessions[ids[0]].unmask(confirmed)
+    assert {(r.owner, r.kind) for r in reveals} == {(s, "b") for s in ids}
+    with pytest.raises(SecAggError, match="out-of-order"):
+        sessions[ids[0]].unmask(confirmed)  # a second request is a replay
 
 
 def test_a_substituted_key_or_foreign_certificate_is_caught_by_the_sites():
@@ -208,7 +233,8 @@ def test_a_tampered_envelope_counts_its_site_as_dropped():
     envelopes[ids[3]] = envelopes[ids[3]][:-1] + bytes([envelopes[ids[3]][-1] ^ 1])
     survivors, dropped = server.received_masked(envelopes)
     assert dropped == [ids[3]] and "authentication failed" in server.refused[ids[3]]
-    agg = server.unmasked({s: sessions[s].unmask(survivors, dropped) for s in survivors})
+    confirmed = _confirm_all(server, sessions, survivors)
+    agg = server.unmasked({s: sessions[s].unmask(confirmed) for s in survivors})
     reference = plain_weighted_mean(params, updates, dict.fromkeys(ids, 10), survivors, ids)
     assert np.all(np.abs(agg.mean - reference) <= agg.error_bound)
 
@@ -224,10 +250,14 @@ def test_session_state_survives_serialisation_between_stages():
     routed = server.shared(shares)
     ones = np.full(params.length, 0.5)
     envelopes = {s: sessions[s].masked_input(ones, routed[s], server.u2)[0] for s in ids}
-    survivors, dropped = server.received_masked(envelopes)
-    reveals = {
-        s: SiteSession.from_bytes(sessions[s].to_bytes()).unmask(survivors, dropped) for s in ids
-    }
+    survivors, _ = server.received_masked(envelopes)
+    signatures = {}
+    for s in survivors:
+        restored = SiteSession.from_bytes(sessions[s].to_bytes())
+        signatures[s] = restored.confirm(survivors, CONSORTIUM.signer(s))
+        sessions[s] = restored
+    confirmed = server.confirmed(signatures)
+    reveals = {s: SiteSession.from_bytes(sessions[s].to_bytes()).unmask(confirmed) for s in ids}
     assert np.allclose(server.unmasked(reveals).mean, 0.5, atol=3 * 2 / 255)
 
 
@@ -249,7 +279,7 @@ def test_unsafe_parameters_are_refused_at_setup(n, kwargs, match):
 
 
 def test_modulus_and_packing():
-    assert default_threshold(3) == 2 and default_threshold(10) == 7 and default_threshold(2) == 2
+    assert [default_threshold(n) for n in (2, 3, 4, 5, 10, 30)] == [2, 3, 3, 4, 7, 21]
     assert min_modulus_bits(8, 256) == 16
     assert SecAggParams.for_round("r", 1, 256, bits=8, value_range=1, length=1).dtype == np.uint16
     assert SecAggParams.for_round("r", 1, 16, bits=12, value_range=1, length=1).dtype == np.uint16
@@ -266,30 +296,3 @@ def test_messages_round_trip_and_reject_garbage():
         unpack(b"{not json")
     with pytest.raises(SecAggError, match="'c_pk'"):
         Advertisement.from_dict({**ads[0].as_dict(), "c_pk": "text"})
-
-
-def test_a_server_lying_about_survivors_cannot_rebuild_both_secrets_of_a_site():
-    """The server tells two sites that site-04 survived and two others that it
-    dropped, hoping for its seed from the first and its mask key from the
-    second. With t > n/2 neither half reaches t shares."""
-    ids, params, server, sessions, ads = _setup(n=5)
-    assert params.threshold == 4
-    roster = server.advertised(ads)
-    routed = server.shared({s: sessions[s].share_keys(roster, CONSORTIUM.verifier()) for s in ids})
-    for s in ids:
-        sessions[s].masked_input(np.zeros(params.length), routed[s], server.u2)
-    target = ids[4]
-    seed_shares, key_shares = {}, {}
-    for s in ids[:2]:
-        for r in sessions[s].unmask(ids, []):
-            if r.owner == target:
-                seed_shares[r.x] = shamir.from_bytes(r.value)
-    for s in ids[2:4]:
-        for r in sessions[s].unmask(ids[:4], [target]):
-            if r.owner == target:
-                assert r.kind == "s"
-                key_shares[r.x] = shamir.from_bytes(r.value)
-    for shares in (seed_shares, key_shares):
-        assert len(shares) < params.threshold
-        with pytest.raises(SecAggError, match="cannot recover"):
-            shamir.reconstruct(shares, params.threshold)

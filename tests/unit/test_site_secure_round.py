@@ -1,0 +1,112 @@
+"""The site's secure-aggregation stages over Flower's node state, with real
+files: the durable record of the survivor set a site signed, and the checks
+a site makes before it trains."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from fedgan import wire
+from fedgan.errors import FedGanError
+from fedgan.secagg import SecAggError, SecAggParams
+from fedgan.secagg.messages import EncryptedShare, RevealedShare, pack
+from fedgan.secagg.server import ServerSession
+from fedgan.site import secure_round
+from fedgan.site.approval import Limits
+from fedgan.update import SiteUpdate
+from tests.memory_federation import consortium
+
+SITES = ("site-a", "site-b", "site-c")
+FLOOR = Limits(min_sites=2, colluding_sites=0)  # t = 2 of 3: the server has a choice
+
+
+def _masked_round(tmp_path):
+    settings = consortium(tmp_path, SITES)
+    params = SecAggParams.for_round("run-r", 1, 3, bits=8, value_range=1.0, length=4, threshold=2)
+    server = ServerSession(params)
+    states = {s: RecordDict() for s in SITES}
+    update = SiteUpdate(
+        gen=[np.full(2, 0.1, np.float32)], disc=[np.full(2, -0.1, np.float32)], weight=5
+    )
+    ads = [
+        secure_round.advertise(states[s], settings[s], params, server.public_key, update, FLOOR)
+        for s in SITES
+    ]
+    roster = pack([a.as_dict() for a in server.advertised(ads)])
+    shares = {
+        s: wire.secagg_list(
+            secure_round.share_keys(states[s], settings[s], wire.secagg_message(roster=roster)),
+            "shares",
+            EncryptedShare,
+        )
+        for s in SITES
+    }
+    routed = server.shared(shares)
+    envelopes = {}
+    for s in SITES:
+        request = wire.secagg_message(inbox=pack([x.as_dict() for x in routed[s]]), u2=server.u2)
+        reply = secure_round.masked_input(states[s], settings[s], request)
+        envelopes[s] = wire.secagg_bytes(reply, "envelope")
+    server.received_masked(envelopes)
+    return settings, server, states
+
+
+def test_a_site_that_lost_its_state_after_signing_refuses_a_second_survivor_set(tmp_path):
+    """Issue 32, item 5: the site signs "everyone survived" (so it will hand
+    out site-c's seed), then loses the state Flower would have saved (a
+    crash after its reply, a restart). Asked again with "site-c dropped" (so
+    that it would hand out site-c's mask key too), it refuses."""
+    settings, _, states = _masked_round(tmp_path)
+    site = "site-a"
+    before = states[site].config_records[secure_round.SESSION]["state"]
+    secure_round.confirm(states[site], settings[site], wire.secagg_message(survivors=list(SITES)))
+    states[site][secure_round.SESSION] = ConfigRecord({"state": before})  # the state is lost
+    with pytest.raises(SecAggError, match="already signed another survivor set for round 1"):
+        secure_round.confirm(
+            states[site], settings[site], wire.secagg_message(survivors=["site-a", "site-b"])
+        )
+    # The same set again is no new information: it is answered.
+    reply = secure_round.confirm(
+        states[site], settings[site], wire.secagg_message(survivors=list(SITES))
+    )
+    assert wire.secagg_bytes(reply, "signature")
+
+
+def test_a_round_reveals_only_the_sum_through_the_site_stages(tmp_path):
+    settings, server, states = _masked_round(tmp_path)
+    signatures = {
+        s: wire.secagg_bytes(
+            secure_round.confirm(
+                states[s], settings[s], wire.secagg_message(survivors=list(SITES))
+            ),
+            "signature",
+        )
+        for s in SITES
+    }
+    confirmed = server.confirmed(signatures)
+    request = wire.secagg_message(signatures=wire.pack_signatures(confirmed))
+    reveals = {
+        s: wire.secagg_list(
+            secure_round.unmask(states[s], settings[s], request), "reveals", RevealedShare
+        )
+        for s in SITES
+    }
+    total = server.unmasked(reveals)
+    assert np.allclose(total.mean, [0.1, 0.1, -0.1, -0.1], atol=total.error_bound)
+    assert all(secure_round.SESSION not in states[s].config_records for s in SITES)
+
+
+@pytest.mark.parametrize(
+    ("limits", "n", "t", "match"),
+    [
+        (Limits(), 3, 2, "threshold 2 of 3 sites is below this site's rule"),
+        (Limits(min_sites=4), 3, 3, "joins sums of at least 4"),
+    ],
+)
+def test_a_site_checks_the_setup_before_it_trains(tmp_path, limits, n, t, match):
+    settings = consortium(tmp_path, SITES)["site-a"]
+    params = SecAggParams.for_round("r", 1, n, bits=8, value_range=1.0, length=4, threshold=t)
+    with pytest.raises(FedGanError, match=match):
+        secure_round.check_setup(settings, limits, params, b"", b"")
