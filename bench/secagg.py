@@ -46,7 +46,7 @@ def one_round(n: int, length: int, bits: int, drop: float, consortium: Consortiu
     srv = ServerSession(params)
     sessions, ads = {}, []
     for s in ids:
-        (session, ad), t = cpu(SiteSession.start, params, srv.public_key, consortium.signer(s), 100)
+        (session, ad), t = cpu(SiteSession.start, params, srv.public_key, consortium.signer(s))
         sessions[s] = session
         ads.append(ad)
         client["advertise"].append(t)
@@ -67,10 +67,16 @@ def one_round(n: int, length: int, bits: int, drop: float, consortium: Consortiu
         if s not in dropped:
             envelopes[s] = envelope
             wire["mask"] += len(envelope)
-    (survivors, gone), server["mask"] = cpu(srv.received_masked, envelopes)
+    (survivors, _), server["mask"] = cpu(srv.received_masked, envelopes)
+    signatures = {}
+    for s in survivors:
+        signatures[s], t = cpu(sessions[s].confirm, survivors, consortium.signer(s))
+        client["confirm"].append(t)
+        wire["confirm"] += len(signatures[s])
+    confirmed, server["confirm"] = cpu(srv.confirmed, signatures)
     reveals = {}
     for s in survivors:
-        reveals[s], t = cpu(sessions[s].unmask, survivors, gone)
+        reveals[s], t = cpu(sessions[s].unmask, confirmed)
         client["unmask"].append(t)
         wire["unmask"] += sum(len(r.value) + 16 for r in reveals[s])
     aggregate, server["unmask"] = cpu(srv.unmasked, reveals)
@@ -122,7 +128,7 @@ def main() -> None:
                 from flower_secaggplus import secaggplus_round
 
                 f = secaggplus_round(n, int(p), args.bits)
-                ours = c["advertise"] + c["share"] + c["mask"] + c.get("unmask", 0)
+                ours = c["advertise"] + c["share"] + c["mask"] + c.get("confirm", 0) + c.get("unmask", 0)
                 print(
                     f"    Flower SecAgg+: client {f['client']:.2f} s/site (ours {ours:.2f}, "
                     f"{f['client'] / ours:.1f}x), server {f['server']:.2f} s "

@@ -14,7 +14,7 @@ from typing import TypeVar
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedgan.secagg import SecAggError, SecAggParams
-from fedgan.secagg.messages import Advertisement, pack, unpack
+from fedgan.secagg.messages import Advertisement, EncryptedShare, pack, unpack
 from fedgan.update import Arrays, Contribution, Release, SiteUpdate
 
 T = TypeVar("T")
@@ -143,14 +143,51 @@ def read_secagg_setup(content: RecordDict) -> SecAggSetup | None:
     return SecAggSetup(SecAggParams.from_dict(record), server_pk, crl, members)
 
 
-def secagg_train_reply(ad: Advertisement, site_id: str, metrics: dict[str, float]) -> RecordDict:
-    """A trained site's reply under secure aggregation: numbers and its signed
-    keys; the update itself stays at the site until it is masked."""
+def advertise_request(config: dict[str, int | float | bool], setup: SecAggSetup) -> RecordDict:
+    """A secure round's first message, before anyone trains: the round's
+    contract (so the site checks its limits first) and the setup."""
+    return RecordDict({CONFIG: ConfigRecord(config), SECAGG: secagg_setup(setup)})
+
+
+def read_advertise_request(content: RecordDict) -> tuple[dict, SecAggSetup]:
+    setup = read_secagg_setup(content)
+    if setup is None:
+        raise SecAggError("malformed secure-aggregation setup: none in the request")
+    return dict(content.config_records[CONFIG]), setup
+
+
+def advertise_reply(ad: Advertisement, site_id: str) -> RecordDict:
+    """The site's signed round keys; nothing about its data."""
+    return RecordDict(
+        {
+            SITE: ConfigRecord({"site-id": site_id}),
+            SECAGG: ConfigRecord({"advertisement": pack([ad.as_dict()])}),
+        }
+    )
+
+
+def masking_record(inbox: list[EncryptedShare], u2: list[str]) -> ConfigRecord:
+    """What a secure round's train request carries instead of a setup: the
+    shares addressed to the site and the sites that shared (U2)."""
+    return ConfigRecord({"inbox": pack([s.as_dict() for s in inbox]), "u2": list(u2)})
+
+
+def read_masking(content: RecordDict) -> tuple[list[EncryptedShare], list[str]] | None:
+    """(the site's inbox, U2) of a secure round's train request, or None for
+    a plain round."""
+    if SECAGG not in content.config_records:
+        return None
+    return secagg_list(content, "inbox", EncryptedShare), secagg_names(content, "u2")
+
+
+def masked_reply(site_id: str, metrics: dict[str, float], envelope: bytes) -> RecordDict:
+    """A trained site's reply under secure aggregation: its masked update,
+    sealed to the aggregator, and numbers."""
     return RecordDict(
         {
             METRICS: MetricRecord(metrics),
             SITE: ConfigRecord({"site-id": site_id}),
-            SECAGG: ConfigRecord({"advertisement": pack([ad.as_dict()])}),
+            SECAGG: ConfigRecord({"envelope": envelope}),
         }
     )
 

@@ -41,7 +41,8 @@ class MemorySite:
     weight: float
     step: float
     settings: SiteSettings
-    silent_at: str = ""  # "train", "secagg_share", "_mask", "_confirm" or "_unmask"
+    # "secagg_advertise", "secagg_share", "train", "secagg_confirm" or "secagg_unmask"
+    silent_at: str = ""
     error_at: str = ""  # the stage at which it answers with this error
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -49,6 +50,7 @@ class MemorySite:
     # The protocol's floor (t > n/2, n ≥ 2), so that the aggregator's
     # arithmetic is tested at any n; the sites' default rule has its own tests.
     limits: Limits = field(default_factory=lambda: Limits(min_sites=2, colluding_sites=0))
+    trained: int = 0  # train requests answered: a site spends ε only there
 
     def answer(self, request: Request) -> RecordDict | str | None:
         stage = request.kind.removeprefix("train.")
@@ -58,9 +60,10 @@ class MemorySite:
             return self.error
         if stage == "train":
             return self._train(request.content)
+        if stage == "secagg_advertise":
+            return self._advertise(request.content)
         handler = {
             "secagg_share": secure_round.share_keys,
-            "secagg_mask": secure_round.masked_input,
             "secagg_confirm": secure_round.confirm,
             "secagg_unmask": secure_round.unmask,
         }[stage]
@@ -85,9 +88,15 @@ class MemorySite:
         update = update or self.update_for(gen, disc)
         metrics = {"g-loss": 1.0 + self.step, "d-loss": 2.0, "update-clipped": 0.0}
         metrics |= self.metrics
-        setup = wire.read_secagg_setup(content)
-        if setup is None:
+        self.trained += 1
+        masking = wire.read_masking(content)
+        if masking is None:
             return wire.train_reply(update, self.site_id, metrics)
+        envelope, clipped = secure_round.masked_input(self.state, self.settings, update, *masking)
+        return wire.masked_reply(self.site_id, {**metrics, "secagg-clipped": clipped}, envelope)
+
+    def _advertise(self, content: RecordDict) -> RecordDict | str:
+        _, setup = wire.read_advertise_request(content)
         try:
             secure_round.check_setup(
                 self.settings, self.limits, setup.params, setup.crl, setup.membership
@@ -95,9 +104,9 @@ class MemorySite:
         except FedGanError as exc:
             return str(AppRefused(self.site_id, str(exc)))
         ad = secure_round.advertise(
-            self.state, self.settings, setup.params, setup.server_pk, update, self.limits
+            self.state, self.settings, setup.params, setup.server_pk, self.limits
         )
-        return wire.secagg_train_reply(ad, self.site_id, {"num-examples": update.weight, **metrics})
+        return wire.advertise_reply(ad, self.site_id)
 
 
 @dataclass

@@ -18,7 +18,6 @@ from fedgan.secagg.client import SiteSession
 from fedgan.secagg.identity import SIGNING_EKU, Signer, ca_verifier
 from fedgan.secagg.membership import Membership, certificate_sha256
 from fedgan.secagg.params import SecAggParams, ThresholdRule
-from fedgan.secagg.quantize import weight_units
 from fedgan.secagg.server import Aggregate, ServerSession
 
 NOW = dt.datetime.now(dt.UTC)
@@ -148,7 +147,6 @@ def site_ids(n: int) -> list[str]:
 def run_round(
     params: SecAggParams,
     updates: dict[str, np.ndarray],
-    examples: dict[str, int],
     consortium: Consortium,
     drop: dict[str, set[str]] | None = None,
     rule: ThresholdRule = FLOOR,
@@ -162,7 +160,7 @@ def run_round(
         if site in drop.get("advertise", ()):
             continue
         sessions[site], ad = SiteSession.start(
-            params, server.public_key, consortium.signer(site), examples[site], rule
+            params, server.public_key, consortium.signer(site), rule
         )
         ads.append(ad)
     roster = server.advertised(ads)
@@ -193,21 +191,10 @@ def run_round(
     return server.unmasked(reveals)
 
 
-def plain_weighted_mean(
-    params: SecAggParams,
-    updates: dict[str, np.ndarray],
-    examples: dict[str, int],
-    survivors: list[str],
-    roster: list[str],
+def plain_mean(
+    params: SecAggParams, updates: dict[str, np.ndarray], survivors: list[str]
 ) -> np.ndarray:
-    """What secure aggregation approximates: Σ α_i clip(v_i) / Σ α_i over the
-    survivors, α from the largest site of the roster, as the sites derive it."""
-    largest = max(examples[s] for s in roster)
+    """What secure aggregation approximates: the mean of the survivors'
+    clipped updates (every site counts equally)."""
     r = params.value_range
-    num = np.zeros(params.length)
-    den = 0.0
-    for site in survivors:
-        alpha = weight_units(examples[site], largest, params) / params.levels
-        num += alpha * np.clip(updates[site], -r, r)
-        den += alpha
-    return num / den
+    return np.mean([np.clip(updates[site], -r, r) for site in survivors], axis=0)

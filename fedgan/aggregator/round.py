@@ -103,6 +103,7 @@ class Replies:
     received: Received = field(default_factory=list)
     updates: list[Contribution] = field(default_factory=list)
     ads: dict[int, Advertisement] = field(default_factory=dict)
+    envelopes: dict[str, bytes] = field(default_factory=dict)  # site -> masked update
     budget: dict[str, dict[str, float]] = field(default_factory=dict)
     declined: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -144,32 +145,108 @@ def collect(fed: Federation, server_round: int) -> Collected:
     length = fed.mechanism.length(before)
     secure, setup_error = _secure_round(fed, config, nodes, length)
     contract = config.to_record()
-    gen_out, disc_out = fed.mechanism.outgoing(before)
-    setup = secure.setup_record() if secure else None
+    outgoing = fed.mechanism.outgoing(before)
+    if secure is not None:
+        return _collect_secure(fed, secure, nodes, available, before, contract, outgoing)
     requests = [
-        Request(
-            node, "train", str(server_round), wire.train_request(gen_out, disc_out, contract, setup)
-        )
+        Request(node, "train", str(server_round), wire.train_request(*outgoing, contract))
         for node in (nodes if not setup_error else [])
     ]
     answers = fed.transport.exchange(requests, settings.round_timeout) if requests else []
-    replies = sort_replies(fed, answers, secure, before, server_round)
+    replies = sort_replies(fed, answers, None, before, server_round)
     for failure in replies.failures:
         log.warning("round %d: %s", server_round, failure)
     collected = Collected(
         _base_record(server_round, nodes, available, replies), before, received=replies.received
     )
     collected.skipped = setup_error or "no site replied; the global model is unchanged"
-    if secure and replies.ads:
-        _secure_sum(fed, secure, replies.ads, collected)
-    elif replies.updates:
+    if replies.updates:
         collected.mean = fed.mechanism.mean(replies.updates)
     if collected.mean is not None:
         collected.record.examples = sum(w for _, w, _ in collected.received)
-        collected.record.update_bytes = (
-            secure.bytes_sent if secure else {s: 4 * length for s, _, _ in collected.received}
-        )
+        collected.record.update_bytes = {s: 4 * length for s, _, _ in collected.received}
     return collected
+
+
+def _collect_secure(
+    fed: Federation,
+    secure: SecureRound,
+    nodes: list[int],
+    available: list[int],
+    before: Model,
+    contract: dict,
+    outgoing: Model,
+) -> Collected:
+    """A secure round: keys advertised and shared first, so that a round
+    that cannot reach its threshold is abandoned before any site trains or
+    spends privacy budget; then training and masking in one message; then
+    the consistency check and unmasking."""
+    server_round = secure.params.round
+    replies = Replies()
+    requests = [
+        Request(
+            node,
+            "train.secagg_advertise",
+            f"{server_round}-secagg_advertise",
+            wire.advertise_request(contract, secure.setup()),
+        )
+        for node in nodes
+    ]
+    for reply in fed.transport.exchange(requests, secure.timeout):
+        if reply.content is None:
+            _refused_or_failed(fed, reply, replies, server_round)
+            continue
+        try:
+            replies.ads[reply.node] = wire.read_advertisement(reply.content)
+        except (SecAggError, KeyError, ValueError) as exc:
+            replies.failures.append(f"node {reply.node}: an unreadable advertisement ({exc})")
+    aggregate, why = None, ""
+    try:
+        routed = secure.share(replies.ads)
+        u2 = secure.session.u2
+        requests = [
+            Request(
+                secure.nodes[site],
+                "train",
+                str(server_round),
+                wire.train_request(*outgoing, contract, wire.masking_record(inbox, u2)),
+            )
+            for site, inbox in sorted(routed.items())
+        ]
+        answers = fed.transport.exchange(requests, fed.settings.round_timeout)
+        sort_replies(fed, answers, secure, before, server_round, replies)
+        for site in u2:
+            if site not in replies.envelopes:
+                secure.note(site, _why_no_update(site, replies))
+        aggregate = secure.finish(replies.envelopes)
+    except SecAggError as exc:  # RoundAborted included
+        why = str(exc)
+        log.warning("round %d: %s", server_round, exc)
+    for failure in replies.failures:
+        log.warning("round %d: %s", server_round, failure)
+    collected = Collected(
+        _base_record(server_round, nodes, available, replies), before, received=replies.received
+    )
+    record = collected.record
+    collected.skipped = why or "no site replied; the global model is unchanged"
+    if aggregate is not None:
+        collected.mean = fed.mechanism.from_vector(aggregate.mean, before)
+        # Losses of the sites whose updates are in the sum; each counts once.
+        collected.received = [r for r in collected.received if r[0] in aggregate.survivors]
+        record.sites = aggregate.survivors
+        record.secagg_error_bound = aggregate.error_bound
+        record.examples = sum(w for _, w, _ in collected.received)
+        record.update_bytes = secure.bytes_sent
+    record.secagg = secure.summary()
+    return collected
+
+
+def _why_no_update(site: str, replies: Replies) -> str:
+    if site in replies.budget:
+        return "train: its privacy budget is spent"
+    if site in replies.declined:
+        return f"train: refused: {replies.declined[site]}"
+    return "train: no masked update (failed, or no reply in time)"
 
 
 def _secure_round(
@@ -213,8 +290,9 @@ def sort_replies(
     secure: SecureRound | None,
     before: Model,
     server_round: int,
+    out: Replies | None = None,
 ) -> Replies:
-    out = Replies()
+    out = out if out is not None else Replies()
     for reply in replies:
         if reply.content is None:
             _refused_or_failed(fed, reply, out, server_round)
@@ -233,8 +311,13 @@ def sort_replies(
             continue
         try:
             if secure:
-                out.ads[reply.node] = wire.read_advertisement(reply.content)
-                weight = metrics.pop("num-examples")
+                out.envelopes[site_id] = wire.secagg_bytes(reply.content, "envelope")
+                # Every site's update counts equally in the sum; the weight
+                # here only weighs its losses. A release's is its noisy count
+                # (DP post-processing); an exact count never leaves a site.
+                weight = metrics.pop("num-examples", 1.0)
+                if "secagg-clipped" in metrics:
+                    secure.metrics[site_id] = {"secagg-clipped": metrics.pop("secagg-clipped")}
             else:
                 weight = _accept(fed, update, before, out)
         except (SecAggError, KeyError, ValueError) as exc:
@@ -312,24 +395,6 @@ def _base_record(
             for s, m in sorted(replies.budget.items())
         }
     return record
-
-
-def _secure_sum(
-    fed: Federation, secure: SecureRound, ads: dict[int, Advertisement], collected: Collected
-) -> None:
-    record = collected.record
-    try:
-        aggregate = secure.run(ads)
-    except SecAggError as exc:  # RoundAborted included
-        collected.skipped = str(exc)
-        log.warning("round %d: %s", record.round, exc)
-    else:
-        collected.mean = fed.mechanism.from_vector(aggregate.mean, collected.before)
-        # Losses and counts of the sites whose updates are in the sum.
-        collected.received = [r for r in collected.received if r[0] in aggregate.survivors]
-        record.sites = aggregate.survivors
-        record.secagg_error_bound = aggregate.error_bound
-    record.secagg = secure.summary()
 
 
 def publish(fed: Federation, collected: Collected) -> None:

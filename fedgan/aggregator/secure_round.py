@@ -1,17 +1,20 @@
-"""The aggregator's side of a secure-aggregation round over a `Transport`:
-stage 1 rides on the train round trip; this drives stages 2-5 (shares,
-masked inputs, the consistency check, unmasking) and returns the aggregate.
+"""The aggregator's side of a secure-aggregation round over a `Transport`.
+`fedgan.aggregator.round` sends stage 1 (keys advertised, before training)
+and stage 3 (training and masking, the train message); this drives stage 2
+(shares) and stages 4-5 (the consistency check, unmasking) and returns the
+aggregate.
 Protocol decisions are `fedgan.secagg.server`'s; this only
 moves records and notes who answered, with how many bytes."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedgan import wire
 from fedgan.aggregator.transport import Request, Transport
@@ -39,10 +42,8 @@ class SecureRound:
     def __post_init__(self) -> None:
         self.session = ServerSession(self.params)
 
-    def setup_record(self) -> ConfigRecord:
-        return wire.secagg_setup(
-            wire.SecAggSetup(self.params, self.session.public_key, self.crl, self.membership)
-        )
+    def setup(self) -> wire.SecAggSetup:
+        return wire.SecAggSetup(self.params, self.session.public_key, self.crl, self.membership)
 
     def _count(self, site: str, *payloads: bytes) -> None:
         self.bytes_sent[site] = self.bytes_sent.get(site, 0) + sum(len(p) for p in payloads)
@@ -91,54 +92,60 @@ class SecureRound:
                 self.failures[site] = f"{stage}: no reply within {self.timeout:.0f} s"
         return out
 
-    def run(self, ads: dict[int, Advertisement]) -> Aggregate:
-        """Stages 2-5 for the sites that trained and advertised (node → ad).
-        Raises RoundAborted when fewer than the threshold remain."""
+    def share(self, ads: dict[int, Advertisement]) -> dict[str, list[EncryptedShare]]:
+        """Stage 2, before anyone trains: broadcast the roster of the sites
+        that advertised (node → ad), collect their encrypted shares and route
+        them. Returns each sharing site's inbox; raises RoundAborted when
+        fewer than the threshold remain, so no site trains for nothing."""
+        with self._noting_refusals():
+            for node, ad in ads.items():
+                self.nodes[ad.site_id] = node
+                self._count(ad.site_id, ad.c_pk, ad.s_pk, ad.cert_pem, ad.signature)
+            roster = self.session.advertised(list(ads.values()))
+            packed = pack([a.as_dict() for a in roster])
+            shares = self._exchange(
+                "secagg_share",
+                {a.site_id: wire.secagg_message(roster=packed) for a in roster},
+                "shares",
+                lambda raw: [EncryptedShare.from_dict(d) for d in unpack(raw)],
+            )
+            return self.session.shared(shares)
+
+    def finish(self, envelopes: dict[str, bytes]) -> Aggregate:
+        """Stages 4-5 after the sites trained and sent their masked updates
+        (site → envelope): the consistency check and unmasking."""
+        with self._noting_refusals():
+            for site, envelope in envelopes.items():
+                self._count(site, envelope)
+            survivors, _ = self.session.received_masked(envelopes)
+            signatures = self._exchange(
+                "secagg_confirm",
+                {s: wire.secagg_message(survivors=survivors) for s in survivors},
+                "signature",
+                lambda raw: raw,
+            )
+            confirmed = self.session.confirmed(signatures)
+            packed = wire.pack_signatures(confirmed)
+            reveals = self._exchange(
+                "secagg_unmask",
+                {s: wire.secagg_message(signatures=packed) for s in confirmed},
+                "reveals",
+                lambda raw: [RevealedShare.from_dict(d) for d in unpack(raw)],
+            )
+            return self.session.unmasked(reveals)
+
+    def note(self, site: str, why: str) -> None:
+        """A site that shared keys but sent no masked update (it failed or
+        refused while training)."""
+        self.failures.setdefault(site, why)
+
+    @contextmanager
+    def _noting_refusals(self) -> Iterator[None]:
         try:
-            return self._stages(ads)
+            yield
         finally:
             for site, why in self.session.refused.items():
                 self.failures.setdefault(site, why)
-
-    def _stages(self, ads: dict[int, Advertisement]) -> Aggregate:
-        for node, ad in ads.items():
-            self.nodes[ad.site_id] = node
-            self._count(ad.site_id, ad.c_pk, ad.s_pk, ad.cert_pem, ad.signature)
-        roster = self.session.advertised(list(ads.values()))
-        packed = pack([a.as_dict() for a in roster])
-        shares = self._exchange(
-            "secagg_share",
-            {a.site_id: wire.secagg_message(roster=packed) for a in roster},
-            "shares",
-            lambda raw: [EncryptedShare.from_dict(d) for d in unpack(raw)],
-        )
-        routed = self.session.shared(shares)
-        u2 = self.session.u2
-        envelopes = self._exchange(
-            "secagg_mask",
-            {
-                site: wire.secagg_message(inbox=pack([s.as_dict() for s in inbox]), u2=u2)
-                for site, inbox in routed.items()
-            },
-            "envelope",
-            lambda raw: raw,
-        )
-        survivors, _ = self.session.received_masked(envelopes)
-        signatures = self._exchange(
-            "secagg_confirm",
-            {s: wire.secagg_message(survivors=survivors) for s in survivors},
-            "signature",
-            lambda raw: raw,
-        )
-        confirmed = self.session.confirmed(signatures)
-        packed_signatures = wire.pack_signatures(confirmed)
-        reveals = self._exchange(
-            "secagg_unmask",
-            {s: wire.secagg_message(signatures=packed_signatures) for s in confirmed},
-            "reveals",
-            lambda raw: [RevealedShare.from_dict(d) for d in unpack(raw)],
-        )
-        return self.session.unmasked(reveals)
 
     def summary(self) -> dict:
         """For metrics.jsonl and the audit: parameters, who made it, why

@@ -123,10 +123,12 @@ def site_kit(certs: Path, site_id: str, kit_dir: Path, out: Path) -> Path:
         "signing.key": (site.signing_key, 0o400),
     }
     for src, _mode in public.values():
+        if src == paths.membership and not src.is_file():
+            raise KitError(f"{src} is missing; sign the membership list: fedgan pki membership")
         if not src.is_file():
             raise KitError(
-                f"{src} is missing; sign the site's requests first (fedgan pki sign) and the "
-                "membership list (fedgan pki membership)"
+                f"{src} is missing; certify the site first: fedgan pki sign <its requests/> "
+                f"(staging: fedgan pki issue-site {site_id})"
             )
     held = [src for src, _mode in private.values() if src.is_file()]
     if held and len(held) != len(private):

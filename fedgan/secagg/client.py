@@ -29,7 +29,7 @@ from fedgan.secagg.messages import (
 )
 from fedgan.secagg.params import SecAggParams, ThresholdRule
 from fedgan.secagg.prg import SEED_BYTES, expand
-from fedgan.secagg.quantize import quantize, weight_units
+from fedgan.secagg.quantize import quantize
 
 AGGREGATOR = "aggregator"
 
@@ -71,11 +71,10 @@ class SiteSession:
     c_sk: bytes
     s_sk: bytes
     b: bytes
-    examples: int
     stage: str = "advertised"
-    # peer -> (c_pk, s_pk, examples, signing key): the signing key checked
-    # against its certificate once, then used for the survivor-set signatures.
-    roster: dict[str, tuple[bytes, bytes, int, bytes]] = field(default_factory=dict)
+    # peer -> (c_pk, s_pk, signing key): the signing key checked against its
+    # certificate once, then used for the survivor-set signatures.
+    roster: dict[str, tuple[bytes, bytes, bytes]] = field(default_factory=dict)
     own_shares: tuple[int, int] = (0, 0)
     held: dict[str, tuple[int, int]] = field(default_factory=dict)  # peer -> (b share, s share)
     u2: list[str] = field(default_factory=list)
@@ -88,16 +87,14 @@ class SiteSession:
         params: SecAggParams,
         server_pk: bytes,
         signer: Signer,
-        examples: int,
         rule: ThresholdRule | None = None,
     ) -> tuple[SiteSession, Advertisement]:
         """Fresh keys and self-mask seed for this round; the signed
-        advertisement. The round's n and t are checked against the site's own
-        rule first: the aggregator announces them, the site decides."""
+        advertisement, made before the site trains. The round's n and t are
+        checked against the site's own rule first: the aggregator announces
+        them, the site decides."""
         params.check()
         (rule or ThresholdRule()).check(params, signer.site_id)
-        if examples < 1:
-            raise SecAggError("a site with no training examples cannot take part")
         c, s = X25519PrivateKey.generate(), X25519PrivateKey.generate()
         session = cls(
             params=params,
@@ -106,11 +103,8 @@ class SiteSession:
             c_sk=c.private_bytes_raw(),
             s_sk=s.private_bytes_raw(),
             b=os.urandom(SEED_BYTES),
-            examples=int(examples),
         )
-        ad = Advertisement(
-            signer.site_id, _public(c), _public(s), int(examples), signer.cert_pem, b""
-        )
+        ad = Advertisement(signer.site_id, _public(c), _public(s), signer.cert_pem, b"")
         signature = signer.sign(ad.signed_bytes(params, server_pk))
         return session, Advertisement(**{**ad.as_dict(), "signature": signature})
 
@@ -152,9 +146,7 @@ class SiteSession:
             )
             for ad in ads
         }
-        self.roster = {
-            ad.site_id: (ad.c_pk, ad.s_pk, ad.examples, signing[ad.site_id]) for ad in ads
-        }
+        self.roster = {ad.site_id: (ad.c_pk, ad.s_pk, signing[ad.site_id]) for ad in ads}
         points = self._points()
         xs = [points[s] for s in sorted(points)]
         t = self.params.threshold
@@ -208,10 +200,9 @@ class SiteSession:
                 shamir.from_bytes(plain[:half]),
                 shamir.from_bytes(plain[half:]),
             )
-        largest = max(entry[2] for entry in self.roster.values())
-        vector, clipped = quantize(
-            update, weight_units(self.examples, largest, self.params), self.params
-        )
+        # Every site's update counts equally: a weight would need the sites'
+        # image counts, which never leave them.
+        vector, clipped = quantize(update, self.params.levels, self.params)
         apply_mask(vector, self.b, +1)
         s_sk = _private(self.s_sk)
         for peer in u2:
@@ -271,7 +262,7 @@ class SiteSession:
         message = consistency_bytes(self.params, self.server_pk, self.survivors)
         for peer in signers:
             try:
-                check_signature(peer, self.roster[peer][3], message, signatures[peer])
+                check_signature(peer, self.roster[peer][2], message, signatures[peer])
             except SecAggError:
                 raise SecAggError(
                     f"site {self.site_id}: refusing to unmask; site {peer} did not sign the "
@@ -297,11 +288,8 @@ class SiteSession:
                 "c_sk": b64(self.c_sk),
                 "s_sk": b64(self.s_sk),
                 "b": b64(self.b),
-                "examples": self.examples,
                 "stage": self.stage,
-                "roster": {
-                    k: [b64(c), b64(s), n, b64(v)] for k, (c, s, n, v) in self.roster.items()
-                },
+                "roster": {k: [b64(c), b64(s), b64(v)] for k, (c, s, v) in self.roster.items()},
                 "own_shares": list(self.own_shares),
                 "held": {k: list(v) for k, v in self.held.items()},
                 "u2": self.u2,
@@ -320,9 +308,8 @@ class SiteSession:
             c_sk=unb(d["c_sk"]),
             s_sk=unb(d["s_sk"]),
             b=unb(d["b"]),
-            examples=int(d["examples"]),
             stage=d["stage"],
-            roster={k: (unb(c), unb(s), int(n), unb(v)) for k, (c, s, n, v) in d["roster"].items()},
+            roster={k: (unb(c), unb(s), unb(v)) for k, (c, s, v) in d["roster"].items()},
             own_shares=(int(d["own_shares"][0]), int(d["own_shares"][1])),
             held={k: (int(v[0]), int(v[1])) for k, v in d["held"].items()},
             u2=list(d["u2"]),

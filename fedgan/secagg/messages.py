@@ -25,17 +25,17 @@ def _typed(data: dict[str, Any], key: str, kind: type) -> Any:
 
 @dataclass(frozen=True)
 class Advertisement:
-    """A site's two public keys for the round, signed with its certified key."""
+    """A site's two public keys for the round, signed with its certified key.
+    Nothing else: no image count, which would break the sites' DP."""
 
     site_id: str
     c_pk: bytes  # X25519, for encrypting shares
     s_pk: bytes  # X25519, for pairwise masks
-    examples: int  # the site's weight before normalisation
     cert_pem: bytes
     signature: bytes
 
     def signed_bytes(self, params: SecAggParams, server_pk: bytes) -> bytes:
-        return signed_bytes(params, server_pk, self.site_id, self.c_pk, self.s_pk, self.examples)
+        return signed_bytes(params, server_pk, self.site_id, self.c_pk, self.s_pk)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,16 +46,15 @@ class Advertisement:
             site_id=_typed(data, "site_id", str),
             c_pk=_typed(data, "c_pk", bytes),
             s_pk=_typed(data, "s_pk", bytes),
-            examples=_typed(data, "examples", int),
             cert_pem=_typed(data, "cert_pem", bytes),
             signature=_typed(data, "signature", bytes),
         )
 
 
 def signed_bytes(
-    params: SecAggParams, server_pk: bytes, site_id: str, c_pk: bytes, s_pk: bytes, examples: int
+    params: SecAggParams, server_pk: bytes, site_id: str, c_pk: bytes, s_pk: bytes
 ) -> bytes:
-    return fields("advertise", params.context, server_pk, site_id, c_pk, s_pk, examples)
+    return fields("advertise", params.context, server_pk, site_id, c_pk, s_pk)
 
 
 def consistency_bytes(params: SecAggParams, server_pk: bytes, survivors: list[str]) -> bytes:

@@ -1,10 +1,12 @@
 """Clip, weight and quantize an update to integers, and turn the sum back.
 
-A site's weight α = examples / (the largest site's examples) is rounded to a
-multiple of 1/levels, so the weight field it appends is an exact integer k
-and the server divides by exactly Σk. Values are clipped to [-r, r],
-multiplied by α and stochastically rounded to {0 … levels}: unbiased, with an
-error below one step (2r/levels) per value and site."""
+A site's weight is α = k / levels for the integer k it appends, so the server
+divides by exactly Σk. The protocol's sites send k = levels (α = 1): every
+update counts equally, because a weight by image count would need the sites'
+counts, which never leave them (an exact count breaks add/remove-one DP).
+Values are clipped to [-r, r], multiplied by α and stochastically rounded to
+{0 … levels}: unbiased, with an error below one step (2r/levels) per value
+and site."""
 
 from __future__ import annotations
 
@@ -14,13 +16,6 @@ import numpy as np
 
 from fedgan.secagg.errors import SecAggError
 from fedgan.secagg.params import SecAggParams
-
-
-def weight_units(examples: float, largest: float, params: SecAggParams) -> int:
-    """k in 1..levels with α = k / levels ≈ examples / largest."""
-    if not 0 < examples <= largest:
-        raise SecAggError(f"a site's examples ({examples}) must be in (0, {largest}]")
-    return max(1, round(examples / largest * params.levels))
 
 
 def quantize(

@@ -29,16 +29,7 @@ if not log.handlers:
 app = ClientApp()
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    faults.crash_if_requested("train")
-    # Imported here: it pulls in Opacus (~2 s), which the three secure-
-    # aggregation stages, each a fresh ClientApp process, do not need.
-    from fedgan.site.round import run_round
-
-    site = SiteSettings.from_node_config(context.node_config)
-    store = approval.PolicyStore(Path(site.work_dir), site.site_id)
-    run_id = str(msg.metadata.run_id)
+def _checked(site: SiteSettings, store: approval.PolicyStore, run_id: str) -> None:
     if runtime.admitted_fab is None:
         raise store.refuse(
             approval.AppRefused(
@@ -48,18 +39,59 @@ def train(msg: Message, context: Context) -> Message:
             ),
             run=run_id,
         )
-    global_gen, global_disc, record = wire.read_train_request(msg.content)
-    secagg = wire.read_secagg_setup(msg.content)
+
+
+@app.train("secagg_advertise")
+def secagg_advertise(msg: Message, context: Context) -> Message:
+    """Stage 1 of a secure round, before anything is trained or spent: the
+    site checks the round against its limits, its credentials, a current CRL
+    and membership list, and its threshold rule, then advertises keys."""
+    faults.crash_if_requested("secagg_advertise")
+    site = SiteSettings.from_node_config(context.node_config)
+    store = approval.PolicyStore(Path(site.work_dir), site.site_id)
+    run_id = str(msg.metadata.run_id)
+    _checked(site, store, run_id)
+    record, setup = wire.read_advertise_request(msg.content)
     limits = store.load().limits
     try:
         cfg = RoundConfig.from_record(record)
-        if secagg is not None:
-            # Before anything is trained or spent: credentials, a current
-            # CRL, and n and t within this site's own rule.
-            try:
-                secure_round.check_setup(site, limits, secagg.params, secagg.crl, secagg.membership)
-            except FedGanError as exc:
-                raise approval.AppRefused(site.site_id, str(exc)) from None
+        approval.check_run(
+            limits,
+            site.site_id,
+            dp=cfg.privacy.enabled,
+            noise_multiplier=None,
+            target_epsilon=cfg.privacy.target_epsilon,
+            secure_aggregation=True,
+            init_sha256=cfg.init_sha256,
+        )
+        try:
+            secure_round.check_setup(site, limits, setup.params, setup.crl, setup.membership)
+        except FedGanError as exc:
+            raise approval.AppRefused(site.site_id, str(exc)) from None
+        ad = secure_round.advertise(context.state, site, setup.params, setup.server_pk, limits)
+    except approval.AppRefused as refusal:
+        raise store.refuse(refusal, run=run_id, round=int(record["round"])) from None
+    return Message(wire.advertise_reply(ad, site.site_id), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train (or release), then, in a secure round, mask the update with the
+    keys shared before training; a plain round sends it in the clear."""
+    faults.crash_if_requested("train")
+    # Imported here: it pulls in Opacus (~2 s), which the secure-aggregation
+    # stages, each a fresh ClientApp process, do not need.
+    from fedgan.site.round import run_round
+
+    site = SiteSettings.from_node_config(context.node_config)
+    store = approval.PolicyStore(Path(site.work_dir), site.site_id)
+    run_id = str(msg.metadata.run_id)
+    _checked(site, store, run_id)
+    global_gen, global_disc, record = wire.read_train_request(msg.content)
+    masking = wire.read_masking(msg.content)
+    limits = store.load().limits
+    try:
+        cfg = RoundConfig.from_record(record)
         if cfg.privacy.mean_embedding:
             from fedgan.site.release import release_round
 
@@ -69,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
                 run_id,
                 cfg,
                 limits=limits,
-                secure=secagg is not None,
+                secure=masking is not None,
             )
         else:
             outcome = run_round(
@@ -80,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
                 global_gen,
                 global_disc,
                 limits=limits,
-                secure=secagg is not None,
+                secure=masking is not None,
             )
     except approval.AppRefused as refusal:
         # Raised to Flower, which replies to the ServerApp with the reason.
@@ -104,16 +136,19 @@ def train(msg: Message, context: Context) -> Message:
             / "update.npz",
             _dumped(outcome.update),
         )
-    if secagg is not None:
-        ad = secure_round.advertise(
-            context.state, site, secagg.params, secagg.server_pk, outcome.update, limits
+    if masking is not None:
+        inbox, u2 = masking
+        envelope, clipped = secure_round.masked_input(
+            context.state, site, outcome.update, inbox, u2
         )
-        metrics = {"num-examples": outcome.update.weight, **outcome.metrics}
-        return Message(wire.secagg_train_reply(ad, site.site_id, metrics), reply_to=msg)
+        metrics = {**outcome.metrics, "secagg-clipped": clipped}
+        if isinstance(outcome.update, Release):
+            metrics["num-examples"] = outcome.update.weight  # noisy: part of the DP release
+        return Message(wire.masked_reply(site.site_id, metrics, envelope), reply_to=msg)
     return Message(wire.train_reply(outcome.update, site.site_id, outcome.metrics), reply_to=msg)
 
 
-# Secure aggregation, stages 2-5 (stage 1 rides on the train reply above).
+# Secure aggregation, the stages after training.
 
 
 @app.train("secagg_share")
@@ -121,13 +156,6 @@ def secagg_share(msg: Message, context: Context) -> Message:
     faults.crash_if_requested("secagg_share")
     site = SiteSettings.from_node_config(context.node_config)
     return Message(secure_round.share_keys(context.state, site, msg.content), reply_to=msg)
-
-
-@app.train("secagg_mask")
-def secagg_mask(msg: Message, context: Context) -> Message:
-    faults.crash_if_requested("secagg_mask")
-    site = SiteSettings.from_node_config(context.node_config)
-    return Message(secure_round.masked_input(context.state, site, msg.content), reply_to=msg)
 
 
 @app.train("secagg_confirm")

@@ -3,7 +3,7 @@
 ``FEDGAN_FAULT=<stage>`` in a SuperNode's environment makes the site's
 ClientApp process die by SIGKILL (as the kernel's OOM killer or a crash
 would) when the stage begins at the site; the site sends no reply for it.
-Stages: train, secagg_share, secagg_mask, secagg_confirm, secagg_unmask. A
+Stages: secagg_advertise, secagg_share, train, secagg_confirm, secagg_unmask. A
 site's operator sets its own environment; nothing the aggregator sends can switch this on."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import signal
 
 log = logging.getLogger("fedgan.site")
-STAGES = ("train", "secagg_share", "secagg_mask", "secagg_confirm", "secagg_unmask")
+STAGES = ("secagg_advertise", "secagg_share", "train", "secagg_confirm", "secagg_unmask")
 
 
 def crash_if_requested(stage: str) -> None:

@@ -1,9 +1,11 @@
 """A site's secure-aggregation stages over Flower's per-run context state.
 
-The session (private keys, seeds, shares held) and the update waiting to be
-masked live in ``context.state``, which the SuperNode keeps in memory for
-the run and never sends anywhere; the ClientApp process of each stage
-reloads them. The ClientApp handlers in `fedgan.site.client_app` call these.
+The session (private keys, seeds, shares held) lives in ``context.state``,
+which the SuperNode keeps in memory for the run and never sends anywhere;
+the ClientApp process of each stage reloads it. Keys are advertised and
+shared before the site trains, so a round that cannot reach its threshold
+is abandoned before any site spends privacy budget. The ClientApp handlers
+in `fedgan.site.client_app` call these.
 
 Which survivor set the site signed is the one thing written to disk
 (``<work-dir>/secagg-reveals/``, fsynced, before the signature leaves): a
@@ -17,7 +19,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from fedgan import wire
 from fedgan.atomic import write_atomic
@@ -32,7 +34,7 @@ from fedgan.site import credentials
 from fedgan.site.approval import Limits
 from fedgan.update import Contribution, flatten
 
-SESSION, PENDING = "secagg-session", "secagg-update"
+SESSION = "secagg-session"
 REVEALS = "secagg-reveals"
 _NEEDS = ("signing-key", "signing-cert", "ca-cert", "crl", "membership")
 
@@ -92,18 +94,11 @@ def advertise(
     site: SiteSettings,
     params: SecAggParams,
     server_pk: bytes,
-    sent: Contribution,
     limits: Limits,
 ) -> Advertisement:
-    """Stage 1: fresh round keys, signed; the update is held back."""
-    values = flatten(sent)
-    if params.length != values.size:
-        raise SecAggError(f"site {site.site_id}: the update's size does not match the round's")
-    session, ad = SiteSession.start(
-        params, server_pk, _signer(site), max(1, round(sent.weight)), rule(limits)
-    )
+    """Stage 1, before the site trains: fresh round keys, signed."""
+    session, ad = SiteSession.start(params, server_pk, _signer(site), rule(limits))
     _save(state, session)
-    state[PENDING] = ArrayRecord([values])
     return ad
 
 
@@ -129,19 +124,22 @@ def share_keys(state: RecordDict, site: SiteSettings, content: RecordDict) -> Re
     return wire.secagg_message(shares=pack([s.as_dict() for s in shares]))
 
 
-def masked_input(state: RecordDict, site: SiteSettings, content: RecordDict) -> RecordDict:
-    """Stage 3: the masked, quantized update in its envelope, and the
-    fraction of its values clipped to the range (a number only)."""
+def masked_input(
+    state: RecordDict,
+    site: SiteSettings,
+    sent: Contribution,
+    inbox: list[EncryptedShare],
+    u2: list[str],
+) -> tuple[bytes, float]:
+    """Stage 3, right after training: the masked, quantized update in its
+    envelope, and the fraction of its values clipped to the range."""
     session = _load(state, site)
-    inbox = wire.secagg_list(content, "inbox", EncryptedShare)
-    u2 = wire.secagg_names(content, "u2")
-    update = state.array_records[PENDING].to_numpy_ndarrays()[0]
-    envelope, clipped = session.masked_input(update, inbox, u2)
+    values = flatten(sent)
+    if session.params.length != values.size:
+        raise SecAggError(f"site {site.site_id}: the update's size does not match the round's")
+    envelope, clipped = session.masked_input(values, inbox, u2)
     _save(state, session)
-    del state[PENDING]
-    reply = wire.secagg_message(envelope=envelope)
-    reply[wire.METRICS] = MetricRecord({"secagg-clipped": clipped})
-    return reply
+    return envelope, clipped
 
 
 def _committed(site: SiteSettings, params: SecAggParams) -> Path:

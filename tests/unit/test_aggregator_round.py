@@ -31,6 +31,11 @@ def _mean_step(sites: list[str]) -> float:
     return sum(WEIGHTS[s] * STEPS[s] for s in sites) / sum(WEIGHTS[s] for s in sites)
 
 
+def _secure_mean(sites: list[str]) -> float:
+    """Under secure aggregation every site counts equally: no count leaves a site."""
+    return sum(STEPS[s] for s in sites) / len(sites)
+
+
 def _disc_moved_by(fed, before: list[np.ndarray]) -> np.ndarray:
     """How far each of D's values moved (D has no BatchNorm, so the
     aggregator's recalibration of G leaves it alone)."""
@@ -63,14 +68,22 @@ def test_a_secure_round_recovers_the_same_mean_within_its_error_bound(tmp_path):
     moved = _disc_moved_by(fed, before)
     assert record.secagg is not None and record.secagg["survivors"] == sorted(WEIGHTS)
     assert record.secagg_error_bound is not None and record.secagg_error_bound > 0
-    assert np.abs(moved - _mean_step(list(WEIGHTS))).max() <= record.secagg_error_bound
+    assert np.abs(moved - _secure_mean(list(WEIGHTS))).max() <= record.secagg_error_bound
+    assert record.examples == 3  # sites, not images
     # No plain delta travelled: the train replies carry no arrays.
     assert all(b > 0 for b in record.update_bytes.values())
     stages = [r.kind for r in fed.transport.log]
-    assert stages.count("train") == 3 and stages.count("train.secagg_unmask") == 3
+    # Keys before training; then training and masking in one message.
+    assert stages == [
+        *["train.secagg_advertise"] * 3,
+        *["train.secagg_share"] * 3,
+        *["train"] * 3,
+        *["train.secagg_confirm"] * 3,
+        *["train.secagg_unmask"] * 3,
+    ]
 
 
-@pytest.mark.parametrize("stage", ["train", "secagg_share", "secagg_mask"])
+@pytest.mark.parametrize("stage", ["secagg_advertise", "secagg_share", "train"])
 def test_a_site_silent_before_masking_is_left_out_of_the_sum(tmp_path, stage):
     sites = _sites(tmp_path, **{"site-c": {"silent_at": stage}})
     # t = 2 of 3: below the sites' default rule, within these sites' (the floor).
@@ -79,9 +92,12 @@ def test_a_site_silent_before_masking_is_left_out_of_the_sum(tmp_path, stage):
     record = run_round(fed, 1)
     moved = _disc_moved_by(fed, before)
     assert record.sites == ["site-a", "site-b"] and "skipped" not in record.as_dict()
-    assert np.abs(moved - _mean_step(["site-a", "site-b"])).max() <= record.secagg_error_bound
-    if stage != "train":
+    assert np.abs(moved - _secure_mean(["site-a", "site-b"])).max() <= record.secagg_error_bound
+    if stage != "secagg_advertise":
         assert record.secagg["failures"]["site-c"].startswith(stage)
+    # Only a site that shared its keys is asked to train.
+    asked = [r.node for r in fed.transport.log if r.kind == "train"]
+    assert (3 in asked) == (stage == "train")
 
 
 @pytest.mark.parametrize("stage", ["secagg_confirm", "secagg_unmask"])
@@ -93,11 +109,23 @@ def test_a_site_silent_after_masking_is_still_in_the_sum(tmp_path, stage):
     record = run_round(fed, 1)
     moved = _disc_moved_by(fed, before)
     assert record.sites == sorted(WEIGHTS)
-    assert np.abs(moved - _mean_step(list(WEIGHTS))).max() <= record.secagg_error_bound
+    assert np.abs(moved - _secure_mean(list(WEIGHTS))).max() <= record.secagg_error_bound
+
+
+def test_a_round_that_cannot_reach_its_threshold_is_abandoned_before_anyone_trains(tmp_path):
+    """Issue 32, item 8: at the sites' default rule (t = 3 of 3), one site
+    silent when keys are advertised abandons the round before any training
+    request is sent, so no site spends privacy budget for it."""
+    sites = _sites(tmp_path, **{"site-c": {"silent_at": "secagg_advertise"}})
+    fed = federation(tmp_path, sites, secagg=True)
+    record = run_round(fed, 1)
+    assert record.skipped and "abandoned at key advertisement" in record.skipped
+    assert "train" not in [r.kind for r in fed.transport.log]
+    assert all(site.trained == 0 for site in fed.transport.sites.values())
 
 
 def test_below_the_threshold_the_round_is_abandoned_and_the_model_kept(tmp_path):
-    sites = _sites(tmp_path, **{s: {"silent_at": "secagg_mask"} for s in ("site-b", "site-c")})
+    sites = _sites(tmp_path, **{s: {"silent_at": "train"} for s in ("site-b", "site-c")})
     fed = federation(tmp_path, sites, secagg=True)
     before = get_arrays(fed.gen) + get_arrays(fed.disc)
     record = run_round(fed, 1)
@@ -166,7 +194,7 @@ def test_a_model_update_in_a_mean_embedding_round_is_not_summed(tmp_path):
 
 def test_a_run_in_which_no_round_produced_a_model_fails(tmp_path):
     # Every round abandoned: nothing to share, and no generator.pt to list.
-    sites = _sites(tmp_path, **{s: {"silent_at": "secagg_mask"} for s in WEIGHTS})
+    sites = _sites(tmp_path, **{s: {"silent_at": "train"} for s in WEIGHTS})
     transport, settings, store, audit = aggregator(tmp_path, sites, num_server_rounds=2)
     summary = run_federation(transport, settings, store, audit)
     assert summary["stopped"].startswith("no round produced a model")

@@ -24,7 +24,7 @@ from fedgan.secagg.messages import (
 from fedgan.secagg.params import default_threshold, min_modulus_bits
 from fedgan.secagg.quantize import quantize
 from fedgan.secagg.server import ServerSession
-from tests.secagg_sim import FLOOR, Consortium, plain_weighted_mean, run_round, site_ids
+from tests.secagg_sim import FLOOR, Consortium, plain_mean, run_round, site_ids
 
 STAGES = ("advertise", "share", "mask", "confirm", "unmask")
 CONSORTIUM = Consortium()
@@ -49,19 +49,17 @@ def rounds(draw):
             max_size=n,
         )
     )
-    examples = draw(st.lists(st.integers(1, 10_000), min_size=n, max_size=n))
-    return n, t, bits, ids, drops, values, examples
+    return n, t, bits, ids, drops, values
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rounds())
 def test_sum_equals_plain_mean_or_aborts_exactly_below_threshold(case):
-    n, t, bits, ids, drops, values, examples = case
+    n, t, bits, ids, drops, values = case
     params = SecAggParams.for_round(
         "run-a", 3, n, bits=bits, value_range=1.5, length=len(values[0]), threshold=t
     )
     updates = {s: np.array(v) for s, v in zip(ids, values, strict=True)}
-    weights = dict(zip(ids, examples, strict=True))
     alive, first_short = list(ids), None
     for stage in STAGES:
         alive = [a for a in alive if a not in drops[stage]]
@@ -69,13 +67,12 @@ def test_sum_equals_plain_mean_or_aborts_exactly_below_threshold(case):
             first_short = stage
     if first_short is not None:
         with pytest.raises(RoundAborted, match="abandoned"):
-            run_round(params, updates, weights, CONSORTIUM, drops)
+            run_round(params, updates, CONSORTIUM, drops)
         return
-    agg = run_round(params, updates, weights, CONSORTIUM, drops)
+    agg = run_round(params, updates, CONSORTIUM, drops)
     expected_survivors = [s for s in ids if not any(s in drops[x] for x in STAGES[:3])]
     assert agg.survivors == expected_survivors
-    roster = [s for s in ids if s not in drops["advertise"]]
-    reference = plain_weighted_mean(params, updates, weights, agg.survivors, roster)
+    reference = plain_mean(params, updates, agg.survivors)
     assert np.all(np.abs(agg.mean - reference) <= agg.error_bound + 1e-9)
 
 
@@ -84,9 +81,8 @@ def test_quantization_error_is_small_at_12_bits():
     ids = site_ids(5)
     params = SecAggParams.for_round("r", 1, 5, bits=12, value_range=1.0, length=4000)
     updates = {s: rng.normal(0, 0.3, 4000) for s in ids}
-    examples = {s: int(rng.integers(100, 1000)) for s in ids}
-    agg = run_round(params, updates, examples, CONSORTIUM, {"mask": {ids[2]}})
-    reference = plain_weighted_mean(params, updates, examples, agg.survivors, ids)
+    agg = run_round(params, updates, CONSORTIUM, {"mask": {ids[2]}})
+    reference = plain_mean(params, updates, agg.survivors)
     assert agg.dropped == [ids[2]]
     # Unbiased rounding: the typical error is far below the worst-case bound.
     assert np.sqrt(np.mean((agg.mean - reference) ** 2)) < agg.error_bound / 4
@@ -101,7 +97,7 @@ def test_one_masked_input_is_uniform_to_the_server():
     server = ServerSession(params)
     sessions, ads = {}, []
     for s in ids:
-        sessions[s], ad = SiteSession.start(params, server.public_key, CONSORTIUM.signer(s), 100)
+        sessions[s], ad = SiteSession.start(params, server.public_key, CONSORTIUM.signer(s))
         ads.append(ad)
     roster = server.advertised(ads)
     routed = server.shared({s: sessions[s].share_keys(roster, CONSORTIUM.verifier()) for s in ids})
@@ -149,9 +145,7 @@ def _setup(n=3, length=8):
     server = ServerSession(params)
     sessions, ads = {}, []
     for s in ids:
-        sessions[s], ad = SiteSession.start(
-            params, server.public_key, CONSORTIUM.signer(s), 10, FLOOR
-        )
+        sessions[s], ad = SiteSession.start(params, server.public_key, CONSORTIUM.signer(s), FLOOR)
         ads.append(ad)
     return ids, params, server, sessions, ads
 
@@ -188,17 +182,17 @@ def test_a_site_reveals_once_and_only_for_the_set_it_signed():
 
 def test_a_substituted_key_or_foreign_certificate_is_caught_by_the_sites():
     ids, params, server, sessions, ads = _setup()
-    evil, _ = SiteSession.start(params, server.public_key, CONSORTIUM.signer("site-99"), 10)
+    evil, _ = SiteSession.start(params, server.public_key, CONSORTIUM.signer("site-99"))
     forged = Advertisement(**{**ads[1].as_dict(), "s_pk": evil.s_sk[:0] + ads[2].s_pk})
     with pytest.raises(SecAggError, match="site-01: bad signature"):
         sessions[ids[0]].share_keys([ads[0], forged, ads[2]], CONSORTIUM.verifier())
     # A valid certificate, but for another site than the one claimed.
     impostor = CONSORTIUM.signer("site-01", uri_site="site-07")
-    _, ad = SiteSession.start(params, server.public_key, impostor, 10)
+    _, ad = SiteSession.start(params, server.public_key, impostor)
     with pytest.raises(SecAggError, match="not this site"):
         sessions[ids[0]].share_keys([ads[0], ad, ads[2]], CONSORTIUM.verifier())
     # A certificate from another CA.
-    _, stranger = SiteSession.start(params, server.public_key, Consortium().signer("site-02"), 10)
+    _, stranger = SiteSession.start(params, server.public_key, Consortium().signer("site-02"))
     with pytest.raises(SecAggError, match="site-02: signing certificate rejected"):
         sessions[ids[0]].share_keys([ads[0], ads[1], stranger], CONSORTIUM.verifier())
 
@@ -235,7 +229,7 @@ def test_a_tampered_envelope_counts_its_site_as_dropped():
     assert dropped == [ids[3]] and "authentication failed" in server.refused[ids[3]]
     confirmed = _confirm_all(server, sessions, survivors)
     agg = server.unmasked({s: sessions[s].unmask(confirmed) for s in survivors})
-    reference = plain_weighted_mean(params, updates, dict.fromkeys(ids, 10), survivors, ids)
+    reference = plain_mean(params, updates, survivors)
     assert np.all(np.abs(agg.mean - reference) <= agg.error_bound)
 
 

@@ -38,9 +38,7 @@ def _split_view(threshold: int, rule: ThresholdRule) -> tuple[np.ndarray | None,
     server = ServerSession(params)
     sessions, ads = {}, []
     for s in ids:
-        sessions[s], ad = SiteSession.start(
-            params, server.public_key, CONSORTIUM.signer(s), 10, rule
-        )
+        sessions[s], ad = SiteSession.start(params, server.public_key, CONSORTIUM.signer(s), rule)
         ads.append(ad)
     roster = server.advertised(ads)
     routed = server.shared({s: sessions[s].share_keys(roster, CONSORTIUM.verifier()) for s in ids})
@@ -120,7 +118,7 @@ def test_split_view_succeeds_where_a_site_says_it_tolerates_no_colluder():
 def test_a_site_refuses_a_round_below_its_own_rule_before_making_keys(n, t, rule, match):
     params = SecAggParams.for_round("r", 1, n, bits=8, value_range=1.0, length=3, threshold=t)
     with pytest.raises(SecAggError, match=match):
-        SiteSession.start(params, b"\0" * 32, CONSORTIUM.signer("site-00"), 10, rule)
+        SiteSession.start(params, b"\0" * 32, CONSORTIUM.signer("site-00"), rule)
 
 
 def test_rules_accept_what_they_promise():
@@ -135,7 +133,7 @@ def test_rules_accept_what_they_promise():
 
 def _ad_for(signer, crl=None):
     params = SecAggParams.for_round("r", 1, 3, bits=8, value_range=1.0, length=3)
-    _, ad = SiteSession.start(params, b"\0" * 32, signer, 10)
+    _, ad = SiteSession.start(params, b"\0" * 32, signer)
     return ad, ad.signed_bytes(params, b"\0" * 32)
 
 
@@ -188,7 +186,7 @@ def test_a_roster_outside_the_membership_list_is_refused_before_any_share_leaves
     server = ServerSession(params)
     sessions, ads = {}, []
     for s in ids:
-        sessions[s], ad = SiteSession.start(params, server.public_key, CONSORTIUM.signer(s), 10)
+        sessions[s], ad = SiteSession.start(params, server.public_key, CONSORTIUM.signer(s))
         ads.append(ad)
     roster = server.advertised(ads)
     listed = CONSORTIUM.membership(ids[:3])

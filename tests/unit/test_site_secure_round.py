@@ -31,7 +31,7 @@ def _masked_round(tmp_path):
         gen=[np.full(2, 0.1, np.float32)], disc=[np.full(2, -0.1, np.float32)], weight=5
     )
     ads = [
-        secure_round.advertise(states[s], settings[s], params, server.public_key, update, FLOOR)
+        secure_round.advertise(states[s], settings[s], params, server.public_key, FLOOR)
         for s in SITES
     ]
     roster = pack([a.as_dict() for a in server.advertised(ads)])
@@ -46,9 +46,9 @@ def _masked_round(tmp_path):
     routed = server.shared(shares)
     envelopes = {}
     for s in SITES:
-        request = wire.secagg_message(inbox=pack([x.as_dict() for x in routed[s]]), u2=server.u2)
-        reply = secure_round.masked_input(states[s], settings[s], request)
-        envelopes[s] = wire.secagg_bytes(reply, "envelope")
+        envelopes[s], _ = secure_round.masked_input(
+            states[s], settings[s], update, routed[s], server.u2
+        )
     server.received_masked(envelopes)
     return settings, server, states
 
