@@ -128,7 +128,13 @@ def main() -> None:
                 from flower_secaggplus import secaggplus_round
 
                 f = secaggplus_round(n, int(p), args.bits)
-                ours = c["advertise"] + c["share"] + c["mask"] + c.get("confirm", 0) + c.get("unmask", 0)
+                ours = (
+                    c["advertise"]
+                    + c["share"]
+                    + c["mask"]
+                    + c.get("confirm", 0)
+                    + c.get("unmask", 0)
+                )
                 print(
                     f"    Flower SecAgg+: client {f['client']:.2f} s/site (ours {ours:.2f}, "
                     f"{f['client'] / ours:.1f}x), server {f['server']:.2f} s "

@@ -125,6 +125,13 @@ def pki_sign(
     ],
     out: CertsOpt = Path("certs"),
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    sidecar_san: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sidecar-san",
+            help="The site sidecar's DNS name or IP (repeatable); the CA decides, not the request.",
+        ),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Certify a site's own keys from its requests (the key ceremony): client,
@@ -132,7 +139,9 @@ def pki_sign(
     Compare the SHA-256 lines with those the site's officer reads out first."""
     for name, digest in pki.request_sha256(pki.RequestPaths(requests)).items():
         typer.echo(f"request {name:<14} sha256 {digest}")
-    site = pki.sign_requests(out, requests, days=days, force=force)
+    site = pki.sign_requests(out, requests, days=days, sidecar_sans=sidecar_san, force=force)
+    sans = pki.inspect_cert(site.sidecar_cert)["sans"]
+    typer.echo(f"sidecar names  {', '.join(sans)}")  # type: ignore[arg-type]
     typer.echo(
         f"certified site {site.dir.name}: {site.client_cert}, {site.sidecar_cert}, "
         f"{site.signing_cert}; node key {site.node_pub}\n"
@@ -858,15 +867,12 @@ def _site_store(work_dir: Path):
 def site_keys(
     site_id: str,
     out: Annotated[Path, typer.Option("--out", help="The site's certs folder.")] = Path("certs"),
-    sidecar_san: Annotated[
-        list[str] | None, typer.Option("--sidecar-san", help="Sidecar DNS name or IP (repeatable).")
-    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Make this site's private keys here, on the site's machine, and the
     requests the consortium CA signs (the key ceremony, docs/security.md).
     Send only OUT/requests/ to the CA; the keys never leave OUT."""
-    requests = pki.site_keys(out, site_id, sidecar_sans=sidecar_san, force=force)
+    requests = pki.site_keys(out, site_id, force=force)
     typer.echo(f"keys (0600)  {out}/client.key sidecar.key node_key signing.key")
     typer.echo(f"requests     {requests.dir} (send this folder to the CA)")
     for name, digest in pki.request_sha256(requests).items():

@@ -514,9 +514,7 @@ def _csr(
     return builder.sign(key, algorithm)
 
 
-def site_keys(
-    out: Path, site_id: str, *, sidecar_sans: list[str] | None = None, force: bool = False
-) -> RequestPaths:
+def site_keys(out: Path, site_id: str, *, force: bool = False) -> RequestPaths:
     """At the site, on the site's own machine: every private key the site
     needs (client, sidecar, node, signing), written 0600 into ``out`` under
     the names the site kit uses, and the requests the CA signs in
@@ -528,12 +526,12 @@ def site_keys(
     sidecar_key = ec.generate_private_key(_CURVE)
     node_key = ec.generate_private_key(_CURVE)
     signing_key = ed25519.Ed25519PrivateKey.generate()
-    sidecar_names = list(sidecar_sans or (*DEFAULT_SITE_SIDECAR_SANS, f"{site_id}-sidecar"))
     requests = RequestPaths(Path(out) / REQUESTS_DIR)
     pem = serialization.Encoding.PEM
     csrs = {
         requests.client_csr: _csr(client_key, site_id, []),
-        requests.sidecar_csr: _csr(sidecar_key, f"{site_id}-sidecar", sidecar_names),
+        # Names are the CA's to decide (`fedgan pki sign --sidecar-san`).
+        requests.sidecar_csr: _csr(sidecar_key, f"{site_id}-sidecar", []),
         requests.signing_csr: _csr(signing_key, f"{site_id}-secagg", []),
     }
     _write_key(site.client_key, _key_pem(client_key), force)
@@ -594,12 +592,20 @@ def _common_name(csr: x509.CertificateSigningRequest, path: Path) -> str:
 
 
 def sign_requests(
-    root: Path, requests_dir: Path, *, days: int = 365, force: bool = False
+    root: Path,
+    requests_dir: Path,
+    *,
+    days: int = 365,
+    sidecar_sans: list[str] | None = None,
+    force: bool = False,
 ) -> SitePaths:
     """At the CA: certificates for the public keys a site sent (client,
     sidecar, signing) and its node key registered as public material. The
-    CA sets every name and usage itself; it never sees a private key of the
-    site. Writes ``sites/<id>/`` (certificates and node_key.pub only)."""
+    CA sets every name and usage itself, the sidecar's names included (from
+    ``sidecar_sans`` or the defaults, never from the request: a site must
+    not get a server certificate for the aggregator's names). It never sees
+    a private key of the site. Writes ``sites/<id>/`` (certificates and
+    node_key.pub only)."""
     requests = RequestPaths(Path(requests_dir))
     paths = PkiPaths(Path(root))
     client = _load_csr(requests.client_csr)
@@ -633,17 +639,16 @@ def sign_requests(
         raise PkiError(f"{requests.node_pub} is not an OpenSSH public key") from None
     if not (isinstance(node_pk, ec.EllipticCurvePublicKey) and node_pk.curve.name == _CURVE.name):
         raise PkiError(f"{requests.node_pub}: the node key must be EC P-384")
-    try:
-        san = sidecar.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        sans = [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
-            str(v) for v in san.get_values_for_type(x509.IPAddress)
-        ]
-    except x509.ExtensionNotFound:
-        sans = []
     site = paths.site(site_id)
     _refuse_existing([site.client_cert, site.sidecar_cert, site.signing_cert], force)
+    held = (site.client_key, site.sidecar_key, site.node_key, site.signing_key)
+    if any(p.exists() for p in held):
+        raise PkiError(
+            f"{site.dir} holds private keys the CA made for this site (staging); delete them "
+            "before certifying the site's own keys, so that no kit carries them"
+        )
     certificates = _site_certificates(
-        paths, site_id, days, sans or None, client_pk, sidecar_pk, signing_pk
+        paths, site_id, days, sidecar_sans, client_pk, sidecar_pk, signing_pk
     )
     for path, cert in zip(
         (site.client_cert, site.sidecar_cert, site.signing_cert), certificates, strict=True

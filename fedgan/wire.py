@@ -180,12 +180,19 @@ def read_masking(content: RecordDict) -> tuple[list[EncryptedShare], list[str]] 
     return secagg_list(content, "inbox", EncryptedShare), secagg_names(content, "u2")
 
 
+# Numbers a site keeps to itself under secure aggregation: the sampling rate
+# is batch / images (its exact count), and training time grows with it.
+KEPT_UNDER_SECAGG = frozenset({"sample-rate", "train-seconds", "num-examples"})
+
+
 def masked_reply(site_id: str, metrics: dict[str, float], envelope: bytes) -> RecordDict:
     """A trained site's reply under secure aggregation: its masked update,
-    sealed to the aggregator, and numbers."""
+    sealed to the aggregator, and numbers, without those that tell its
+    image count (`KEPT_UNDER_SECAGG`)."""
+    sent = {k: v for k, v in metrics.items() if k not in KEPT_UNDER_SECAGG}
     return RecordDict(
         {
-            METRICS: MetricRecord(metrics),
+            METRICS: MetricRecord(sent),
             SITE: ConfigRecord({"site-id": site_id}),
             SECAGG: ConfigRecord({"envelope": envelope}),
         }

@@ -92,7 +92,8 @@ class MemorySite:
         masking = wire.read_masking(content)
         if masking is None:
             return wire.train_reply(update, self.site_id, metrics)
-        envelope, clipped = secure_round.masked_input(self.state, self.settings, update, *masking)
+        secure_round.accept_shares(self.state, self.settings, *masking)
+        envelope, clipped = secure_round.masked_input(self.state, self.settings, update)
         return wire.masked_reply(self.site_id, {**metrics, "secagg-clipped": clipped}, envelope)
 
     def _advertise(self, content: RecordDict) -> RecordDict | str:

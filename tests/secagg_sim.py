@@ -144,6 +144,24 @@ def site_ids(n: int) -> list[str]:
     return [f"site-{i:02d}" for i in range(n)]
 
 
+def advertise(
+    params: SecAggParams,
+    consortium: Consortium,
+    ids: list[str],
+    rule: ThresholdRule = FLOOR,
+) -> tuple[ServerSession, dict[str, SiteSession], list]:
+    """Stage 1 for ``ids``: (the server, each site's session, the roster the
+    server broadcasts)."""
+    server = ServerSession(params)
+    sessions, ads = {}, []
+    for site in ids:
+        sessions[site], ad = SiteSession.start(
+            params, server.public_key, consortium.signer(site), rule
+        )
+        ads.append(ad)
+    return server, sessions, server.advertised(ads)
+
+
 def run_round(
     params: SecAggParams,
     updates: dict[str, np.ndarray],

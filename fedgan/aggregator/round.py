@@ -197,6 +197,10 @@ def _collect_secure(
             _refused_or_failed(fed, reply, replies, server_round)
             continue
         try:
+            if wire.METRICS in reply.content.metric_records:  # out of budget, said up front
+                site_id, metrics = wire.read_train_reply_metrics(reply.content)
+                _out_of_budget(fed, reply.node, site_id, metrics, replies, server_round)
+                continue
             replies.ads[reply.node] = wire.read_advertisement(reply.content)
         except (SecAggError, KeyError, ValueError) as exc:
             replies.failures.append(f"node {reply.node}: an unreadable advertisement ({exc})")

@@ -169,9 +169,15 @@ class SiteSession:
     def masked_input(
         self, update: np.ndarray, shares: list[EncryptedShare], u2: list[str]
     ) -> tuple[bytes, float]:
-        """(the masked, quantized update in an AES-GCM envelope for the
-        aggregator, the fraction of values clipped to the range)."""
-        self._expect("shared", "send its masked input")
+        """`accept_shares`, then `mask`: the whole of stage 3 at once."""
+        self.accept_shares(shares, u2)
+        return self.mask(update)
+
+    def accept_shares(self, shares: list[EncryptedShare], u2: list[str]) -> None:
+        """Stage 3, first half, before the site trains: check the sharing
+        set and decrypt the shares addressed to this site, so that nothing a
+        peer or the server sent wrong can fail after the site spent budget."""
+        self._expect("shared", "accept shares")
         u2 = sorted(set(u2))
         if self.site_id not in u2 or not set(u2) <= set(self.roster):
             raise SecAggError(f"site {self.site_id}: the sharing set is not part of the roster")
@@ -200,6 +206,16 @@ class SiteSession:
                 shamir.from_bytes(plain[:half]),
                 shamir.from_bytes(plain[half:]),
             )
+        self.u2 = u2
+        self.stage = "accepted"
+
+    def mask(self, update: np.ndarray) -> tuple[bytes, float]:
+        """Stage 3, second half, after training: (the masked, quantized
+        update in an AES-GCM envelope for the aggregator, the fraction of
+        values clipped to the range). Once per round: the stage moves on."""
+        self._expect("accepted", "send its masked input")
+        u2 = self.u2
+        c_sk = _private(self.c_sk)
         # Every site's update counts equally: a weight would need the sites'
         # image counts, which never leave them.
         vector, clipped = quantize(update, self.params.levels, self.params)
@@ -216,7 +232,6 @@ class SiteSession:
             self.params.run_id, self.params.round, "masked", self.site_id, AGGREGATOR
         )
         envelope = seal(key, vector.astype(vector.dtype.newbyteorder("<")).tobytes(), ad)
-        self.u2 = u2
         self.stage = "masked"
         return envelope, clipped
 

@@ -59,7 +59,12 @@ class Membership:
 
     @property
     def rule(self) -> ThresholdRule:
-        return ThresholdRule(min_sites=self.min_sites, colluding=self.colluding)
+        return ThresholdRule(
+            min_sites=self.min_sites,
+            colluding=self.colluding,
+            owner="the consortium's",
+            command="fedgan pki membership",
+        )
 
     def check_member(self, site_id: str, cert: x509.Certificate) -> None:
         listed = self.sites.get(site_id)

@@ -41,13 +41,15 @@ class ThresholdRule:
 
     min_sites: int = DEFAULT_MIN_SITES
     colluding: int | None = None  # None: the default rule ⌊2n/3⌋ + 1
+    owner: str = "this site's"  # whose rule, for the refusal's text
+    command: str = "fedgan site policy"  # where it is changed
 
     def check(self, params: SecAggParams, site_id: str) -> None:
         n, t = params.sites, params.threshold
         if n < max(self.min_sites, MIN_SITES):
             raise SecAggError(
-                f"site {site_id}: the round asks {n} sites; this site joins sums of at least "
-                f"{self.min_sites} (fedgan site policy --min-sites)"
+                f"site {site_id}: the round asks {n} sites; {self.owner} rule joins sums of at "
+                f"least {self.min_sites} ({self.command} --min-sites)"
             )
         need = required_threshold(n, self.colluding)
         if t < need:
@@ -57,7 +59,7 @@ class ThresholdRule:
                 else f"t > (n + {self.colluding})/2 and t ≥ {self.colluding + 2}"
             )
             raise SecAggError(
-                f"site {site_id}: threshold {t} of {n} sites is below this site's rule "
+                f"site {site_id}: threshold {t} of {n} sites is below {self.owner} rule "
                 f"({rule} = {need}); ask for secagg-threshold {need} or more"
             )
 

@@ -37,7 +37,7 @@ log = logging.getLogger("fedgan.secagg")
 
 @dataclass(frozen=True)
 class Aggregate:
-    mean: np.ndarray  # Σ α_i v_i / Σ α_i, float64
+    mean: np.ndarray  # the survivors' mean (Σ α_i v_i / Σ α_i; every α_i is 1), float64
     weight_units: int
     survivors: list[str]
     dropped: list[str]

@@ -19,6 +19,7 @@ from fedgan.atomic import write_text_atomic
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.model_init import weights_sha256
+from fedgan.privacy.accountant import epsilon
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger, Spend
 from fedgan.privacy.plan import RoundPlan, noise_to_signal, plan_release, plan_round
 from fedgan.site.approval import AppRefused, Limits, check_run
@@ -197,6 +198,36 @@ class Admission:
         """Mark the written-ahead spend as released (nothing without DP)."""
         if self.spend is not None and self.ledger is not None:
             self.ledger.complete(run=self.spend.run, server_round=self.spend.round)
+
+
+def preflight(
+    site: SiteSettings,
+    cfg: RoundConfig,
+    images: int,
+    *,
+    run_id: str,
+    limits: Limits | None,
+    parameters: int | None = None,
+) -> BudgetExhausted | None:
+    """What `admit` would refuse, decided without writing the ledger: a
+    secure round asks this before the site advertises keys, so that a site
+    that would refuse never joins the roster, and a round that then cannot
+    reach its threshold is abandoned before any site spends. Raises
+    `AppRefused` as `admit` does; returns a budget refusal, or None."""
+    if not cfg.privacy.enabled:
+        return None
+    ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
+    plan = plan_for(cfg, images, ledger.latest_noise(cfg.run_name or run_id))
+    assert plan is not None
+    max_figure = limits.max_noise_figure if limits is not None else None
+    check_plan(site.site_id, cfg, plan, images, parameters, max_figure)
+    check_limits(limits, site.site_id, cfg, True, plan.noise_multiplier)
+    history = ledger.history()
+    after = epsilon([*history, plan.as_round], plan.delta, plan.accountant)
+    if after <= site.epsilon_budget:
+        return None
+    spent = epsilon(history, plan.delta, plan.accountant)
+    return BudgetExhausted(spent, after, site.epsilon_budget)
 
 
 def admit(

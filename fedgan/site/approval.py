@@ -56,6 +56,10 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Chosen from measurements (bench/RESULTS.md, "The noise figure a site refuses
 # above"): past it the sites' updates move a pretrained G less and less.
 DEFAULT_MAX_NOISE_FIGURE = 100.0
+UPGRADE_REASON = (
+    "written before sites enforced secure aggregation by default: secure aggregation is now "
+    "required (fedgan site policy --allow-no-secagg to answer plain rounds)"
+)
 
 
 class PolicyError(FedGanError):
@@ -172,14 +176,29 @@ class PolicyStore:
             policy = self.current()
             self._save(policy, "policy_created")
             return policy
-        return self.current()
+        policy = self.current()
+        if self._predates_threshold_rule():
+            self._save(policy, "policy_upgraded", reason=UPGRADE_REASON)
+        return policy
 
     def current(self) -> SitePolicy:
         """The policy `load` would give, without creating the file (for
         commands that only look, like `fedgan site plan`)."""
         if not self.path.exists():
             return SitePolicy(versions=[installed_version()])
-        return SitePolicy.from_json(self.path.read_text("utf-8"), str(self.path))
+        policy = SitePolicy.from_json(self.path.read_text("utf-8"), str(self.path))
+        if self._predates_threshold_rule():
+            # Written when plain rounds were the default: that `false` was
+            # never the site's choice, so the site's default now applies.
+            policy.limits.require_secure_aggregation = True
+        return policy
+
+    def _predates_threshold_rule(self) -> bool:
+        try:
+            limits = json.loads(self.path.read_text("utf-8")).get("limits", {})
+        except (OSError, ValueError, AttributeError):
+            return False
+        return isinstance(limits, dict) and "min_sites" not in limits
 
     def _save(self, policy: SitePolicy, event: str, **details: Any) -> None:
         policy.validate(str(self.path))

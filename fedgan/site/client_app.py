@@ -5,10 +5,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedgan import wire
@@ -47,6 +48,10 @@ def secagg_advertise(msg: Message, context: Context) -> Message:
     site checks the round against its limits, its credentials, a current CRL
     and membership list, and its threshold rule, then advertises keys."""
     faults.crash_if_requested("secagg_advertise")
+    # Imported here: the preflight reads the silo and builds D (torch), which
+    # the later stages do not need.
+    from fedgan.site.round import preflight_round
+
     site = SiteSettings.from_node_config(context.node_config)
     store = approval.PolicyStore(Path(site.work_dir), site.site_id)
     run_id = str(msg.metadata.run_id)
@@ -68,9 +73,17 @@ def secagg_advertise(msg: Message, context: Context) -> Message:
             secure_round.check_setup(site, limits, setup.params, setup.crl, setup.membership)
         except FedGanError as exc:
             raise approval.AppRefused(site.site_id, str(exc)) from None
-        ad = secure_round.advertise(context.state, site, setup.params, setup.server_pk, limits)
+        # What training would refuse before spending, refused now: a site
+        # that would refuse never joins the roster.
+        exhausted = preflight_round(site, dict(context.node_config), run_id, cfg, limits)
     except approval.AppRefused as refusal:
         raise store.refuse(refusal, run=run_id, round=int(record["round"])) from None
+    if exhausted is not None:
+        return Message(
+            wire.budget_reply(site.site_id, exhausted.spent, exhausted.after, exhausted.budget),
+            reply_to=msg,
+        )
+    ad = secure_round.advertise(context.state, site, setup.params, setup.server_pk, limits)
     return Message(wire.advertise_reply(ad, site.site_id), reply_to=msg)
 
 
@@ -92,6 +105,10 @@ def train(msg: Message, context: Context) -> Message:
     limits = store.load().limits
     try:
         cfg = RoundConfig.from_record(record)
+        if masking is not None:
+            # Before anything is spent: the shares decrypt, and this site
+            # has not trained for this round already.
+            secure_round.accept_shares(context.state, site, *masking)
         if cfg.privacy.mean_embedding:
             from fedgan.site.release import release_round
 
@@ -137,39 +154,53 @@ def train(msg: Message, context: Context) -> Message:
             _dumped(outcome.update),
         )
     if masking is not None:
-        inbox, u2 = masking
-        envelope, clipped = secure_round.masked_input(
-            context.state, site, outcome.update, inbox, u2
-        )
+        envelope, clipped = secure_round.masked_input(context.state, site, outcome.update)
         metrics = {**outcome.metrics, "secagg-clipped": clipped}
+        reply = wire.masked_reply(site.site_id, metrics, envelope)
         if isinstance(outcome.update, Release):
-            metrics["num-examples"] = outcome.update.weight  # noisy: part of the DP release
-        return Message(wire.masked_reply(site.site_id, metrics, envelope), reply_to=msg)
+            # A release's weight is its noisy count: part of the DP release.
+            reply[wire.METRICS]["num-examples"] = outcome.update.weight
+        return Message(reply, reply_to=msg)
     return Message(wire.train_reply(outcome.update, site.site_id, outcome.metrics), reply_to=msg)
 
 
-# Secure aggregation, the stages after training.
+# Secure aggregation, the stages around training.
+
+Stage = Callable[[RecordDict, SiteSettings, RecordDict], RecordDict]
+
+
+def _stage(name: str, handler: Stage, msg: Message, context: Context) -> Message:
+    """One protocol stage; a refusal (a roster off the membership list, a
+    revoked peer, survivor sets that disagree) is also a line in the site's
+    own audit log, then Flower carries it to the aggregator."""
+    faults.crash_if_requested(name)
+    site = SiteSettings.from_node_config(context.node_config)
+    try:
+        return Message(handler(context.state, site, msg.content), reply_to=msg)
+    except FedGanError as exc:
+        approval.PolicyStore(Path(site.work_dir), site.site_id).audit.append(
+            "secagg_refused",
+            site=site.site_id,
+            stage=name,
+            run=str(msg.metadata.run_id),
+            reason=str(exc),
+        )
+        raise
 
 
 @app.train("secagg_share")
 def secagg_share(msg: Message, context: Context) -> Message:
-    faults.crash_if_requested("secagg_share")
-    site = SiteSettings.from_node_config(context.node_config)
-    return Message(secure_round.share_keys(context.state, site, msg.content), reply_to=msg)
+    return _stage("secagg_share", secure_round.share_keys, msg, context)
 
 
 @app.train("secagg_confirm")
 def secagg_confirm(msg: Message, context: Context) -> Message:
-    faults.crash_if_requested("secagg_confirm")
-    site = SiteSettings.from_node_config(context.node_config)
-    return Message(secure_round.confirm(context.state, site, msg.content), reply_to=msg)
+    return _stage("secagg_confirm", secure_round.confirm, msg, context)
 
 
 @app.train("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    faults.crash_if_requested("secagg_unmask")
-    site = SiteSettings.from_node_config(context.node_config)
-    return Message(secure_round.unmask(context.state, site, msg.content), reply_to=msg)
+    return _stage("secagg_unmask", secure_round.unmask, msg, context)
 
 
 def _dumped(sent: Contribution) -> dict[str, list[np.ndarray]]:

@@ -7,10 +7,13 @@ nothing of the protocol.
 Revocation fails closed: the kit's CRL is required, and a newer CRL that the
 aggregator delivers with a round's setup is kept (``<work-dir>/crl.pem``)
 only if the consortium CA signed it and it is newer than what the site
-holds. The aggregator can bring news of a revocation, never hide one: an
-older or foreign CRL is ignored, and an expired one refuses the round. The
-consortium's membership list is handled alike (``<work-dir>/membership.json``,
-newer versions only)."""
+holds. The aggregator can bring news of a revocation but not undo one: an
+older or foreign CRL is ignored, a kept one that no longer verifies stops
+the site (fail closed), and an expired one refuses the round. What it can
+do is withhold a newer CRL until the site's own expires (its nextUpdate):
+that window is the CRL's lifetime, 30 days by default (`fedgan pki crl
+--days`). The consortium's membership list is handled alike
+(``<work-dir>/membership.json``, higher versions only)."""
 
 from __future__ import annotations
 
@@ -38,8 +41,8 @@ def load_signer(key_path: Path, cert_path: Path, site_id: str) -> Signer:
         key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
     except FileNotFoundError:
         raise PkiError(
-            f"{key_path} not found: issue the site's signing key with `fedgan pki issue-site "
-            f"{site_id}` (sites issued before secure aggregation need --force)"
+            f"{key_path} not found: make the site's keys with `fedgan site keys {site_id}` and "
+            "have the CA sign their requests (staging: `fedgan pki issue-site`)"
         ) from None
     except ValueError:
         raise PkiError(f"{key_path} is not a PEM private key") from None
@@ -77,7 +80,12 @@ def current_crl(
     kept = Path(work_dir) / ADOPTED_CRL
     if kept.exists():
         other = _read_crl(kept)
-        if other.is_signature_valid(ca.public_key()) and _age(other) > _age(best):
+        if not other.is_signature_valid(ca.public_key()):
+            raise PkiError(
+                f"{kept} is not signed by the consortium CA (damaged or replaced); delete it "
+                "to fall back to the kit's CRL, or copy a current one there"
+            )
+        if _age(other) > _age(best):
             best = other
     return best
 
@@ -117,10 +125,7 @@ def current_membership(ca: x509.Certificate, kit_list: Path, work_dir: Path) -> 
     best = _read_membership(kit_list, ca)
     kept = Path(work_dir) / ADOPTED_MEMBERSHIP
     if kept.exists():
-        try:
-            other = membership.read(kept.read_bytes(), ca)
-        except FedGanError:
-            other = best
+        other = _read_membership(kept, ca)  # a damaged kept list stops the site
         if other.version > best.version and other.consortium == best.consortium:
             best = other
     return best
@@ -153,4 +158,4 @@ def load_verifier(ca_path: Path, kit_crl: Path, kit_list: Path, work_dir: Path) 
     try:
         return ca_verifier(ca, crl, membership=members)
     except FedGanError as exc:
-        raise PkiError(f"{kit_crl}: {exc}") from None
+        raise PkiError(str(exc)) from None

@@ -40,8 +40,12 @@ def release_round(
 ) -> RoundOutcome:
     """The site's one release. Its update is the release divided by its
     noisy image count (the sum of the release's noisy class counts, rounded,
-    at least 1), weighted by that count, so the aggregate that FedAvg and
-    secure aggregation compute (Σ wᵢxᵢ / Σ wᵢ) times Σ wᵢ is Σ releases.
+    at least 1), weighted by that count in a plain round, so that the
+    aggregate (Σ wᵢxᵢ / Σ wᵢ) times Σ wᵢ is Σ releases. Under secure
+    aggregation every site counts equally (no weight is known before the
+    sites mask), so the aggregate is the mean of the sites' normalised
+    releases: each hospital's images weigh as a whole, whatever their number,
+    and the class counts the aggregator reports are estimates.
 
     Why the noisy count and not the true one: the weight and the noise
     figure travel in the clear, and the true count would tell the

@@ -23,7 +23,7 @@ from fedgan.privacy.ledger import BudgetExhausted
 from fedgan.privacy.plan import noise_to_signal
 from fedgan.silo.loader import load_silo
 from fedgan.silo.options import SiloError, SiloOptions
-from fedgan.site.admission import Admission, admit, check_limits, check_start
+from fedgan.site.admission import Admission, admit, check_limits, check_start, preflight
 from fedgan.site.approval import Limits
 from fedgan.train import DPConfig, TrainConfig, resolve_device, train_local
 from fedgan.update import Contribution, clip_update, make_update
@@ -114,6 +114,32 @@ def _progress(site_id: str, server_round: int):
             )
 
     return report
+
+
+def preflight_round(
+    site: SiteSettings,
+    node_config: dict[str, Any],
+    run_id: str,
+    cfg: RoundConfig,
+    limits: Limits | None,
+) -> BudgetExhausted | None:
+    """Before a secure round's keys: every refusal `run_round` or
+    `fedgan.site.release.release_round` would make before spending (limits,
+    the DP plan, the noise figure, the budget), made now from the silo's
+    size, without training or writing the ledger. Raises `AppRefused`;
+    returns a budget refusal, or None."""
+    check_limits(limits, site.site_id, cfg, True, sigma=None)
+    options = SiloOptions.from_mapping(
+        site.kind, cfg.model.image_size, cfg.model.channels, node_config
+    )
+    attrs = () if cfg.privacy.mean_embedding else parse_attributes(cfg.model.attributes)
+    images, _, _ = site_images(site, options, cfg.model.classes, attrs)
+    parameters = (
+        None if cfg.privacy.mean_embedding else trainable_parameters(build(cfg.model.spec())[1])
+    )
+    return preflight(
+        site, cfg, images.shape[0], run_id=run_id, limits=limits, parameters=parameters
+    )
 
 
 def run_round(

@@ -81,6 +81,7 @@ def check_setup(
     _signer(site)
     rule(limits).check(params, site.site_id)
     consortium = credentials.current_membership(load_cert(ca), Path(site.membership), work)
+    consortium.check_member(site.site_id, load_cert(Path(site.signing_cert)))
     if params.sites > len(consortium.sites):
         raise SecAggError(
             f"site {site.site_id}: the round asks {params.sites} sites; the consortium's "
@@ -124,20 +125,34 @@ def share_keys(state: RecordDict, site: SiteSettings, content: RecordDict) -> Re
     return wire.secagg_message(shares=pack([s.as_dict() for s in shares]))
 
 
-def masked_input(
-    state: RecordDict,
-    site: SiteSettings,
-    sent: Contribution,
-    inbox: list[EncryptedShare],
-    u2: list[str],
-) -> tuple[bytes, float]:
+def accept_shares(
+    state: RecordDict, site: SiteSettings, inbox: list[EncryptedShare], u2: list[str]
+) -> None:
+    """Stage 3, before the site trains or spends: the shares addressed to it
+    decrypt and the sharing set is sound, and this site has not trained for
+    this round before (recorded on disk, fsynced): a replayed or repeated
+    train request neither spends budget twice nor masks a second update with
+    the same masks, which would reveal the difference of the two."""
+    session = _load(state, site)
+    session.accept_shares(inbox, u2)
+    marker = _committed(site, session.params).with_suffix(".trained")
+    if marker.exists():
+        raise SecAggError(
+            f"site {site.site_id}: refusing; this site already trained for round "
+            f"{session.params.round} of this run (recorded in {marker})"
+        )
+    write_atomic(marker, b"", mode=0o600, overwrite=False)
+    _save(state, session)
+
+
+def masked_input(state: RecordDict, site: SiteSettings, sent: Contribution) -> tuple[bytes, float]:
     """Stage 3, right after training: the masked, quantized update in its
     envelope, and the fraction of its values clipped to the range."""
     session = _load(state, site)
     values = flatten(sent)
     if session.params.length != values.size:
         raise SecAggError(f"site {site.site_id}: the update's size does not match the round's")
-    envelope, clipped = session.masked_input(values, inbox, u2)
+    envelope, clipped = session.mask(values)
     _save(state, session)
     return envelope, clipped
 

@@ -285,3 +285,20 @@ def test_site_cli_pins_and_refuses_inits_and_limits_the_noise_figure(tmp_path):
         out = policy(*args)
         assert out.exit_code != 0 and named in out.output + str(out.exception), args
     assert PolicyStore(tmp_path).load().limits == limits  # nothing changed by a refused flag
+
+
+def test_a_policy_written_before_secure_aggregation_was_required_now_requires_it(tmp_path):
+    """The old code wrote `require_secure_aggregation: false` (its default)
+    into every site's approval.json; that was never the site's choice."""
+    store = PolicyStore(tmp_path, "s1")
+    old = store.load()
+    doc = json.loads(old.to_json())
+    doc["limits"] = {"require_dp": True, "require_secure_aggregation": False}
+    store.path.write_text(json.dumps(doc))
+    assert store.current().limits.require_secure_aggregation is True
+    assert store.load().limits.require_secure_aggregation is True
+    events = [json.loads(line) for line in store.audit.path.read_text().splitlines()]
+    assert events[-1]["event"] == "policy_upgraded"
+    # Saved in the new form: a site's later --allow-no-secagg is its own choice.
+    store.update(require_secure_aggregation=False)
+    assert store.load().limits.require_secure_aggregation is False

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from fedgan import pki
 from fedgan.secagg.identity import SIGNING_EKU, ca_verifier
@@ -259,3 +259,45 @@ def test_membership_list_is_signed_versioned_and_adopted_only_when_newer(certs, 
         credentials.load_verifier(paths.ca_cert, paths.crl, kit_list, work)(
             "site-b", impostor.cert_pem, b"k", impostor.sign(b"k")
         )
+
+
+def test_the_ca_decides_a_sites_names_and_never_certifies_beside_its_own_keys(certs, tmp_path):
+    """A site asks for a sidecar certificate in the aggregator's names (to
+    pose as the edge to other sites): the CA ignores the request's names.
+    And a site directory holding keys the CA made is not certified again."""
+    site_dir = tmp_path / "hospital"
+    requests = pki.site_keys(site_dir, "st-olav")
+    key = serialization.load_pem_private_key((site_dir / "sidecar.key").read_bytes(), None)
+    greedy = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "st-olav-sidecar")]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("superlink"), x509.DNSName("edge")]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA384())
+    )
+    requests.sidecar_csr.write_bytes(greedy.public_bytes(serialization.Encoding.PEM))
+    site = pki.sign_requests(certs, requests.dir)
+    sans = pki.inspect_cert(site.sidecar_cert)["sans"]
+    assert "superlink" not in sans and "edge" not in sans and "st-olav-sidecar" in sans
+    pki.issue_site(certs, "site-z")
+    other = pki.site_keys(tmp_path / "z", "site-z")
+    with pytest.raises(pki.PkiError, match="holds private keys the CA made"):
+        pki.sign_requests(certs, other.dir, force=True)
+
+
+def test_a_kept_crl_or_list_that_no_longer_verifies_stops_the_site(certs, tmp_path):
+    paths = pki.PkiPaths(certs)
+    pki.write_membership(certs)
+    work = tmp_path / "work"
+    work.mkdir()
+    rogue = tmp_path / "rogue"
+    pki.init_ca(rogue, "Test Consortium")
+    (work / credentials.ADOPTED_CRL).write_bytes((rogue / "ca" / "crl.pem").read_bytes())
+    with pytest.raises(pki.PkiError, match=r"crl\.pem is not signed by the consortium CA"):
+        credentials.load_verifier(paths.ca_cert, paths.crl, paths.membership, work)
+    (work / credentials.ADOPTED_CRL).unlink()
+    (work / credentials.ADOPTED_MEMBERSHIP).write_bytes(b'{"membership": {}, "signature": ""}')
+    with pytest.raises(pki.PkiError, match=r"membership\.json"):
+        credentials.load_verifier(paths.ca_cert, paths.crl, paths.membership, work)

@@ -4,6 +4,7 @@ budget check, round by round."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -366,3 +367,26 @@ def test_the_default_batch_is_the_sites_own_and_the_ledger_and_trainer_agree(
     assert spend.sample_rate == pytest.approx(batch / images) == seen["q"]
     assert seen["expected"] == batch and spend.steps == 2
     assert outcome.metrics["sample-rate"] == pytest.approx(batch / images)
+
+
+def test_a_secure_rounds_preflight_refuses_what_training_would_without_spending(tmp_path):
+    """Before a secure round's keys (issue 32, item 8): the noise-figure
+    refusal and the budget refusal come before the site joins the roster,
+    and neither writes the ledger; a round within both is admitted."""
+    from fedgan.privacy.ledger import PrivacyLedger
+    from fedgan.site import round as site_round
+    from fedgan.site.approval import AppRefused, Limits
+
+    keys = {"batch-size": 4, "local-steps": 20, "target-epsilon": 0.5}
+    cfg, site, _, _ = _one_site(tmp_path, 12, **keys)
+    with pytest.raises(AppRefused, match=r"noise would be \d+× the strongest"):
+        site_round.preflight_round(site, {}, "r", cfg.round_config(1), Limits())
+    assert PrivacyLedger.in_work_dir(tmp_path / "work").spends() == []
+    ok = {"batch-size": 4, "local-steps": 2, "target-epsilon": 8.0}
+    cfg, site, _, _ = _one_site(tmp_path / "ok", 12, budget=10.0, **ok)
+    lenient = Limits(max_noise_figure=None)
+    assert site_round.preflight_round(site, {}, "r", cfg.round_config(1), lenient) is None
+    poor = dataclasses.replace(site, epsilon_budget=0.5)
+    exhausted = site_round.preflight_round(poor, {}, "r", cfg.round_config(1), lenient)
+    assert exhausted is not None and exhausted.after > 0.5 and exhausted.budget == 0.5
+    assert PrivacyLedger.in_work_dir(tmp_path / "ok" / "work").spends() == []

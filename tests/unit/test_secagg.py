@@ -21,10 +21,10 @@ from fedgan.secagg.messages import (
     pack,
     unpack,
 )
-from fedgan.secagg.params import default_threshold, min_modulus_bits
+from fedgan.secagg.params import ThresholdRule, default_threshold, min_modulus_bits
 from fedgan.secagg.quantize import quantize
 from fedgan.secagg.server import ServerSession
-from tests.secagg_sim import FLOOR, Consortium, plain_mean, run_round, site_ids
+from tests.secagg_sim import FLOOR, Consortium, advertise, plain_mean, run_round, site_ids
 
 STAGES = ("advertise", "share", "mask", "confirm", "unmask")
 CONSORTIUM = Consortium()
@@ -94,12 +94,7 @@ def test_one_masked_input_is_uniform_to_the_server():
     ids = site_ids(3)
     length = 50_000
     params = SecAggParams.for_round("r", 1, 3, bits=8, value_range=1.0, length=length)
-    server = ServerSession(params)
-    sessions, ads = {}, []
-    for s in ids:
-        sessions[s], ad = SiteSession.start(params, server.public_key, CONSORTIUM.signer(s))
-        ads.append(ad)
-    roster = server.advertised(ads)
+    server, sessions, roster = advertise(params, CONSORTIUM, ids, ThresholdRule())
     routed = server.shared({s: sessions[s].share_keys(roster, CONSORTIUM.verifier()) for s in ids})
     update = np.full(length, 0.25)  # a maximally non-uniform input
     envelopes = {s: sessions[s].masked_input(update, routed[s], server.u2)[0] for s in ids}

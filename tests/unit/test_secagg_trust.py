@@ -18,8 +18,7 @@ from fedgan.secagg.identity import SIGNING_EKU, ca_verifier
 from fedgan.secagg.messages import consistency_bytes
 from fedgan.secagg.params import ThresholdRule, required_threshold
 from fedgan.secagg.quantize import dequantize_mean
-from fedgan.secagg.server import ServerSession
-from tests.secagg_sim import NOW, Consortium, site_ids
+from tests.secagg_sim import NOW, Consortium, advertise, site_ids
 
 CONSORTIUM = Consortium()
 COLLUDER, VICTIM = "site-00", "site-04"
@@ -35,12 +34,7 @@ def _split_view(threshold: int, rule: ThresholdRule) -> tuple[np.ndarray | None,
     params = SecAggParams.for_round(
         "run-split", 1, 5, bits=8, value_range=1.0, length=6, threshold=threshold
     )
-    server = ServerSession(params)
-    sessions, ads = {}, []
-    for s in ids:
-        sessions[s], ad = SiteSession.start(params, server.public_key, CONSORTIUM.signer(s), rule)
-        ads.append(ad)
-    roster = server.advertised(ads)
+    server, sessions, roster = advertise(params, CONSORTIUM, ids, rule)
     routed = server.shared({s: sessions[s].share_keys(roster, CONSORTIUM.verifier()) for s in ids})
     rng = np.random.default_rng(7)
     updates = {s: rng.uniform(-0.9, 0.9, params.length) for s in ids}
@@ -62,11 +56,15 @@ def _split_view(threshold: int, rule: ThresholdRule) -> tuple[np.ndarray | None,
     # with every signature the aggregator has, in case that is enough.
     b_shares = {1: sessions[COLLUDER].held[VICTIM][0]}
     s_shares = {1: sessions[COLLUDER].held[VICTIM][1]}
-    for s, view in groups.items():
-        bundle = signed["a" if view is view_a else "b"]
-        try:
-            reveals = sessions[s].unmask(bundle)
-        except SecAggError:
+    bundles = [signed["a"], signed["b"], {**signed["a"], **signed["b"]}]
+    for s in groups:
+        for bundle in bundles:  # whatever the aggregator holds, in case one works
+            try:
+                reveals = sessions[s].unmask(bundle)
+                break
+            except SecAggError:
+                continue
+        else:
             continue
         for r in reveals:
             if r.owner == VICTIM:
@@ -108,7 +106,7 @@ def test_split_view_succeeds_where_a_site_says_it_tolerates_no_colluder():
 @pytest.mark.parametrize(
     ("n", "t", "rule", "match"),
     [
-        (2, 2, ThresholdRule(), "joins sums of at least 3"),
+        (2, 2, ThresholdRule(), "this site's rule joins sums of at least 3"),
         (3, 2, ThresholdRule(), "threshold 2 of 3 sites"),
         (10, 6, ThresholdRule(), r"⌊2n/3⌋ \+ 1 = 7"),
         (10, 7, ThresholdRule(colluding=5), r"t > \(n \+ 5\)/2 and t ≥ 7 = 8"),
@@ -183,12 +181,7 @@ def test_a_roster_outside_the_membership_list_is_refused_before_any_share_leaves
     consortium never listed (or lists a site with another certificate)."""
     ids = site_ids(4)
     params = SecAggParams.for_round("r", 1, 4, bits=8, value_range=1.0, length=3)
-    server = ServerSession(params)
-    sessions, ads = {}, []
-    for s in ids:
-        sessions[s], ad = SiteSession.start(params, server.public_key, CONSORTIUM.signer(s))
-        ads.append(ad)
-    roster = server.advertised(ads)
+    _, sessions, roster = advertise(params, CONSORTIUM, ids, ThresholdRule())
     listed = CONSORTIUM.membership(ids[:3])
     with pytest.raises(SecAggError, match="site-03 is not in the consortium's membership list"):
         sessions[ids[0]].share_keys(roster, CONSORTIUM.verifier(members=listed))

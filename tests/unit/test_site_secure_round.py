@@ -22,7 +22,7 @@ SITES = ("site-a", "site-b", "site-c")
 FLOOR = Limits(min_sites=2, colluding_sites=0)  # t = 2 of 3: the server has a choice
 
 
-def _masked_round(tmp_path):
+def _shared_round(tmp_path):
     settings = consortium(tmp_path, SITES)
     params = SecAggParams.for_round("run-r", 1, 3, bits=8, value_range=1.0, length=4, threshold=2)
     server = ServerSession(params)
@@ -43,14 +43,38 @@ def _masked_round(tmp_path):
         )
         for s in SITES
     }
-    routed = server.shared(shares)
+    return settings, server, states, server.shared(shares), update
+
+
+def _masked_round(tmp_path):
+    settings, server, states, routed, update = _shared_round(tmp_path)
     envelopes = {}
     for s in SITES:
-        envelopes[s], _ = secure_round.masked_input(
-            states[s], settings[s], update, routed[s], server.u2
-        )
+        secure_round.accept_shares(states[s], settings[s], routed[s], server.u2)
+        envelopes[s], _ = secure_round.masked_input(states[s], settings[s], update)
     server.received_masked(envelopes)
     return settings, server, states
+
+
+def test_shares_are_checked_before_training_and_a_round_is_trained_once(tmp_path):
+    """A garbage share fails before the site trains (nothing spent); a
+    replayed train request, even with the state from before training, is
+    refused before it spends again or masks a second update with the same
+    masks."""
+    settings, server, states, routed, update = _shared_round(tmp_path)
+    site = "site-a"
+    bad = [
+        EncryptedShare(x.sender, x.receiver, x.ciphertext[:-1] + bytes([x.ciphertext[-1] ^ 1]))
+        for x in routed[site]
+    ]
+    with pytest.raises(SecAggError, match="authentication"):
+        secure_round.accept_shares(states[site], settings[site], bad, server.u2)
+    before = states[site].config_records[secure_round.SESSION]["state"]
+    secure_round.accept_shares(states[site], settings[site], routed[site], server.u2)
+    secure_round.masked_input(states[site], settings[site], update)
+    states[site][secure_round.SESSION] = ConfigRecord({"state": before})  # state rolled back
+    with pytest.raises(SecAggError, match="already trained for round 1"):
+        secure_round.accept_shares(states[site], settings[site], routed[site], server.u2)
 
 
 def test_a_site_that_lost_its_state_after_signing_refuses_a_second_survivor_set(tmp_path):
@@ -102,7 +126,7 @@ def test_a_round_reveals_only_the_sum_through_the_site_stages(tmp_path):
     ("limits", "n", "t", "match"),
     [
         (Limits(), 3, 2, "threshold 2 of 3 sites is below this site's rule"),
-        (Limits(min_sites=4), 3, 3, "joins sums of at least 4"),
+        (Limits(min_sites=4), 3, 3, "rule joins sums of at least 4"),
     ],
 )
 def test_a_site_checks_the_setup_before_it_trains(tmp_path, limits, n, t, match):
@@ -110,3 +134,9 @@ def test_a_site_checks_the_setup_before_it_trains(tmp_path, limits, n, t, match)
     params = SecAggParams.for_round("r", 1, n, bits=8, value_range=1.0, length=4, threshold=t)
     with pytest.raises(FedGanError, match=match):
         secure_round.check_setup(settings, limits, params, b"", b"")
+
+
+def test_a_masked_reply_keeps_the_numbers_that_tell_a_sites_image_count():
+    metrics = {"sample-rate": 0.25, "train-seconds": 12.0, "num-examples": 48.0, "epsilon": 1.5}
+    reply = wire.masked_reply("site-a", metrics, b"sealed")
+    assert dict(reply[wire.METRICS]) == {"epsilon": 1.5}
