@@ -60,21 +60,13 @@ def secagg_advertise(msg: Message, context: Context) -> Message:
     limits = store.load().limits
     try:
         cfg = RoundConfig.from_record(record)
-        approval.check_run(
-            limits,
-            site.site_id,
-            dp=cfg.privacy.enabled,
-            noise_multiplier=None,
-            target_epsilon=cfg.privacy.target_epsilon,
-            secure_aggregation=True,
-            init_sha256=cfg.init_sha256,
-        )
         try:
             secure_round.check_setup(site, limits, setup.params, setup.crl, setup.membership)
         except FedGanError as exc:
             raise approval.AppRefused(site.site_id, str(exc)) from None
-        # What training would refuse before spending, refused now: a site
-        # that would refuse never joins the roster.
+        # What training would refuse before spending (the site's limits
+        # first, then its DP plan and budget), refused now: a site that would
+        # refuse never joins the roster.
         exhausted = preflight_round(site, dict(context.node_config), run_id, cfg, limits)
     except approval.AppRefused as refusal:
         raise store.refuse(refusal, run=run_id, round=int(record["round"])) from None
