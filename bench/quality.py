@@ -240,7 +240,7 @@ def train_federated(
                 dp = DPConfig(plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate)
                 if r == rounds:
                     spent.append(epsilon([plan.as_round] * rounds, plan.delta))
-            result = train_local(
+            train_local(
                 lg,
                 ld,
                 x[idx],
@@ -255,7 +255,7 @@ def train_federated(
                 dp=dp,
                 labels=y[idx],
             )
-            update = make_update(get_arrays(lg), get_arrays(ld), g0, d0, result.examples)
+            update = make_update(get_arrays(lg), get_arrays(ld), g0, d0, 1)  # as sites do
             updates.append(clip_update(update, 20.0)[0] if sites > 1 else update)
         mean_g, mean_d = weighted_mean(updates)
         set_arrays(gen, apply_delta(g0, mean_g))

@@ -41,7 +41,7 @@ def format_round(r: dict[str, Any], rounds: int) -> list[str]:
         losses = (
             f"G fit to the releases {r['g_loss']:.4f} (from {r['fit_loss_first']:.4f})"
             if r.get("mechanism") == "mean-embedding"
-            else f"G loss {r['g_loss']:.3f}{ms}  D loss {r['d_loss']:.3f}"
+            else f"G loss {r['g_loss']:.3f}{ms}  D loss on fakes {r['d_loss']:.3f}"
         )
         lines = [
             f"{head} {r['seconds']:6.1f} s  sites {len(r['sites'])}/{r['sites_sampled']}  "

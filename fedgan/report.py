@@ -163,15 +163,22 @@ def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
             "less is common practice)."
         )
         figures = latest_by_site(records, "noise_figure")
+        means = [r["noise_figure_mean"] for r in records if "noise_figure_mean" in r]
+        where, its = "", "its"
         if figures:
             site, figure = max(figures.items(), key=lambda item: item[1])
+            where = f"At the hospital with the noisiest training ({site}), "
+        elif means:  # secure aggregation: only the sites' mean is known
+            figure, its = means[-1], "their"
+            where = "Across the hospitals (a geometric mean; no single one's is known), "
+        if where:
             times = f"{figure:.0f}" if figure >= 10 else f"{figure:.2g}"
             lines.append(
-                f"At the hospital with the noisiest training ({site}), "
-                + ("its summary's" if released else "each step's")
-                + f" privacy noise was {times} times the strongest signal its images could give"
+                where
+                + (f"{its} summary's" if released else "each step's")
+                + f" privacy noise was {times} times the strongest signal {its} images could give"
                 + (
-                    ": its images shape the generator only weakly, so expect images less "
+                    f": {its} images shape the generator only weakly, so expect images less "
                     "faithful than a model trained without privacy (more images, or a smaller "
                     "model, lower this)."
                     if figure > 10
@@ -311,7 +318,8 @@ def _charts(records: list[dict[str, Any]]) -> list[str]:
 def _rounds_table(records: list[dict[str, Any]]) -> str:
     head = (
         "<tr><th>round</th><th>seconds</th><th>sites in the sum</th><th>sampled</th>"
-        "<th>G loss</th><th>D loss</th><th>ε max</th><th>bytes sent</th><th>note</th></tr>"
+        "<th>G loss</th><th>D loss (generated images)</th><th>ε max</th><th>bytes sent</th>"
+        "<th>note</th></tr>"
     )
     rows = "".join(_round_row(r) for r in records)
     return f"<h2>Rounds</h2><table>{head}{rows}</table>"

@@ -47,6 +47,7 @@ from fedgan.config.training import TrainConfig as TrainConfig
 from fedgan.gan.losses import (
     attribute_loss,
     discriminator_loss,
+    generated_loss,
     generator_loss,
     mode_seeking_loss,
     paired,
@@ -94,7 +95,7 @@ class TrainResult:
     # G's adversarial loss (with the attribute term), without mode-seeking's,
     # so that it reads the same whether that term is on or not.
     g_loss: float
-    d_loss: float
+    d_loss: float  # both halves: for the site's own log only
     steps: int
     examples: int
     seconds: float
@@ -102,6 +103,9 @@ class TrainResult:
     mode_seeking_loss: float = 0.0
     # D's steps taken: local_steps × n_D, or fewer with adaptive n_D.
     d_steps: int = 0
+    # D's loss on generated images alone: what a site reports, because the
+    # real-image half is computed on patients' images without DP noise.
+    d_loss_generated: float = 0.0
 
 
 def train_local(
@@ -148,12 +152,13 @@ def train_local(
     g_step.finish()
     return TrainResult(
         g_loss=float(g_total) / cfg.local_steps,
-        d_loss=float(d_total) / d_taken,  # over every D step
+        d_loss=float(d_total[0]) / d_taken,  # over every D step
         steps=cfg.local_steps,
         examples=silo.size,
         seconds=time.perf_counter() - start,
         mode_seeking_loss=float(ms_total) / cfg.local_steps,
         d_steps=d_taken,
+        d_loss_generated=float(d_total[1]) / d_taken,
     )
 
 
@@ -259,7 +264,7 @@ def _run_steps(
     images, labels, attributes, n = silo.images, silo.labels, silo.attributes, silo.size
     classes, attr_dim, latent_dim = gen.spec.num_classes, gen.spec.attr_dim, gen.spec.latent_dim
     g_total = torch.zeros((), device=device)
-    d_total = torch.zeros((), device=device)
+    d_total = torch.zeros(2, device=device)  # D's loss, and its generated-image half
     ms_total = torch.zeros((), device=device)
     d_taken = 0
     for step in range(cfg.local_steps):
@@ -462,6 +467,7 @@ class PlainDiscriminatorStep:
         fake_y: torch.Tensor | None,
         real_a: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One step; returns [D's loss, its generated-image half]."""
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
             fake_logits = self.disc(fake, fake_y)
@@ -476,7 +482,7 @@ class PlainDiscriminatorStep:
         loss.backward()
         self.prox.add_gradient()
         self.opt.step()
-        return loss.detach().float()
+        return torch.stack([loss.detach().float(), generated_loss(fake_logits.detach()).float()])
 
     def hooks(self, enabled: bool) -> None:
         """No per-sample hooks to switch."""
@@ -615,6 +621,7 @@ class DPDiscriminatorStep:
         fake_y: torch.Tensor | None,
         real_a: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One private step; returns [D's loss, its generated-image half]."""
         real_loss = self.private_real_gradient(real, real_y, real_a)
         self.hooks(False)
         fake_loss, grads = self.fake_gradient(fake, fake_y)
@@ -626,7 +633,7 @@ class DPDiscriminatorStep:
         self.prox.add_gradient()
         self.opt.original_optimizer.step()
         self.hooks(True)
-        return real_loss + fake_loss
+        return torch.stack([real_loss + fake_loss, fake_loss])
 
     def fake_gradient(
         self, fake: torch.Tensor, fake_y: torch.Tensor | None

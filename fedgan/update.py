@@ -18,8 +18,10 @@ Arrays = list[np.ndarray]
 
 @dataclass(frozen=True)
 class SiteUpdate:
-    """Δ = local − global for both networks, and the site's weight (its
-    number of training examples, as in FedAvg)."""
+    """Δ = local − global for both networks, and its weight in the mean. A
+    site sends 1: FedAvg's weight, the image count, is exact and outside DP,
+    so in a federation every site's update counts once (simulations may
+    weigh otherwise)."""
 
     gen: Arrays
     disc: Arrays
@@ -62,12 +64,12 @@ def make_update(
     local_disc: Sequence[np.ndarray],
     global_gen: Sequence[np.ndarray],
     global_disc: Sequence[np.ndarray],
-    num_examples: int,
+    weight: float,
 ) -> SiteUpdate:
     return SiteUpdate(
         gen=_delta(local_gen, global_gen),
         disc=_delta(local_disc, global_disc),
-        weight=float(num_examples),
+        weight=float(weight),
     )
 
 

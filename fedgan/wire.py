@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedgan.round_numbers import CLEAR, KEPT_AT_SITE
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.messages import Advertisement, EncryptedShare, pack, unpack
 from fedgan.update import Arrays, Contribution, Release, SiteUpdate
@@ -45,6 +46,9 @@ def read_train_request(content: RecordDict) -> tuple[Arrays, Arrays, dict]:
 
 
 def train_reply(sent: Contribution, site_id: str, metrics: dict[str, float]) -> RecordDict:
+    """A plain round's reply: the update in the clear (the site's policy
+    allowed it) and its numbers, less those that tell its image count."""
+    metrics = {k: v for k, v in metrics.items() if k not in KEPT_AT_SITE}
     arrays = (
         {RELEASE: ArrayRecord([sent.values])}
         if isinstance(sent, Release)
@@ -180,16 +184,17 @@ def read_masking(content: RecordDict) -> tuple[list[EncryptedShare], list[str]] 
     return secagg_list(content, "inbox", EncryptedShare), secagg_names(content, "u2")
 
 
-# Numbers a site keeps to itself under secure aggregation: the sampling rate
-# is batch / images (its exact count), and training time grows with it.
-KEPT_UNDER_SECAGG = frozenset({"sample-rate", "train-seconds", "num-examples"})
-
-
-def masked_reply(site_id: str, metrics: dict[str, float], envelope: bytes) -> RecordDict:
+def masked_reply(
+    site_id: str, metrics: dict[str, float], envelope: bytes, weight: float | None = None
+) -> RecordDict:
     """A trained site's reply under secure aggregation: its masked update,
-    sealed to the aggregator, and numbers, without those that tell its
-    image count (`KEPT_UNDER_SECAGG`)."""
-    sent = {k: v for k, v in metrics.items() if k not in KEPT_UNDER_SECAGG}
+    sealed to the aggregator, and in the clear only the privacy ledger's
+    figures (`round_numbers.CLEAR`); its other numbers are inside the mask.
+    ``weight``: a release's noisy count (part of its DP release); an update
+    sends none."""
+    sent = {k: v for k, v in metrics.items() if k in CLEAR}
+    if weight is not None:
+        sent["num-examples"] = weight
     return RecordDict(
         {
             METRICS: MetricRecord(sent),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import RecordDict
 
-from fedgan import pki, wire
+from fedgan import pki, round_numbers, wire
 from fedgan.aggregator.mechanisms import mechanism_for
 from fedgan.aggregator.preview import Preview
 from fedgan.aggregator.round import Federation
@@ -93,8 +93,10 @@ class MemorySite:
         if masking is None:
             return wire.train_reply(update, self.site_id, metrics)
         secure_round.accept_shares(self.state, self.settings, *masking)
-        envelope, clipped = secure_round.masked_input(self.state, self.settings, update)
-        return wire.masked_reply(self.site_id, {**metrics, "secagg-clipped": clipped}, envelope)
+        stats = round_numbers.stats_for(record["mechanism"] == "mean-embedding")
+        envelope = secure_round.masked_input(self.state, self.settings, update, metrics, stats)
+        weight = update.weight if isinstance(update, Release) else None
+        return wire.masked_reply(self.site_id, metrics, envelope, weight)
 
     def _advertise(self, content: RecordDict) -> RecordDict | str:
         _, setup = wire.read_advertise_request(content)

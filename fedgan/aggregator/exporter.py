@@ -162,6 +162,12 @@ class RunSeries:
             "Site's DP noise per step over the largest clipped signal (σ·√d/B).",
             labels=site,
         )
+        self.noise_mean = GaugeMetricFamily(
+            "fedgan_privacy_noise_figure_mean",
+            "Secure rounds: the geometric mean of the sites' noise figures, last round "
+            "(no single site's is known).",
+            labels=run,
+        )
         self.dropped = CounterMetricFamily(
             "fedgan_sites_dropped",
             "Sampled sites left out of a round's aggregate (failed, timed out, "
@@ -182,7 +188,7 @@ class RunSeries:
 
     def __iter__(self) -> Iterator[Metric]:
         yield from (self.round, self.sites, self.g_loss, self.d_loss)
-        yield from (self.eps, self.remaining, self.noise)
+        yield from (self.eps, self.remaining, self.noise, self.noise_mean)
         yield from (self.dropped, self.update_bytes, self.aborted, self.duration)
 
     def add(self, run: str, records: list[dict[str, Any]]) -> None:
@@ -211,6 +217,9 @@ class RunSeries:
                 self.remaining.add_metric([run, site], float(budget[site] - value))
         for site, value in sorted(latest_by_site(records, "noise_figure").items()):
             self.noise.add_metric([run, site], float(value))
+        means = [r["noise_figure_mean"] for r in records if "noise_figure_mean" in r]
+        if means:
+            self.noise_mean.add_metric([run], float(means[-1]))
 
     def _traffic(self, run: str, records: list[dict[str, Any]]) -> None:
         """Counters over every round: bytes sent, sites lost, rounds aborted."""

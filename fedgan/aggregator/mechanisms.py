@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from fedgan.config.run import RunSettings
 from fedgan.gan.models import Discriminator, Generator
 from fedgan.privacy.mean_embedding import FeatureMap, Target, class_noise_figures
 from fedgan.progress import FIT_MARKER
+from fedgan.round_numbers import DCGAN, RELEASE, Stat
 from fedgan.update import (
     Arrays,
     Contribution,
@@ -49,6 +50,8 @@ Model = tuple[Arrays, Arrays]  # G's and D's arrays
 class Mechanism(Protocol):
     # The hash of the random features the sites must draw ("" if none).
     digest: str
+    # The numbers sites append inside the masked vector (secure rounds).
+    stats: tuple[Stat, ...]
 
     def kept(self, server_round: int) -> KeptRelease | None:
         """The round's sum, kept before a stop; None: ask the sites."""
@@ -87,6 +90,7 @@ class Mechanism(Protocol):
 class FedAvgOfDeltas:
     store: RunOutputs
     digest: str = ""
+    stats: ClassVar[tuple[Stat, ...]] = DCGAN
 
     def kept(self, server_round: int) -> KeptRelease | None:
         return None
@@ -116,8 +120,11 @@ class FedAvgOfDeltas:
         (before_gen, before_disc), (mean_gen, mean_disc) = collected.before, collected.mean
         set_arrays(gen, apply_delta(before_gen, mean_gen))
         set_arrays(disc, apply_delta(before_disc, mean_disc))
-        collected.record.updates_clipped = sum(
-            bool(m["update-clipped"]) for _, _, m in collected.received
+        summed = collected.summed
+        collected.record.updates_clipped = (
+            round(summed["update-clipped"] * len(collected.record.sites))
+            if summed is not None
+            else sum(bool(m["update-clipped"]) for _, _, m in collected.received)
         )
 
     def dump(self, collected: Collected, gen: Generator, disc: Discriminator) -> None:
@@ -134,6 +141,7 @@ class MeanEmbeddingFit:
     settings: RunSettings
     store: RunOutputs
     audit: AuditLog
+    stats: ClassVar[tuple[Stat, ...]] = RELEASE
 
     def __post_init__(self) -> None:
         spec, privacy = self.settings.spec, self.settings.privacy

@@ -24,17 +24,25 @@ class RoundRecord:
     # Privacy, as the sites report it (numbers only).
     epsilon: dict[str, float] | None = None
     epsilon_budget: dict[str, float] | None = None
-    noise_figure: dict[str, float] | None = None
+    noise_figure: dict[str, float] | None = None  # plain rounds: each site's
+    # Secure rounds: the geometric mean over the sum's sites (one site's
+    # figure would tell its batch, and an automatic batch its image count).
+    noise_figure_mean: float | None = None
     budget_exhausted: dict[str, dict[str, float]] | None = None
     # Secure aggregation.
     secagg: dict[str, Any] | None = None
     secagg_error_bound: float | None = None
+    secagg_clipped_fraction: float | None = None  # mean over the sum's sites
     # What the round produced.
     examples: float | None = None
     update_bytes: dict[str, int] | None = None
+    # The sites' means (secure rounds: unmasked with the sum). D's loss is on
+    # generated images only: its real-image half is not DP and stays at the
+    # site.
     g_loss: float | None = None
     d_loss: float | None = None
     mode_seeking_loss: float | None = None
+    update_norm: float | None = None  # geometric mean in secure rounds
     updates_clipped: int | None = None
     # A mean-embedding round: G fitted to the sum of the sites' releases.
     mechanism: str | None = None

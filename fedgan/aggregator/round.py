@@ -30,6 +30,7 @@ from fedgan.config.round import RoundConfig
 from fedgan.config.run import RunSettings
 from fedgan.gan.models import Discriminator, Generator, recalibrate_batchnorm
 from fedgan.progress import ROUND_MARKER
+from fedgan.round_numbers import decode
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.messages import Advertisement
 from fedgan.update import Contribution
@@ -94,6 +95,21 @@ class Collected:
     received: Received = field(default_factory=list)  # site, weight, metrics
     kept: bool = False  # from the sum kept before a stop, not from the sites
     skipped: str = ""
+    # A secure round's numbers (losses, norms, clip flags...): the survivors'
+    # means, unmasked with the sum; None in a plain round (each site's are
+    # in its metrics).
+    summed: dict[str, float] | None = None
+
+    def site_mean(self, name: str) -> float | None:
+        """The round's mean of one number the sites report, weighted as the
+        update is; None when a site lacks it."""
+        if self.summed is not None:
+            return self.summed.get(name)
+        received = self.received
+        total = sum(w for _, w, _ in received)
+        if not received or not all(name in m for _, _, m in received):
+            return None
+        return sum(w * m[name] for _, w, m in received) / total
 
 
 @dataclass
@@ -143,7 +159,7 @@ def collect(fed: Federation, server_round: int) -> Collected:
     before = get_arrays(fed.gen), get_arrays(fed.disc)
     config = settings.round_config(server_round, fed.mechanism.digest, fed.init_sha256)
     length = fed.mechanism.length(before)
-    secure, setup_error = _secure_round(fed, config, nodes, length)
+    secure, setup_error = _secure_round(fed, config, nodes, length, len(fed.mechanism.stats))
     contract = config.to_record()
     outgoing = fed.mechanism.outgoing(before)
     if secure is not None:
@@ -234,7 +250,12 @@ def _collect_secure(
     record = collected.record
     collected.skipped = why or "no site replied; the global model is unchanged"
     if aggregate is not None:
-        collected.mean = fed.mechanism.from_vector(aggregate.mean, before)
+        stats, k = fed.mechanism.stats, len(fed.mechanism.stats)
+        collected.mean = fed.mechanism.from_vector(aggregate.mean[:-k], before)
+        collected.summed = summed = decode(stats, aggregate.mean[-k:], secure.params.value_range)
+        if record.epsilon:  # DP on: the figure means something
+            record.noise_figure_mean = summed["noise-figure"]
+        record.secagg_clipped_fraction = summed["secagg-clipped"]
         # Losses of the sites whose updates are in the sum; each counts once.
         collected.received = [r for r in collected.received if r[0] in aggregate.survivors]
         record.sites = aggregate.survivors
@@ -254,10 +275,11 @@ def _why_no_update(site: str, replies: Replies) -> str:
 
 
 def _secure_round(
-    fed: Federation, config: RoundConfig, nodes: list[int], length: int
+    fed: Federation, config: RoundConfig, nodes: list[int], length: int, numbers: int
 ) -> tuple[SecureRound | None, str]:
-    """(the round's secure aggregation of ``length`` values per site, or None
-    when off; why the round cannot run securely, or "")."""
+    """(the round's secure aggregation of ``length`` values per site and
+    ``numbers`` appended, or None when off; why the round cannot run
+    securely, or "")."""
     settings = fed.settings
     if not settings.secagg.enabled:
         return None, ""
@@ -268,7 +290,7 @@ def _secure_round(
             len(nodes),
             bits=settings.secagg.bits,
             value_range=settings.secagg_range(length),
-            length=length,
+            length=length + numbers,
             threshold=settings.secagg.threshold,
         )
     except SecAggError as exc:
@@ -316,12 +338,10 @@ def sort_replies(
         try:
             if secure:
                 out.envelopes[site_id] = wire.secagg_bytes(reply.content, "envelope")
-                # Every site's update counts equally in the sum; the weight
-                # here only weighs its losses. A release's is its noisy count
-                # (DP post-processing); an exact count never leaves a site.
+                # Every site's update counts equally in the sum. A release's
+                # weight is its noisy count (DP post-processing); an exact
+                # count never leaves a site.
                 weight = metrics.pop("num-examples", 1.0)
-                if "secagg-clipped" in metrics:
-                    secure.metrics[site_id] = {"secagg-clipped": metrics.pop("secagg-clipped")}
             else:
                 weight = _accept(fed, update, before, out)
         except (SecAggError, KeyError, ValueError) as exc:
@@ -404,20 +424,20 @@ def _base_record(
 def publish(fed: Federation, collected: Collected) -> None:
     """The new G where people and later rounds see it: BatchNorm statistics
     recomputed from G's own outputs, generator.pt, the sample grid, and the
-    round's losses (weighted by the sites' image counts)."""
-    record, received = collected.record, collected.received
+    round's losses (the sites' means)."""
+    record = collected.record
     recalibrate_batchnorm(fed.gen, fed.preview.inputs, seed=record.round)
     fed.store.save_generator(fed.gen, record.round)
     fed.store.write_samples(record.round, fed.preview.grid(fed.gen))
-    total = sum(w for _, w, _ in received)
-    if all("g-loss" in m for _, _, m in received):
-        record.g_loss = sum(w * m["g-loss"] for _, w, m in received) / total
-    if all("d-loss" in m for _, _, m in received):
-        record.d_loss = sum(w * m["d-loss"] for _, w, m in received) / total
-    if any(m.get("mode-seeking-loss", 0.0) for _, _, m in received):
-        record.mode_seeking_loss = (
-            sum(w * m.get("mode-seeking-loss", 0.0) for _, w, m in received) / total
-        )
+    # A mean-embedding round has its fit's loss already, and no D.
+    for name, value in (
+        ("g_loss", collected.site_mean("g-loss")),
+        ("d_loss", collected.site_mean("d-loss")),
+        ("mode_seeking_loss", collected.site_mean("mode-seeking-loss") or None),  # 0: off
+        ("update_norm", collected.site_mean("update-norm")),
+    ):
+        if value is not None:
+            setattr(record, name, value)
     if fed.settings.dump_updates:
         fed.mechanism.dump(collected, fed.gen, fed.disc)
 

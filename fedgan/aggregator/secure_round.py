@@ -37,7 +37,6 @@ class SecureRound:
     nodes: dict[str, int] = field(default_factory=dict)  # site id -> node id
     bytes_sent: dict[str, int] = field(default_factory=dict)  # per site, all stages
     failures: dict[str, str] = field(default_factory=dict)  # site -> why it dropped out
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.session = ServerSession(self.params)
@@ -85,8 +84,6 @@ class SecureRound:
                 self.failures[site] = f"{stage}: {exc}"
                 continue
             self._count(site, raw)
-            if wire.METRICS in reply.content.metric_records:
-                self.metrics[site] = dict(reply.content.metric_records[wire.METRICS])
         for site in requests:
             if site not in out and site not in self.failures:
                 self.failures[site] = f"{stage}: no reply within {self.timeout:.0f} s"
@@ -160,7 +157,4 @@ class SecureRound:
             "survivors": survivors,
             "dropped": [x for x in s.u2 if x not in s.masked],
             "failures": dict(sorted(self.failures.items())),
-            "clipped_fraction": {
-                site: m["secagg-clipped"] for site, m in sorted(self.metrics.items())
-            },
         }

@@ -8,8 +8,13 @@ import torch.nn.functional as F
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-    return real + fake
+    return real + generated_loss(fake_logits)
+
+
+def generated_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """D's loss on generated images alone: the half a site may report, since
+    it touches no real image."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
 
 
 def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:

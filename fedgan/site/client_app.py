@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedgan import wire
+from fedgan import round_numbers, wire
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.dumps import dump_arrays
@@ -146,13 +146,15 @@ def train(msg: Message, context: Context) -> Message:
             _dumped(outcome.update),
         )
     if masking is not None:
-        envelope, clipped = secure_round.masked_input(context.state, site, outcome.update)
-        metrics = {**outcome.metrics, "secagg-clipped": clipped}
-        reply = wire.masked_reply(site.site_id, metrics, envelope)
-        if isinstance(outcome.update, Release):
-            # A release's weight is its noisy count: part of the DP release.
-            reply[wire.METRICS]["num-examples"] = outcome.update.weight
-        return Message(reply, reply_to=msg)
+        stats = round_numbers.stats_for(cfg.privacy.mean_embedding)
+        envelope = secure_round.masked_input(
+            context.state, site, outcome.update, outcome.metrics, stats
+        )
+        # A release's weight is its noisy count: part of its DP release.
+        weight = outcome.update.weight if isinstance(outcome.update, Release) else None
+        return Message(
+            wire.masked_reply(site.site_id, outcome.metrics, envelope, weight), reply_to=msg
+        )
     return Message(wire.train_reply(outcome.update, site.site_id, outcome.metrics), reply_to=msg)
 
 

@@ -191,13 +191,14 @@ def run_round(
         sample_attributes=(lambda n, g: sample_attributes(attrs, n, g)) if attrs else None,
     )
     admission.complete()
-    update = make_update(
-        get_arrays(gen), get_arrays(disc), global_gen, global_disc, result.examples
-    )
+    # Every site's update counts once: weighting by image count would send
+    # the exact count, which DP does not cover (the site's log keeps it).
+    update = make_update(get_arrays(gen), get_arrays(disc), global_gen, global_disc, 1)
     update, clipped, norm = clip_update(update, cfg.privacy.update_clip)
     metrics |= {
         "g-loss": result.g_loss,
-        "d-loss": result.d_loss,
+        # D's loss on generated images: the real half is not DP and stays here.
+        "d-loss": result.d_loss_generated,
         "mode-seeking-loss": result.mode_seeking_loss,
         "train-seconds": result.seconds,
         "update-norm": norm,
@@ -259,12 +260,16 @@ def _dp(
 
 def _log_trained(site_id: str, server_round: int, result: Any, metrics: dict[str, float]) -> None:
     log.info(
-        "site %s round %d: %d G steps and %d D steps on %d images in %.1f s%s",
+        "site %s round %d: %d G steps and %d D steps on %d images in %.1f s; G loss %.3f, "
+        "D loss %.3f (%.3f on generated images, the part sent)%s",
         site_id,
         server_round,
         result.steps,
         result.d_steps,
         result.examples,
         result.seconds,
+        result.g_loss,
+        result.d_loss,
+        result.d_loss_generated,
         f", ε {metrics['epsilon']:.3f}" if "epsilon" in metrics else " (no DP)",
     )

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedgan import wire
 from fedgan.atomic import write_atomic
 from fedgan.config.run import SiteSettings
 from fedgan.pki import load_cert
+from fedgan.round_numbers import Stat, clipped_fraction, encode
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.client import SiteSession
 from fedgan.secagg.identity import Signer, Verifier
@@ -145,16 +148,26 @@ def accept_shares(
     _save(state, session)
 
 
-def masked_input(state: RecordDict, site: SiteSettings, sent: Contribution) -> tuple[bytes, float]:
+def masked_input(
+    state: RecordDict,
+    site: SiteSettings,
+    sent: Contribution,
+    metrics: Mapping[str, float],
+    stats: tuple[Stat, ...],
+) -> bytes:
     """Stage 3, right after training: the masked, quantized update in its
-    envelope, and the fraction of its values clipped to the range."""
+    envelope, with the round's numbers (``stats``, from ``metrics``) appended
+    inside the mask, so the aggregator learns only their sum."""
     session = _load(state, site)
+    r = session.params.value_range
     values = flatten(sent)
-    if session.params.length != values.size:
+    numbers = {**metrics, "secagg-clipped": clipped_fraction(values, r)}
+    vector = np.concatenate([values, encode(stats, numbers, r)])
+    if session.params.length != vector.size:
         raise SecAggError(f"site {site.site_id}: the update's size does not match the round's")
-    envelope, clipped = session.mask(values)
+    envelope, _ = session.mask(vector)
     _save(state, session)
-    return envelope, clipped
+    return envelope
 
 
 def _committed(site: SiteSettings, params: SecAggParams) -> Path:

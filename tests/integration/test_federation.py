@@ -94,7 +94,10 @@ def test_global_model_is_the_securely_aggregated_mean_of_what_sites_sent(finishe
             for s in ("site-1", "site-2")
         ]
         weights = [float(u["weight"][0]) for u in sent]
-        assert weights == [24.0, 24.0]
+        assert weights == [1.0, 1.0]  # each counts once: no image count leaves a site
+        # The sites' own numbers came inside the mask: their means only.
+        assert "noise_figure" not in m and ("noise_figure_mean" in m) == ("epsilon" in m)
+        assert all(np.isfinite(m[k]) for k in ("g_loss", "d_loss", "update_norm"))
         values = sum(a.size for net in ("gen", "disc") for a in before[net])
         for net in ("gen", "disc"):
             for i in learned[net]:

@@ -112,11 +112,13 @@ def test_prometheus_serves_what_metrics_jsonl_says(prometheus):
         assert _value(port, f"fedgan_privacy_epsilon{s}") == pytest.approx(eps)
         budget = last["epsilon_budget"][site]
         assert _value(port, f"fedgan_privacy_budget_remaining{s}") == pytest.approx(budget - eps)
-        figure = last["noise_figure"][site]
-        assert figure > 0
-        assert _value(port, f"fedgan_privacy_noise_figure{s}") == pytest.approx(figure)
         sent = sum(r["update_bytes"][site] for r in records)
         assert _value(port, f"fedgan_update_bytes_total{s}") == sent > 0
+    # A secure round: only the sites' (geometric) mean noise figure is known.
+    assert "noise_figure" not in last and last["noise_figure_mean"] > 0
+    assert _value(port, f"fedgan_privacy_noise_figure_mean{sel}") == pytest.approx(
+        last["noise_figure_mean"]
+    )
     # Every site connected with a valid certificate: no rejection logged.
     assert _value(port, "fedgan_tls_rejections_total") == 0
 

@@ -70,6 +70,12 @@ def test_a_secure_round_recovers_the_same_mean_within_its_error_bound(tmp_path):
     assert record.secagg_error_bound is not None and record.secagg_error_bound > 0
     assert np.abs(moved - _secure_mean(list(WEIGHTS))).max() <= record.secagg_error_bound
     assert record.examples == 3  # sites, not images
+    # The sites' losses and clip flags came inside the mask: their means.
+    step = 32 * record.secagg_error_bound / record.secagg["value_range"]
+    assert record.g_loss == pytest.approx(1 + _secure_mean(list(WEIGHTS)), abs=step)
+    assert record.d_loss == pytest.approx(2.0, abs=step)
+    assert record.updates_clipped == 0
+    assert record.secagg_clipped_fraction == pytest.approx(0.0, abs=step)
     # No plain delta travelled: the train replies carry no arrays.
     assert all(b > 0 for b in record.update_bytes.values())
     stages = [r.kind for r in fed.transport.log]

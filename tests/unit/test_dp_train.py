@@ -122,6 +122,9 @@ def test_dp_training_runs_and_leaves_no_hooks(mode):
     dp = DPConfig(1.0, 1.0, 0.25, grad_sample_mode=mode)
     result = train_local(gen, disc, _data(16), TrainConfig(local_steps=3, batch_size=4), dp=dp)
     assert result.steps == 3 and np.isfinite(result.d_loss)
+    # What a site reports is D's loss on generated images: the real half (on
+    # patients' images, not noised) is strictly positive and left out.
+    assert 0 < result.d_loss_generated < result.d_loss
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters(), strict=True))
     assert not any(
         hasattr(p, "grad_sample") and p.grad_sample is not None for p in disc.parameters()

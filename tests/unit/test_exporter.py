@@ -81,6 +81,7 @@ def test_series_follow_the_run_folders(tmp_path):
     assert s[("fedgan_privacy_noise_figure", b)] == 12.5
     assert s[("fedgan_privacy_noise_figure", (("run", "r1"), ("site", "a")))] == 6.0  # round 2's
     assert s[("fedgan_update_bytes_total", b)] == 400
+    assert ("fedgan_privacy_noise_figure_mean", r) not in s  # plain rounds: per site
     assert s[("fedgan_tls_rejections_total", ())] == 2
     # A scrape only reads: the exporter process writes the audit log on its own timer.
     assert not (tmp_path / "runs" / "audit.jsonl").exists()
@@ -88,6 +89,12 @@ def test_series_follow_the_run_folders(tmp_path):
     (tmp_path / "runs" / "r2").mkdir()
     (tmp_path / "runs" / "r2" / "metrics.jsonl").write_text(json.dumps(_round(1)) + "\n")
     assert _samples(tmp_path)[("fedgan_round", (("run", "r2"),))] == 1
+    # A secure round's figure is the sites' mean, one series per run.
+    secure = {k: v for k, v in _round(2).items() if k != "noise_figure"}
+    (tmp_path / "runs" / "r2" / "metrics.jsonl").write_text(
+        json.dumps(secure | {"noise_figure_mean": 7.5}) + "\n"
+    )
+    assert _samples(tmp_path)[("fedgan_privacy_noise_figure_mean", (("run", "r2"),))] == 7.5
 
 
 def test_dashboard_asks_only_for_served_series(tmp_path):

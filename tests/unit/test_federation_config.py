@@ -100,7 +100,7 @@ def test_the_operator_sees_rounds_from_the_log_stream():
     assert seen[1] == "  c dropped out: secagg_mask: no reply within 120 s"
     assert "mode-seeking" not in seen[0]
     line = format_round(record | {"mode_seeking_loss": 9.5}, 4)[0]
-    assert "G loss 1.000  mode-seeking 9.500  D loss 2.000" in line
+    assert "G loss 1.000  mode-seeking 9.500  D loss on fakes 2.000" in line
 
 
 def test_a_mean_embedding_run_is_checked_before_submission(tmp_path):

@@ -62,6 +62,7 @@ def test_local_training_moves_both_networks():
     result = train_local(gen, disc, images, TrainConfig(local_steps=3, batch_size=8))
     assert result.steps == 3 and result.examples == 20
     assert torch.isfinite(torch.tensor([result.g_loss, result.d_loss])).all()
+    assert 0 < result.d_loss_generated < result.d_loss  # the real half stays out
     assert any((a != b).any() for a, b in zip(g0, get_arrays(gen), strict=True))
     assert any((a != b).any() for a, b in zip(d0, get_arrays(disc), strict=True))
     with pytest.raises(ValueError, match="non-empty"):

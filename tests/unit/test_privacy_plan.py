@@ -367,6 +367,8 @@ def test_the_default_batch_is_the_sites_own_and_the_ledger_and_trainer_agree(
     assert spend.sample_rate == pytest.approx(batch / images) == seen["q"]
     assert seen["expected"] == batch and spend.steps == 2
     assert outcome.metrics["sample-rate"] == pytest.approx(batch / images)
+    # The site's update counts once: no image count leaves it, not as a weight.
+    assert outcome.update is not None and outcome.update.weight == 1.0
 
 
 def test_a_secure_rounds_preflight_refuses_what_training_would_without_spending(tmp_path):

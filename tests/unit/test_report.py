@@ -105,6 +105,11 @@ def test_the_reading_names_the_noisiest_site_and_warns_only_above_ten():
     quiet = " ".join(reading(records({"site-1": 6.2, "site-2": 4.0}), {"status": "completed"}))
     assert "noisiest training (site-1)" in quiet and "weakly" not in quiet
     assert "noise" not in " ".join(reading([{"round": 1, "sites": ["a"]}], {}))
+    # A secure round knows only the sites' mean: no site is named.
+    secure = [{"round": 1, "sites": ["a", "b"], "epsilon": {"a": 5.0, "b": 5.0}}]
+    secure[0]["noise_figure_mean"] = 31.0
+    mean = " ".join(reading(secure, {"status": "completed"}))
+    assert "Across the hospitals" in mean and "was 31 times" in mean and "weakly" in mean
 
 
 def test_the_reading_says_when_a_release_sum_was_fitted_after_a_resume():

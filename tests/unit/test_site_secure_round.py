@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from fedgan import wire
+from fedgan import round_numbers, wire
 from fedgan.errors import FedGanError
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.messages import EncryptedShare, RevealedShare, pack
@@ -19,12 +19,22 @@ from fedgan.update import SiteUpdate
 from tests.memory_federation import consortium
 
 SITES = ("site-a", "site-b", "site-c")
+STATS = round_numbers.DCGAN
+# Each site's numbers about its round: under secure aggregation only their
+# means may reach the aggregator.
+NUMBERS = {
+    "site-a": {"g-loss": 1.0, "d-loss": 0.5, "update-norm": 1.0, "update-clipped": 0.0},
+    "site-b": {"g-loss": 2.0, "d-loss": 0.7, "update-norm": 10.0, "update-clipped": 1.0},
+    "site-c": {"g-loss": 4.0, "d-loss": 0.9, "update-norm": 100.0, "update-clipped": 1.0},
+}
 FLOOR = Limits(min_sites=2, colluding_sites=0)  # t = 2 of 3: the server has a choice
 
 
 def _shared_round(tmp_path):
     settings = consortium(tmp_path, SITES)
-    params = SecAggParams.for_round("run-r", 1, 3, bits=8, value_range=1.0, length=4, threshold=2)
+    params = SecAggParams.for_round(
+        "run-r", 1, 3, bits=16, value_range=1.0, length=4 + len(STATS), threshold=2
+    )
     server = ServerSession(params)
     states = {s: RecordDict() for s in SITES}
     update = SiteUpdate(
@@ -51,7 +61,7 @@ def _masked_round(tmp_path):
     envelopes = {}
     for s in SITES:
         secure_round.accept_shares(states[s], settings[s], routed[s], server.u2)
-        envelopes[s], _ = secure_round.masked_input(states[s], settings[s], update)
+        envelopes[s] = secure_round.masked_input(states[s], settings[s], update, NUMBERS[s], STATS)
     server.received_masked(envelopes)
     return settings, server, states
 
@@ -71,7 +81,7 @@ def test_shares_are_checked_before_training_and_a_round_is_trained_once(tmp_path
         secure_round.accept_shares(states[site], settings[site], bad, server.u2)
     before = states[site].config_records[secure_round.SESSION]["state"]
     secure_round.accept_shares(states[site], settings[site], routed[site], server.u2)
-    secure_round.masked_input(states[site], settings[site], update)
+    secure_round.masked_input(states[site], settings[site], update, NUMBERS[site], STATS)
     states[site][secure_round.SESSION] = ConfigRecord({"state": before})  # state rolled back
     with pytest.raises(SecAggError, match="already trained for round 1"):
         secure_round.accept_shares(states[site], settings[site], routed[site], server.u2)
@@ -118,7 +128,14 @@ def test_a_round_reveals_only_the_sum_through_the_site_stages(tmp_path):
         for s in SITES
     }
     total = server.unmasked(reveals)
-    assert np.allclose(total.mean, [0.1, 0.1, -0.1, -0.1], atol=total.error_bound)
+    assert np.allclose(total.mean[:4], [0.1, 0.1, -0.1, -0.1], atol=total.error_bound)
+    # The sites' numbers come out as their means only (norms: geometric).
+    means = round_numbers.decode(STATS, total.mean[4:], 1.0)
+    assert means["g-loss"] == pytest.approx(7 / 3, abs=32 * total.error_bound)
+    assert means["d-loss"] == pytest.approx(0.7, abs=32 * total.error_bound)
+    assert means["update-norm"] == pytest.approx(10.0, rel=1e-2)
+    assert means["update-clipped"] == pytest.approx(2 / 3, abs=total.error_bound)
+    assert means["secagg-clipped"] == pytest.approx(0.0, abs=total.error_bound)
     assert all(secure_round.SESSION not in states[s].config_records for s in SITES)
 
 
@@ -136,7 +153,44 @@ def test_a_site_checks_the_setup_before_it_trains(tmp_path, limits, n, t, match)
         secure_round.check_setup(settings, limits, params, b"", b"")
 
 
-def test_a_masked_reply_keeps_the_numbers_that_tell_a_sites_image_count():
-    metrics = {"sample-rate": 0.25, "train-seconds": 12.0, "num-examples": 48.0, "epsilon": 1.5}
+def test_a_masked_reply_carries_only_the_ledgers_figures_in_the_clear():
+    """Issue 32, item 7: no count, no loss, no norm, no clip flag of one
+    site in the clear; those travel inside the mask."""
+    ledger = {"epsilon": 1.5, "epsilon-budget": 8.0, "delta": 1e-5, "noise-multiplier": 1.1}
+    metrics = {
+        **ledger,
+        "sample-rate": 0.25,
+        "train-seconds": 12.0,
+        "num-examples": 48.0,
+        "g-loss": 0.9,
+        "d-loss": 1.3,
+        "mode-seeking-loss": 0.2,
+        "update-norm": 3.2,
+        "update-clipped": 1.0,
+        "noise-figure": 41.0,
+    }
     reply = wire.masked_reply("site-a", metrics, b"sealed")
-    assert dict(reply[wire.METRICS]) == {"epsilon": 1.5}
+    assert dict(reply[wire.METRICS]) == ledger
+    # A release's noisy count is part of its DP release: it is sent.
+    release = wire.masked_reply("site-a", metrics, b"sealed", weight=47.3)
+    assert dict(release[wire.METRICS]) == {**ledger, "num-examples": 47.3}
+
+
+def test_a_plain_reply_keeps_the_numbers_that_tell_a_sites_image_count():
+    update = SiteUpdate(gen=[np.zeros(2, np.float32)], disc=[np.zeros(2, np.float32)], weight=1)
+    metrics = {"sample-rate": 0.25, "train-seconds": 12.0, "epsilon": 1.5, "g-loss": 0.9}
+    reply = wire.train_reply(update, "site-a", metrics)
+    assert dict(reply[wire.METRICS]) == {"num-examples": 1.0, "epsilon": 1.5, "g-loss": 0.9}
+
+
+@pytest.mark.parametrize("stat", round_numbers.DCGAN)
+def test_a_number_survives_its_encoding_and_saturates_beyond_its_bound(stat):
+    value = 0.37 if not stat.log else 123.0
+    r = 0.05  # the quantization range: the encoding does not depend on it
+    encoded = round_numbers.encode((stat,), {stat.name: value}, r)
+    assert abs(encoded[0]) <= r
+    assert round_numbers.decode((stat,), encoded, r)[stat.name] == pytest.approx(value)
+    huge = round_numbers.encode((stat,), {stat.name: 1e300}, r)
+    assert huge[0] == pytest.approx(r)  # cut to the range, never past it
+    missing = round_numbers.encode((stat,), {}, r)
+    assert missing[0] == 0.0

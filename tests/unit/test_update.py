@@ -15,7 +15,7 @@ def test_update_is_local_minus_global():
     rng = np.random.default_rng(0)
     shapes = [(3, 2), (4,)]
     g_glob, d_glob, g_loc, d_loc = (_arrays(rng, shapes) for _ in range(4))
-    upd = make_update(g_loc, d_loc, g_glob, d_glob, num_examples=7)
+    upd = make_update(g_loc, d_loc, g_glob, d_glob, weight=7)
     assert upd.weight == 7
     for got, lo, gl in zip(upd.gen, g_loc, g_glob, strict=True):
         np.testing.assert_allclose(got, lo - gl)
