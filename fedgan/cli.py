@@ -929,6 +929,13 @@ def site_plan(
         float,
         typer.Option(envvar="FEDGAN_EPSILON_BUDGET", help="This site's lifetime ε budget."),
     ] = DEFAULT_EPSILON_BUDGET,
+    delta: Annotated[
+        float,
+        typer.Option(
+            envvar="FEDGAN_DELTA",
+            help="The δ this site accounts at (its node config 'delta'); 0: from --images.",
+        ),
+    ] = 0.0,
     new_silo: Annotated[
         bool, typer.Option("--new-silo", help="No privacy ledger yet: plan from ε = 0.")
     ] = False,
@@ -967,7 +974,7 @@ def site_plan(
         limits = store.current().limits  # reads only: no approval file is created
         policy_note = str(store.path) if store.path.exists() else "defaults, no approval file yet"
     try:
-        plan = site_plan.assess(run, images, history, limits, epsilon_budget)
+        plan = site_plan.assess(run, images, history, limits, epsilon_budget, delta)
     except ValueError as exc:
         fail(str(exc))
     if as_json:

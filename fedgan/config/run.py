@@ -7,6 +7,7 @@ value is reported with its key so the operator can fix the right line.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,6 +67,20 @@ def _node_float(cfg: Mapping[str, Any], key: str, default: float) -> float:
         raise ConfigError(f"node config {key}={cfg.get(key)!r} is not a number") from None
     if not value > 0:
         raise ConfigError(f"node config {key} must be > 0")
+    return value
+
+
+def _site_delta(cfg: Mapping[str, Any]) -> float:
+    raw = cfg.get("delta", 0)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 <= value < 1:
+        raise ConfigError(
+            f"node config delta={raw!r}: give a number in [0, 1), e.g. 1e-6 "
+            "(0: min(1e-5, 1/(10 n)) from the silo's size n)"
+        )
     return value
 
 
@@ -436,6 +451,10 @@ class SiteSettings:
     ca_cert: str = ""
     crl: str = ""
     membership: str = ""  # the consortium's CA-signed membership list (site kit)
+    # The δ this site accounts every spend at (0: min(1e-5, 1/(10 n)) from
+    # its silo's size n). The site's, not the run's: ε at a larger δ is
+    # smaller, so an operator choosing δ could stretch the site's budget.
+    delta: float = 0.0
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteSettings:
@@ -462,4 +481,5 @@ class SiteSettings:
             ca_cert=str(cfg.get("ca-cert", "")),
             crl=str(cfg.get("crl", "")),
             membership=str(cfg.get("membership", "")),
+            delta=_site_delta(cfg),
         )

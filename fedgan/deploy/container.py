@@ -38,6 +38,7 @@ SITE_KINDS = ("dicom", "fundus")
 # becomes; everything else about a round comes from the operator's run config.
 SITE_ENV_KEYS = {
     "FEDGAN_EPSILON_BUDGET": "epsilon-budget",
+    "FEDGAN_DELTA": "delta",
     "FEDGAN_PRECISION": "precision",
 }
 

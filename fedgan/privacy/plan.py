@@ -112,17 +112,23 @@ class RunForecast:
 
 
 def forecast_run(
-    plan: RoundPlan, rounds: int, history: Sequence[Round], budget: float
+    plan: RoundPlan,
+    rounds: int,
+    history: Sequence[Round],
+    budget: float,
+    delta: float = 0.0,
 ) -> RunForecast:
     """Compose the ledger's history with the planned rounds, as the site's
-    budget check will, round by round. Calibration aims the run alone at the
-    target ε, so a silo that already spent budget in earlier runs runs out
-    part-way; this says at which round, before any of it is spent."""
+    budget check will (at the site's ``delta``; 0: the plan's), round by
+    round. Calibration aims the run alone at the target ε, so a silo that
+    already spent budget in earlier runs runs out part-way; this says at
+    which round, before any of it is spent."""
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
+    delta = delta or plan.delta
 
     def after(k: int) -> float:
-        return epsilon([*history, *[plan.as_round] * k], plan.delta, plan.accountant)
+        return epsilon([*history, *[plan.as_round] * k], delta, plan.accountant)
 
     before, final = after(0), after(rounds)
     refused = None

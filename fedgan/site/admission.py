@@ -19,7 +19,7 @@ from fedgan.atomic import write_text_atomic
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.model_init import weights_sha256
-from fedgan.privacy.accountant import epsilon
+from fedgan.privacy.accountant import default_delta, epsilon
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger, Spend
 from fedgan.privacy.plan import RoundPlan, noise_to_signal, plan_release, plan_round
 from fedgan.site.approval import AppRefused, Limits, check_run
@@ -27,17 +27,41 @@ from fedgan.site.approval import AppRefused, Limits, check_run
 log = logging.getLogger("fedgan.site")
 
 
-def plan_for(cfg: RoundConfig, images: int, noise_hint: float | None = None) -> RoundPlan | None:
-    """The round's DP plan for a silo of ``images`` images (None without DP).
-    A mean-embedding release reads every image once (q = 1, one step)."""
+def site_delta(site_id: str, configured: float, cfg: RoundConfig, images: int) -> float:
+    """The δ this site accounts every spend at: its own (node config
+    ``delta``), or min(1e-5, 1/(10 n)) from its silo's size, never the run's.
+    ε at a larger δ is smaller, so a run asking for one would stretch the
+    site's budget: refused. A run asking for a smaller δ is planned at it
+    (more noise) and accounted at the site's."""
+    own = configured or default_delta(images)
+    asked = cfg.privacy.delta
+    if asked > own:
+        source = "node config delta" if configured else "from its silo's size"
+        raise AppRefused(
+            site_id,
+            f"the run asks for δ {asked:g}, but this site accounts every spend at δ {own:g} "
+            f"({source}); ε at a larger δ would understate what it spends. Run with delta "
+            f"at most {own:g}, or 0 for each site's own",
+        )
+    return own
+
+
+def plan_for(
+    cfg: RoundConfig, images: int, noise_hint: float | None = None, site: float = 0.0
+) -> RoundPlan | None:
+    """The round's DP plan for a silo of ``images`` images (None without DP),
+    at the run's δ, or at ``site``'s (see `site_delta`) when the run leaves
+    it to the sites. A mean-embedding release reads every image once (q = 1,
+    one step)."""
     p = cfg.privacy
     if not p.enabled:
         return None
+    delta = p.delta or site
     if p.mean_embedding:
         return plan_release(
             noise_multiplier=p.noise_multiplier,
             target_epsilon=p.target_epsilon,
-            delta=p.delta,
+            delta=delta,
             accountant=p.accountant,
             num_examples=images,
             noise_hint=noise_hint,
@@ -46,7 +70,7 @@ def plan_for(cfg: RoundConfig, images: int, noise_hint: float | None = None) -> 
         noise_multiplier=p.noise_multiplier,
         target_epsilon=p.target_epsilon,
         max_grad_norm=p.max_grad_norm,
-        delta=p.delta,
+        delta=delta,
         accountant=p.accountant,
         num_examples=images,
         batch_size=cfg.local.batch_for(images),
@@ -216,17 +240,18 @@ def preflight(
     `AppRefused` as `admit` does; returns a budget refusal, or None."""
     if not cfg.privacy.enabled:
         return None
+    delta = site_delta(site.site_id, site.delta, cfg, images)
     ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
-    plan = plan_for(cfg, images, ledger.latest_noise(cfg.run_name or run_id))
+    plan = plan_for(cfg, images, ledger.latest_noise(cfg.run_name or run_id), delta)
     assert plan is not None
     max_figure = limits.max_noise_figure if limits is not None else None
     check_plan(site.site_id, cfg, plan, images, parameters, max_figure)
     check_limits(limits, site.site_id, cfg, True, plan.noise_multiplier)
     history = ledger.history()
-    after = epsilon([*history, plan.as_round], plan.delta, plan.accountant)
+    after = epsilon([*history, plan.as_round], delta, plan.accountant)
     if after <= site.epsilon_budget:
         return None
-    spent = epsilon(history, plan.delta, plan.accountant)
+    spent = epsilon(history, delta, plan.accountant)
     return BudgetExhausted(spent, after, site.epsilon_budget)
 
 
@@ -247,9 +272,10 @@ def admit(
     figure the site's limits bound (None: not checked)."""
     if not cfg.privacy.enabled:
         return Admission()
+    delta = site_delta(site.site_id, site.delta, cfg, images)
     ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
     run_name = cfg.run_name or run_id
-    plan = plan_for(cfg, images, ledger.latest_noise(run_name))
+    plan = plan_for(cfg, images, ledger.latest_noise(run_name), delta)
     assert plan is not None
     max_figure = limits.max_noise_figure if limits is not None else None
     check_plan(site.site_id, cfg, plan, images, parameters, max_figure)
@@ -259,7 +285,7 @@ def admit(
             run=run_name,
             server_round=cfg.round,
             round_=plan.as_round,
-            delta=plan.delta,
+            delta=delta,
             budget=site.epsilon_budget,
             accountant=plan.accountant,
             mechanism=cfg.privacy.mechanism,

@@ -21,7 +21,7 @@ from fedgan.privacy.plan import (
     noise_to_signal,
     release_noise_figure,
 )
-from fedgan.site.admission import check_plan, plan_for
+from fedgan.site.admission import check_plan, plan_for, site_delta
 from fedgan.site.approval import AppRefused, Limits, check_run
 
 
@@ -39,19 +39,31 @@ class SitePlan:
     # the release's values.
     weights: int | None = None
     noise_figure: float | None = None
+    delta: float = 0.0  # the δ this site accounts at (`admission.site_delta`)
 
 
 def assess(
-    run: RunSettings, images: int, history: Sequence[Round], limits: Limits, budget: float
+    run: RunSettings,
+    images: int,
+    history: Sequence[Round],
+    limits: Limits,
+    budget: float,
+    delta: float = 0.0,
 ) -> SitePlan:
     """The round plan the site would make for ``images`` images, the run's
-    forecast against the ledger's ``history``, and the site's limits' verdict.
-    The plan is `fedgan.site.admission.plan_for`'s, the one the round makes."""
+    forecast against the ledger's ``history`` at the site's δ (``delta``; 0:
+    from the silo's size), and the site's limits' verdict. The plan is
+    `fedgan.site.admission.plan_for`'s, the one the round makes."""
     if images < 1:
         raise ValueError(f"--images {images}: give the number of usable images in the silo (>= 1)")
     cfg = run.round_config(1)
-    plan = plan_for(cfg, images)
-    refusal = _refusal(run, limits, plan.noise_multiplier if plan else None)
+    too_loose = None
+    try:
+        own = site_delta("this site", delta, cfg, images)
+    except AppRefused as refused:
+        own, too_loose = cfg.privacy.delta, refused.reason
+    plan = plan_for(cfg, images, site=own)
+    refusal = too_loose or _refusal(run, limits, plan.noise_multiplier if plan else None)
     if plan is not None and refusal is None:
         weights = trainable_parameters(build(run.spec)[1])
         try:
@@ -66,8 +78,8 @@ def assess(
     else:
         values = trainable_parameters(build(run.spec)[1])
         figure = noise_to_signal(plan.noise_multiplier, plan.sample_rate * images, values)
-    forecast = forecast_run(plan, run.rounds, history, budget)
-    return SitePlan(run, images, budget, refusal, plan, forecast, values, figure)
+    forecast = forecast_run(plan, run.rounds, history, budget, delta=own)
+    return SitePlan(run, images, budget, refusal, plan, forecast, values, figure, own)
 
 
 def _declared_init(run: RunSettings) -> str:
@@ -124,8 +136,7 @@ def describe(p: SitePlan, ledger_note: str, policy_note: str) -> list[str]:
             f"{p.weights:,} values ({max(run.spec.num_classes, 1)} classes × "
             f"{run.privacy.embedding_features:,} features × 2 + counts)",
             f"silo of {p.images:,} images: every image once (q 1, one step), "
-            f"δ {plan.delta:.3g}, σ {plan.noise_multiplier:.3f} ({how}, "
-            f"{plan.accountant.upper()})",
+            f"{_delta(p)}, σ {plan.noise_multiplier:.3f} ({how}, {plan.accountant.upper()})",
             f"noise: the release's noise is {p.noise_figure:.2g}× its largest signal "
             "(σ·√values / images; docs/privacy.md)",
         ]
@@ -146,11 +157,18 @@ def _sgd_lines(p: SitePlan, how: str) -> list[str]:
     return [
         f"run: {run.rounds} rounds × {steps}, batch {run.train.batch_for(p.images)}, "
         f"{run.spec.image_size} px, D with {p.weights:,} weights",
-        f"silo of {p.images:,} images: q {plan.sample_rate:.4g}, δ {plan.delta:.3g}, "
+        f"silo of {p.images:,} images: q {plan.sample_rate:.4g}, {_delta(p)}, "
         f"σ {plan.noise_multiplier:.3f} ({how}, {plan.accountant.upper()})",
         f"noise: each step's noise is {p.noise_figure:.1f}× the largest clipped real-image "
         "gradient (σ·√weights / batch; docs/privacy.md)",
     ]
+
+
+def _delta(p: SitePlan) -> str:
+    assert p.plan is not None
+    if p.plan.delta == p.delta:
+        return f"δ {p.delta:.3g}"
+    return f"δ {p.plan.delta:.3g} (the run's; ε accounted at this site's δ {p.delta:.3g})"
 
 
 def _forecast_lines(p: SitePlan) -> list[str]:
@@ -194,7 +212,8 @@ def as_dict(p: SitePlan) -> dict[str, Any]:
             "noise_multiplier": p.plan.noise_multiplier,
             "calibrated": p.run.privacy.noise_multiplier <= 0,
             "sample_rate": p.plan.sample_rate,
-            "delta": p.plan.delta,
+            "delta": p.delta,
+            "plan_delta": p.plan.delta,
             "accountant": p.plan.accountant,
             (
                 "release_values" if p.run.privacy.mean_embedding else "discriminator_weights"

@@ -74,7 +74,7 @@ def release_round(
         metrics = {
             "epsilon": spend.epsilon_after,
             "epsilon-budget": site.epsilon_budget,
-            "delta": plan.delta,
+            "delta": spend.delta,
             "noise-multiplier": sigma,
             "sample-rate": 1.0,
             "noise-figure": release_noise_figure(sigma, rows * (phi.width + 1), weight),

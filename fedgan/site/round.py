@@ -249,7 +249,7 @@ def _dp(
     metrics = {
         "epsilon": spend.epsilon_after,
         "epsilon-budget": site.epsilon_budget,
-        "delta": plan.delta,
+        "delta": spend.delta,  # the δ its ε is at: the site's
         "noise-multiplier": plan.noise_multiplier,
         "sample-rate": plan.sample_rate,
         # A number about the silo's size, not its content (docs/privacy.md).

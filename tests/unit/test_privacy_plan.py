@@ -392,3 +392,43 @@ def test_a_secure_rounds_preflight_refuses_what_training_would_without_spending(
     exhausted = site_round.preflight_round(poor, {}, "r", cfg.round_config(1), lenient)
     assert exhausted is not None and exhausted.after > 0.5 and exhausted.budget == 0.5
     assert PrivacyLedger.in_work_dir(tmp_path / "ok" / "work").spends() == []
+
+
+def test_the_site_not_the_operator_picks_delta(tmp_path):
+    """Issue 33: a history that cost ε 12.4 at δ 1e-5 costs 2.4 at δ 0.3, so
+    a run that asked for δ 0.3 got past a spent budget of 10. The site
+    accounts at its own δ (node config, or min(1e-5, 1/(10 n))), refuses a
+    run asking for a larger one, and plans a run asking for a smaller one
+    at it, with more noise."""
+    from fedgan.privacy.ledger import PrivacyLedger
+    from fedgan.site import round as site_round
+    from fedgan.site.approval import AppRefused, Limits
+
+    lenient = Limits(max_noise_figure=None)
+    keys = {"batch-size": 4, "local-steps": 2, "target-epsilon": 1.0}
+    cfg, site, _, _ = _one_site(tmp_path, 40, budget=10.0, **keys, delta=0.3)
+    ledger = PrivacyLedger.in_work_dir(tmp_path / "work")
+    ledger.spend(run="old", server_round=1, round_=(1.0, 0.1, 300), delta=1e-5, budget=100.0)
+    with pytest.raises(
+        AppRefused, match=r"asks for δ 0.3, but this site accounts every spend at δ 1e-05"
+    ):
+        site_round.preflight_round(site, {}, "r", cfg.round_config(1), lenient)
+    assert len(ledger.spends()) == 1
+    # Left to the site, δ is the site's: the spent budget refuses.
+    cfg, _, _, _ = _one_site(tmp_path / "b", 40, budget=10.0, **keys, delta=0.0)
+    exhausted = site_round.preflight_round(site, {}, "r", cfg.round_config(1), lenient)
+    assert exhausted is not None and exhausted.spent == pytest.approx(12.4, abs=0.1)
+    # A site that sets its own δ in its node config is held to it.
+    strict = dataclasses.replace(site, delta=1e-7, epsilon_budget=100.0)
+    cfg, _, _, _ = _one_site(tmp_path / "c", 40, **keys, delta=1e-6)
+    with pytest.raises(
+        AppRefused, match=r"δ 1e-06, but this site accounts .* at δ 1e-07 \(node config"
+    ):
+        site_round.preflight_round(strict, {}, "r", cfg.round_config(1), lenient)
+    # A run asking for a smaller δ than the site's is planned at it.
+    cfg, _, _, _ = _one_site(tmp_path / "d", 40, **keys, delta=1e-8)
+    loose = dataclasses.replace(site, delta=1e-6, epsilon_budget=100.0)
+    outcome = _round(cfg, loose, *build(cfg.spec, seed=0), 1)
+    assert outcome.metrics["delta"] == 1e-6  # ε is reported at the site's δ
+    (spend,) = [s for s in PrivacyLedger.in_work_dir(tmp_path / "work").spends() if s.run != "old"]
+    assert spend.delta == 1e-6

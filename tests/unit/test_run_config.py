@@ -134,6 +134,15 @@ def test_site_precision(monkeypatch):
     assert SiteSettings.from_node_config(node).precision == "bf16"
 
 
+def test_site_delta_is_the_sites_own():
+    node = {"site-id": "a", "data-dir": "/d", "kind": "fundus", "work-dir": "/w", "device": "cpu"}
+    assert SiteSettings.from_node_config(node).delta == 0.0  # from the silo's size
+    assert SiteSettings.from_node_config(node | {"delta": "1e-6"}).delta == 1e-6
+    for bad in ("1", "-1e-5", "tiny"):
+        with pytest.raises(ConfigError, match=r"node config delta=.*give a number in \[0, 1\)"):
+            SiteSettings.from_node_config(node | {"delta": bad})
+
+
 def test_secagg_settings_and_value_range():
     s = RunSettings.from_run_config(default_run_config())
     assert s.secagg.enabled and s.secagg.bits == 12 and s.secagg.threshold == 0
