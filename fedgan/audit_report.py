@@ -150,7 +150,7 @@ def build(
     report["secure_aggregation"] = {
         "enabled": secagg,
         "bits": bits,
-        "threshold": int(run_config.get("secagg-threshold", 0)) or "ceil(2n/3), > n/2, >= 2",
+        "threshold": int(run_config.get("secagg-threshold", 0)) or "floor(2n/3) + 1, > n/2, >= 2",
         "modulus": f"2^(bits + ceil(log2 n)), e.g. 2^{min_modulus_bits(bits, 3)} for 3 sites",
         **SECAGG_PRIMITIVES,
     }
@@ -168,8 +168,12 @@ def build(
         )
     }
     if certs is not None:
-        report["pki"] = certificates(certs, now)
-        if probe_endpoint:
+        try:
+            report["pki"] = certificates(certs, now)
+        except pki.PkiError as exc:
+            # Everything else is still worth reporting; the gap is a warning.
+            report["pki"] = {"root": str(certs), "problem": str(exc)}
+        if probe_endpoint and "problem" not in report["pki"]:
             report["probe"] = probe(probe_endpoint, pki.PkiPaths(certs).ca_cert)
     if runs is not None:
         report["privacy_spent"] = privacy_spent(runs)
@@ -197,6 +201,11 @@ def warnings(report: dict[str, Any]) -> list[str]:
     for cert in report.get("pki", {}).get("certificates", []):
         if not cert["revoked"] and cert["days_left"] < EXPIRY_WARNING_DAYS:
             out.append(f"{cert['path']} expires in {cert['days_left']} days")
+    if "problem" in report.get("pki", {}):
+        out.append(
+            f"no PKI checked ({report['pki']['problem']}): certificates, revocation and expiry "
+            "are not in this report; pass the consortium's PKI with --certs"
+        )
     crl = report.get("pki", {}).get("crl")
     if crl and not crl["signed_by_ca"]:
         out.append("the CRL is not signed by the consortium CA")
@@ -239,7 +248,9 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{'refused' if p['tls12_refused'] else 'ACCEPTED'}"
             ),
         ]
-    if "pki" in report:
+    if "problem" in report.get("pki", {}):
+        lines += ["", "## Certificates", "", f"Not checked: {report['pki']['problem']}."]
+    elif "pki" in report:
         crl = report["pki"]["crl"]
         lines += [
             "",

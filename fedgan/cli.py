@@ -819,7 +819,7 @@ def audit(
     if config is not None and config.exists():
         run_config |= federation.load(config)
     report = audit_report.build(
-        certs if certs is not None and certs.exists() else None,
+        certs,  # a missing PKI is reported as a warning, not an error
         run_config,
         list(nginx_conf or []),
         runs if runs is not None and runs.exists() else None,
@@ -861,6 +861,31 @@ def _site_store(work_dir: Path):
     if not work_dir.is_dir():
         fail(f"{work_dir} is not a folder; pass the site's work dir with --work-dir")
     return PolicyStore(work_dir, os.environ.get("FEDGAN_SITE_ID", ""))
+
+
+@site_app.command("init")
+def site_init(
+    site_id: Annotated[
+        str, typer.Option(envvar="FEDGAN_SITE_ID", help="This site's id, as on its certificate.")
+    ],
+    no_history: Annotated[
+        bool,
+        typer.Option(
+            "--no-history",
+            help="Start a ledger beside the site's other records: only for a silo that has "
+            "never trained (recorded in the site's audit log).",
+        ),
+    ] = False,
+    work_dir: WorkDirOpt = Path("/var/lib/fedgan"),
+) -> None:
+    """Set the site up once: its privacy ledger (nothing spent) and its
+    approval file (default, strict limits). Never replaces either; the site
+    container runs this on its first start."""
+    from fedgan.site import work_dir as site_work
+
+    done = site_work.init(work_dir, site_id, no_history=no_history)
+    for line in done or [f"{work_dir} is set up already; nothing to do"]:
+        typer.echo(line)
 
 
 @site_app.command("keys")
@@ -947,7 +972,7 @@ def site_plan(
     from fedgan.config import federation
     from fedgan.config.appbundle import default_run_config
     from fedgan.config.run import RunSettings
-    from fedgan.privacy.ledger import PrivacyLedger
+    from fedgan.privacy.ledger import LedgerError, PrivacyLedger
     from fedgan.site import plan as site_plan
     from fedgan.site.approval import Limits, PolicyStore
 
@@ -968,7 +993,10 @@ def site_plan(
                 "or --new-silo for a silo with no privacy history"
             )
         ledger = PrivacyLedger.in_work_dir(work_dir)
-        history = ledger.history()
+        try:
+            history = ledger.history()
+        except LedgerError as exc:
+            fail(f"{exc}; or plan with --new-silo for a silo with no privacy history")
         ledger_note = f"{ledger.path}, {len(history)} rounds recorded"
         store = PolicyStore(work_dir)
         limits = store.current().limits  # reads only: no approval file is created
@@ -1125,6 +1153,12 @@ def container_supernode(
     if print_only:
         typer.echo(json.dumps(launch.argv))
         return
+    from fedgan.site import work_dir
+
+    # The first start sets the site up; a later one with its ledger or
+    # approval file gone stops here, in one line, before joining anything.
+    for line in work_dir.ensure(launch.cwd, os.environ["FEDGAN_SITE_ID"]):
+        typer.echo(line)
     container.exec_launch(launch)
 
 

@@ -156,7 +156,9 @@ def prepare(opts: DemoOptions, run_dir: Path, say: Callable[[str], None]) -> lis
                 site_id,
                 data,
                 opts.kind,
-                opts.node_config.get(site_id, {}),
+                # Test mode needs the sites' consent too (their node config).
+                opts.node_config.get(site_id, {})
+                | ({"dump-updates": "true"} if opts.dump_updates else {}),
                 opts.site_env.get(site_id, {}),
             )
         )

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import secrets
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -513,18 +512,18 @@ class DPDiscriminatorStep:
         from opacus.optimizers import DPOptimizer
 
         from fedgan.privacy.clipped_gradient import ClippedGradient
-        from fedgan.privacy.one_draw_noise import OneDrawNoiseOptimizer
+        from fedgan.privacy.one_draw_noise import OneDrawNoiseOptimizer, SecretNoiseDPOptimizer
+        from fedgan.privacy.secret_random import SecretRandom
 
         self.disc = disc
         self.prox = prox or Proximal(disc, 0.0)
         self.autocast = autocast
         self.cond_lambda = cond_lambda
         self.dp = dp
-        seed = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
-        # Sampling runs where the images are (CPU); noise where the weights are.
-        self.secret_rng = torch.Generator().manual_seed(seed)
-        device = next(disc.parameters()).device
-        self.noise_rng = torch.Generator(device=device).manual_seed(seed ^ 0x5DEECE66D)
+        # Two CSPRNG streams under independent keys: which images a step
+        # reads, and the noise it adds (fedgan.privacy.secret_random).
+        self.sampling = SecretRandom("sampling", dp.secret_seed)
+        noise = SecretRandom("noise", dp.secret_seed)
         self.params = [p for p in disc.parameters() if p.requires_grad]
         self.track_fakes = False  # adaptive n_D: keep D's accuracy on generated images
         self.fake_accuracy: float | torch.Tensor = 0.0
@@ -538,23 +537,21 @@ class DPDiscriminatorStep:
             self.module = GradSampleModule(
                 disc, loss_reduction="mean", force_functorch=dp.grad_sample_mode == "functorch"
             )
-            optimizer = DPOptimizer
+            optimizer = SecretNoiseDPOptimizer
         self.opt = optimizer(
             adam(self.params, lr),
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=expected_batch,
             loss_reduction="mean",
-            generator=self.noise_rng,
-            secure_mode=dp.noise_multiplier > 0,
         )
+        self.opt.noise_source = noise  # type: ignore[attr-defined]
 
     def sample(self, n: int, batch: int, rng: torch.Generator) -> torch.Tensor:
         """Poisson sampling: each image independently with probability q, from
         the secret generator (the amplification by subsampling needs it)."""
         del batch, rng  # the batch size is random; its mean is q·N
-        mask = torch.rand(n, generator=self.secret_rng) < self.dp.sample_rate
-        return torch.nonzero(mask).view(-1)
+        return self.sampling.poisson_sample(n, self.dp.sample_rate)
 
     def _real_losses(
         self,

@@ -9,6 +9,7 @@ keeps its default."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,10 @@ def _typed(value: Any, kind: type) -> tuple[Any, str | None]:
         return (value, None) if ok else (None, "must be a whole number")
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            # YAML's .inf and .nan: an infinite target ε or learning rate
+            # would pass every "> 0" check and mean no privacy or NaN weights.
+            return None, "must be a finite number"
         return (float(value), None) if ok else (None, "must be a number")
     if kind is str:
         return (value, None) if isinstance(value, str) else (None, "must be text")

@@ -455,15 +455,22 @@ class SiteSettings:
     # its silo's size n). The site's, not the run's: ε at a larger δ is
     # smaller, so an operator choosing δ could stretch the site's budget.
     delta: float = 0.0
+    # Test mode: this site writes what it sends to <work-dir>/dumps when a
+    # run asks. The site's switch, never the run's alone: a raw update on
+    # disk is more than the site agreed to keep.
+    dump_updates: bool = False
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteSettings:
-        missing = [k for k in ("site-id", "data-dir", "kind", "work-dir") if k not in cfg]
+        needed = ("site-id", "data-dir", "kind", "work-dir")
+        missing = [k for k in needed if not str(cfg.get(k, "")).strip()]
         if missing:
             raise ConfigError(
                 f"node config is missing {', '.join(missing)}; start the SuperNode with "
                 '--node-config \'site-id="..." data-dir="..." kind="fundus" work-dir="..."\''
             )
+        if str(cfg["kind"]) not in ("dicom", "fundus"):
+            raise ConfigError(f"node config kind={cfg['kind']!r}: use dicom or fundus")
         return cls(
             site_id=str(cfg["site-id"]),
             data_dir=str(cfg["data-dir"]),
@@ -482,4 +489,5 @@ class SiteSettings:
             crl=str(cfg.get("crl", "")),
             membership=str(cfg.get("membership", "")),
             delta=_site_delta(cfg),
+            dump_updates=str(cfg.get("dump-updates", "false")).strip().lower() == "true",
         )

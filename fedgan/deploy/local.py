@@ -43,6 +43,7 @@ from fedgan.deploy.process import (
     tcp_open,
 )
 from fedgan.pki import PkiPaths, list_members
+from fedgan.site import work_dir as site_setup
 
 CONNECTION = "fedgan-local"
 LOOPBACK = "127.0.0.1"
@@ -82,6 +83,8 @@ class LocalFederation:
         self.node_ids: dict[str, int] = {}
         self.superlink_port = 0
         self.edge_port = 0
+        for site in sites:  # as hospital IT does once: `fedgan site init`
+            site_setup.ensure(self.site_work_dir(site.site_id), site.site_id)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -268,7 +271,7 @@ class LocalFederation:
     def _start_supernode(self, site: SiteSpec, sidecar_port: int) -> None:
         paths = self.pki.site(site.site_id)
         work = self.site_work_dir(site.site_id)
-        work.mkdir(parents=True, exist_ok=True)
+        site_setup.ensure(work, site.site_id)
         runtime_port = free_port()
         argv = self.supernode_argv(site, sidecar_port, runtime_port)
         # Sites share this machine's cores: oversubscribed OpenMP threads

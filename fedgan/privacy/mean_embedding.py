@@ -20,7 +20,8 @@ The privacy argument, which the ledger's accounting rests on:
 - R + N(0, (σ·√2)² I) is therefore one step of the Gaussian mechanism with noise
   multiplier σ at sampling rate 1, the same (σ, q, steps) triple the ledger
   accounts for DP-SGD rounds (Opacus's accountants, add/remove adjacency). The
-  noise is Opacus's secure-mode Gaussian from a generator seeded by the OS CSPRNG.
+  noise is a secure-mode Gaussian (four draws, halved) from the OS CSPRNG
+  (`fedgan.privacy.secret_random`).
 - Everything after the release reads only the releases: the aggregator recovers
   their sum (secure aggregation), and the generator fitted to it is
   post-processing, so it costs no further privacy.
@@ -30,13 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from opacus.optimizers.optimizer import _generate_noise
+
+from fedgan.privacy.secret_random import SecretRandom
 
 SENSITIVITY = math.sqrt(2.0)
 # Images are embedded this many at a time, so memory stays at batch × 2F.
@@ -119,13 +120,8 @@ def release(
             out[:, :-1].index_add_(0, y, phi(images[start : start + _BATCH]).double())
             out[:, -1].index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
     if noise_multiplier > 0:
-        seed = secret_seed if secret_seed is not None else secrets.randbits(63)
-        out += _generate_noise(
-            noise_multiplier * SENSITIVITY,
-            out,
-            generator=torch.Generator().manual_seed(seed),
-            secure_mode=secret_seed is None,
-        )
+        noise = SecretRandom("release", secret_seed)
+        out += noise.gaussian_noise(noise_multiplier * SENSITIVITY, out)
     return out.numpy()
 
 

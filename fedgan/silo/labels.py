@@ -72,9 +72,11 @@ def dicom_labels(directory: Path) -> LabelIndex:
     header, rows = _read_rows(path)
     key_col = next((h for h in header if h in DICOM_KEYS), None)
     if key_col is None or "label" not in header:
+        # Its first row is not echoed: without a header it is a data row,
+        # and this message reaches the site's log and the aggregator.
         raise SiloError(
-            f"{path} needs a header 'path,label' or 'sop_instance_uid,label'; "
-            f"found {','.join(header) or 'nothing'}"
+            f"{path.name} in the silo needs a header row 'path,label' or "
+            f"'sop_instance_uid,label'; its first row ({len(header)} columns) names neither"
         )
     k, v = header.index(key_col), header.index("label")
     index = LabelIndex(source=path.name, key_kind=DICOM_KEYS[key_col])

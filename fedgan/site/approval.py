@@ -37,6 +37,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
 from fedgan import wire
 from fedgan.atomic import write_text_atomic
 from fedgan.audit_log import AuditLog
@@ -161,9 +164,12 @@ class SitePolicy:
 
 
 class PolicyStore:
-    """The site's approval file and audit log in its work dir. A missing
-    file is created on first use, approving the installed version (the code
-    the hospital deployed) under the config-only policy; that is recorded."""
+    """The site's approval file and audit log in its work dir. The file is
+    created once, when the site is set up (`create`; `fedgan site init`),
+    approving the installed version (the code the hospital deployed) under
+    the config-only policy and the default limits; that is recorded. A
+    missing file later is refused, never recreated: whoever could delete it
+    would otherwise reset the site's limits."""
 
     def __init__(self, work_dir: Path, site_id: str = "") -> None:
         self.work_dir = Path(work_dir)
@@ -171,11 +177,20 @@ class PolicyStore:
         self.audit = AuditLog(self.work_dir / SITE_AUDIT_FILE)
         self.site_id = site_id
 
+    def create(self) -> SitePolicy:
+        if self.path.exists():
+            raise PolicyError(f"{self.path} exists; it is never created anew")
+        policy = SitePolicy(versions=[installed_version()])
+        self._save(policy, "policy_created")
+        return policy
+
     def load(self) -> SitePolicy:
         if not self.path.exists():
-            policy = self.current()
-            self._save(policy, "policy_created")
-            return policy
+            raise PolicyError(
+                f"{self.path} is missing: this site's approvals and limits cannot be read, so "
+                "it runs nothing. Restore it from the site's backup, or run `fedgan site init` "
+                "to write the default (strict) limits again"
+            )
         policy = self.current()
         if self._predates_threshold_rule():
             self._save(policy, "policy_upgraded", reason=UPGRADE_REASON)
@@ -271,6 +286,16 @@ def admit_fab(policy: SitePolicy, fab: bytes, site_id: str, version: str) -> str
             app = tomllib.loads(archive.read("pyproject.toml").decode("utf-8"))
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         raise AppRefused(site_id, f"app bundle {digest[:12]} is not a readable FAB") from None
+    foreign = _foreign_dependencies(app)
+    if foreign:
+        # Flower installs a FAB's dependencies when its runtime install is
+        # on: refused here whatever that setting, so the site's code is the
+        # image it deployed.
+        raise AppRefused(
+            site_id,
+            f"app bundle {digest[:12]} declares dependencies to install "
+            f"({', '.join(foreign[:5])}); this site runs only its installed FedGAN code",
+        )
     clientapp = app.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
     if clientapp.get("clientapp") != CLIENTAPP:
         raise AppRefused(
@@ -292,6 +317,24 @@ def admit_fab(policy: SitePolicy, fab: bytes, site_id: str, version: str) -> str
             f"after review: fedgan site approve {digest}",
         )
     return digest
+
+
+def _foreign_dependencies(app: dict[str, Any]) -> list[str]:
+    """What a FAB's pyproject asks to install beyond Flower itself (which
+    the site has; FedGAN's own bundle names only it)."""
+    project = app.get("project", {})
+    declared = list(project.get("dependencies", []) or [])
+    for extra in (project.get("optional-dependencies", {}) or {}).values():
+        declared += list(extra or [])
+    foreign = []
+    for item in declared:
+        try:
+            name = Requirement(str(item)).name
+        except InvalidRequirement:
+            name = ""
+        if canonicalize_name(name) != "flwr":
+            foreign.append(str(item)[:60])
+    return foreign
 
 
 def check_run(

@@ -133,9 +133,10 @@ def train(msg: Message, context: Context) -> Message:
             wire.budget_reply(site.site_id, refusal.spent, refusal.after, refusal.budget),
             reply_to=msg,
         )
-    if cfg.dump_updates:
-        # Test mode: keep exactly what is sent, so a test can recompute the
-        # server's average from the sites' side.
+    if cfg.dump_updates and site.dump_updates:
+        # Test mode, when both the run and this site's node config ask: keep
+        # exactly what is sent, so a test can recompute the server's average
+        # from the sites' side.
         dump_arrays(
             Path(site.work_dir)
             / "dumps"

@@ -23,6 +23,7 @@ from fedgan import pki
 from fedgan.audit_log import AuditLog
 from fedgan.config.appbundle import default_run_config, fab_sha256, stage_app_dir, write_run_config
 from fedgan.deploy.local import LocalFederation, SiteSpec
+from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.progress import format_round
 from fedgan.silo.synth import synth_silo
 from fedgan.site.approval import PolicyStore
@@ -105,9 +106,8 @@ def test_sites_refuse_what_they_did_not_approve_and_the_run_goes_on(federation):
     agg = [e for e in _events(root / "audit.jsonl") if e["event"] == "site_refused"]
     assert {(e["site"], e["round"]) for e in agg} == {("site-1", 1), ("site-3", 1)}
     # Site-3 refused before its ledger recorded a spend; site-2 spent twice.
-    assert not (fed.site_work_dir("site-3") / "privacy-ledger.jsonl").exists()
-    spends = (fed.site_work_dir("site-2") / "privacy-ledger.jsonl").read_text()
-    assert spends.count('"type": "spend"') == 2
+    assert PrivacyLedger.in_work_dir(fed.site_work_dir("site-3")).spends() == []
+    assert len(PrivacyLedger.in_work_dir(fed.site_work_dir("site-2")).spends()) == 2
 
 
 def test_a_bundle_carrying_code_is_refused_before_any_of_it_runs(federation):

@@ -18,17 +18,33 @@ from fedgan import wire
 from fedgan.audit_log import AuditLog
 from fedgan.cli import app
 from fedgan.config.appbundle import app_config
-from fedgan.site import approval
+from fedgan.site import approval, work_dir
 from fedgan.site import runtime as site_runtime
 from fedgan.site.approval import AppRefused, Limits, PolicyError, PolicyStore, SitePolicy
 
 VERSION = approval.installed_version()
 
 
-def _fab(extra: dict[str, bytes] | None = None, clientapp: str | None = None) -> bytes:
+@pytest.fixture(autouse=True)
+def _site_set_up(tmp_path):
+    """Every test here works in a site's work dir, set up as `fedgan site
+    init` does (an approval file is never created on first use)."""
+    work_dir.init(tmp_path, "s1")
+
+
+def _fab(
+    extra: dict[str, bytes] | None = None,
+    clientapp: str | None = None,
+    dependencies: list[str] | None = None,
+    optional: dict[str, list[str]] | None = None,
+) -> bytes:
     config = app_config()
     if clientapp is not None:
         config["tool"]["flwr"]["app"]["components"]["clientapp"] = clientapp
+    if dependencies is not None:
+        config["project"]["dependencies"] += dependencies
+    if optional is not None:
+        config["project"]["optional-dependencies"] = optional
     files = {"pyproject.toml": tomli_w.dumps(config).encode(), **(extra or {})}
     return build_fab_from_files(files)[0]
 
@@ -52,8 +68,13 @@ def test_config_only_bundle_on_an_approved_version_is_admitted():
         (_fab(), _policy(), "9.9.9", "fedgan 9.9.9 installed here is not approved"),
         (_fab(), _policy(mode=approval.HASH_ONLY), VERSION, "hash-only policy"),
         (b"not a zip", _policy(), VERSION, "not a readable FAB"),
+        (_fab(dependencies=["evil-wheel==6.6.6"]), _policy(), VERSION, "(evil-wheel==6.6.6)"),
+        (_fab(optional={"x": ["torch-ext"]}), _policy(), VERSION, "declares dependencies"),
     ],
-    ids=["python", "shadow-package", "data", "clientapp", "version", "hash-only", "garbage"],
+    ids=[
+        *["python", "shadow-package", "data", "clientapp", "version", "hash-only", "garbage"],
+        *["dependency", "optional-dependency"],
+    ],
 )
 def test_bundles_a_site_did_not_approve_are_refused(fab, policy, version, why):
     with pytest.raises(AppRefused, match="refused by site s1") as err:
@@ -120,7 +141,7 @@ def test_runs_within_the_limits_pass():
 
 def test_policy_file_is_created_approving_the_installed_version_and_changes_are_audited(tmp_path):
     store = PolicyStore(tmp_path, "s1")
-    policy = store.load()
+    policy = store.load()  # made by the site's setup (the fixture)
     assert policy.mode == approval.CONFIG_ONLY and policy.versions == [VERSION]
     digest = "ab" * 32
     store.approve(fab_hash=digest.upper())
@@ -132,7 +153,22 @@ def test_policy_file_is_created_approving_the_installed_version_and_changes_are_
     log = AuditLog(tmp_path / "audit.jsonl")
     assert log.verify().ok
     events = [json.loads(x)["event"] for x in log.path.read_text().splitlines()]
-    assert events == ["policy_created", "approved", "policy_changed", "revoked"]
+    assert events == ["policy_created", "ledger_created", "approved", "policy_changed", "revoked"]
+
+
+def test_a_missing_policy_file_is_refused_not_recreated_with_defaults(tmp_path):
+    """Issue 33: a deleted approval.json was recreated on the next round, so
+    whoever could delete it reset the site's limits."""
+    store = PolicyStore(tmp_path, "s1")
+    store.update(min_noise_multiplier=2.0)
+    store.path.unlink()
+    with pytest.raises(PolicyError, match=r"approval\.json is missing: .*`fedgan site init`"):
+        store.load()
+    assert not store.path.exists()
+    # The site's own act, audited, writes the default limits back.
+    done = work_dir.init(tmp_path, "s1")
+    assert any("approval.json" in line for line in done)
+    assert store.load().limits == Limits()
 
 
 @pytest.mark.parametrize(

@@ -66,3 +66,24 @@ def test_weak_settings_and_a_broken_log_are_flagged(tmp_path):
     assert any("differential privacy is off" in x for x in w)
     assert any(x.startswith("audit log: line 1 does not follow") for x in w)
     assert "BROKEN" in audit_report.markdown(report)
+
+
+def test_without_a_pki_the_rest_is_reported_and_the_gap_warned(tmp_path):
+    """Issue 33: `fedgan audit` with no PKI in place exited with "certs/ca/crl.pem
+    not found" and reported nothing else."""
+    from typer.testing import CliRunner
+
+    from fedgan.cli import app
+
+    _, runs, _ = _setup(tmp_path)
+    empty = tmp_path / "no-certs"
+    empty.mkdir()
+    for certs in (empty, tmp_path / "absent"):
+        report = audit_report.build(certs, default_run_config(), [], runs)
+        assert "not found" in report["pki"]["problem"]
+        assert any(w.startswith("no PKI checked") for w in report["warnings"])
+        assert report["audit_log"]["intact"] and report["tls"]  # the rest is there
+        assert "Not checked:" in audit_report.markdown(report)
+    out = CliRunner().invoke(app, ["audit", "--certs", str(empty), "--runs", str(runs)])
+    assert out.exit_code == 0, out.output
+    assert "no PKI checked" in out.output and "## Secure aggregation" in out.output

@@ -26,6 +26,7 @@ from fedgan.privacy.mean_embedding import (
     release,
 )
 from fedgan.silo.synth import synth_silo
+from fedgan.site import work_dir
 from fedgan.site.approval import AppRefused, Limits
 from fedgan.site.release import FeatureMismatch, noisy_count, release_round
 from fedgan.update import Release
@@ -119,6 +120,7 @@ def test_fit_refuses_a_target_of_the_wrong_classes():
 
 def _site(tmp_path, budget: float = 10.0) -> SiteSettings:
     silo = synth_silo(tmp_path / "silo", "fundus", 12, seed=0, size=16)
+    work_dir.init(tmp_path / "work", "site-a")
     return SiteSettings(
         site_id="site-a",
         data_dir=str(silo),
@@ -179,7 +181,8 @@ def test_the_weight_a_site_sends_is_its_noisy_count_not_its_silo_size(tmp_path, 
     the rounded sum of the release's noisy counts, and it is not 12."""
     import fedgan.privacy.mean_embedding as me
 
-    monkeypatch.setattr(me.secrets, "randbits", lambda bits: 20261128)
+    seeded = me.SecretRandom
+    monkeypatch.setattr(me, "SecretRandom", lambda purpose, _seed: seeded(purpose, 20261128))
     outcome = release_round(_site(tmp_path), {}, "flower-1", _cfg(**{"target-epsilon": 0.5}))
     assert outcome.update is not None
     weight = outcome.update.weight

@@ -21,7 +21,9 @@ from fedgan.config.model import GanSpec
 from fedgan.config.run import ConfigError, RunSettings, SiteSettings
 from fedgan.gan.models import build
 from fedgan.model_init import load_init, save_init, weights_sha256
+from fedgan.privacy.ledger import PrivacyLedger
 from fedgan.site import round as site_round
+from fedgan.site import work_dir
 from fedgan.site.admission import check_start
 from fedgan.site.approval import AppRefused, Limits
 from fedgan.weights import get_arrays
@@ -111,6 +113,7 @@ def _site(tmp_path: Path, **keys) -> tuple[RunSettings, SiteSettings]:
     base = SMALL | {"run-dir": str(tmp_path / "run"), "batch-size": 4, "local-steps": 2}
     run = RunSettings.from_run_config(default_run_config() | base | keys)
     site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", 10.0)
+    work_dir.init(tmp_path / "work", "s1")
     return run, site
 
 
@@ -132,7 +135,7 @@ def test_a_site_refuses_an_init_it_does_not_accept_before_any_spend(tmp_path, li
             site, {}, "r", cfg, get_arrays(gen), get_arrays(disc), limits=limits, secure=True
         )
     assert why in err.value.reason
-    assert not (Path(site.work_dir) / "privacy-ledger.jsonl").exists()
+    assert PrivacyLedger.in_work_dir(Path(site.work_dir)).spends() == []
 
 
 def test_a_site_that_pins_the_init_trains_from_it_and_checks_later_rounds_were_seen(tmp_path):

@@ -1,29 +1,30 @@
-"""The one-draw noise step against Opacus's own noise function: the same
-secure-mode draw, on the flattened clipped sums, and the same refusal to noise
-a clipped sum twice."""
+"""The one-draw noise step: the CSPRNG's secure-mode draw on the flattened
+clipped sums (the same draw, position by position, as the noise source gives
+for the flat vector), then divided by the batch; and the same refusal as
+Opacus's to noise a clipped sum twice."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from opacus.optimizers.optimizer import _generate_noise
 
 from fedgan.privacy.one_draw_noise import OneDrawNoiseOptimizer
+from fedgan.privacy.secret_random import SecretRandom
 
 
 def _optimizer(params, seed, sigma=1.5, clip=0.5, batch=4):
-    return OneDrawNoiseOptimizer(
+    opt = OneDrawNoiseOptimizer(
         torch.optim.SGD(params, lr=0.1),
         noise_multiplier=sigma,
         max_grad_norm=clip,
         expected_batch_size=batch,
         loss_reduction="mean",
-        generator=torch.Generator().manual_seed(seed),
-        secure_mode=True,
     )
+    opt.noise_source = SecretRandom("noise", seed)
+    return opt
 
 
-def test_noise_is_opacus_secure_noise_on_the_flat_sum_then_divided_by_the_batch():
+def test_noise_is_the_secure_draw_on_the_flat_sum_then_divided_by_the_batch():
     params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(5))]
     sums = [torch.randn(3, 2), torch.randn(5)]
     opt = _optimizer(params, seed=7)
@@ -31,12 +32,7 @@ def test_noise_is_opacus_secure_noise_on_the_flat_sum_then_divided_by_the_batch(
         p.grad = s.clone()
     assert opt.pre_step()
     flat = torch.cat([s.reshape(-1) for s in sums])
-    noise = _generate_noise(
-        std=1.5 * 0.5,
-        reference=flat,
-        generator=torch.Generator().manual_seed(7),
-        secure_mode=True,
-    )
+    noise = SecretRandom("noise", 7).gaussian_noise(1.5 * 0.5, flat)
     expected = ((flat + noise) / 4).split([6, 5])
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p.grad, e.view_as(p), rtol=0, atol=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from fedgan.privacy import accountant
 from fedgan.privacy.accountant import calibrate_noise, epsilon
 from fedgan.privacy.ledger import BudgetExhausted, PrivacyLedger
 from fedgan.privacy.plan import forecast_run, noise_to_signal, plan_round
+from fedgan.site import work_dir
 from fedgan.train import DPConfig, DPDiscriminatorStep
 
 
@@ -87,6 +89,7 @@ def test_forecast_names_the_round_the_ledger_will_refuse(tmp_path):
     round, and the ledger refuses at exactly the forecast round."""
     plan = _plan()
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.create("s1")
     for r in range(1, 7):  # an earlier run of the same plan: ε ≈ 4
         ledger.spend(
             run="earlier", server_round=r, round_=plan.as_round, delta=plan.delta, budget=1e9
@@ -120,7 +123,8 @@ def _yaml(tmp_path, rounds=6, steps=20, epsilon=4.0, dp="true"):
 def test_site_plan_command_reads_the_ledger_and_the_run(tmp_path):
     runner = CliRunner()
     work = tmp_path / "work"
-    work.mkdir()
+    init = runner.invoke(app, ["site", "init", "--site-id", "s1", "--work-dir", str(work)])
+    assert init.exit_code == 0 and "started the privacy ledger" in init.output
     config = _yaml(tmp_path)
     args = ["site", "plan", "--images", "300", "--config", str(config), "--work-dir", str(work)]
     out = runner.invoke(app, [*args, "--json", "--epsilon-budget", "5"])
@@ -152,9 +156,17 @@ def test_site_plan_checks_the_sites_own_limits_without_writing(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     args = ["site", "plan", "--images", "300", "--config", str(config), "--work-dir", str(work)]
-    out = runner.invoke(app, args)
-    assert out.exit_code == 0 and "no approval file yet): its limits admit" in out.output
+    out = runner.invoke(app, args)  # a work dir not set up: no ledger to plan from
+    assert out.exit_code == 1 and "fedgan site init" in out.output and "--new-silo" in out.output
     assert list(work.iterdir()) == []
+    assert (
+        runner.invoke(app, ["site", "init", "--site-id", "s1", "--work-dir", str(work)]).exit_code
+        == 0
+    )
+    kept = {p.name: p.read_bytes() for p in work.iterdir()}
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0 and "its limits admit" in out.output
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == kept  # a plan only looks
     sigma = _plan().noise_multiplier
     policy = ["site", "policy", "--work-dir", str(work), "--min-noise", f"{sigma * 1.1:.3f}"]
     assert runner.invoke(app, policy).exit_code == 0
@@ -227,6 +239,7 @@ def _one_site(tmp_path, images: int, budget: float = 10.0, **keys):
     base = {"image-size": 16, "width": 8, "run-dir": str(tmp_path / "run")}
     cfg = RunSettings.from_run_config({**default_run_config(), **base, **keys})
     site = SiteSettings("s1", str(silo), "fundus", str(tmp_path / "work"), "cpu", budget)
+    work_dir.init(Path(site.work_dir), site.site_id)
     gen, disc = build(cfg.spec, seed=0)
     return cfg, site, gen, disc
 
@@ -432,3 +445,42 @@ def test_the_site_not_the_operator_picks_delta(tmp_path):
     assert outcome.metrics["delta"] == 1e-6  # ε is reported at the site's δ
     (spend,) = [s for s in PrivacyLedger.in_work_dir(tmp_path / "work").spends() if s.run != "old"]
     assert spend.delta == 1e-6
+
+
+@pytest.mark.parametrize("site_consents", [False, True])
+def test_a_run_alone_cannot_make_a_site_write_its_update_to_disk(
+    tmp_path, monkeypatch, site_consents
+):
+    """Issue 33: `dump-updates` in the run config made every site write the
+    raw update it sent to its disk. Test mode now needs the site's own node
+    config as well."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedgan import wire
+    from fedgan.site import client_app, runtime
+    from fedgan.site.approval import PolicyStore
+    from fedgan.weights import get_arrays
+
+    monkeypatch.setattr(runtime, "admitted_fab", "ab" * 32)
+    for name in ("_run_id", "_node_id", "_task_id"):  # what a ClientApp process is told
+        monkeypatch.setattr(TaskIdentity, name, 7)
+    keys = {"batch-size": 4, "local-steps": 1, "dump-updates": True, "secagg": False}
+    cfg, site, gen, disc = _one_site(tmp_path, 40, **keys)
+    PolicyStore(Path(site.work_dir), "s1").update(
+        require_secure_aggregation=False, max_noise_figure=None
+    )
+    node_config = {
+        "site-id": "s1",
+        "data-dir": site.data_dir,
+        "kind": "fundus",
+        "work-dir": site.work_dir,
+        "device": "cpu",
+        "dump-updates": str(site_consents).lower(),
+    }
+    content = wire.train_request(get_arrays(gen), get_arrays(disc), cfg.round_config(1).to_record())
+    msg = Message(content=content, dst_node_id=1, message_type="train")
+    reply = client_app.train(msg, Context(1, 1, node_config, RecordDict(), {}))
+    assert wire.read_train_reply(reply.content)[0] is not None  # it trained and replied
+    dumps = list((Path(site.work_dir) / "dumps").rglob("update.npz"))
+    assert len(dumps) == (1 if site_consents else 0)

@@ -218,6 +218,13 @@ def test_labels_from_csv_uid_or_tag_and_unknown_rows_warned(one):
     (silo / "labels.csv").write_text("file,label\na.dcm,x\n")
     with pytest.raises(SiloError, match="path,label"):
         read_silo(silo, OPTS)
+    # A CSV without its header: its first row is a patient's, and the error
+    # (which reaches the aggregator) must not repeat it (issue 33).
+    (silo / "labels.csv").write_text("PAT-0042,Nordmann^Kari,effusion\n")
+    with pytest.raises(SiloError) as refused:
+        read_silo(silo, OPTS)
+    assert "3 columns" in str(refused.value)
+    assert "PAT-0042" not in str(refused.value) and "Nordmann" not in str(refused.value)
 
 
 def test_empty_directory_is_an_error_naming_it(tmp_path):
