@@ -192,7 +192,12 @@ def reading(records: list[dict[str, Any]], status: dict[str, Any]) -> list[str]:
             "Secure aggregation was on: the coordinating server saw only the sum of the "
             "hospitals' updates, never one hospital's."
         )
-    if status.get("status") != "completed":
+    if status.get("status") == "stopped":
+        lines.append(
+            f"The run was stopped after round {status.get('last_round', '?')}: the pictures are "
+            "interim (resume it to go on)."
+        )
+    elif status.get("status") != "completed":
         lines.append(f"The run is {status.get('status', 'unfinished')}: the pictures are interim.")
     lines.append(
         "The images are synthetic. How realistic, diverse and private they are is measured by "

@@ -4,16 +4,19 @@ as a `GridTransport`, to `fedgan.aggregator.run.run_federation`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedgan.aggregator.run import run_federation
-from fedgan.aggregator.run_store import RunOutputs
+from fedgan.aggregator.run_store import RunOutputs, read_records
 from fedgan.aggregator.transport import GridTransport
 from fedgan.atomic import write_text_atomic
 from fedgan.audit_log import AuditLog
@@ -57,6 +60,32 @@ def _earlier_init_record(out: RunOutputs) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+class RunStopped(BaseException):
+    """SIGTERM or SIGINT reached the ServerApp (a stopped demo or container,
+    Ctrl-C): the run ends as "stopped", with the last round it completed."""
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """Both signals raise `RunStopped` in the round loop, so status.json and
+    the audit log say "stopped" rather than "running" forever. Flower's own
+    handlers come back afterwards."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise RunStopped(f"stopped by {signal.Signals(signum).name}")
+
+    try:
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread: leave the signals to Flower
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _log_to_stream()
@@ -89,7 +118,13 @@ def main(grid: Grid, context: Context) -> None:
         model_init=record,
     )
     try:
-        summary = run_federation(GridTransport(grid), settings, out, audit, init)
+        with _stopped_by_signals():
+            summary = run_federation(GridTransport(grid), settings, out, audit, init)
+    except RunStopped as stop:
+        last = max((r["round"] for r in read_records(out.metrics_path)), default=0)
+        out.write_status("stopped", flower_run_id=context.run_id, last_round=last, reason=str(stop))
+        audit.append("run_stopped", run=run, last_round=last, reason=str(stop))
+        raise SystemExit(f"fedgan: run {run} {stop} after round {last}") from None
     except BaseException as exc:
         out.write_status("failed", flower_run_id=context.run_id, reason=str(exc))
         audit.append("run_failed", run=run, reason=str(exc) or type(exc).__name__)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fedgan.atomic import write_text_atomic
 from fedgan.deploy import commands
-from fedgan.deploy.process import https_status, tcp_open
+from fedgan.deploy.process import https_status, signal_tree, tcp_open
 from fedgan.errors import FedGanError
 
 CONNECTION = "fedgan"
@@ -232,7 +232,7 @@ def run_superlink(env: Mapping[str, str], say: Callable[[str], None] = print) ->
     launch = superlink_launch(env)
     proc = subprocess.Popen(launch.argv, env=commands.process_env(launch.env), cwd=launch.cwd)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, _f: proc.send_signal(s))
+        signal.signal(sig, lambda s, _f: signal_tree(proc.pid, signal.Signals(s)))
     port = _port(env, "FEDGAN_SUPERLINK_PORT", SUPERLINK_PORT)
     ca = _secret(env, "ca_cert")
     deadline = time.monotonic() + 120

@@ -1,8 +1,12 @@
 """Start real processes, wait until they serve, and always stop them.
 
 Each process gets its own session (process group) so that stopping it also
-stops what it spawned (the SuperLink's SuperExec and ServerApp, a SuperNode's
-ClientApp). Stopping is SIGTERM, a grace period, then SIGKILL.
+stops what it spawned (a SuperNode's ClientApp). Some children leave the
+group: the SuperLink starts its SuperExec in a session of its own, and the
+SuperExec starts the ServerApp, which then outlived a stopped demo by 20 s.
+So stopping also finds every descendant from /proc before the parents go
+(after that they belong to init) and signals each. Stopping is SIGTERM, a
+grace period, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -142,25 +146,79 @@ class ProcessGroup:
                 raise proc.failure("stopped unexpectedly")
 
     def stop_all(self) -> None:
+        roots = {proc.pid for proc in self.processes}
+        family = descendants(roots)
         for proc in reversed(self.processes):
             _signal_group(proc, signal.SIGTERM)
+        _signal_pids(family, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_grace
         for proc in reversed(self.processes):
             remaining = max(0.1, deadline - time.monotonic())
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=remaining)
+        while family and time.monotonic() < deadline:
+            family = {pid for pid in family if _alive(pid)}
+            time.sleep(0.1)
+        family |= descendants(roots | family)  # spawned while stopping
         for proc in self.processes:
             # Children (ServerApp, ClientApp) may outlive their parent: the
             # group kill reaches them even after the leader exited.
             _signal_group(proc, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=5)
+        _signal_pids(family, signal.SIGKILL)
         self.processes.clear()
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """Every live process below ``roots``, whatever its session (Linux's
+    /proc; elsewhere nothing, and the group kill alone applies)."""
+    parent: dict[int, int] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            # The command name may hold spaces or parentheses: split after it.
+            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = set(roots)
+    while frontier:
+        children = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= children
+        frontier = children
+    return found
+
+
+def signal_tree(root: int, sig: signal.Signals) -> None:
+    """``sig`` to ``root`` and every process below it, whatever its session
+    (a container's entrypoint passes the engine's SIGTERM on this way, so the
+    ServerApp under the SuperExec hears it too)."""
+    _signal_pids({root} | descendants({root}), sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _signal_group(proc: ManagedProcess, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
+
+
+def _signal_pids(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
 
 
 def tcp_open(host: str, port: int) -> bool:

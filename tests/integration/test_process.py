@@ -30,6 +30,30 @@ def test_stop_all_also_stops_grandchildren(tmp_path):
     assert pids_in_groups({proc.pid}) == []
 
 
+def test_stop_all_stops_a_grandchild_in_a_session_of_its_own(tmp_path):
+    """Issue 33: the SuperLink starts its SuperExec with start_new_session,
+    and the SuperExec the ServerApp, which a group kill cannot reach: it
+    outlived a stopped demo by 20 s."""
+    group = ProcessGroup(tmp_path, stop_grace=2)
+    pidfile = tmp_path / "escaped.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(300)\n"
+    )
+    group.start("superlink-like", "test", [sys.executable, "-c", script], env=dict(os.environ))
+    deadline = time.monotonic() + 15
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    escaped = int(pidfile.read_text())
+    assert os.getpgid(escaped) == escaped  # its own group: killpg of the parent misses it
+    group.stop_all()
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(escaped, 0)
+
+
 def test_failure_names_the_process_and_quotes_its_log(tmp_path):
     with ProcessGroup(tmp_path) as group:
         proc = group.start(
