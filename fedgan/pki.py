@@ -14,6 +14,7 @@ replaced unless the caller passes ``force=True``.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import ipaddress
@@ -28,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from fedgan.atomic import write_atomic
+from fedgan.atomic import write_atomic, write_text_atomic
 from fedgan.errors import FedGanError
 from fedgan.secagg import membership as membership_list
 from fedgan.secagg.identity import SIGNING_EKU
@@ -125,6 +126,12 @@ class PkiPaths:
     def membership(self) -> Path:
         """The CA-signed list of member sites and their signing certificates."""
         return self.root / "ca" / "membership.json"
+
+    @property
+    def node_bindings(self) -> Path:
+        """nginx map entries: which client certificate may speak for which
+        Flower node key (`write_node_bindings`)."""
+        return self.root / "ca" / "node-bindings.conf"
 
     @property
     def server_cert(self) -> Path:
@@ -401,6 +408,7 @@ def issue_site(
     _refuse_existing(site.files, force)
     credentials = _issue_site_credentials(paths, site_id, days, sidecar_sans)
     _write_site(site, site_id, credentials, force)
+    write_node_bindings(root)
     return site
 
 
@@ -660,6 +668,7 @@ def sign_requests(
         + f" {site_id}\n".encode(),
         mode=0o644,
     )
+    write_node_bindings(root)
     return site
 
 
@@ -790,6 +799,7 @@ def revoke_site(root: Path, site_id: str, *, days: int = 30) -> list[int]:
             .build()
         )
     _write_crl(paths, ca_cert, ca_key, entries, days)
+    write_node_bindings(root)  # the edge refuses its node key from now on
     if paths.membership.exists():
         # The revoked site leaves the list too; the rule stays.
         old = membership_list.read(paths.membership.read_bytes(), ca_cert)
@@ -853,6 +863,43 @@ def list_members(root: Path, sites: list[str]) -> None:
         if set(sites) <= set(listed.sites):
             return
     write_membership(root, min_sites=max(2, min(len(sites), DEFAULT_MIN_SITES)))
+
+
+def node_key_header(node_pub: bytes) -> str:
+    """A node key (OpenSSH form, as in node_key.pub) as Flower's SuperNode
+    sends it in its ``flwr-public-key`` header: base64 of the PEM key."""
+    key = serialization.load_ssh_public_key(b" ".join(node_pub.split()[:2]))
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(pem).decode()
+
+
+def node_binding(client_cert: x509.Certificate, node_pub: bytes) -> str:
+    """The edge's key for one site: its client certificate's SHA-1 (nginx's
+    ``$ssl_client_fingerprint``; an identifier here, the CA's signature is
+    what vouches for the certificate) and its node key's header value."""
+    return f"{client_cert.fingerprint(hashes.SHA1()).hex()} {node_key_header(node_pub)}"
+
+
+def write_node_bindings(root: Path) -> Path:
+    """Write the edge's map of client certificate to node key, for every
+    site with both and not revoked: the edge refuses a node key presented
+    with another site's certificate, and a revoked site's key with any.
+    Rewritten whenever a site is issued, signed or revoked."""
+    paths = PkiPaths(Path(root))
+    revoked = {entry.serial_number for entry in load_crl(paths)} if paths.crl.exists() else set()
+    lines = ["# Written by fedgan pki: client certificate SHA-1, node key; do not edit.\n"]
+    for site_id in paths.site_ids():
+        site = paths.site(site_id)
+        if not (site.client_cert.exists() and site.node_pub.exists()):
+            continue
+        cert = load_cert(site.client_cert)
+        if cert.serial_number in revoked:
+            continue
+        lines.append(f'"{node_binding(cert, site.node_pub.read_bytes())}" 1;  # {site_id}\n')
+    write_text_atomic(paths.node_bindings, "".join(lines))
+    return paths.node_bindings
 
 
 def is_revoked(root: Path, cert: x509.Certificate) -> bool:

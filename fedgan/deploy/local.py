@@ -42,7 +42,7 @@ from fedgan.deploy.process import (
     tail,
     tcp_open,
 )
-from fedgan.pki import PkiPaths, list_members
+from fedgan.pki import PkiPaths, list_members, write_node_bindings
 from fedgan.site import work_dir as site_setup
 
 CONNECTION = "fedgan-local"
@@ -193,6 +193,7 @@ class LocalFederation:
             server_key=self.pki.server_key,
             ca_cert=self.pki.ca_cert,
             crl=self.pki.crl,
+            node_bindings=write_node_bindings(self.pki.root),
         )
         self._start_nginx(
             "edge",

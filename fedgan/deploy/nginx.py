@@ -43,6 +43,7 @@ class EdgeSettings:
     server_key: Path
     ca_cert: Path
     crl: Path
+    node_bindings: Path  # `fedgan.pki.write_node_bindings`
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ def render_edge(s: EdgeSettings, access_log: Path) -> str:
             "SERVER_KEY": str(s.server_key),
             "CA_CERT": str(s.ca_cert),
             "CRL_FILE": str(s.crl),
+            "NODE_BINDINGS": str(s.node_bindings),
             "ACCESS_LOG": str(access_log),
         },
     )

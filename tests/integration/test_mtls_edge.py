@@ -19,15 +19,20 @@ from fedgan.deploy.local import TLS_NAME
 pytestmark = pytest.mark.integration
 
 
-def _request(fed, path, *, cert=None, key=None, max_version=None):
+def _request(fed, path, *, cert=None, key=None, max_version=None, node=None):
+    """POST ``path`` to the edge with a client certificate and, as a
+    SuperNode does, a node key in ``flwr-public-key`` (``node``: its .pub)."""
     ctx = ssl.create_default_context(cafile=str(fed.pki.ca_cert))
     if cert:
         ctx.load_cert_chain(str(cert), str(key))
     if max_version:
         ctx.maximum_version = max_version
+    headers = {"Content-Type": "application/protobuf"}
+    if node is not None:
+        headers["flwr-public-key"] = pki.node_key_header(node.read_bytes())
     conn = http.client.HTTPSConnection("127.0.0.1", fed.edge_port, context=ctx, timeout=10)
     try:
-        conn.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+        conn.request("POST", path, body=b"", headers=headers)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -57,11 +62,40 @@ def test_valid_site_certificate_is_proxied(live_federation):
     fed = live_federation
     site = fed.pki.site("site-1")
     path = _probe_path()
-    status, _ = _request(fed, path, cert=site.client_cert, key=site.client_key)
+    status, _ = _request(fed, path, cert=site.client_cert, key=site.client_key, node=site.node_pub)
     assert status != 400
     line = _edge_log_line(fed, path)
     assert "verify=SUCCESS" in line and "proto=TLSv1.3" in line
     assert re.search(r"upstream=\d{3}$", line), line  # the SuperLink answered
+
+
+def test_a_certificate_speaks_only_for_its_own_sites_node_key(live_federation):
+    """Issue 33: site A's certificate worked with site B's node key. The edge
+    now holds, from the PKI, which certificate goes with which node key."""
+    fed = live_federation
+    one = fed.pki.site("site-1")
+    pki.issue_site(fed.pki.root, "site-2")  # rewrites the edge's bindings
+    fed.reload_edge()
+    two = fed.pki.site("site-2")
+    cases = {
+        "own": (two.client_cert, two.client_key, two.node_pub),
+        "other's": (two.client_cert, two.client_key, one.node_pub),
+        "none": (one.client_cert, one.client_key, None),
+    }
+    seen = {}
+    deadline = time.monotonic() + 10
+    while True:  # until the reloaded workers answer
+        for name, (cert, key, node) in cases.items():
+            path = _probe_path()
+            seen[name] = (_request(fed, path, cert=cert, key=key, node=node)[0], path)
+        if seen["own"][0] != 403 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert re.search(r"upstream=\d{3}$", _edge_log_line(fed, seen["own"][1]))
+    for name in ("other's", "none"):
+        assert seen[name][0] == 403, name
+        line = _edge_log_line(fed, seen[name][1])
+        assert "verify=SUCCESS" in line and re.search(r"upstream=-$", line), line
 
 
 def test_no_client_certificate_is_refused(live_federation):
@@ -98,25 +132,42 @@ def test_a_signing_certificate_is_not_a_tls_client_certificate(live_federation):
 def test_revoked_certificate_is_refused_after_reload(live_federation):
     fed = live_federation
     pki.issue_site(fed.pki.root, "site-leaver")
+    fed.reload_edge()
     site = fed.pki.site("site-leaver")
-    before = _probe_path()
-    _request(fed, before, cert=site.client_cert, key=site.client_key)
+    deadline = time.monotonic() + 10
+    while True:
+        before = _probe_path()
+        status, _ = _request(
+            fed, before, cert=site.client_cert, key=site.client_key, node=site.node_pub
+        )
+        if status != 403 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert re.search(r"upstream=\d{3}$", _edge_log_line(fed, before))
     pki.revoke_site(fed.pki.root, "site-leaver")
     fed.reload_edge()
     deadline = time.monotonic() + 10
     while True:
         path = _probe_path()
-        status, _ = _request(fed, path, cert=site.client_cert, key=site.client_key)
+        status, _ = _request(
+            fed, path, cert=site.client_cert, key=site.client_key, node=site.node_pub
+        )
         if status == 400 or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     assert status == 400
     _assert_not_proxied(fed, path)
-    # The site still in good standing is unaffected.
+    # Revoked, its node key is unbound too: not even a valid certificate
+    # carries it in (issue 33: revoking left the node key registered).
     ok = fed.pki.site("site-1")
+    stolen = _probe_path()
+    assert (
+        _request(fed, stolen, cert=ok.client_cert, key=ok.client_key, node=site.node_pub)[0] == 403
+    )
+    _assert_not_proxied(fed, stolen)
+    # The site still in good standing is unaffected.
     good = _probe_path()
-    _request(fed, good, cert=ok.client_cert, key=ok.client_key)
+    _request(fed, good, cert=ok.client_cert, key=ok.client_key, node=ok.node_pub)
     assert re.search(r"upstream=\d{3}$", _edge_log_line(fed, good))
 
 
@@ -131,7 +182,7 @@ def test_plaintext_http_is_refused(live_federation):
 
 def test_tls_below_1_3_is_refused(live_federation):
     site = live_federation.pki.site("site-1")
-    with pytest.raises(ssl.SSLError):
+    with pytest.raises(ssl.SSLError) as refused:
         _request(
             live_federation,
             _probe_path(),
@@ -139,6 +190,58 @@ def test_tls_below_1_3_is_refused(live_federation):
             key=site.client_key,
             max_version=ssl.TLSVersion.TLSv1_2,
         )
+    # The protocol version itself, not any TLS failure (issue 33).
+    assert "PROTOCOL_VERSION" in (refused.value.reason or "") or "protocol version" in str(
+        refused.value
+    ), refused.value
+
+
+def _expired_client_cert(fed, tmp_path):
+    """site-1's key in a CA-signed client certificate that expired yesterday."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert, ca_key = pki._load_ca(fed.pki)
+    site = fed.pki.site("site-1")
+    key = serialization.load_pem_private_key(site.client_key.read_bytes(), None)
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "site-1")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=10))
+        .not_valid_after(now - dt.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    path = tmp_path / "expired.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path, site.client_key
+
+
+@pytest.mark.parametrize("which", ["expired", "sidecar-server-cert"])
+def test_an_expired_or_server_certificate_is_refused(live_federation, tmp_path, which):
+    """Issue 33: an expired client certificate; the sidecar's serverAuth
+    certificate (the site's, CA-signed, current) presented as a client's."""
+    fed = live_federation
+    site = fed.pki.site("site-1")
+    if which == "expired":
+        cert, key = _expired_client_cert(fed, tmp_path)
+        why = "certificate has expired"
+    else:
+        cert, key = site.sidecar_cert, site.sidecar_key
+        why = "unsuitable certificate purpose"
+    path = _probe_path()
+    status, _ = _request(fed, path, cert=cert, key=key, node=site.node_pub)
+    assert status == 400
+    line = _edge_log_line(fed, path)
+    assert "verify=FAILED" in line and why in line, line
+    _assert_not_proxied(fed, path)
 
 
 @pytest.mark.parametrize("path", ["/v1/control/list-runs", "/v1/runtime/x", "/health", "/"])

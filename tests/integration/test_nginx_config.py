@@ -44,6 +44,7 @@ def _edge(paths, tmp_path):
             paths.server_key,
             paths.ca_cert,
             paths.crl,
+            paths.node_bindings,
         ),
         tmp_path / "access.log",
     )
