@@ -446,10 +446,12 @@ def keep(fed: Federation, record: RoundRecord, started: float) -> None:
     """Every round, updated or not: the checkpoint (so a resume continues at
     the next round), the metrics line, the log line `fedgan run` reads, and
     the round's audit events."""
-    fed.store.save_checkpoint(fed.gen, fed.disc, record.round)
-    fed.store.drop_fit_state(record.round)  # the checkpoint holds the fitted G now
     record.seconds = round(time.perf_counter() - started, 3)
     line = record.as_dict()
+    # The line rides in the checkpoint: a stop before the append below loses
+    # no row (a resume restores it, `RunOutputs.restore_metrics`).
+    fed.store.save_checkpoint(fed.gen, fed.disc, record.round, line)
+    fed.store.drop_fit_state(record.round)  # the checkpoint holds the fitted G now
     fed.store.append_metrics(line)
     log.info("%s%s", ROUND_MARKER, json.dumps(line, sort_keys=True))
     record_round(fed.audit, fed.store.dir.name, line, fed.seen)

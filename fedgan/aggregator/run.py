@@ -108,5 +108,8 @@ def start(
         )
     gen.load_state_dict(ckpt["gen"])
     disc.load_state_dict(ckpt["disc"])
+    fixed = store.restore_metrics(ckpt)
+    if fixed:
+        log.warning("resuming %s: %s", store.dir, fixed)
     log.info("resuming %s after round %d", store.dir, ckpt["round"])
     return gen, disc, int(ckpt["round"]) + 1

@@ -81,20 +81,48 @@ class RunOutputs:
     def checkpoint_path(self) -> Path:
         return self.dir / "checkpoint.pt"
 
-    def save_checkpoint(self, gen: Generator, disc: torch.nn.Module, server_round: int) -> None:
+    def save_checkpoint(
+        self,
+        gen: Generator,
+        disc: torch.nn.Module,
+        server_round: int,
+        line: dict[str, Any] | None = None,
+    ) -> None:
+        """``line``: the round's metrics line, kept in the checkpoint so that
+        a stop between the checkpoint and the metrics append loses no row
+        (`restore_metrics`)."""
         import torch
 
         buf = io.BytesIO()
-        torch.save(
-            {
-                "spec": dataclasses.asdict(gen.spec),
-                "gen": gen.state_dict(),
-                "disc": disc.state_dict(),
-                "round": server_round,
-            },
-            buf,
-        )
+        state: dict[str, Any] = {
+            "spec": dataclasses.asdict(gen.spec),
+            "gen": gen.state_dict(),
+            "disc": disc.state_dict(),
+            "round": server_round,
+        }
+        if line is not None:
+            state["metrics_line"] = json.dumps(line, sort_keys=True)
+        torch.save(state, buf)
         write_atomic(self.checkpoint_path, buf.getvalue())
+
+    def restore_metrics(self, checkpoint: dict[str, Any]) -> str:
+        """On resume: metrics.jsonl in step with the checkpoint. Its rows up to
+        the checkpoint's round, whole lines only (a torn last line would
+        swallow the next append), plus the checkpoint's own row if the stop
+        came before it was appended; rewritten atomically only when that
+        changes anything. Returns what it did, or ""."""
+        last = int(checkpoint["round"])
+        rows = [r for r in read_records(self.metrics_path) if r["round"] <= last]
+        text = self.metrics_path.read_text("utf-8") if self.metrics_path.exists() else ""
+        restored = ""
+        if checkpoint.get("metrics_line") and not any(r["round"] == last for r in rows):
+            rows.append(json.loads(checkpoint["metrics_line"]))
+            restored = f"round {last}'s metrics line restored from the checkpoint"
+        fixed = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        if fixed == text:
+            return ""
+        write_atomic(self.metrics_path, fixed.encode())
+        return restored or "metrics.jsonl cut back to the checkpoint's rounds and whole lines"
 
     def load_checkpoint(self) -> dict[str, Any]:
         if not self.checkpoint_path.exists():

@@ -74,6 +74,35 @@ def test_a_run_folder_with_a_checkpoint_is_not_overwritten(tmp_path):
     assert first == 5
 
 
+def test_a_stop_between_checkpoint_and_metrics_loses_no_row_and_doubles_none(tmp_path):
+    """Issue 33: a kill between the checkpoint and the metrics append lost a
+    row (the resume went on after the checkpoint's round). The row rides in
+    the checkpoint now; a resume restores it, drops a torn line, and keeps
+    metrics.jsonl in step with the checkpoint."""
+    import json
+
+    from fedgan.config.appbundle import default_run_config
+    from fedgan.config.run import RunSettings
+
+    cfg = default_run_config() | {"run-dir": str(tmp_path)}
+    out = RunOutputs(tmp_path)
+    gen, disc, _ = _start(RunSettings.from_run_config(cfg), out)
+    rows = [{"round": r, "sites": ["a"], "g_loss": 0.5 + r} for r in (1, 2, 3)]
+    for row in rows[:2]:
+        out.save_checkpoint(gen, disc, row["round"], row)
+        out.append_metrics(row)
+    out.save_checkpoint(gen, disc, 3, rows[2])  # killed here, before the append
+    with open(out.metrics_path, "a") as fh:
+        fh.write('{"round": 3, "sit')  # ...or in the middle of it
+    cfg["resume"] = True
+    _, _, first = _start(RunSettings.from_run_config(cfg), out)
+    assert first == 4
+    kept = [json.loads(x) for x in out.metrics_path.read_text().splitlines()]
+    assert kept == rows  # every round once, whole lines only
+    _start(RunSettings.from_run_config(cfg), out)  # a second resume changes nothing
+    assert [json.loads(x) for x in out.metrics_path.read_text().splitlines()] == rows
+
+
 def test_local_epochs_turn_into_steps_from_the_silo_size(tmp_path, monkeypatch):
     from fedgan.config.run import SiteSettings
     from fedgan.silo.synth import synth_silo
