@@ -31,6 +31,24 @@ def _plant(silo: Path) -> None:
         ds.save_as(path, enforce_file_format=True)
 
 
+def _preprocessed_rows(silos: list[Path], image_size: int) -> list[bytes]:
+    """Rows of the silos' images after the site's preprocessing, those with
+    at least 6 distinct values (a flat background row proves nothing), as
+    uint8 and as float32 bytes."""
+    from fedgan.silo.loader import read_silo
+    from fedgan.silo.options import SiloOptions
+
+    out = []
+    for silo in silos:
+        data = read_silo(silo, SiloOptions(kind="dicom", image_size=image_size, channels=1))
+        for image in np.asarray(data.images)[:, 0]:
+            for row in image:
+                if len(set(row.tolist())) >= 6:
+                    out.append(row.astype(np.uint8).tobytes())
+                    out.append((row.astype(np.float32) / 127.5 - 1.0).tobytes())
+    return out
+
+
 def test_no_patient_tag_or_pixel_leaves_the_site(tmp_path):
     silos = []
     for i in range(2):
@@ -43,17 +61,29 @@ def test_no_patient_tag_or_pixel_leaves_the_site(tmp_path):
         say=lambda _line: None,
     )
     needles = [CANARY_NAME.encode(), b"ZZCANARY", CANARY_PIXELS.tobytes()]
+    # The raw DICOM bytes cannot survive windowing and resizing: search for
+    # the images as training sees them too (issue 33), each distinctive row
+    # as uint8 (the site's cache) and as float32 in [-1, 1] (the trainer's).
+    rows = _preprocessed_rows(silos, image_size=16)
+    assert len(rows) >= 20
+    needles += rows
+    in_cache = 0
     searched = 0
     for path in run_dir.rglob("*"):
         rel = path.relative_to(run_dir).parts
-        # The site's own preprocessing cache legitimately holds its images.
-        if not path.is_file() or (len(rel) > 2 and rel[0] == "sites" and rel[2] == "cache"):
+        if not path.is_file():
             continue
         data = path.read_bytes()
+        if len(rel) > 2 and rel[0] == "sites" and rel[2] == "cache":
+            # The site's own preprocessing cache legitimately holds its
+            # images: the positive control, the needles are findable.
+            in_cache += sum(row in data for row in rows)
+            continue
         searched += 1
         for needle in needles:
             assert needle not in data, f"{needle[:12]!r} found in {path}"
     assert searched > 20
+    assert in_cache >= len(rows) // 2  # the uint8 half at least
     # The payloads the aggregator stored and the logs were among them.
     assert list((run_dir / "aggregator").glob("superlink-*.db"))
     assert (run_dir / "logs" / "supernode-site-1.log").stat().st_size > 0
