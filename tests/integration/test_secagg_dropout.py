@@ -20,7 +20,25 @@ pytestmark = pytest.mark.integration
 SITES = ("site-1", "site-2", "site-3")
 
 
-def test_a_site_killed_after_sharing_keys_drops_out_of_the_sum(tmp_path):
+# Where site-3's ClientApp dies (SIGKILL, through the real Flower stack):
+# which sites' updates end up in the sum, and which U2 members dropped.
+FAULTS = {
+    # After sharing keys, as training starts: the others' shares of its mask
+    # key remove its pairwise masks.
+    "train": (["site-1", "site-2"], ["site-3"]),
+    # Before sharing: never in U2, never asked to train.
+    "secagg_share": (["site-1", "site-2"], []),
+    # After masking and confirming: its update is in the sum, and the
+    # others' shares of its self-mask seed remove that mask.
+    "secagg_unmask": (["site-1", "site-2", "site-3"], []),
+}
+
+
+@pytest.mark.parametrize("stage", list(FAULTS))
+def test_a_site_killed_mid_round_is_left_out_or_kept_in_the_sum(tmp_path, stage):
+    """Issue 33: faults through Flower at share, train and unmask (before,
+    only masking was exercised)."""
+    survivors, dropped = FAULTS[stage]
     lines: list[str] = []
     run_dir = run_demo(
         small_federation(
@@ -37,21 +55,18 @@ def test_a_site_killed_after_sharing_keys_drops_out_of_the_sum(tmp_path):
                 "round-timeout": 90.0,
                 "secagg-threshold": 2,
             },
-            # site-3's ClientApp is SIGKILLed as training reaches it, after
-            # the site has shared its keys: the others' shares of its mask
-            # key remove its pairwise masks.
-            site_env={"site-3": {"FEDGAN_FAULT": "train"}},
+            site_env={"site-3": {"FEDGAN_FAULT": stage}},
         ),
         say=lines.append,
     )
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "completed"
     (m,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert m["secagg"]["survivors"] == ["site-1", "site-2"]
-    assert m["secagg"]["dropped"] == ["site-3"]
+    assert m["secagg"]["survivors"] == survivors
+    assert m["secagg"]["dropped"] == dropped
     assert m["secagg"]["threshold"] == 2
-    assert m["secagg"]["failures"]["site-3"].startswith("train")
-    assert m["sites"] == ["site-1", "site-2"] and "skipped" not in m
+    assert m["secagg"]["failures"]["site-3"].startswith(stage)
+    assert m["sites"] == survivors and "skipped" not in m
     bound, value_range = m["secagg_error_bound"], m["secagg"]["value_range"]
 
     dumps = run_dir / "dumps" / "round_001"
@@ -61,14 +76,16 @@ def test_a_site_killed_after_sharing_keys_drops_out_of_the_sum(tmp_path):
         s: load_dump(
             run_dir / "sites" / s / "dumps" / flower_run / "dumps" / "round_001" / "update.npz"
         )
-        for s in ("site-1", "site-2")
+        for s in survivors
     }
-    # site-3 died before it trained: it sent nothing and spent nothing ...
-    assert not (run_dir / "sites" / "site-3" / "dumps").exists()
-    assert PrivacyLedger.in_work_dir(run_dir / "sites" / "site-3").spends() == []
-    # ... but it had shared keys, so the survivors' inputs carry pairwise
-    # masks with it: the sum comes out exact only if the others' shares of
-    # its mask key removed them.
+    spent = len(PrivacyLedger.in_work_dir(run_dir / "sites" / "site-3").spends())
+    if "site-3" not in survivors:
+        # It died before it trained: it sent nothing and spent nothing ...
+        assert not (run_dir / "sites" / "site-3" / "dumps").exists() and spent == 0
+    else:
+        assert spent == 1  # it trained once, and its update counts
+    # ... and whatever it left behind (pairwise masks with it, its own
+    # self-mask), the sum comes out exact only if the others' shares removed it.
     learned = learned_indices(run_dir)
     for net in ("gen", "disc"):
         for i in learned[net]:
