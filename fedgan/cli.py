@@ -876,14 +876,22 @@ def site_init(
             "never trained (recorded in the site's audit log).",
         ),
     ] = False,
+    upgrade_ledger: Annotated[
+        bool,
+        typer.Option(
+            "--upgrade-ledger",
+            help="Chain a ledger an older FedGAN version wrote (no .head file): you vouch for "
+            "its lines (recorded in the site's audit log).",
+        ),
+    ] = False,
     work_dir: WorkDirOpt = Path("/var/lib/fedgan"),
 ) -> None:
     """Set the site up once: its privacy ledger (nothing spent) and its
     approval file (default, strict limits). Never replaces either; the site
-    container runs this on its first start."""
+    container runs this on its first start, in an empty work dir."""
     from fedgan.site import work_dir as site_work
 
-    done = site_work.init(work_dir, site_id, no_history=no_history)
+    done = site_work.init(work_dir, site_id, no_history=no_history, upgrade_ledger=upgrade_ledger)
     for line in done or [f"{work_dir} is set up already; nothing to do"]:
         typer.echo(line)
 
@@ -982,7 +990,7 @@ def site_plan(
             fail(f"{config} not found; pass the run's federation.yaml with --config")
         run_config |= federation.load(config)
     run = RunSettings.from_run_config(run_config)
-    history = []
+    history, recorded = [], []
     limits = Limits()
     if new_silo:
         ledger_note, policy_note = "none (--new-silo)", "defaults, --new-silo"
@@ -994,7 +1002,7 @@ def site_plan(
             )
         ledger = PrivacyLedger.in_work_dir(work_dir)
         try:
-            history = ledger.history()
+            history, recorded = ledger.history(), ledger.deltas()
         except LedgerError as exc:
             fail(f"{exc}; or plan with --new-silo for a silo with no privacy history")
         ledger_note = f"{ledger.path}, {len(history)} rounds recorded"
@@ -1002,7 +1010,7 @@ def site_plan(
         limits = store.current().limits  # reads only: no approval file is created
         policy_note = str(store.path) if store.path.exists() else "defaults, no approval file yet"
     try:
-        plan = site_plan.assess(run, images, history, limits, epsilon_budget, delta)
+        plan = site_plan.assess(run, images, history, limits, epsilon_budget, delta, recorded)
     except ValueError as exc:
         fail(str(exc))
     if as_json:
@@ -1149,16 +1157,22 @@ def container_supernode(
 
     from fedgan.deploy import container
 
+    if not print_only:
+        from fedgan.site import work_dir
+
+        # The first start (an empty volume) sets the site up; a later one
+        # with its ledger or approval file gone stops here, in one line,
+        # before joining anything or writing to the volume.
+        site_id = os.environ.get("FEDGAN_SITE_ID", "").strip()
+        if not site_id:
+            fail("FEDGAN_SITE_ID is not set; set SITE_ID in .env (see .env.example)")
+        state = Path(os.environ.get("FEDGAN_WORK_DIR", "/var/lib/fedgan"))
+        for line in work_dir.ensure(state, site_id):
+            typer.echo(line)
     launch = container.supernode_launch(os.environ)
     if print_only:
         typer.echo(json.dumps(launch.argv))
         return
-    from fedgan.site import work_dir
-
-    # The first start sets the site up; a later one with its ledger or
-    # approval file gone stops here, in one line, before joining anything.
-    for line in work_dir.ensure(launch.cwd, os.environ["FEDGAN_SITE_ID"]):
-        typer.echo(line)
     container.exec_launch(launch)
 
 

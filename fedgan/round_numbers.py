@@ -51,9 +51,12 @@ class Stat:
 
     def decode(self, mean: float) -> float:
         v = mean * self.bound
+        if self.log:
+            # At the floor: every site sent 0 (a term that is off).
+            return 0.0 if v <= math.log10(_LOG_FLOOR) + 0.01 else float(10.0**v)
         # Every number here is ≥ 0 (losses, fractions); quantization's error
         # must not make a mean of zeros read as slightly negative.
-        return float(10.0**v) if self.log else max(0.0, float(v))
+        return max(0.0, float(v))
 
 
 # G's and D's losses (D's on generated images only: its real-image half is
@@ -63,7 +66,8 @@ class Stat:
 DCGAN = (
     Stat("g-loss", 32.0),
     Stat("d-loss", 32.0),
-    Stat("mode-seeking-loss", 32.0),
+    # λ·(latent distance / image distance): up to ~1e5 when G collapses.
+    Stat("mode-seeking-loss", 8.0, log=True),
     Stat("update-norm", 8.0, log=True),
     Stat("update-clipped", 1.0),
     Stat("secagg-clipped", 1.0),
@@ -82,7 +86,7 @@ def encode(stats: tuple[Stat, ...], metrics: Mapping[str, float], value_range: f
     """The numbers to append to the update, each in [-r, r]. A number the
     site does not have (no DP: no noise figure) is sent as 0; the aggregator
     knows from the run's config which ones mean something."""
-    encoded = [s.encode(float(metrics[s.name])) if s.name in metrics else 0.0 for s in stats]
+    encoded = [s.encode(float(metrics.get(s.name, 0.0))) for s in stats]
     return np.array(encoded, dtype=np.float64) * value_range
 
 

@@ -86,6 +86,15 @@ def _stopped_by_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _last_round(out: RunOutputs) -> int:
+    """The round a resume goes on after: the checkpoint's (its metrics line
+    may not be appended yet; a resume restores it)."""
+    try:
+        return int(out.load_checkpoint()["round"])
+    except (OSError, KeyError, RuntimeError, ValueError):
+        return max((r["round"] for r in read_records(out.metrics_path)), default=0)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _log_to_stream()
@@ -121,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
         with _stopped_by_signals():
             summary = run_federation(GridTransport(grid), settings, out, audit, init)
     except RunStopped as stop:
-        last = max((r["round"] for r in read_records(out.metrics_path)), default=0)
+        last = _last_round(out)
         out.write_status("stopped", flower_run_id=context.run_id, last_round=last, reason=str(stop))
         audit.append("run_stopped", run=run, last_round=last, reason=str(stop))
         raise SystemExit(f"fedgan: run {run} {stop} after round {last}") from None

@@ -8,6 +8,7 @@ the history of every round ever spent on a silo is accounted together, so the
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -19,9 +20,12 @@ Round = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
 
 def default_delta(num_examples: int) -> float:
-    """δ = min(1e-5, 1/(10·n)): well below 1/n, so no single patient's record
-    can be released outright with probability δ."""
-    return min(1e-5, 1.0 / (10 * max(1, num_examples)))
+    """δ = min(1e-5, 1/(10·n)), rounded down to a power of ten: well below
+    1/n, so no single patient's record can be released outright with
+    probability δ; rounded, because a site's reply carries its δ, and
+    1/(10·n) itself would tell the aggregator n."""
+    exact = min(1e-5, 1.0 / (10 * max(1, num_examples)))
+    return 10.0 ** math.floor(math.log10(exact) + 1e-12)
 
 
 @contextlib.contextmanager

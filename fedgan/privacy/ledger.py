@@ -97,23 +97,33 @@ class PrivacyLedger:
         write_atomic(self.path, (line + "\n").encode(), mode=0o600, overwrite=False)
         self._write_head(1, _digest(line))
 
-    def upgrade(self) -> bool:
+    def upgrade(self) -> None:
         """Chain a ledger written before lines carried hashes (no head, no
         line with one): its lines are kept as they are and a head is written
-        over them. True if it did; a chained ledger is left alone."""
-        if not self.path.exists() or self.head.exists():
-            return False
-        text = self.path.read_text("utf-8")
-        lines = [x for x in text.splitlines() if x.strip()]
+        over them. A person's act (`fedgan site init --upgrade-ledger`),
+        never automatic: an unchained file cannot be told from a chained one
+        whose head was deleted and hashes stripped, so whoever asks vouches
+        for it (the site's audit log records that)."""
+        if self.head.exists():
+            raise LedgerError(f"{self.path} is chained already ({self.head.name} exists)")
+        try:
+            text = self.path.read_text("utf-8")
+        except FileNotFoundError:
+            raise LedgerError(f"{self.path} is missing: nothing to upgrade") from None
+        lines = text.split("\n")
+        if lines.pop() != "" or not lines or any(not x.strip() for x in lines):
+            raise LedgerError(
+                f"{self.path} is empty, has blank lines or no final newline: not a ledger an "
+                "older version wrote; restore it from backup"
+            )
         if any("prev" in _parsed(self.path, n, x) for n, x in enumerate(lines, 1)):
-            return False  # chained, its head lost: not an old ledger
+            raise LedgerError(f"{self.path} is chained but its head is missing; restore both")
         with self._locked() as fd:
             prev = GENESIS
             for line in lines:
                 prev = _digest(line)
             self._write_head(len(lines), prev)
             self._append(fd, {"type": "chained", "time": time.time()}, len(lines), prev)
-        return True
 
     def records(self) -> list[dict]:
         with self._locked(shared=True):
@@ -130,6 +140,11 @@ class PrivacyLedger:
 
     def history(self) -> list[Round]:
         return _history(_spends(self.records()))
+
+    def deltas(self) -> list[float]:
+        """Every δ a spend was accounted at (the site never accounts above
+        the smallest again)."""
+        return [s.delta for s in self.spends() if s.delta > 0]
 
     def epsilon(self, delta: float, accountant: str = "prv") -> float:
         return epsilon(self.history(), delta, accountant)
@@ -250,7 +265,8 @@ class PrivacyLedger:
         except FileNotFoundError:
             raise LedgerError(
                 f"{self.head} is missing: the ledger's end cannot be checked, so training is "
-                "refused. Restore it with the ledger from backup"
+                "refused. Restore it with the ledger from backup (a ledger an older version "
+                "wrote, which never had one: `fedgan site init --upgrade-ledger`)"
             ) from None
         except (ValueError, KeyError, TypeError):
             raise LedgerError(f"{self.head} is unreadable; restore it from backup") from None
@@ -273,7 +289,9 @@ class PrivacyLedger:
         os.ftruncate(fd, size)
         line = self._line(record, entries + 1, last)
         os.lseek(fd, 0, os.SEEK_END)
-        os.write(fd, (line + "\n").encode())
+        data = (line + "\n").encode()
+        while data:  # a short write (a full disk) must not be acknowledged
+            data = data[os.write(fd, data) :]
         os.fsync(fd)
         self._write_head(entries + 1, _digest(line))
 

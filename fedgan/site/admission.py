@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +28,21 @@ from fedgan.site.approval import AppRefused, Limits, check_run
 log = logging.getLogger("fedgan.site")
 
 
-def site_delta(site_id: str, configured: float, cfg: RoundConfig, images: int) -> float:
+def site_delta(
+    site_id: str,
+    configured: float,
+    cfg: RoundConfig,
+    images: int,
+    recorded: Sequence[float] = (),
+) -> float:
     """The δ this site accounts every spend at: its own (node config
-    ``delta``), or min(1e-5, 1/(10 n)) from its silo's size, never the run's.
-    ε at a larger δ is smaller, so a run asking for one would stretch the
-    site's budget: refused. A run asking for a smaller δ is planned at it
-    (more noise) and accounted at the site's."""
-    own = configured or default_delta(images)
+    ``delta``), or `default_delta` of its silo's size, never the run's; and
+    never above a δ its ledger already accounted at (``recorded``): ε at a
+    larger δ is smaller, so a δ that rose (a run filtering the silo to a few
+    images, a site raising DELTA) would re-read the whole history as cheaper.
+    A run asking for a larger δ is refused; one asking for a smaller δ is
+    planned at it (more noise) and accounted at the site's."""
+    own = min([configured or default_delta(images), *recorded])
     asked = cfg.privacy.delta
     if asked > own:
         source = "node config delta" if configured else "from its silo's size"
@@ -240,8 +249,8 @@ def preflight(
     `AppRefused` as `admit` does; returns a budget refusal, or None."""
     if not cfg.privacy.enabled:
         return None
-    delta = site_delta(site.site_id, site.delta, cfg, images)
     ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
+    delta = site_delta(site.site_id, site.delta, cfg, images, ledger.deltas())
     plan = plan_for(cfg, images, ledger.latest_noise(cfg.run_name or run_id), delta)
     assert plan is not None
     max_figure = limits.max_noise_figure if limits is not None else None
@@ -272,8 +281,8 @@ def admit(
     figure the site's limits bound (None: not checked)."""
     if not cfg.privacy.enabled:
         return Admission()
-    delta = site_delta(site.site_id, site.delta, cfg, images)
     ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
+    delta = site_delta(site.site_id, site.delta, cfg, images, ledger.deltas())
     run_name = cfg.run_name or run_id
     plan = plan_for(cfg, images, ledger.latest_noise(run_name), delta)
     assert plan is not None

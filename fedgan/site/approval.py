@@ -329,10 +329,17 @@ def _foreign_dependencies(app: dict[str, Any]) -> list[str]:
     foreign = []
     for item in declared:
         try:
-            name = Requirement(str(item)).name
+            requirement = Requirement(str(item))
         except InvalidRequirement:
-            name = ""
-        if canonicalize_name(name) != "flwr":
+            requirement = None
+        # Flower itself by name and version only: "flwr @ https://…" would
+        # install whatever that URL serves.
+        if (
+            requirement is None
+            or canonicalize_name(requirement.name) != "flwr"
+            or requirement.url
+            or requirement.marker
+        ):
             foreign.append(str(item)[:60])
     return foreign
 

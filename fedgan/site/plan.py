@@ -49,6 +49,7 @@ def assess(
     limits: Limits,
     budget: float,
     delta: float = 0.0,
+    recorded: Sequence[float] = (),
 ) -> SitePlan:
     """The round plan the site would make for ``images`` images, the run's
     forecast against the ledger's ``history`` at the site's δ (``delta``; 0:
@@ -59,7 +60,7 @@ def assess(
     cfg = run.round_config(1)
     too_loose = None
     try:
-        own = site_delta("this site", delta, cfg, images)
+        own = site_delta("this site", delta, cfg, images, recorded)
     except AppRefused as refused:
         own, too_loose = cfg.privacy.delta, refused.reason
     plan = plan_for(cfg, images, site=own)

@@ -84,6 +84,13 @@ def test_no_patient_tag_or_pixel_leaves_the_site(tmp_path):
             assert needle not in data, f"{needle[:12]!r} found in {path}"
     assert searched > 20
     assert in_cache >= len(rows) // 2  # the uint8 half at least
+    # ...and the float32 half finds the images as a trainer holds them.
+    leak = tmp_path / "leak.npy"
+    from fedgan.silo.loader import read_silo
+    from fedgan.silo.options import SiloOptions
+
+    np.save(leak, read_silo(silos[0], SiloOptions(kind="dicom", image_size=16)).as_float())
+    assert sum(row in leak.read_bytes() for row in rows[1::2]) >= len(rows) // 4
     # The payloads the aggregator stored and the logs were among them.
     assert list((run_dir / "aggregator").glob("superlink-*.db"))
     assert (run_dir / "logs" / "supernode-site-1.log").stat().st_size > 0

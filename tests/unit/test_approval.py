@@ -42,7 +42,7 @@ def _fab(
     if clientapp is not None:
         config["tool"]["flwr"]["app"]["components"]["clientapp"] = clientapp
     if dependencies is not None:
-        config["project"]["dependencies"] += dependencies
+        config["project"]["dependencies"] = dependencies
     if optional is not None:
         config["project"]["optional-dependencies"] = optional
     files = {"pyproject.toml": tomli_w.dumps(config).encode(), **(extra or {})}
@@ -68,12 +68,13 @@ def test_config_only_bundle_on_an_approved_version_is_admitted():
         (_fab(), _policy(), "9.9.9", "fedgan 9.9.9 installed here is not approved"),
         (_fab(), _policy(mode=approval.HASH_ONLY), VERSION, "hash-only policy"),
         (b"not a zip", _policy(), VERSION, "not a readable FAB"),
-        (_fab(dependencies=["evil-wheel==6.6.6"]), _policy(), VERSION, "(evil-wheel==6.6.6)"),
+        (_fab(dependencies=["flwr", "evil-wheel==6.6.6"]), _policy(), VERSION, "(evil-wheel"),
         (_fab(optional={"x": ["torch-ext"]}), _policy(), VERSION, "declares dependencies"),
+        (_fab(dependencies=["flwr @ https://x.test/f.whl"]), _policy(), VERSION, "flwr @"),
     ],
     ids=[
         *["python", "shadow-package", "data", "clientapp", "version", "hash-only", "garbage"],
-        *["dependency", "optional-dependency"],
+        *["dependency", "optional-dependency", "flwr-from-a-url"],
     ],
 )
 def test_bundles_a_site_did_not_approve_are_refused(fab, policy, version, why):

@@ -184,7 +184,9 @@ def test_a_ledger_from_before_the_chain_is_upgraded_not_dropped(tmp_path):
     ledger = PrivacyLedger(path)
     with pytest.raises(LedgerError, match="head"):
         ledger.spends()  # unchecked until chained
-    assert ledger.upgrade() and not ledger.upgrade()
+    ledger.upgrade()
+    with pytest.raises(LedgerError, match="chained already"):
+        ledger.upgrade()
     assert [s.round for s in ledger.spends()] == [1]
     _spend(ledger, 2)
     assert [s.round for s in ledger.spends()] == [1, 2]
@@ -200,3 +202,64 @@ def test_noiseless_round_is_infinite_epsilon_and_calibration_meets_target():
     assert epsilon([(sigma * 0.9, 0.1, 300)], 1e-5) > 4.0
     assert default_delta(100) == 1e-5
     assert default_delta(1_000_000) == pytest.approx(1e-7)
+    # Rounded down to a power of ten: δ travels in the clear, and 1/(10 n)
+    # would tell n (found by review).
+    assert default_delta(123_456) == pytest.approx(1e-7)
+    assert default_delta(20_000) == default_delta(99_999) == pytest.approx(1e-6)
+
+
+def _site_dir(tmp_path):
+    from fedgan.site import work_dir
+
+    work = tmp_path / "site"
+    work_dir.ensure(work, "site-a")  # the container's first start
+    PrivacyLedger.in_work_dir(work).spend(
+        run="r", server_round=1, round_=ROUND, delta=1e-5, budget=100.0
+    )
+    return work
+
+
+@pytest.mark.parametrize("attack", ["no-head-empty", "no-head-stripped", "wiped-but-cache"])
+def test_a_site_start_never_reads_a_tampered_ledger_as_nothing_spent(tmp_path, attack):
+    """Found by review: deleting the head and emptying the ledger (or
+    stripping its hashes) was 'upgraded' at the next start, and deleting the
+    four files the setup made looked like a new site."""
+    from fedgan.site import work_dir
+
+    work = _site_dir(tmp_path)
+    ledger = PrivacyLedger.in_work_dir(work)
+    (work / "cache").mkdir()
+    if attack == "no-head-empty":
+        ledger.head.unlink()
+        ledger.path.write_text("")
+    elif attack == "no-head-stripped":
+        ledger.head.unlink()
+        lines = [json.loads(x) for x in ledger.path.read_text().splitlines()]
+        stripped = [{k: v for k, v in r.items() if k not in ("prev", "seq")} for r in lines]
+        ledger.path.write_text("".join(json.dumps(r) + "\n" for r in stripped[1:]))
+    else:
+        for name in ("privacy-ledger.jsonl", "privacy-ledger.jsonl.head", "approval.json"):
+            (work / name).unlink()
+        for name in ("audit.jsonl", "audit.jsonl.head"):
+            (work / name).unlink(missing_ok=True)
+    with pytest.raises(LedgerError):
+        work_dir.ensure(work, "site-a")
+    assert not ledger.head.exists() or attack == "wiped-but-cache"
+    with pytest.raises(LedgerError):
+        ledger.spends()
+
+
+def test_an_old_ledger_is_chained_only_when_a_person_asks(tmp_path):
+    from fedgan.site import work_dir
+
+    work = tmp_path / "site"
+    work.mkdir()
+    old = {"type": "spend", "run": "r", "round": 1, "steps": 40, "noise": 1.1}
+    old |= {"sample_rate": 0.05, "delta": 1e-5, "accountant": "prv", "epsilon_after": 1.0}
+    (work / "privacy-ledger.jsonl").write_text(json.dumps(old | {"time": 1.0}) + "\n")
+    with pytest.raises(LedgerError, match="--upgrade-ledger"):
+        work_dir.ensure(work, "site-a")
+    done = work_dir.init(work, "site-a", upgrade_ledger=True)
+    assert any("chained" in line for line in done)
+    assert [s.round for s in PrivacyLedger.in_work_dir(work).spends()] == [1]
+    assert work_dir.ensure(work, "site-a") == []

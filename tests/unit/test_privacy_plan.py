@@ -438,6 +438,16 @@ def test_the_site_not_the_operator_picks_delta(tmp_path):
         AppRefused, match=r"δ 1e-06, but this site accounts .* at δ 1e-07 \(node config"
     ):
         site_round.preflight_round(strict, {}, "r", cfg.round_config(1), lenient)
+    # δ never rises above one the ledger already accounted at (found by
+    # review: a run filtering the silo to a few images raised the default).
+    cfg, _, _, _ = _one_site(tmp_path / "e", 40, **keys, delta=0.0)
+    below = PrivacyLedger.in_work_dir(tmp_path / "e" / "work")
+    below.spend(run="old", server_round=1, round_=(1.0, 0.1, 300), delta=1e-9, budget=1e9)
+    e_site = dataclasses.replace(site, work_dir=str(tmp_path / "e" / "work"))
+    refused = site_round.preflight_round(
+        dataclasses.replace(e_site, epsilon_budget=15.0), {}, "r", cfg.round_config(1), lenient
+    )
+    assert refused is not None and refused.spent > 12.4  # the history at δ 1e-9, not 1e-5
     # A run asking for a smaller δ than the site's is planned at it.
     cfg, _, _, _ = _one_site(tmp_path / "d", 40, **keys, delta=1e-8)
     loose = dataclasses.replace(site, delta=1e-6, epsilon_budget=100.0)
