@@ -230,6 +230,15 @@ def pki_membership(
     )
 
 
+@pki_app.command("bindings")
+def pki_bindings(out: CertsOpt = Path("certs")) -> None:
+    """Rewrite the edge's map of client certificate to node key (issue, sign
+    and revoke do this themselves; run it once for a PKI made before)."""
+    path = pki.write_node_bindings(out)
+    count = sum(1 for line in path.read_text().splitlines() if line.startswith('"'))
+    typer.echo(f"{path}: {count} sites bound; reload the edge to apply it")
+
+
 @pki_app.command("inspect")
 def pki_inspect(
     path: Path,

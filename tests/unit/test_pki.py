@@ -301,3 +301,23 @@ def test_a_kept_crl_or_list_that_no_longer_verifies_stops_the_site(certs, tmp_pa
     (work / credentials.ADOPTED_MEMBERSHIP).write_bytes(b'{"membership": {}, "signature": ""}')
     with pytest.raises(pki.PkiError, match=r"membership\.json"):
         credentials.load_verifier(paths.ca_cert, paths.crl, paths.membership, work)
+
+
+def test_the_edge_bindings_follow_issue_and_revoke(certs):
+    """Each unrevoked site's client certificate bound to its own node key, as
+    the SuperNode sends it; `fedgan pki bindings` rewrites the file."""
+    from typer.testing import CliRunner
+
+    from fedgan.cli import app
+
+    paths = pki.PkiPaths(certs)
+    bound = paths.node_bindings.read_text()
+    site = paths.site("site-a")
+    own = pki.node_binding(pki.load_cert(site.client_cert), site.node_pub.read_bytes())
+    assert f'"{own}" 1;' in bound
+    paths.node_bindings.unlink()
+    out = CliRunner().invoke(app, ["pki", "bindings", "--out", str(certs)])
+    assert out.exit_code == 0 and "sites bound" in out.output
+    assert paths.node_bindings.read_text() == bound
+    pki.revoke_site(certs, "site-a")
+    assert own not in paths.node_bindings.read_text()
