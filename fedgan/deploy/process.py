@@ -170,10 +170,10 @@ class ProcessGroup:
         self.processes.clear()
 
 
-def descendants(roots: set[int]) -> set[int]:
-    """Every live process below ``roots``, whatever its session (Linux's
-    /proc; elsewhere nothing, and the group kill alone applies)."""
-    parent: dict[int, int] = {}
+def process_table() -> dict[int, tuple[str, int, int]]:
+    """Every process's (state, parent pid, process group), from Linux's
+    /proc; empty elsewhere."""
+    table: dict[int, tuple[str, int, int]] = {}
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -183,7 +183,15 @@ def descendants(roots: set[int]) -> set[int]:
             except OSError:
                 continue  # gone meanwhile
             # The command name may hold spaces or parentheses: split after it.
-            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            fields = stat.rsplit(")", 1)[1].split()
+            table[int(entry)] = (fields[0], int(fields[1]), int(fields[2]))
+    return table
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """Every process below ``roots``, whatever its session (Linux's /proc;
+    elsewhere nothing, and the group kill alone applies)."""
+    parent = {pid: ppid for pid, (_, ppid, _) in process_table().items()}
     found: set[int] = set()
     frontier = set(roots)
     while frontier:

@@ -15,17 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from fedgan.deploy.process import descendants
+from fedgan.deploy.process import descendants, process_table
 
 pytestmark = pytest.mark.integration
 
 
 def _zombie_or_gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+    return process_table().get(pid, ("Z",))[0] == "Z"
 
 
 def test_sigterm_stops_every_process_and_the_run_says_stopped(tmp_path):
