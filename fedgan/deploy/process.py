@@ -167,6 +167,15 @@ class ProcessGroup:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=5)
         _signal_pids(family, signal.SIGKILL)
+        # SIGKILL is delivered at once but a process takes a moment to die:
+        # return only when none is left running (zombies wait for a reaper).
+        groups = {proc.pid for proc in self.processes}
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(
+            state != "Z" and (pid in family or pgid in groups)
+            for pid, (state, _, pgid) in process_table().items()
+        ):
+            time.sleep(0.05)
         self.processes.clear()
 
 

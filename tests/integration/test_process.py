@@ -27,7 +27,8 @@ def test_stop_all_also_stops_grandchildren(tmp_path):
         time.sleep(0.1)
     assert len(pids_in_groups({proc.pid})) == 2
     group.stop_all()
-    assert pids_in_groups({proc.pid}) == []
+    left = pids_in_groups({proc.pid})
+    assert left == [], {pid: process_table().get(pid) for pid in left}
 
 
 def test_stop_all_stops_a_grandchild_in_a_session_of_its_own(tmp_path):
