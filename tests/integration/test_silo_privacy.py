@@ -89,7 +89,9 @@ def test_no_patient_tag_or_pixel_leaves_the_site(tmp_path):
     from fedgan.silo.loader import read_silo
     from fedgan.silo.options import SiloOptions
 
-    np.save(leak, read_silo(silos[0], SiloOptions(kind="dicom", image_size=16)).as_float())
+    np.save(
+        leak, read_silo(silos[0], SiloOptions(kind="dicom", image_size=16, channels=1)).as_float()
+    )
     assert sum(row in leak.read_bytes() for row in rows[1::2]) >= len(rows) // 4
     # The payloads the aggregator stored and the logs were among them.
     assert list((run_dir / "aggregator").glob("superlink-*.db"))
