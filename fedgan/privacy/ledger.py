@@ -220,8 +220,7 @@ class PrivacyLedger:
         acknowledged) is ignored and cut at the next append."""
         text = self.path.read_text("utf-8")
         whole = text.split("\n")
-        torn = whole.pop() if whole else ""  # "" when the file ends with a newline
-        del torn
+        whole.pop()  # after the last newline: "" or a torn, unacknowledged line
         records: list[dict] = []
         prev, chained = GENESIS, False
         for number, line in enumerate(whole, start=1):
@@ -281,12 +280,10 @@ class PrivacyLedger:
         return json.dumps({**record, "seq": seq, "prev": prev}, sort_keys=True)
 
     def _append(self, fd: int, record: dict, entries: int, last: str) -> None:
-        """One line after ``entries`` whole lines (cutting a torn tail), then
-        the head. Called under the exclusive lock."""
-        size = len(
-            "".join(x + "\n" for x in self.path.read_text("utf-8").split("\n")[:entries]).encode()
-        )
-        os.ftruncate(fd, size)
+        """One line after the ``entries`` whole lines `_verified` read (a torn
+        tail after the last newline is cut), then the head. Called under the
+        exclusive lock."""
+        os.ftruncate(fd, self.path.read_bytes().rfind(b"\n") + 1)
         line = self._line(record, entries + 1, last)
         os.lseek(fd, 0, os.SEEK_END)
         data = (line + "\n").encode()
