@@ -7,6 +7,7 @@ the site: between stages it is kept in the SuperNode's memory
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -107,6 +108,16 @@ class SiteSession:
         ad = Advertisement(signer.site_id, _public(c), _public(s), signer.cert_pem, b"")
         signature = signer.sign(ad.signed_bytes(params, server_pk))
         return session, Advertisement(**{**ad.as_dict(), "signature": signature})
+
+    @property
+    def attempt(self) -> str:
+        """Names this attempt at the round: the run, the round and this
+        site's fresh public key. A retried round (after a crash and a
+        resume) is a new attempt with new keys and masks; a replayed request
+        within one attempt is the same attempt."""
+        own = _public(_private(self.s_sk))
+        material = f"{self.params.run_id}\0{self.params.round}\0".encode() + own
+        return hashlib.sha256(material).hexdigest()[:32]
 
     def _expect(self, stage: str, action: str) -> None:
         if self.stage != stage:

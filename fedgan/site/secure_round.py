@@ -11,11 +11,13 @@ Which survivor set the site signed is the one thing written to disk
 (``<work-dir>/secagg-reveals/``, fsynced, before the signature leaves): a
 site whose state was lost after it committed (a crash between its reply and
 Flower saving the state, a restart) refuses to sign or reveal for another
-set in that round, so it never hands out both secrets of one site."""
+set in that attempt at the round, so it never hands out both secrets of one
+site. An attempt is named by the site's fresh key: a round the aggregator
+retries after a crash is a new attempt, which the site trains (and its
+ledger counts) again."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -138,11 +140,11 @@ def accept_shares(
     the same masks, which would reveal the difference of the two."""
     session = _load(state, site)
     session.accept_shares(inbox, u2)
-    marker = _committed(site, session.params).with_suffix(".trained")
+    marker = _committed(site, session).with_suffix(".trained")
     if marker.exists():
         raise SecAggError(
-            f"site {site.site_id}: refusing; this site already trained for round "
-            f"{session.params.round} of this run (recorded in {marker})"
+            f"site {site.site_id}: refusing; this site already trained in this attempt at round "
+            f"{session.params.round} (recorded in {marker})"
         )
     write_atomic(marker, b"", mode=0o600, overwrite=False)
     _save(state, session)
@@ -170,15 +172,17 @@ def masked_input(
     return envelope
 
 
-def _committed(site: SiteSettings, params: SecAggParams) -> Path:
-    key = hashlib.sha256(f"{params.run_id}\0{params.round}".encode()).hexdigest()[:32]
-    return Path(site.work_dir) / REVEALS / f"{key}.json"
+def _committed(site: SiteSettings, session: SiteSession) -> Path:
+    """Per attempt, not per round: a round retried after a crash runs with
+    fresh keys, so nothing signed or revealed in the lost attempt bears on
+    it (and the ledger counts both trainings)."""
+    return Path(site.work_dir) / REVEALS / f"{session.attempt}.json"
 
 
-def _check_commitment(site: SiteSettings, params: SecAggParams, survivors: list[str]) -> bool:
-    """True if this site already committed to ``survivors`` for the round;
-    refuses if it committed to another set."""
-    path = _committed(site, params)
+def _check_commitment(site: SiteSettings, session: SiteSession, survivors: list[str]) -> bool:
+    """True if this site already committed to ``survivors`` in this attempt
+    at the round; refuses if it committed to another set."""
+    path = _committed(site, session)
     if not path.exists():
         return False
     try:
@@ -188,7 +192,8 @@ def _check_commitment(site: SiteSettings, params: SecAggParams, survivors: list[
     if earlier != sorted(survivors):
         raise SecAggError(
             f"site {site.site_id}: refusing; this site already signed another survivor set for "
-            f"round {params.round} (recorded in {path}), and will not reveal for a second one"
+            f"round {session.params.round} (recorded in {path}), and will not reveal for a "
+            "second one"
         )
     return True
 
@@ -197,7 +202,7 @@ def confirm(state: RecordDict, site: SiteSettings, content: RecordDict) -> Recor
     """Stage 4: sign the survivor set, committing to it on disk first."""
     session = _load(state, site)
     survivors = wire.secagg_names(content, "survivors")
-    already = _check_commitment(site, session.params, survivors)
+    already = _check_commitment(site, session, survivors)
     signature = session.confirm(survivors, _signer(site))
     if not already:
         record = {
@@ -205,7 +210,7 @@ def confirm(state: RecordDict, site: SiteSettings, content: RecordDict) -> Recor
             "round": session.params.round,
             "survivors": session.survivors,
         }
-        write_atomic(_committed(site, session.params), json.dumps(record).encode(), mode=0o600)
+        write_atomic(_committed(site, session), json.dumps(record).encode(), mode=0o600)
     _save(state, session)
     return wire.secagg_message(signature=signature)
 
@@ -215,9 +220,7 @@ def unmask(state: RecordDict, site: SiteSettings, content: RecordDict) -> Record
     for the survivor set this site signed and at least t others did too; the
     session is then forgotten."""
     session = _load(state, site)
-    if session.stage == "confirmed" and not _check_commitment(
-        site, session.params, session.survivors
-    ):
+    if session.stage == "confirmed" and not _check_commitment(site, session, session.survivors):
         raise SecAggError(
             f"site {site.site_id}: refusing to reveal; no record of the survivor set it signed"
         )

@@ -30,8 +30,8 @@ NUMBERS = {
 FLOOR = Limits(min_sites=2, colluding_sites=0)  # t = 2 of 3: the server has a choice
 
 
-def _shared_round(tmp_path):
-    settings = consortium(tmp_path, SITES)
+def _shared_round(tmp_path, settings=None):
+    settings = settings or consortium(tmp_path, SITES)
     params = SecAggParams.for_round(
         "run-r", 1, 3, bits=16, value_range=1.0, length=4 + len(STATS), threshold=2
     )
@@ -83,8 +83,28 @@ def test_shares_are_checked_before_training_and_a_round_is_trained_once(tmp_path
     secure_round.accept_shares(states[site], settings[site], routed[site], server.u2)
     secure_round.masked_input(states[site], settings[site], update, NUMBERS[site], STATS)
     states[site][secure_round.SESSION] = ConfigRecord({"state": before})  # state rolled back
-    with pytest.raises(SecAggError, match="already trained for round 1"):
+    with pytest.raises(SecAggError, match="already trained in this attempt at round 1"):
         secure_round.accept_shares(states[site], settings[site], routed[site], server.u2)
+
+
+def test_a_round_retried_after_a_crash_is_a_new_attempt_the_site_answers(tmp_path):
+    """Issue 33: the aggregator died mid-round 1 after the sites had trained
+    and signed; the resumed run retries round 1 (same run name, same round).
+    It comes with fresh keys, so nothing done in the lost attempt bears on
+    it: the sites train and sign again (their ledgers count both) instead of
+    refusing the round forever, as they did when the record was per round."""
+    settings, _, states = _masked_round(tmp_path)
+    for s in SITES:
+        secure_round.confirm(states[s], settings[s], wire.secagg_message(survivors=list(SITES)))
+    _, server, states, routed, update = _shared_round(tmp_path, settings)
+    for s in SITES:
+        secure_round.accept_shares(states[s], settings[s], routed[s], server.u2)
+        secure_round.masked_input(states[s], settings[s], update, NUMBERS[s], STATS)
+    # It may even settle on another survivor set than the lost attempt did.
+    reply = secure_round.confirm(
+        states["site-a"], settings["site-a"], wire.secagg_message(survivors=["site-a", "site-b"])
+    )
+    assert wire.secagg_bytes(reply, "signature")
 
 
 def test_a_site_that_lost_its_state_after_signing_refuses_a_second_survivor_set(tmp_path):
