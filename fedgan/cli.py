@@ -1202,10 +1202,13 @@ def container_operator(ctx: typer.Context) -> None:
     """Run a `fedgan` operator command (run, status, sites, stop, report…) against the
     SuperLink on the aggregator's internal network."""
     import os
+    import tempfile
 
     from fedgan.deploy import commands, container
 
-    home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    # The root filesystem is read-only: the connection file is rewritten on
+    # every call anyway, so it lives in the container's tmpfs.
+    home = Path(os.environ.get("FLWR_HOME") or Path(tempfile.gettempdir()) / "flwr-home")
     container.write_operator_home(os.environ, home)
     argv = [commands.venv_bin("fedgan"), *ctx.args]
     container.exec_launch(container.Launch(argv, {"FLWR_HOME": str(home)}, Path.cwd()))

@@ -35,8 +35,8 @@ RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
     && python3 -m venv /opt/fedgan \
     && groupadd --gid 10001 fedgan \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin fedgan \
-    && mkdir -p /var/lib/fedgan /etc/fedgan/nodes /data \
-    && chown fedgan:fedgan /var/lib/fedgan
+    && mkdir -p /var/lib/fedgan /var/log/fedgan /etc/fedgan/nodes /data \
+    && chown fedgan:fedgan /var/lib/fedgan /var/log/fedgan
 
 # Dependencies before the code: this layer is reused until pyproject.toml changes.
 COPY pyproject.toml /src/pyproject.toml

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import tarfile
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ KIT_FILES = (
     ".env.example",
     "README.md",
     "sidecar.conf.template",
-    "no-default-site.conf",
+    "nginx.conf",
 )
 
 
@@ -75,6 +76,7 @@ def staging_pki(root: Path, n_sites: int, extra_sans: list[str] | None = None) -
             pki.issue_site(root, site_id)
         write_atomic(nodes / f"{site_id}.pub", paths.site(site_id).node_pub.read_bytes())
     pki.list_members(root, sites)
+    _grafana_password(root / "grafana" / "admin-password")
     needs: list[Path] = []
     for key in _container_keys(paths, sites):
         if key.stat().st_uid == CONTAINER_UID:
@@ -84,6 +86,16 @@ def staging_pki(root: Path, n_sites: int, extra_sans: list[str] | None = None) -
         else:
             needs.append(key)
     return StagingPki(root, sites, nodes, needs)
+
+
+def _grafana_password(path: Path) -> None:
+    """A random admin password for the staging Grafana (a compose secret),
+    so it never starts with the image's admin/admin. Kept if present. Mode
+    0644 in a 0700 folder: Grafana reads it as its own uid (472)."""
+    if path.exists():
+        return
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(path, secrets.token_urlsafe(24).encode(), mode=0o644)
 
 
 def _kit_member(name: str, data: bytes, mode: int) -> tuple[tarfile.TarInfo, io.BytesIO]:

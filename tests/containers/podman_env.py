@@ -112,23 +112,13 @@ def _build(tag: str, containerfile: Path, context: Path, *extra: str) -> None:
 def stand_in_images() -> None:
     """nginx and Prometheus from Debian's packages, behaving like the official
     images the compose files name (templates rendered by envsubst; prometheus
-    as the entrypoint)."""
-    if not image_exists(NGINX_IMAGE):
-        _build(
-            NGINX_IMAGE,
-            HERE / "nginx.Containerfile",
-            HERE,
-            "--build-arg",
-            f"BASE_IMAGE={PYTHON_BASE}",
-        )
-    if not image_exists(PROMETHEUS_IMAGE):
-        _build(
-            PROMETHEUS_IMAGE,
-            HERE / "prometheus.Containerfile",
-            HERE,
-            "--build-arg",
-            f"BASE_IMAGE={PYTHON_BASE}",
-        )
+    as the entrypoint). Built every time, so a changed entrypoint is never
+    left out: podman's layer cache makes an unchanged build a no-op."""
+    for tag, containerfile in (
+        (NGINX_IMAGE, "nginx.Containerfile"),
+        (PROMETHEUS_IMAGE, "prometheus.Containerfile"),
+    ):
+        _build(tag, HERE / containerfile, HERE, "--build-arg", f"BASE_IMAGE={PYTHON_BASE}")
 
 
 def wheelhouse() -> Path:

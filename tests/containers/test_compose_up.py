@@ -256,6 +256,48 @@ def test_one_round_through_edge_and_sidecars(consortium):
     for i in (1, 2, 3):
         assert f"CN=site-{i}" in edge_log and "verify=SUCCESS" in edge_log
 
+    # Hardening (issue 33): every service's first process runs with no
+    # capabilities and no-new-privileges, under a memory limit, on a
+    # read-only root filesystem; FedGAN's and nginx's as uid 10001.
+    for service in SERVICES:
+        status = _podman("exec", _name(service), "cat", "/proc/1/status")
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        assert int(fields["CapEff"].strip(), 16) == 0, (service, fields["CapEff"])
+        assert fields["NoNewPrivs"].strip() == "1", service
+        if service != "prometheus":
+            assert fields["Uid"].split()[1] == "10001", (service, fields["Uid"])
+        host = json.loads(_podman("inspect", _name(service)))[0]["HostConfig"]
+        assert host["ReadonlyRootfs"] and 0 < host["Memory"] <= 8 * 2**30, service
+        writable = subprocess.run(
+            ["podman", "exec", _name(service), "touch", "/etc/fedgan-was-here"],
+            env=pe.env(),
+            capture_output=True,
+            check=False,
+        )
+        assert writable.returncode != 0, f"{service}: its root filesystem is writable"
+
+    # Networks: another site's sidecar cannot even reach site-1's, only the
+    # edge; the metrics side (exporter) cannot reach the SuperLink's Control
+    # API, which has no authentication of its own; the edge (control) can.
+    def connects(service: str, host: str, port: int) -> bool:
+        probe = f"exec 3<>/dev/tcp/{host}/{port}"
+        return (
+            subprocess.run(
+                ["podman", "exec", _name(service), "bash", "-c", probe],
+                env=pe.env(),
+                capture_output=True,
+                timeout=30,
+                check=False,
+            ).returncode
+            == 0
+        )
+
+    assert connects("site-2-sidecar", "edge", 9443)
+    assert not connects("site-2-sidecar", "site-1-sidecar", 9095)
+    assert connects("edge", "superlink", 9092)
+    assert not connects("exporter", "superlink", 9092)
+    assert not connects("prometheus", "superlink", 9092)
+
     # The silo is read-only inside the site container, and it runs as uid 10001.
     assert _podman("exec", _name("site-1"), "id", "-u").strip() == "10001"
     denied = subprocess.run(

@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedgan.deploy import kit
 
@@ -76,3 +77,51 @@ def test_a_handed_over_kit_validates_once_its_env_names_a_silo(tmp_path):
     (kit_dir / ".env").write_text(env.replace("/srv/imaging/fedgan-silo", str(tmp_path)))
     done = _config(kit_dir, ["docker-compose.yml"])
     assert done.returncode == 0, done.stderr
+
+
+def _resolved(cwd: Path, files: list[str], env_file: Path | None = None) -> dict:
+    argv = [_docker_compose()]
+    if env_file is not None:
+        argv += ["--env-file", str(env_file)]
+    for f in files:
+        argv += ["-f", f]
+    done = subprocess.run(
+        [*argv, "--profile", "grafana", "--profile", "operator", "config"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+def test_every_container_is_hardened(tmp_path):
+    """Issue 33: as docker-compose itself resolves both files, every service
+    has a read-only root filesystem, no capabilities, no-new-privileges and
+    memory and pids limits; nginx runs as the keys' uid; Grafana's admin
+    password is a secret; nothing on the metrics side shares a network with
+    the SuperLink, and no two sites' sidecars share one."""
+    env = tmp_path / ".env"
+    env.write_text(
+        (SITE_KIT / ".env.example")
+        .read_text()
+        .replace("DATA_DIR=/srv/imaging/fedgan-silo", f"DATA_DIR={tmp_path}")
+    )
+    root = _resolved(ROOT, ["docker-compose.yml"])["services"]
+    kit = _resolved(SITE_KIT, ["docker-compose.yml"], env)["services"]
+    for name, service in [*root.items(), *(("kit " + k, v) for k, v in kit.items())]:
+        assert service.get("read_only") is True, name
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert service.get("mem_limit") and service.get("pids_limit"), name
+        if "nginx" in service["image"]:
+            assert service.get("user") == "10001:10001", name
+    assert "GF_SECURITY_ADMIN_PASSWORD__FILE" in root["grafana"]["environment"]
+    near_superlink = set(root["superlink"]["networks"])
+    for name in ("exporter", "prometheus", "grafana"):
+        assert not near_superlink & set(root[name]["networks"]), name
+    sidecars = [set(s["networks"]) for n, s in root.items() if n.endswith("-sidecar")]
+    for i, a in enumerate(sidecars):
+        for b in sidecars[i + 1 :]:
+            assert not a & b
