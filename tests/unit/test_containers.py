@@ -345,8 +345,17 @@ def test_superlink_port_setting_is_checked(tmp_path):
 def test_staging_pki_is_idempotent_and_exports_public_node_keys(tmp_path):
     first = kit.staging_pki(tmp_path / "certs", 2, ["fed.example.org"])
     ca = (tmp_path / "certs" / "ca" / "ca.crt").read_bytes()
+    password = tmp_path / "certs" / "grafana" / "admin-password"
+    first_password = password.read_text()
     second = kit.staging_pki(tmp_path / "certs", 2)
     assert (tmp_path / "certs" / "ca" / "ca.crt").read_bytes() == ca
+    # Grafana's admin password: random, kept, in a folder only the owner opens.
+    assert password.read_text() == first_password and len(first_password) >= 32
+    assert first_password != "admin"
+    assert kit.staging_pki(tmp_path / "other", 1) and (
+        (tmp_path / "other" / "grafana" / "admin-password").read_text() != first_password
+    )
+    assert password.parent.stat().st_mode & 0o077 == 0
     assert first.sites == second.sites == ["site-1", "site-2"]
     pubs = sorted(p.name for p in first.node_keys.iterdir())
     assert pubs == ["site-1.pub", "site-2.pub"]
