@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedgan import wire
+from fedgan import timeline, wire
 from fedgan.aggregator.mechanisms import Mechanism, Model
 from fedgan.aggregator.preview import Preview
 from fedgan.aggregator.record import RoundRecord
@@ -135,6 +135,7 @@ def sample_sites(nodes: list[int], fraction: float, seed: int, server_round: int
 
 def run_round(fed: Federation, server_round: int) -> RoundRecord:
     started = time.perf_counter()
+    timeline.mark("server.round", round=server_round)
     kept = fed.mechanism.kept(server_round)
     if kept is not None:
         record = RoundRecord.from_dict(kept.record)
@@ -142,12 +143,16 @@ def run_round(fed: Federation, server_round: int) -> RoundRecord:
         collected = Collected(record, ([], []), ([kept.mean], []), kept.received, kept=True)
     else:
         collected = collect(fed, server_round)
+    timeline.mark("server.collected", round=server_round)
     if collected.mean is not None:
         fed.mechanism.apply(collected, fed.gen, fed.disc)
+        timeline.mark("server.applied", round=server_round)
         publish(fed, collected)
+        timeline.mark("server.published", round=server_round)
     else:
         collected.record.skipped = collected.skipped
     keep(fed, collected.record, started)
+    timeline.mark("server.kept", round=server_round)
     return collected.record
 
 

@@ -17,6 +17,8 @@ from typing import Protocol
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedgan import timeline
+
 POLL_SECONDS = 0.5
 
 
@@ -59,16 +61,23 @@ class GridTransport:
             Message(r.content, dst_node_id=r.node, message_type=r.kind, group_id=r.group)
             for r in requests
         ]
+        kind = requests[0].kind if requests else ""
+        group = requests[0].group if requests else ""
+        timeline.mark("server.send", kind=kind, group=group, n=len(messages))
         pending = set(self.grid.push_messages(messages))
+        timeline.mark("server.pushed", kind=kind, group=group)
         deadline = time.monotonic() + timeout
         replies: list[Reply] = []
         while pending:
             got = list(self.grid.pull_messages(pending))
+            for m in got:
+                timeline.mark("server.reply", kind=kind, group=group, node=m.metadata.src_node_id)
             replies.extend(_reply(m) for m in got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(self.poll)
+        timeline.mark("server.done", kind=kind, group=group)
         return replies
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedgan import round_numbers, wire
+from fedgan import round_numbers, timeline, wire
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.dumps import dump_arrays
@@ -28,6 +29,31 @@ if not log.handlers:
     log.setLevel(logging.INFO)
     log.propagate = False  # Flower's root handler would print every line twice
 app = ClientApp()
+timeline.mark("clientapp.loaded")
+
+Handler = Callable[[Message, Context], Message]
+
+
+def _timed(stage: str) -> Callable[[Handler], Handler]:
+    """Marks a handler's start and end for `bench/round_overhead.py`."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def timed(msg: Message, context: Context) -> Message:
+            where = {
+                "stage": stage,
+                "site": str(context.node_config.get("site-id", "")),
+                "group": getattr(msg.metadata, "group_id", ""),
+            }
+            timeline.mark("site.begin", **where)
+            try:
+                return handler(msg, context)
+            finally:
+                timeline.mark("site.end", **where)
+
+        return timed
+
+    return wrap
 
 
 def _checked(site: SiteSettings, store: approval.PolicyStore, run_id: str) -> None:
@@ -43,6 +69,7 @@ def _checked(site: SiteSettings, store: approval.PolicyStore, run_id: str) -> No
 
 
 @app.train("secagg_advertise")
+@_timed("secagg_advertise")
 def secagg_advertise(msg: Message, context: Context) -> Message:
     """Stage 1 of a secure round, before anything is trained or spent: the
     site checks the round against its limits, its credentials, a current CRL
@@ -80,6 +107,7 @@ def secagg_advertise(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@_timed("train")
 def train(msg: Message, context: Context) -> Message:
     """Train (or release), then, in a secure round, mask the update with the
     keys shared before training; a plain round sends it in the clear."""
@@ -146,6 +174,7 @@ def train(msg: Message, context: Context) -> Message:
             / "update.npz",
             _dumped(outcome.update),
         )
+    timeline.mark("site.trained", site=site.site_id, round=cfg.round)
     if masking is not None:
         stats = round_numbers.stats_for(cfg.privacy.mean_embedding)
         envelope = secure_round.masked_input(
@@ -184,16 +213,19 @@ def _stage(name: str, handler: Stage, msg: Message, context: Context) -> Message
 
 
 @app.train("secagg_share")
+@_timed("secagg_share")
 def secagg_share(msg: Message, context: Context) -> Message:
     return _stage("secagg_share", secure_round.share_keys, msg, context)
 
 
 @app.train("secagg_confirm")
+@_timed("secagg_confirm")
 def secagg_confirm(msg: Message, context: Context) -> Message:
     return _stage("secagg_confirm", secure_round.confirm, msg, context)
 
 
 @app.train("secagg_unmask")
+@_timed("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
     return _stage("secagg_unmask", secure_round.unmask, msg, context)
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedgan import timeline
 from fedgan.attributes import Attribute, read_site_attributes
 from fedgan.attributes import parse as parse_attributes
 from fedgan.attributes import sample as sample_attributes
@@ -165,6 +166,7 @@ def run_round(
         site.kind, cfg.model.image_size, cfg.model.channels, node_config
     )
     images, labels, vectors = site_images(site, options, cfg.model.classes, attrs)
+    timeline.mark("site.silo", site=site.site_id, round=cfg.round)
     train_cfg = _train_config(cfg, site, images.shape[0])
     admission = admit(
         site,
@@ -178,6 +180,7 @@ def run_round(
     if not admission.admitted:
         return RoundOutcome(None, refusal=admission.refusal)
     dp, metrics = _dp(site, cfg, admission, images.shape[0], disc)
+    timeline.mark("site.admitted", site=site.site_id, round=cfg.round)
     result = train_local(
         gen,
         disc,
@@ -190,6 +193,7 @@ def run_round(
         attributes=vectors,
         sample_attributes=(lambda n, g: sample_attributes(attrs, n, g)) if attrs else None,
     )
+    timeline.mark("site.steps", site=site.site_id, round=cfg.round)
     admission.complete()
     # Every site's update counts once: weighting by image count would send
     # the exact count, which DP does not cover (the site's log keeps it).

@@ -3,9 +3,11 @@ processes on loopback with real certificates."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from fedgan import pki
+from fedgan import pki, timeline
 from fedgan.demo import run_demo
 from fedgan.deploy.local import LocalFederation, SiteSpec
 from fedgan.silo.synth import synth_silo
@@ -35,8 +37,9 @@ def finished_run(tmp_path_factory):
     dumped), started from a (briefly) pretrained init and evaluated by
     site-1, as `make demo` does; shared by the tests that inspect a run's
     outputs."""
+    out = tmp_path_factory.mktemp("runs")
     opts = small_federation(
-        tmp_path_factory.mktemp("runs"),
+        out,
         "it",
         rounds=2,
         images_per_site=24,
@@ -47,5 +50,11 @@ def finished_run(tmp_path_factory):
         evaluate=True,
     )
     lines: list[str] = []
-    run_dir = run_demo(opts, say=lines.append)
+    # Every process marks its steps (`fedgan.timeline`) beside the run
+    # folder, for test_timeline.py; the variable reaches them all.
+    os.environ[timeline.ENV] = str(out / "timeline.jsonl")
+    try:
+        run_dir = run_demo(opts, say=lines.append)
+    finally:
+        del os.environ[timeline.ENV]
     return run_dir, lines
