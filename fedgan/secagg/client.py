@@ -27,6 +27,7 @@ from fedgan.secagg.messages import (
     EncryptedShare,
     RevealedShare,
     consistency_bytes,
+    roster_digest,
 )
 from fedgan.secagg.params import SecAggParams, ThresholdRule
 from fedgan.secagg.prg import SEED_BYTES, expand
@@ -118,6 +119,9 @@ class SiteSession:
         own = _public(_private(self.s_sk))
         material = f"{self.params.run_id}\0{self.params.round}\0".encode() + own
         return hashlib.sha256(material).hexdigest()[:32]
+
+    def _roster_digest(self) -> bytes:
+        return roster_digest((site, c, s) for site, (c, s, _) in self.roster.items())
 
     def _expect(self, stage: str, action: str) -> None:
         if self.stage != stage:
@@ -263,7 +267,9 @@ class SiteSession:
             )
         self.survivors = told
         self.stage = "confirmed"
-        return signer.sign(consistency_bytes(self.params, self.server_pk, told))
+        return signer.sign(
+            consistency_bytes(self.params, self.server_pk, self._roster_digest(), told)
+        )
 
     # -- stage 5 ---------------------------------------------------------------
     def unmask(self, signatures: dict[str, bytes]) -> list[RevealedShare]:
@@ -285,7 +291,9 @@ class SiteSession:
                 f"site {self.site_id}: refusing to unmask; {len(signers)} sites confirmed the "
                 f"survivor set, the threshold is {self.params.threshold}"
             )
-        message = consistency_bytes(self.params, self.server_pk, self.survivors)
+        message = consistency_bytes(
+            self.params, self.server_pk, self._roster_digest(), self.survivors
+        )
         for peer in signers:
             try:
                 check_signature(peer, self.roster[peer][2], message, signatures[peer])

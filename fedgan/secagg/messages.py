@@ -6,6 +6,8 @@ Flower."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,10 +59,22 @@ def signed_bytes(
     return fields("advertise", params.context, server_pk, site_id, c_pk, s_pk)
 
 
-def consistency_bytes(params: SecAggParams, server_pk: bytes, survivors: list[str]) -> bytes:
-    """What a site signs at the consistency check: the round and the
-    survivor set it was told, in sorted order."""
-    return fields("consistency", params.context, server_pk, *sorted(survivors))
+def roster_digest(roster: Iterable[tuple[str, bytes, bytes]]) -> bytes:
+    """The round's roster, (site, c_pk, s_pk) for every site that shared,
+    as one digest: it names this attempt at the round, since every site's
+    keys are fresh for each attempt."""
+    entries = sorted(roster)
+    return hashlib.sha256(fields("roster", *(part for entry in entries for part in entry))).digest()
+
+
+def consistency_bytes(
+    params: SecAggParams, server_pk: bytes, roster: bytes, survivors: list[str]
+) -> bytes:
+    """What a site signs at the consistency check: the round, this attempt's
+    roster (`roster_digest`) and the survivor set it was told, in sorted
+    order. Without the roster a signature from an earlier attempt at the
+    same round (after a crash and a resume) would count in a later one."""
+    return fields("consistency", params.context, server_pk, roster, *sorted(survivors))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from fedgan.secagg.messages import (
     EncryptedShare,
     RevealedShare,
     consistency_bytes,
+    roster_digest,
 )
 from fedgan.secagg.params import SecAggParams
 from fedgan.secagg.quantize import dequantize_mean, error_bound
@@ -131,13 +132,17 @@ class ServerSession:
         self._enough(len(survivors), "masked input")
         return survivors, [s for s in self.u2 if s not in self.masked]
 
+    def roster_digest(self) -> bytes:
+        """This attempt's roster, as the sites sign it with the survivor set."""
+        return roster_digest((s, ad.c_pk, ad.s_pk) for s, ad in self.roster.items())
+
     def confirmed(self, signatures: dict[str, bytes]) -> dict[str, bytes]:
         """The survivors' signatures on the survivor set (U3), each checked
         against the signing key its certificate holds, so that one site's bad
         signature drops that site instead of making every other site refuse.
         Returns what the unmask request carries."""
         survivors = sorted(self.masked)
-        message = consistency_bytes(self.params, self.public_key, survivors)
+        message = consistency_bytes(self.params, self.public_key, self.roster_digest(), survivors)
         for site, signature in sorted(signatures.items()):
             if site not in self.masked:
                 continue

@@ -127,7 +127,7 @@ def train(msg: Message, context: Context) -> Message:
         cfg = RoundConfig.from_record(record)
         if masking is not None:
             # Before anything is spent: the shares decrypt, and this site
-            # has not trained for this round already.
+            # has not trained in this attempt at the round already.
             secure_round.accept_shares(context.state, site, *masking)
         if cfg.privacy.mean_embedding:
             from fedgan.site.release import release_round

@@ -134,10 +134,11 @@ def accept_shares(
     state: RecordDict, site: SiteSettings, inbox: list[EncryptedShare], u2: list[str]
 ) -> None:
     """Stage 3, before the site trains or spends: the shares addressed to it
-    decrypt and the sharing set is sound, and this site has not trained for
-    this round before (recorded on disk, fsynced): a replayed or repeated
-    train request neither spends budget twice nor masks a second update with
-    the same masks, which would reveal the difference of the two."""
+    decrypt and the sharing set is sound, and this site has not trained in
+    this attempt at the round before (recorded on disk, fsynced): a replayed
+    or repeated train request neither spends budget twice nor masks a second
+    update with the same masks, which would reveal the difference of the
+    two. A retried round comes with fresh keys, so fresh masks."""
     session = _load(state, site)
     session.accept_shares(inbox, u2)
     marker = _committed(site, session).with_suffix(".trained")

@@ -182,7 +182,7 @@ def test_a_site_reveals_once_and_only_for_the_set_it_signed():
         sessions[ids[0]].unmask({s: confirmed[s] for s in ids[:2]})
     # A signature over another set (site-02 told that site-01 dropped).
     other = CONSORTIUM.signer(ids[2]).sign(
-        consistency_bytes(params, server.public_key, [ids[0], ids[2]])
+        consistency_bytes(params, server.public_key, server.roster_digest(), [ids[0], ids[2]])
     )
     with pytest.raises(SecAggError, match="site-02 did not sign the survivor set"):
         sessions[ids[0]].unmask({**confirmed, ids[2]: other})

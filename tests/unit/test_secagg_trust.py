@@ -50,7 +50,7 @@ def _split_view(threshold: int, rule: ThresholdRule) -> tuple[np.ndarray | None,
         signed["a" if view is view_a else "b"][s] = sessions[s].confirm(view, CONSORTIUM.signer(s))
     for view, survivors in (("a", view_a), ("b", view_b)):  # the colluder signs both
         signed[view][COLLUDER] = CONSORTIUM.signer(COLLUDER).sign(
-            consistency_bytes(params, server.public_key, survivors)
+            consistency_bytes(params, server.public_key, server.roster_digest(), survivors)
         )
     # The colluder hands over the shares it holds; each honest site is asked
     # with every signature the aggregator has, in case that is enough.

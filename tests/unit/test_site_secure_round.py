@@ -214,3 +214,58 @@ def test_a_number_survives_its_encoding_and_saturates_beyond_its_bound(stat):
     assert huge[0] == pytest.approx(r)  # cut to the range, never past it
     missing = round_numbers.encode((stat,), {}, r)
     assert round_numbers.decode((stat,), missing, r)[stat.name] == 0.0  # sent as 0
+
+
+def test_a_signature_from_an_earlier_attempt_does_not_count_in_a_retry(tmp_path):
+    """Review of issue 33's per-attempt records: an aggregator that retries a
+    round with its old key could hand a site another site's signature from
+    the earlier attempt (on a set that site never signed in this one), to
+    make up the t signatures that let it reveal. The signed bytes name the
+    attempt's roster, so the old signature does not verify."""
+    settings = consortium(tmp_path, SITES)
+    params = SecAggParams.for_round(
+        "run-r", 1, 3, bits=16, value_range=1.0, length=4 + len(STATS), threshold=2
+    )
+    first = ServerSession(params)
+    update = SiteUpdate(
+        gen=[np.full(2, 0.1, np.float32)], disc=[np.full(2, -0.1, np.float32)], weight=5
+    )
+
+    def attempt():
+        server = ServerSession(params, _key=first._key)  # the same server key again
+        states = {s: RecordDict() for s in SITES}
+        ads = [
+            secure_round.advertise(states[s], settings[s], params, server.public_key, FLOOR)
+            for s in SITES
+        ]
+        roster = pack([a.as_dict() for a in server.advertised(ads)])
+        shares = {
+            s: wire.secagg_list(
+                secure_round.share_keys(states[s], settings[s], wire.secagg_message(roster=roster)),
+                "shares",
+                EncryptedShare,
+            )
+            for s in SITES
+        }
+        routed = server.shared(shares)
+        for s in SITES:
+            secure_round.accept_shares(states[s], settings[s], routed[s], server.u2)
+            secure_round.masked_input(states[s], settings[s], update, NUMBERS[s], STATS)
+        return states
+
+    def sign(states, site, survivors):
+        reply = secure_round.confirm(
+            states[site], settings[site], wire.secagg_message(survivors=survivors)
+        )
+        return wire.secagg_bytes(reply, "signature")
+
+    earlier = attempt()
+    old_b = sign(earlier, "site-b", ["site-a", "site-b"])  # then the aggregator "crashed"
+    retry = attempt()
+    sig_a = sign(retry, "site-a", ["site-a", "site-b"])  # site-a is told site-c dropped
+    sign(retry, "site-b", ["site-a", "site-b", "site-c"])  # site-b is told it did not
+    request = wire.secagg_message(
+        signatures=wire.pack_signatures({"site-a": sig_a, "site-b": old_b})
+    )
+    with pytest.raises(SecAggError, match="site-b did not sign the survivor set"):
+        secure_round.unmask(retry["site-a"], settings["site-a"], request)
