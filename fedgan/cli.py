@@ -1207,8 +1207,8 @@ def container_operator(ctx: typer.Context) -> None:
     from fedgan.deploy import commands, container
 
     # The root filesystem is read-only: the connection file is rewritten on
-    # every call anyway, so it lives in the container's tmpfs.
-    home = Path(os.environ.get("FLWR_HOME") or Path(tempfile.gettempdir()) / "flwr-home")
+    # every call anyway, so it lives in a fresh private folder in the tmpfs.
+    home = Path(os.environ.get("FLWR_HOME") or tempfile.mkdtemp(prefix="flwr-home-"))
     container.write_operator_home(os.environ, home)
     argv = [commands.venv_bin("fedgan"), *ctx.args]
     container.exec_launch(container.Launch(argv, {"FLWR_HOME": str(home)}, Path.cwd()))

@@ -30,11 +30,14 @@ def mark(event: str, **fields: object) -> None:
     if not path:
         return
     line = json.dumps({"t": time.time(), "pid": os.getpid(), "event": event, **fields})
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # a measurement never fails a round
 
 
 def process_started() -> float | None:
@@ -114,14 +117,36 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 
 def rounds(marks: list[dict[str, Any]]) -> list[RoundTimes]:
-    """Each round's timeline from the marks of every process."""
-    loading = {m["pid"]: m for m in marks if m["event"] == "clientapp.loading"}
-    loaded = {m["pid"]: m for m in marks if m["event"] == "clientapp.loaded"}
+    """Each round's timeline from the marks of every process (``marks`` in
+    time order, as `read` returns them). A round that did not finish (a stop,
+    a crash before a resume) is left out; so is a stage without its end."""
+
+    def latest(event: str, pid: int, before: float) -> dict[str, Any] | None:
+        # The nearest such mark of this process before ``before``: a pid the
+        # system reused later belongs to another process.
+        found = None
+        for m in marks:
+            if m["t"] > before:
+                break
+            if m["event"] == event and m["pid"] == pid:
+                found = m
+        return found
+
     out = []
     starts = [m for m in marks if m["event"] == "server.round"]
     for start in starts:
         r = start["round"]
-        end = next((m for m in marks if m["event"] == "server.kept" and m["round"] == r), None)
+        end = next(
+            (
+                m
+                for m in marks
+                if m["event"] == "server.kept"
+                and m["round"] == r
+                and m["pid"] == start["pid"]
+                and m["t"] >= start["t"]
+            ),
+            None,
+        )
         if end is None:
             continue
         inside = [m for m in marks if start["t"] <= m["t"] <= end["t"]]
@@ -129,13 +154,18 @@ def rounds(marks: list[dict[str, Any]]) -> list[RoundTimes]:
         last_done = start["t"]
         for send in (m for m in inside if m["event"] == "server.send"):
             done = next(
-                m
-                for m in inside
-                if m["event"] == "server.done"
-                and m["group"] == send["group"]
-                and m["kind"] == send["kind"]
-                and m["t"] >= send["t"]
+                (
+                    m
+                    for m in inside
+                    if m["event"] == "server.done"
+                    and m["group"] == send["group"]
+                    and m["kind"] == send["kind"]
+                    and m["t"] >= send["t"]
+                ),
+                None,
             )
+            if done is None:
+                continue
             times.between += send["t"] - last_done
             last_done = done["t"]
             stage = send["kind"].removeprefix("train.") or "train"
@@ -157,8 +187,8 @@ def rounds(marks: list[dict[str, Any]]) -> list[RoundTimes]:
                     ),
                     None,
                 )
-                first = loading.get(pid)
-                ready = loaded.get(pid)
+                first = latest("clientapp.loading", pid, begin["t"])
+                ready = latest("clientapp.loaded", pid, begin["t"])
                 if finish is None or first is None or ready is None or not first.get("started"):
                     continue
                 site = {

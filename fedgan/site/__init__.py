@@ -8,4 +8,5 @@ from fedgan import timeline
 # The first FedGAN code a ClientApp process runs: `bench/round_overhead.py`
 # tells Flower's part of its start (interpreter, Flower, the app bundle, the
 # message) from ours by this mark (a no-op unless FEDGAN_TIMELINE is set).
-timeline.mark("clientapp.loading", started=timeline.process_started())
+if timeline.enabled():
+    timeline.mark("clientapp.loading", started=timeline.process_started())

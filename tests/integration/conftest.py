@@ -3,8 +3,6 @@ processes on loopback with real certificates."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from fedgan import pki, timeline
@@ -52,9 +50,7 @@ def finished_run(tmp_path_factory):
     lines: list[str] = []
     # Every process marks its steps (`fedgan.timeline`) beside the run
     # folder, for test_timeline.py; the variable reaches them all.
-    os.environ[timeline.ENV] = str(out / "timeline.jsonl")
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(timeline.ENV, str(out / "timeline.jsonl"))
         run_dir = run_demo(opts, say=lines.append)
-    finally:
-        del os.environ[timeline.ENV]
     return run_dir, lines

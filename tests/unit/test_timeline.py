@@ -61,6 +61,21 @@ def test_a_round_is_read_into_its_parts(tmp_path):
     assert timeline.table(r)[0].startswith("round 1: 6.60 s")
 
 
+def test_an_unfinished_round_or_stage_is_left_out(tmp_path):
+    """A stop mid-round 2 (a send never done, no kept mark) and a reused
+    file: round 1 reads as before, nothing raises."""
+    marks = _marks()
+    t = marks[-1]["t"]
+    marks += [
+        {"t": t + 1, "pid": 1, "event": "server.round", "round": 2},
+        {"t": t + 2, "pid": 1, "event": "server.send", "kind": "train", "group": "2", "n": 2},
+    ]
+    path = tmp_path / "timeline.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in marks))
+    (r,) = timeline.rounds(timeline.read(path))
+    assert r.round == 1 and r.wall == pytest.approx(6.6)
+
+
 def test_marks_are_written_only_when_asked(tmp_path, monkeypatch):
     path = tmp_path / "t.jsonl"
     monkeypatch.delenv(timeline.ENV, raising=False)
