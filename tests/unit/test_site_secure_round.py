@@ -30,12 +30,18 @@ NUMBERS = {
 FLOOR = Limits(min_sites=2, colluding_sites=0)  # t = 2 of 3: the server has a choice
 
 
-def _shared_round(tmp_path, settings=None):
-    settings = settings or consortium(tmp_path, SITES)
-    params = SecAggParams.for_round(
+def _params() -> SecAggParams:
+    return SecAggParams.for_round(
         "run-r", 1, 3, bits=16, value_range=1.0, length=4 + len(STATS), threshold=2
     )
-    server = ServerSession(params)
+
+
+def _shared_round(tmp_path, settings=None, server_key=None):
+    """Keys advertised and shares routed; ``server_key``: an aggregator that
+    reuses its key from another attempt."""
+    settings = settings or consortium(tmp_path, SITES)
+    params = _params()
+    server = ServerSession(params) if server_key is None else ServerSession(params, _key=server_key)
     states = {s: RecordDict() for s in SITES}
     update = SiteUpdate(
         gen=[np.full(2, 0.1, np.float32)], disc=[np.full(2, -0.1, np.float32)], weight=5
@@ -223,31 +229,10 @@ def test_a_signature_from_an_earlier_attempt_does_not_count_in_a_retry(tmp_path)
     make up the t signatures that let it reveal. The signed bytes name the
     attempt's roster, so the old signature does not verify."""
     settings = consortium(tmp_path, SITES)
-    params = SecAggParams.for_round(
-        "run-r", 1, 3, bits=16, value_range=1.0, length=4 + len(STATS), threshold=2
-    )
-    first = ServerSession(params)
-    update = SiteUpdate(
-        gen=[np.full(2, 0.1, np.float32)], disc=[np.full(2, -0.1, np.float32)], weight=5
-    )
+    key = ServerSession(_params())._key
 
     def attempt():
-        server = ServerSession(params, _key=first._key)  # the same server key again
-        states = {s: RecordDict() for s in SITES}
-        ads = [
-            secure_round.advertise(states[s], settings[s], params, server.public_key, FLOOR)
-            for s in SITES
-        ]
-        roster = pack([a.as_dict() for a in server.advertised(ads)])
-        shares = {
-            s: wire.secagg_list(
-                secure_round.share_keys(states[s], settings[s], wire.secagg_message(roster=roster)),
-                "shares",
-                EncryptedShare,
-            )
-            for s in SITES
-        }
-        routed = server.shared(shares)
+        _, server, states, routed, update = _shared_round(tmp_path, settings, server_key=key)
         for s in SITES:
             secure_round.accept_shares(states[s], settings[s], routed[s], server.u2)
             secure_round.masked_input(states[s], settings[s], update, NUMBERS[s], STATS)
