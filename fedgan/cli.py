@@ -1182,6 +1182,7 @@ def container_supernode(
     if print_only:
         typer.echo(json.dumps(launch.argv))
         return
+    container.start_warm_runtime(launch)
     container.exec_launch(launch)
 
 

@@ -44,17 +44,18 @@ def process_started() -> float | None:
     """The wall time this process was started at (from /proc, 10 ms
     resolution): a ClientApp's first mark comes after Flower has started the
     interpreter, imported itself, installed the app bundle and pulled the
-    message, and this is when all that began."""
+    message, and this is when all that began. (Measured back from now with
+    /proc/uptime: /proc/stat's boot time is whole seconds.)"""
     try:
         with open("/proc/self/stat", "rb") as f:
             # Field 22 (starttime, clock ticks since boot), after the ")" that
             # ends the command name, which may itself hold spaces.
             fields = f.read().rsplit(b")", 1)[1].split()
         ticks = int(fields[19])
-        with open("/proc/stat", "rb") as f:
-            boot = next(int(x.split()[1]) for x in f if x.startswith(b"btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return None
 
 

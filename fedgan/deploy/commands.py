@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # A hospital host must not phone home; every Flower process gets these.
@@ -129,6 +130,21 @@ def clientapp_shim(directory: Path) -> Path:
         tmp.symlink_to(target)
         os.replace(tmp, link)
     return directory
+
+
+def clientapp_server_command(socket_path: Path) -> list[str]:
+    """The site's warm ClientApp runtime (`fedgan.site.warm_runtime`),
+    serving the SuperNode's ClientApp launches on ``socket_path``."""
+    return [venv_bin("fedgan-clientapp"), "--serve", str(socket_path)]
+
+
+def clientapp_socket(work_dir: Path) -> Path:
+    """Where a site's warm runtime listens: in its work dir, unless that path
+    is too long for a Unix socket (108 bytes), then in a private temp folder."""
+    path = Path(work_dir) / "clientapp.sock"
+    if len(str(path).encode()) < 100:
+        return path
+    return Path(tempfile.mkdtemp(prefix="fedgan-")) / "clientapp.sock"
 
 
 def site_node_config(

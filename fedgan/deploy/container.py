@@ -27,6 +27,7 @@ from fedgan.atomic import write_text_atomic
 from fedgan.deploy import commands
 from fedgan.deploy.process import https_status, signal_tree, tcp_open
 from fedgan.errors import FedGanError
+from fedgan.site import warm_runtime
 
 CONNECTION = "fedgan"
 SECRETS = Path("/run/secrets")
@@ -154,9 +155,28 @@ def supernode_launch(env: Mapping[str, str]) -> Launch:
         node_config=node_config,
     )
     flwr_home = work_dir / "flwr-home"
-    # Every task's app bundle is checked against the site's approval first.
+    # Every task's app bundle is checked against the site's approval first,
+    # in a fork of the site's warm runtime (`start_warm_runtime`).
     shim = commands.clientapp_shim(work_dir / "bin")
-    return Launch(argv, {"FLWR_HOME": str(flwr_home)}, work_dir, (shim,))
+    env = {
+        "FLWR_HOME": str(flwr_home),
+        warm_runtime.ENV: str(commands.clientapp_socket(work_dir)),
+    }
+    return Launch(argv, env, work_dir, (shim,))
+
+
+def start_warm_runtime(launch: Launch) -> None:
+    """The site's warm ClientApp runtime, a child of this process, which then
+    becomes the SuperNode (`exec_launch`): it serves until the SuperNode is
+    gone. Should it fail, each task runs in its own process, as before."""
+    socket_path = launch.env.get(warm_runtime.ENV)
+    if not socket_path:
+        return
+    subprocess.Popen(
+        commands.clientapp_server_command(Path(socket_path)),
+        env=commands.process_env(launch.env, path_first=list(launch.path_first)),
+        cwd=launch.cwd,
+    )
 
 
 def superlink_launch(env: Mapping[str, str]) -> Launch:

@@ -43,6 +43,7 @@ from fedgan.deploy.process import (
     tcp_open,
 )
 from fedgan.pki import PkiPaths, list_members, write_node_bindings
+from fedgan.site import warm_runtime
 from fedgan.site import work_dir as site_setup
 
 CONNECTION = "fedgan-local"
@@ -72,8 +73,10 @@ class LocalFederation:
         sites: list[SiteSpec],
         *,
         start_timeout: float = 90.0,
+        warm_clientapps: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
+        self.warm_clientapps = warm_clientapps
         self.pki = PkiPaths(Path(pki_root).resolve())
         self.sites = sites
         self.start_timeout = start_timeout
@@ -285,6 +288,19 @@ class LocalFederation:
         )
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
         env.update(site.env)
+        if self.warm_clientapps:
+            # Each task runs in a fork of this server, which has imported
+            # Flower, FedGAN, torch and Opacus once (`fedgan.site.warm_runtime`).
+            socket_path = commands.clientapp_socket(work)
+            env[warm_runtime.ENV] = str(socket_path)
+            self.group.start(
+                f"clientapp-{site.site_id}",
+                f"warm ClientApp runtime of site {site.site_id}",
+                commands.clientapp_server_command(socket_path),
+                env=env,
+                cwd=work,
+                address=f"unix:{socket_path}",
+            )
         self.group.start(
             f"supernode-{site.site_id}",
             f"flower-supernode of site {site.site_id} (ClientApp runtime)",

@@ -17,11 +17,10 @@ step, this refuses to start rather than run unchecked.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
-
-from fedgan.site import approval
 
 # Set once the bundle of this process's task was admitted; the ClientApp
 # refuses to train in a process where it is not (a SuperNode started without
@@ -30,6 +29,8 @@ admitted_fab: str | None = None
 
 
 def _hook(runtime: Any) -> None:
+    from fedgan.site import approval  # here: the shim itself stays light
+
     missing = [n for n in ("pull_task_input", "install_from_fab") if not hasattr(runtime, n)]
     if missing:
         raise SystemExit(
@@ -64,10 +65,28 @@ def _hook(runtime: Any) -> None:
     runtime.install_from_fab = install_from_fab
 
 
-def main() -> None:
+def run_in_process() -> None:
+    """Flower's ClientApp runtime with the check, in this process."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp
 
     _hook(run_clientapp)
     sys.argv[0] = "flwr-clientapp"
     flwr_clientapp()
+
+
+def main() -> None:
+    """`flwr-clientapp` as the SuperNode starts it: through the site's warm
+    runtime when one serves (`fedgan.site.warm_runtime`), else in this
+    process. `fedgan-clientapp --serve SOCKET` is that server."""
+    from fedgan.site import warm_runtime
+
+    if sys.argv[1:2] == ["--serve"] and len(sys.argv) == 3:
+        warm_runtime.serve(Path(sys.argv[2]))
+        return
+    server = os.environ.get(warm_runtime.ENV)
+    if server:
+        status = warm_runtime.run_through(server)
+        if status is not None:
+            warm_runtime.exit_as(status)
+    run_in_process()
