@@ -298,6 +298,15 @@ def test_one_round_through_edge_and_sidecars(consortium):
     assert not connects("exporter", "superlink", 9092)
     assert not connects("prometheus", "superlink", 9092)
 
+    # The site's warm ClientApp runtime serves beside the SuperNode (each task
+    # a fork of it), on its socket in the work dir, mode 0600.
+    cmdlines = _podman(
+        "exec", _name("site-1"), "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"
+    )
+    assert "fedgan-clientapp --serve /var/lib/fedgan/clientapp.sock" in cmdlines, cmdlines
+    mode = _podman("exec", _name("site-1"), "stat", "-c", "%a", "/var/lib/fedgan/clientapp.sock")
+    assert mode.strip() == "600"
+
     # The silo is read-only inside the site container, and it runs as uid 10001.
     assert _podman("exec", _name("site-1"), "id", "-u").strip() == "10001"
     denied = subprocess.run(
