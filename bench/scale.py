@@ -8,9 +8,10 @@ tests.
 
 Per site count it prints the last round (the steady state): wall time; the
 overhead beyond the slowest site's training steps; the aggregator's CPU
-seconds in that round and its peak RSS over the run (SuperLink, SuperExec
-and ServerApp together); the largest site's peak RSS (its SuperNode with the
-ClientApp processes it started); bytes each site sent for its update; and
+seconds in that round and its peak memory over the run (SuperLink, SuperExec
+and ServerApp together); the largest site's peak memory (its SuperNode with the
+warm ClientApp runtime and every task forked from it; memory is PSS, so
+pages a fork shares with its parent count once); bytes each site sent for its update; and
 the aggregator's secure-aggregation time (its work between the exchanges
 and the unmasking). On one host every site shares the same cores, so wall
 time here is an upper bound for a consortium whose sites train in parallel.
@@ -33,22 +34,37 @@ from fedgan import timeline
 from fedgan.deploy.process import descendants
 
 AGGREGATOR = ("flower-superlink", "flower-superexec", "flwr-serverapp")
-SITE = "flower-supernode"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _proc(pid: int) -> tuple[str, int, float, int] | None:
-    """(program name, parent pid, CPU seconds, RSS bytes), or None if gone."""
+def _proc(pid: int) -> tuple[str, str, float, int] | None:
+    """(program name, site it works for or "", CPU seconds, RSS bytes), or
+    None if gone. A site's processes (SuperNode, warm runtime, tasks, shims)
+    all work in its folder, ``<run>/sites/<id>``."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
     except OSError:
         return None
     names = [Path(a.decode(errors="replace")).name for a in argv[:2]]
     name = next((n for n in names if n.startswith(("flower-", "flwr-"))), names[0])
+    site = cwd.name if cwd.parent.name == "sites" else ""
     cpu = (int(stat[11]) + int(stat[12])) / TICK
-    return name, int(stat[1]), cpu, int(stat[21]) * PAGE
+    return name, site, cpu, _pss(pid) or int(stat[21]) * PAGE
+
+
+def _pss(pid: int) -> int | None:
+    """Proportional set size: pages shared between processes (a warm runtime
+    and its forks) counted once in a sum, where RSS would count them in each."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @dataclass
@@ -56,7 +72,7 @@ class Sampler:
     """Samples every process below ``root`` twice a second."""
 
     root: int
-    samples: list[tuple[float, float, int, dict[int, int]]] = field(default_factory=list)
+    samples: list[tuple[float, float, int, dict[str, int]]] = field(default_factory=list)
     cpu_seen: dict[int, float] = field(default_factory=dict)  # pid -> last CPU seconds
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -68,14 +84,12 @@ class Sampler:
     def sample(self) -> None:
         procs = {pid: p for pid in descendants({self.root}) if (p := _proc(pid))}
         agg_rss, site_rss = 0, {}
-        site_roots = {pid for pid, p in procs.items() if p[0] == SITE}
-        for pid, (name, ppid, cpu, rss) in procs.items():
-            if name in AGGREGATOR:
+        for pid, (name, site, cpu, rss) in procs.items():
+            if site:  # first: each SuperNode has a flower-superexec of its own
+                site_rss[site] = site_rss.get(site, 0) + rss
+            elif name in AGGREGATOR:
                 self.cpu_seen[pid] = cpu
                 agg_rss += rss
-            root = pid if pid in site_roots else ppid if ppid in site_roots else None
-            if root is not None:
-                site_rss[root] = site_rss.get(root, 0) + rss
         self.samples.append((time.time(), sum(self.cpu_seen.values()), agg_rss, site_rss))
 
     def cpu_between(self, a: float, b: float) -> float:
