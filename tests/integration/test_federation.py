@@ -125,11 +125,16 @@ def test_deployment_map_and_no_process_left(finished_run):
         "superlink",
         "edge",
         "sidecar-site-1",
+        "clientapp-site-1",  # the site's warm ClientApp runtime
         "supernode-site-1",
         "sidecar-site-2",
+        "clientapp-site-2",
         "supernode-site-2",
     ]
-    assert all(p["address"] and p["files"] for p in deployment["processes"])
+    assert all(p["address"] for p in deployment["processes"])
+    warm = [p for p in deployment["processes"] if p["name"].startswith("clientapp-")]
+    assert all(p["address"].startswith("unix:") and not p["files"] for p in warm)  # no keys
+    assert all(p["files"] for p in deployment["processes"] if p not in warm)
     edge = next(p for p in deployment["processes"] if p["name"] == "edge")
     assert edge["files"]["crl"].endswith("crl.pem")
     assert pids_in_groups({p["pid"] for p in deployment["processes"]}) == []
