@@ -4,22 +4,21 @@ The round (`fedgan.aggregator.round`) is written against this small
 interface rather than Flower's Grid, so a whole round, secure aggregation
 and dropouts included, runs in a unit test over an in-memory transport. In
 production `GridTransport` carries it over Flower's Grid, polling the
-SuperLink every half second instead of Flower's fixed 3 s: a secure round is
-four exchanges, and the fixed poll alone cost up to 12 s a round."""
+SuperLink at `fedgan.polling`'s interval (0.25 s by default) instead of
+Flower's fixed 3 s: a secure round is five exchanges, and the fixed poll
+alone cost up to 15 s a round."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedgan import timeline
-
-POLL_SECONDS = 0.5
+from fedgan import polling, timeline
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class Transport(Protocol):
 @dataclass
 class GridTransport:
     grid: Grid
-    poll: float = POLL_SECONDS
+    poll: float = field(default_factory=polling.seconds)
 
     def node_ids(self) -> list[int]:
         return sorted(self.grid.get_node_ids())

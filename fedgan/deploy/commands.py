@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedgan import polling
+
 # A hospital host must not phone home; every Flower process gets these.
 PRIVATE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
@@ -44,6 +46,9 @@ def process_env(
     PATH (the SuperLink spawns `flower-superexec` by name), after ``path_first``."""
     env = dict(os.environ)
     env.update(PRIVATE_ENV)
+    # Validated here, so a bad value stops the launch with one line rather
+    # than each SuperExec dying with a traceback.
+    env[polling.ENV] = str(polling.seconds(env))
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join(
         [*(str(p) for p in path_first or []), bindir, env.get("PATH", "")]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,8 +180,15 @@ def test_sigterm_to_demo_stops_every_process(tmp_path):
         assert demo.poll() is None, demo.stdout.read().decode()
         assert time.monotonic() < deadline, "deployment.json never appeared"
         time.sleep(0.5)
-    pids = {p["pid"] for p in json.loads(deployment.read_text())["processes"]}
+    processes = json.loads(deployment.read_text())["processes"]
+    pids = {p["pid"] for p in processes}
     assert pids_in_groups(pids)
+    # Issue 34: the SuperLink and the SuperNode (and the SuperExec each
+    # spawns with its environment) poll for tasks every 0.25 s, not Flower's 1 s.
+    for p in processes:
+        if p["name"].startswith(("superlink", "supernode")):
+            environ = Path(f"/proc/{p['pid']}/environ").read_bytes().split(b"\0")
+            assert b"FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.25" in environ, p["name"]
     demo.send_signal(signal.SIGTERM)
     out = demo.communicate(timeout=60)[0].decode()
     assert demo.returncode == 130, out
