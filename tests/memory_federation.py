@@ -24,6 +24,7 @@ from fedgan.audit_log import AuditLog
 from fedgan.config.appbundle import default_run_config
 from fedgan.config.run import RunSettings, SiteSettings
 from fedgan.errors import FedGanError
+from fedgan.secagg.messages import Advertisement
 from fedgan.site import secure_round
 from fedgan.site.approval import AppRefused, Limits
 from fedgan.update import Release, SiteUpdate
@@ -51,6 +52,8 @@ class MemorySite:
     # arithmetic is tested at any n; the sites' default rule has its own tests.
     limits: Limits = field(default_factory=lambda: Limits(min_sites=2, colluding_sites=0))
     trained: int = 0  # train requests answered: a site spends ε only there
+    keys_ahead: bool = True  # sends the next round's keys with its signature when asked
+    refuses_roster_ahead: bool = False  # as a site whose CRL revokes a peer would
 
     def answer(self, request: Request) -> RecordDict | str | None:
         stage = request.kind.removeprefix("train.")
@@ -61,13 +64,30 @@ class MemorySite:
         if stage == "train":
             return self._train(request.content)
         if stage == "secagg_advertise":
-            return self._advertise(request.content)
-        handler = {
-            "secagg_share": secure_round.share_keys,
-            "secagg_confirm": secure_round.confirm,
-            "secagg_unmask": secure_round.unmask,
-        }[stage]
-        return handler(self.state, self.settings, request.content)
+            _, setup = wire.read_advertise_request(request.content)
+            ad = self._advertise(setup)
+            return ad if isinstance(ad, str) else wire.advertise_reply(ad, self.site_id)
+        if stage == "secagg_confirm":
+            reply = secure_round.confirm(self.state, self.settings, request.content)
+            ahead = wire.read_lookahead(request.content)
+            if ahead is not None and self.keys_ahead:
+                ad = self._advertise(ahead[1], ahead=True)
+                if not isinstance(ad, str):
+                    wire.with_next(reply, advertisement=wire.pack_advertisement(ad))
+            return reply
+        if stage == "secagg_unmask":
+            reply = secure_round.unmask(self.state, self.settings, request.content)
+            roster = wire.next_bytes(request.content, "roster")
+            if roster is not None:
+                try:
+                    if self.refuses_roster_ahead:
+                        raise FedGanError(f"site {self.site_id}: a peer is revoked")
+                    shares = secure_round.share_ahead(self.state, self.settings, roster)
+                except FedGanError:
+                    return reply
+                wire.with_next(reply, shares=shares)
+            return reply
+        return secure_round.share_keys(self.state, self.settings, request.content)
 
     def update_for(self, gen: list[np.ndarray], disc: list[np.ndarray]) -> SiteUpdate:
         return SiteUpdate(
@@ -98,18 +118,16 @@ class MemorySite:
         weight = update.weight if isinstance(update, Release) else None
         return wire.masked_reply(self.site_id, metrics, envelope, weight)
 
-    def _advertise(self, content: RecordDict) -> RecordDict | str:
-        _, setup = wire.read_advertise_request(content)
+    def _advertise(self, setup: wire.SecAggSetup, ahead: bool = False) -> Advertisement | str:
         try:
             secure_round.check_setup(
                 self.settings, self.limits, setup.params, setup.crl, setup.membership
             )
         except FedGanError as exc:
             return str(AppRefused(self.site_id, str(exc)))
-        ad = secure_round.advertise(
-            self.state, self.settings, setup.params, setup.server_pk, self.limits
+        return secure_round.advertise(
+            self.state, self.settings, setup.params, setup.server_pk, self.limits, ahead=ahead
         )
-        return wire.advertise_reply(ad, self.site_id)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from fedgan.aggregator.mechanisms import Mechanism, Model
 from fedgan.aggregator.preview import Preview
 from fedgan.aggregator.record import RoundRecord
 from fedgan.aggregator.run_store import Received, RunOutputs
-from fedgan.aggregator.secure_round import SecureRound
+from fedgan.aggregator.secure_round import Ahead, SecureRound
 from fedgan.aggregator.transport import Reply, Request, Transport
 from fedgan.audit_log import AuditLog, record_round
 from fedgan.config.round import RoundConfig
@@ -58,6 +58,7 @@ class Federation:
     seen: set[str] = field(default_factory=set)  # sites that have been in a sum
     clipped: dict[str, list[bool]] = field(default_factory=dict)  # per site, per round
     init_sha256: str = ""  # the weights hash of the pretrained init the run started from
+    ahead: Ahead | None = None  # the next round's keys and shares, gathered during this one
 
     def available(self) -> list[int]:
         left_out = self.exhausted.keys() | self.declined.keys()
@@ -204,30 +205,14 @@ def _collect_secure(
     the consistency check and unmasking."""
     server_round = secure.params.round
     replies = Replies()
-    requests = [
-        Request(
-            node,
-            "train.secagg_advertise",
-            f"{server_round}-secagg_advertise",
-            wire.advertise_request(contract, secure.setup()),
-        )
-        for node in nodes
-    ]
-    for reply in fed.transport.exchange(requests, secure.timeout):
-        if reply.content is None:
-            _refused_or_failed(fed, reply, replies, server_round)
-            continue
-        try:
-            if wire.METRICS in reply.content.metric_records:  # out of budget, said up front
-                site_id, metrics = wire.read_train_reply_metrics(reply.content)
-                _out_of_budget(fed, reply.node, site_id, metrics, replies, server_round)
-                continue
-            replies.ads[reply.node] = wire.read_advertisement(reply.content)
-        except (SecAggError, KeyError, ValueError) as exc:
-            replies.failures.append(f"node {reply.node}: an unreadable advertisement ({exc})")
-    aggregate, why = None, ""
+    planned = _planned(fed, secure, nodes, contract)
+    if planned is None:
+        _advertise(fed, secure, nodes, contract, replies)
+    else:
+        secure = planned
+    aggregate, why, plan = None, "", None
     try:
-        routed = secure.share(replies.ads)
+        routed = secure.routed if secure.routed is not None else secure.share(replies.ads)
         u2 = secure.session.u2
         requests = [
             Request(
@@ -243,10 +228,14 @@ def _collect_secure(
         for site in u2:
             if site not in replies.envelopes:
                 secure.note(site, _why_no_update(site, replies))
-        aggregate = secure.finish(replies.envelopes)
+        # Planned after training, so that a site out of budget is not asked.
+        plan = _plan_next(fed, server_round, fed.mechanism.length(before))
+        aggregate = secure.finish(replies.envelopes, plan)
     except SecAggError as exc:  # RoundAborted included
         why = str(exc)
         log.warning("round %d: %s", server_round, exc)
+    if plan is not None and plan.secure.routed is not None:
+        fed.ahead = plan
     for failure in replies.failures:
         log.warning("round %d: %s", server_round, failure)
     collected = Collected(
@@ -269,6 +258,78 @@ def _collect_secure(
         record.update_bytes = secure.bytes_sent
     record.secagg = secure.summary()
     return collected
+
+
+def _advertise(
+    fed: Federation, secure: SecureRound, nodes: list[int], contract: dict, replies: Replies
+) -> None:
+    """Stage 1 in a message of its own: the run's first round, and any round
+    that did not go as the previous one planned (`_planned_ads`)."""
+    server_round = secure.params.round
+    requests = [
+        Request(
+            node,
+            "train.secagg_advertise",
+            f"{server_round}-secagg_advertise",
+            wire.advertise_request(contract, secure.setup()),
+        )
+        for node in nodes
+    ]
+    for reply in fed.transport.exchange(requests, secure.timeout):
+        if reply.content is None:
+            _refused_or_failed(fed, reply, replies, server_round)
+            continue
+        try:
+            if wire.METRICS in reply.content.metric_records:  # out of budget, said up front
+                site_id, metrics = wire.read_train_reply_metrics(reply.content)
+                _out_of_budget(fed, reply.node, site_id, metrics, replies, server_round)
+                continue
+            replies.ads[reply.node] = wire.read_advertisement(reply.content)
+        except (SecAggError, KeyError, ValueError) as exc:
+            replies.failures.append(f"node {reply.node}: an unreadable advertisement ({exc})")
+
+
+def _plan_next(fed: Federation, server_round: int, length: int) -> Ahead | None:
+    """The next round as it would start now (its sample, contract and secure
+    setup), for its first two stages to ride on this round's last two; None
+    after the last round or when the next would not run securely."""
+    settings = fed.settings
+    following = server_round + 1
+    if following > settings.rounds:
+        return None
+    nodes = sample_sites(fed.available(), settings.fraction_sites, settings.train.seed, following)
+    config = settings.round_config(following, fed.mechanism.digest, fed.init_sha256)
+    secure, _ = _secure_round(fed, config, nodes, length, len(fed.mechanism.stats))
+    if secure is None:
+        return None
+    return Ahead(secure, config.to_record(), nodes)
+
+
+def _planned(
+    fed: Federation, secure: SecureRound, nodes: list[int], contract: dict
+) -> SecureRound | None:
+    """The secure round the previous round prepared for this one, its keys
+    advertised and shares routed, if this round is exactly that plan: the
+    same sites, contract, secure parameters, CRL and membership list (a
+    revocation since then reaches the sites in a setup of its own). Else
+    None, and the round advertises and shares on its own, where any refusal
+    is heard. Used once either way."""
+    ahead, fed.ahead = fed.ahead, None
+    if ahead is None:
+        return None
+    planned = ahead.secure
+    if (
+        ahead.round == secure.params.round
+        and ahead.nodes == nodes
+        and ahead.contract == contract
+        and planned.params == secure.params
+        and planned.crl == secure.crl
+        and planned.membership == secure.membership
+        and planned.routed is not None
+    ):
+        return planned
+    log.info("round %d: the keys sent ahead do not fit this round; advertising", ahead.round)
+    return None
 
 
 def _why_no_update(site: str, replies: Replies) -> str:

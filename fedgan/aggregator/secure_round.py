@@ -2,7 +2,8 @@
 `fedgan.aggregator.round` sends stage 1 (keys advertised, before training)
 and stage 3 (training and masking, the train message); this drives stage 2
 (shares) and stages 4-5 (the consistency check, unmasking) and returns the
-aggregate.
+aggregate. From a run's second round on, stages 1 and 2 of the next round
+ride on stages 4 and 5 of this one (`Ahead`), two Flower messages fewer.
 Protocol decisions are `fedgan.secagg.server`'s; this only
 moves records and notes who answered, with how many bytes."""
 
@@ -37,6 +38,8 @@ class SecureRound:
     nodes: dict[str, int] = field(default_factory=dict)  # site id -> node id
     bytes_sent: dict[str, int] = field(default_factory=dict)  # per site, all stages
     failures: dict[str, str] = field(default_factory=dict)  # site -> why it dropped out
+    # Stage 2's result, when it rode on the previous round (`Ahead`).
+    routed: dict[str, list[EncryptedShare]] | None = None
 
     def __post_init__(self) -> None:
         self.session = ServerSession(self.params)
@@ -53,10 +56,12 @@ class SecureRound:
         requests: dict[str, RecordDict],
         field: str,
         parse: Callable[[bytes], T],
+        also: Callable[[str, RecordDict], None] | None = None,
     ) -> dict[str, T]:
         """Send one stage's requests; each reply's ``field``, parsed. A site
         that errs, times out or sends something unreadable is noted in
-        ``failures`` and left out; the bytes each site sent are counted."""
+        ``failures`` and left out; the bytes each site sent are counted.
+        ``also`` sees each good reply whole, after its field was read."""
         outgoing = [
             Request(self.nodes[site], f"train.{stage}", f"{self.params.round}-{stage}", content)
             for site, content in sorted(requests.items())
@@ -84,6 +89,8 @@ class SecureRound:
                 self.failures[site] = f"{stage}: {exc}"
                 continue
             self._count(site, raw)
+            if also is not None:
+                also(site, reply.content)
         for site in requests:
             if site not in out and site not in self.failures:
                 self.failures[site] = f"{stage}: no reply within {self.timeout:.0f} s"
@@ -95,40 +102,70 @@ class SecureRound:
         them. Returns each sharing site's inbox; raises RoundAborted when
         fewer than the threshold remain, so no site trains for nothing."""
         with self._noting_refusals():
-            for node, ad in ads.items():
-                self.nodes[ad.site_id] = node
-                self._count(ad.site_id, ad.c_pk, ad.s_pk, ad.cert_pem, ad.signature)
-            roster = self.session.advertised(list(ads.values()))
-            packed = pack([a.as_dict() for a in roster])
+            packed = self._roster(ads)
             shares = self._exchange(
                 "secagg_share",
-                {a.site_id: wire.secagg_message(roster=packed) for a in roster},
+                {site: wire.secagg_message(roster=packed) for site in self.session.roster},
                 "shares",
-                lambda raw: [EncryptedShare.from_dict(d) for d in unpack(raw)],
+                _shares,
             )
             return self.session.shared(shares)
 
-    def finish(self, envelopes: dict[str, bytes]) -> Aggregate:
+    def _roster(self, ads: dict[int, Advertisement]) -> bytes:
+        for node, ad in ads.items():
+            self.nodes[ad.site_id] = node
+            self._count(ad.site_id, ad.c_pk, ad.s_pk, ad.cert_pem, ad.signature)
+        return pack([a.as_dict() for a in self.session.advertised(list(ads.values()))])
+
+    def finish(self, envelopes: dict[str, bytes], ahead: Ahead | None = None) -> Aggregate:
         """Stages 4-5 after the sites trained and sent their masked updates
-        (site → envelope): the consistency check and unmasking."""
+        (site → envelope): the consistency check and unmasking. With
+        ``ahead``, the next round's stages 1 and 2 ride on them, if every
+        site it plans is a survivor here: its setup on the confirm requests
+        (keys back), its roster on the unmask requests (shares back)."""
         with self._noting_refusals():
             for site, envelope in envelopes.items():
                 self._count(site, envelope)
             survivors, _ = self.session.received_masked(envelopes)
+            asked = ahead.sites(self.nodes, survivors) if ahead is not None else {}
+            ads: dict[int, Advertisement] = {}
+            setup = ahead.request() if ahead is not None else None
             signatures = self._exchange(
                 "secagg_confirm",
-                {s: wire.secagg_message(survivors=survivors) for s in survivors},
+                {
+                    s: wire.secagg_request(setup if s in asked else None, survivors=survivors)
+                    for s in survivors
+                },
                 "signature",
                 lambda raw: raw,
+                also=lambda site, content: _keep(
+                    ads, asked.get(site), content, "advertisement", wire.unpack_advertisement
+                ),
             )
             confirmed = self.session.confirmed(signatures)
             packed = wire.pack_signatures(confirmed)
+            roster = (
+                ahead.roster(ads)
+                if ahead is not None and asked and len(ads) == len(asked)
+                else None
+            )
+            shares: dict[int, list[EncryptedShare]] = {}
             reveals = self._exchange(
                 "secagg_unmask",
-                {s: wire.secagg_message(signatures=packed) for s in confirmed},
+                {
+                    s: wire.with_next(wire.secagg_message(signatures=packed), roster=roster)
+                    if roster is not None and s in asked
+                    else wire.secagg_message(signatures=packed)
+                    for s in confirmed
+                },
                 "reveals",
                 lambda raw: [RevealedShare.from_dict(d) for d in unpack(raw)],
+                also=lambda site, content: _keep(
+                    shares, asked.get(site), content, "shares", _shares
+                ),
             )
+            if roster is not None and ahead is not None and len(shares) == len(asked):
+                ahead.take(shares)
             return self.session.unmasked(reveals)
 
     def note(self, site: str, why: str) -> None:
@@ -158,3 +195,68 @@ class SecureRound:
             "dropped": [x for x in s.u2 if x not in s.masked],
             "failures": dict(sorted(self.failures.items())),
         }
+
+
+def _shares(raw: bytes) -> list[EncryptedShare]:
+    return [EncryptedShare.from_dict(d) for d in unpack(raw)]
+
+
+def _keep(
+    into: dict[int, T], node: int | None, content: RecordDict, key: str, parse: Callable[[bytes], T]
+) -> None:
+    """The next round's ``key`` from a reply of a site the next round plans
+    (``node``), parsed, if it sent one that reads; a site that sent none or
+    an unreadable one makes the next round run its own stages."""
+    if node is None:
+        return
+    try:
+        raw = wire.next_bytes(content, key)
+        if raw is not None:
+            into[node] = parse(raw)
+    except SecAggError as exc:
+        log.warning("node %d: an unreadable %s for the next round (%s)", node, key, exc)
+
+
+@dataclass
+class Ahead:
+    """The next round's stages 1 and 2, riding on this round's 4 and 5
+    (issue 34: each Flower message costs a round about 3.5 s). ``secure`` is
+    the next round's own `SecureRound`; it keeps what the sites send back
+    only when every site the next round samples (``nodes``) took part, and
+    the next round uses it only if it starts exactly as planned
+    (`fedgan.aggregator.round`)."""
+
+    secure: SecureRound
+    contract: dict
+    nodes: list[int]
+
+    @property
+    def round(self) -> int:
+        return self.secure.params.round
+
+    def request(self) -> tuple[dict, wire.SecAggSetup]:
+        return self.contract, self.secure.setup()
+
+    def sites(self, site_nodes: dict[str, int], survivors: list[str]) -> dict[str, int]:
+        """This round's survivors that the next round plans (site → node);
+        none unless the plan's sites all are."""
+        asked = {s: site_nodes[s] for s in survivors if site_nodes.get(s) in self.nodes}
+        return asked if len(asked) == len(self.nodes) else {}
+
+    def roster(self, ads: dict[int, Advertisement]) -> bytes | None:
+        try:
+            with self.secure._noting_refusals():
+                return self.secure._roster(ads)
+        except SecAggError as exc:
+            log.warning("round %d: no roster ahead: %s", self.round, exc)
+            return None
+
+    def take(self, shares: dict[int, list[EncryptedShare]]) -> None:
+        sent = {site: shares[node] for site, node in self.secure.nodes.items() if node in shares}
+        for site, inbox in sent.items():
+            self.secure._count(site, pack([s.as_dict() for s in inbox]))
+        try:
+            with self.secure._noting_refusals():
+                self.secure.routed = self.secure.session.shared(sent)
+        except SecAggError as exc:
+            log.warning("round %d: the shares sent ahead do not route: %s", self.round, exc)

@@ -18,6 +18,8 @@ from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.dumps import dump_arrays
 from fedgan.errors import FedGanError
+from fedgan.privacy.ledger import BudgetExhausted
+from fedgan.secagg.messages import Advertisement
 from fedgan.site import approval, faults, runtime, secure_round
 from fedgan.update import Contribution, Release
 
@@ -75,35 +77,50 @@ def secagg_advertise(msg: Message, context: Context) -> Message:
     site checks the round against its limits, its credentials, a current CRL
     and membership list, and its threshold rule, then advertises keys."""
     faults.crash_if_requested("secagg_advertise")
-    # Imported here: the preflight reads the silo and builds D (torch), which
-    # the later stages do not need.
-    from fedgan.site.round import preflight_round
-
     site = SiteSettings.from_node_config(context.node_config)
     store = approval.PolicyStore(Path(site.work_dir), site.site_id)
     run_id = str(msg.metadata.run_id)
     _checked(site, store, run_id)
     record, setup = wire.read_advertise_request(msg.content)
-    limits = store.load().limits
     try:
-        cfg = RoundConfig.from_record(record)
-        try:
-            secure_round.check_setup(site, limits, setup.params, setup.crl, setup.membership)
-        except FedGanError as exc:
-            raise approval.AppRefused(site.site_id, str(exc)) from None
-        # What training would refuse before spending (the site's limits
-        # first, then its DP plan and budget), refused now: a site that would
-        # refuse never joins the roster.
-        exhausted = preflight_round(site, dict(context.node_config), run_id, cfg, limits)
+        ready = _ready_for(context, site, store, run_id, record, setup)
     except approval.AppRefused as refusal:
         raise store.refuse(refusal, run=run_id, round=int(record["round"])) from None
-    if exhausted is not None:
+    if isinstance(ready, BudgetExhausted):
         return Message(
-            wire.budget_reply(site.site_id, exhausted.spent, exhausted.after, exhausted.budget),
-            reply_to=msg,
+            wire.budget_reply(site.site_id, ready.spent, ready.after, ready.budget), reply_to=msg
         )
-    ad = secure_round.advertise(context.state, site, setup.params, setup.server_pk, limits)
-    return Message(wire.advertise_reply(ad, site.site_id), reply_to=msg)
+    return Message(wire.advertise_reply(ready, site.site_id), reply_to=msg)
+
+
+def _ready_for(
+    context: Context,
+    site: SiteSettings,
+    store: approval.PolicyStore,
+    run_id: str,
+    record: dict,
+    setup: wire.SecAggSetup,
+    ahead: bool = False,
+) -> Advertisement | BudgetExhausted:
+    """Stage 1's checks, then fresh keys: what training would refuse before
+    spending (the site's limits first, then its DP plan and budget), refused
+    now, so a site that would refuse never joins the roster. Raises
+    `approval.AppRefused`; returns a budget refusal or the advertisement."""
+    # Imported here: the preflight reads the silo and builds D (torch).
+    from fedgan.site.round import preflight_round
+
+    limits = store.load().limits
+    cfg = RoundConfig.from_record(record)
+    try:
+        secure_round.check_setup(site, limits, setup.params, setup.crl, setup.membership)
+    except FedGanError as exc:
+        raise approval.AppRefused(site.site_id, str(exc)) from None
+    exhausted = preflight_round(site, dict(context.node_config), run_id, cfg, limits)
+    if exhausted is not None:
+        return exhausted
+    return secure_round.advertise(
+        context.state, site, setup.params, setup.server_pk, limits, ahead=ahead
+    )
 
 
 @app.train()
@@ -202,14 +219,18 @@ def _stage(name: str, handler: Stage, msg: Message, context: Context) -> Message
     try:
         return Message(handler(context.state, site, msg.content), reply_to=msg)
     except FedGanError as exc:
-        approval.PolicyStore(Path(site.work_dir), site.site_id).audit.append(
-            "secagg_refused",
-            site=site.site_id,
-            stage=name,
-            run=str(msg.metadata.run_id),
-            reason=str(exc),
-        )
+        _audit_refusal(site, name, msg, exc)
         raise
+
+
+def _audit_refusal(site: SiteSettings, stage: str, msg: Message, exc: FedGanError) -> None:
+    approval.PolicyStore(Path(site.work_dir), site.site_id).audit.append(
+        "secagg_refused",
+        site=site.site_id,
+        stage=stage,
+        run=str(msg.metadata.run_id),
+        reason=str(exc),
+    )
 
 
 @app.train("secagg_share")
@@ -221,13 +242,63 @@ def secagg_share(msg: Message, context: Context) -> Message:
 @app.train("secagg_confirm")
 @_timed("secagg_confirm")
 def secagg_confirm(msg: Message, context: Context) -> Message:
-    return _stage("secagg_confirm", secure_round.confirm, msg, context)
+    """Stage 4, and, when the aggregator sends the next round's setup with
+    it, that round's stage 1 (`_advertised_ahead`)."""
+    reply = _stage("secagg_confirm", secure_round.confirm, msg, context)
+    ad = _advertised_ahead(msg, context)
+    if ad is not None:
+        wire.with_next(reply.content, advertisement=wire.pack_advertisement(ad))
+    return reply
 
 
 @app.train("secagg_unmask")
 @_timed("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    return _stage("secagg_unmask", secure_round.unmask, msg, context)
+    """Stage 5, and, when the aggregator sends the next round's roster with
+    it, that round's stage 2, after this round's reveals: the next round
+    then starts with its train message, two messages sooner."""
+    reply = _stage("secagg_unmask", secure_round.unmask, msg, context)
+    shares = _shared_ahead(msg, context)
+    if shares is not None:
+        wire.with_next(reply.content, shares=shares)
+    return reply
+
+
+def _advertised_ahead(msg: Message, context: Context) -> Advertisement | None:
+    """The next round's keys, if asked for and this site would take part.
+    Anything else sends none and records nothing: a refusal, a budget that
+    would not last, a setup that does not read. The aggregator then opens
+    the next round with an advertise stage of its own, where the site says
+    why as it always did; this round's signature goes out in any case."""
+    site = SiteSettings.from_node_config(context.node_config)
+    try:
+        ahead = wire.read_lookahead(msg.content)
+        if ahead is None:
+            return None
+        record, setup = ahead
+        store = approval.PolicyStore(Path(site.work_dir), site.site_id)
+        run_id = str(msg.metadata.run_id)
+        ready = _ready_for(context, site, store, run_id, record, setup, ahead=True)
+    except (FedGanError, KeyError, ValueError, OSError) as exc:
+        log.info("site %s: no keys sent ahead for the next round: %s", site.site_id, exc)
+        return None
+    return ready if isinstance(ready, Advertisement) else None
+
+
+def _shared_ahead(msg: Message, context: Context) -> bytes | None:
+    """The next round's encrypted shares, if its roster came; a roster this
+    site refuses (a revoked or unlisted peer, a bad signature) is recorded
+    in its audit log as in a share stage of its own, and sends none."""
+    site = SiteSettings.from_node_config(context.node_config)
+    try:
+        roster = wire.next_bytes(msg.content, "roster")
+        if roster is None:
+            return None
+        return secure_round.share_ahead(context.state, site, roster)
+    except FedGanError as exc:
+        _audit_refusal(site, "secagg_share", msg, exc)
+        log.info("site %s: no shares sent ahead for the next round: %s", site.site_id, exc)
+        return None
 
 
 def _dumped(sent: Contribution) -> dict[str, list[np.ndarray]]:

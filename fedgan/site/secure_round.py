@@ -33,13 +33,14 @@ from fedgan.round_numbers import Stat, clipped_fraction, encode
 from fedgan.secagg import SecAggError, SecAggParams
 from fedgan.secagg.client import SiteSession
 from fedgan.secagg.identity import Signer, Verifier
-from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare, pack
+from fedgan.secagg.messages import Advertisement, EncryptedShare, RevealedShare, pack, unpack
 from fedgan.secagg.params import ThresholdRule
 from fedgan.site import credentials
 from fedgan.site.approval import Limits
 from fedgan.update import Contribution, flatten
 
 SESSION = "secagg-session"
+NEXT = "secagg-next-session"  # the next round's keys, sent ahead (`advertise`)
 REVEALS = "secagg-reveals"
 _NEEDS = ("signing-key", "signing-cert", "ca-cert", "crl", "membership")
 
@@ -101,10 +102,16 @@ def advertise(
     params: SecAggParams,
     server_pk: bytes,
     limits: Limits,
+    *,
+    ahead: bool = False,
 ) -> Advertisement:
-    """Stage 1, before the site trains: fresh round keys, signed."""
+    """Stage 1, before the site trains: fresh round keys, signed. ``ahead``:
+    for the next round, asked during this round's confirm stage; the keys
+    wait beside this round's session until its unmasking is done."""
     session, ad = SiteSession.start(params, server_pk, _signer(site), rule(limits))
-    _save(state, session)
+    _save(state, session, NEXT if ahead else SESSION)
+    if not ahead and NEXT in state.config_records:
+        del state[NEXT]  # a round that advertises on its own replaces any keys sent ahead
     return ad
 
 
@@ -117,17 +124,35 @@ def _load(state: RecordDict, site: SiteSettings) -> SiteSession:
     return SiteSession.from_bytes(state.config_records[SESSION]["state"])  # type: ignore[arg-type]
 
 
-def _save(state: RecordDict, session: SiteSession) -> None:
-    state[SESSION] = ConfigRecord({"state": session.to_bytes()})
+def _save(state: RecordDict, session: SiteSession, slot: str = SESSION) -> None:
+    state[slot] = ConfigRecord({"state": session.to_bytes()})
 
 
 def share_keys(state: RecordDict, site: SiteSettings, content: RecordDict) -> RecordDict:
     """Stage 2: check the roster's signatures, send encrypted shares."""
-    session = _load(state, site)
     roster = wire.secagg_list(content, "roster", Advertisement)
+    return wire.secagg_message(shares=_share(state, site, roster))
+
+
+def share_ahead(state: RecordDict, site: SiteSettings, roster: bytes) -> bytes:
+    """Stage 2 of the next round, during this round's unmasking (after its
+    reveals): the keys sent ahead become the session, checked against the
+    next round's roster exactly as in a share stage of its own; the packed
+    encrypted shares."""
+    if NEXT not in state.config_records:
+        raise SecAggError(
+            f"site {site.site_id}: a roster for the next round, but no keys sent ahead for it"
+        )
+    state[SESSION] = state.config_records[NEXT]
+    del state[NEXT]
+    return _share(state, site, [Advertisement.from_dict(d) for d in unpack(roster)])
+
+
+def _share(state: RecordDict, site: SiteSettings, roster: list[Advertisement]) -> bytes:
+    session = _load(state, site)
     shares = session.share_keys(roster, _verifier(site))
     _save(state, session)
-    return wire.secagg_message(shares=pack([s.as_dict() for s in shares]))
+    return pack([s.as_dict() for s in shares])
 
 
 def accept_shares(

@@ -13,6 +13,7 @@ import pytest
 from fedgan import wire
 from fedgan.aggregator.round import run_round
 from fedgan.aggregator.run import run_federation
+from fedgan.secagg.messages import unpack
 from fedgan.weights import get_arrays
 from tests.memory_federation import MemorySite, aggregator, consortium, federation
 
@@ -87,6 +88,94 @@ def test_a_secure_round_recovers_the_same_mean_within_its_error_bound(tmp_path):
         *["train.secagg_confirm"] * 3,
         *["train.secagg_unmask"] * 3,
     ]
+
+
+def _kinds(fed, round_number: int) -> list[str]:
+    """The message types of one round, in the order sent."""
+    prefix = (str(round_number), f"{round_number}-")
+    return [
+        r.kind for r in fed.transport.log if r.group == prefix[0] or r.group.startswith(prefix[1])
+    ]
+
+
+def test_a_later_round_starts_with_the_keys_and_shares_sent_during_the_last(tmp_path):
+    """Issue 34: each message costs a round about 3.5 s of Flower's polling.
+    From round 2 on, the next round's advertisement rides on this round's
+    confirm exchange and its shares on the unmask exchange, so a secure
+    round is three messages, not five; the last round asks for none. Keys
+    are fresh every round, and every round sums exactly."""
+    fed = federation(tmp_path, _sites(tmp_path), secagg=True, num_server_rounds=3)
+    keys: list[set[bytes]] = []
+    for n in (1, 2, 3):
+        before = get_arrays(fed.disc)
+        record = run_round(fed, n)
+        moved = _disc_moved_by(fed, before)
+        assert record.secagg["survivors"] == sorted(WEIGHTS) and "skipped" not in record.as_dict()
+        assert np.abs(moved - _secure_mean(list(WEIGHTS))).max() <= record.secagg_error_bound
+        states = [site.state for site in fed.transport.sites.values()]
+        assert all("secagg-next-session" not in s.config_records for s in states)
+    assert _kinds(fed, 1)[:6] == ["train.secagg_advertise"] * 3 + ["train.secagg_share"] * 3
+    for n in (2, 3):
+        assert _kinds(fed, n) == [
+            *["train"] * 3,
+            *["train.secagg_confirm"] * 3,
+            *["train.secagg_unmask"] * 3,
+        ]
+    confirms = [r for r in fed.transport.log if r.kind == "train.secagg_confirm"]
+    ahead = [wire.read_lookahead(r.content) for r in confirms]
+    assert [a[1].params.round if a else None for a in ahead] == [2] * 3 + [3] * 3 + [None] * 3
+    unmasks = [r for r in fed.transport.log if r.kind == "train.secagg_unmask"]
+    rosters = [wire.next_bytes(r.content, "roster") for r in unmasks]
+    for raw in rosters[:6]:
+        assert raw is not None
+        keys.append({a["s_pk"] for a in unpack(raw)} | {a["c_pk"] for a in unpack(raw)})
+    assert rosters[6:] == [None] * 3
+    # Fresh keys every round, never one round's keys in another.
+    assert not (keys[0] & keys[3])
+    assert fed.ahead is None
+
+
+@pytest.mark.parametrize(
+    "change", ["a site sent no keys ahead", "a site refused the roster", "the CRL changed"]
+)
+def test_a_round_that_did_not_go_as_planned_advertises_on_its_own(tmp_path, change):
+    """Keys and shares sent ahead are used only if the round is exactly what
+    was planned; otherwise the round advertises and shares on its own, so a
+    refusal is heard and a new CRL reaches the sites in the setup."""
+    sites = _sites(tmp_path)
+    crl_path = tmp_path / "certs" / "ca" / "crl.pem"
+    fed = federation(tmp_path, sites, secagg=True, num_server_rounds=2, secagg_crl=str(crl_path))
+    if change == "a site sent no keys ahead":
+        sites[2].keys_ahead = False
+    if change == "a site refused the roster":
+        sites[1].refuses_roster_ahead = True
+    run_round(fed, 1)
+    if change == "the CRL changed":
+        from fedgan import pki
+
+        pki.revoke_site(tmp_path / "certs", "site-c")
+        crl = crl_path.read_bytes()
+    before = get_arrays(fed.disc)
+    record = run_round(fed, 2)
+    kinds = _kinds(fed, 2)
+    assert kinds[:3] == ["train.secagg_advertise"] * 3
+    if change == "the CRL changed":
+        setup = wire.read_advertise_request(
+            next(
+                r
+                for r in fed.transport.log
+                if r.kind == "train.secagg_advertise" and r.group == "2-secagg_advertise"
+            ).content
+        )[1]
+        assert setup.crl == crl
+        # Heard at once: site-c is off the new list, and the round is too big for it.
+        assert "abandoned at key advertisement" in record.skipped
+        assert "not in the consortium's membership list" in record.refused["site-c"]
+    else:
+        assert kinds[3:6] == ["train.secagg_share"] * 3
+        moved = _disc_moved_by(fed, before)
+        assert record.secagg["survivors"] == sorted(WEIGHTS)
+        assert np.abs(moved - _secure_mean(list(WEIGHTS))).max() <= record.secagg_error_bound
 
 
 @pytest.mark.parametrize("stage", ["secagg_advertise", "secagg_share", "train"])

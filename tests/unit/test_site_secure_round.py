@@ -254,3 +254,41 @@ def test_a_signature_from_an_earlier_attempt_does_not_count_in_a_retry(tmp_path)
     )
     with pytest.raises(SecAggError, match="site-b did not sign the survivor set"):
         secure_round.unmask(retry["site-a"], settings["site-a"], request)
+
+
+def test_keys_sent_ahead_wait_beside_the_round_and_become_the_next_session(tmp_path):
+    """Issue 34: the next round's keys, made during this round's confirm
+    stage, leave this round's session alone; after this round's reveals the
+    roster for the next round turns them into its session; a round that
+    advertises on its own replaces them; a roster with no keys sent ahead
+    is refused."""
+    settings, server, states, routed, _update = _shared_round(tmp_path)
+    s = "site-a"
+    current = states[s].config_records[secure_round.SESSION]["state"]
+    following = SecAggParams.for_round(
+        "run-r", 2, 3, bits=16, value_range=1.0, length=4 + len(STATS), threshold=2
+    )
+    next_server = ServerSession(following)
+    ads = {
+        site: secure_round.advertise(
+            states[site], settings[site], following, next_server.public_key, FLOOR, ahead=True
+        )
+        for site in SITES
+    }
+    assert states[s].config_records[secure_round.SESSION]["state"] == current
+    # This round goes on unharmed with its own session.
+    secure_round.accept_shares(states[s], settings[s], routed[s], server.u2)
+    del states[s][secure_round.SESSION]  # as unmask leaves it
+    roster = pack([a.as_dict() for a in next_server.advertised(list(ads.values()))])
+    packed = secure_round.share_ahead(states[s], settings[s], roster)
+    assert secure_round.NEXT not in states[s].config_records
+    assert secure_round.SESSION in states[s].config_records
+    assert wire.secagg_list(wire.secagg_message(shares=packed), "shares", EncryptedShare)
+    # A second roster for the same keys has nothing sent ahead to use.
+    with pytest.raises(SecAggError, match="no keys sent ahead"):
+        secure_round.share_ahead(states[s], settings[s], roster)
+    # Keys sent ahead, then a round that advertises on its own: they go.
+    secure_round.advertise(
+        states["site-b"], settings["site-b"], following, next_server.public_key, FLOOR
+    )
+    assert secure_round.NEXT not in states["site-b"].config_records
