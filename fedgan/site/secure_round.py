@@ -14,7 +14,12 @@ Flower saving the state, a restart) refuses to sign or reveal for another
 set in that attempt at the round, so it never hands out both secrets of one
 site. An attempt is named by the site's fresh key: a round the aggregator
 retries after a crash is a new attempt, which the site trains (and its
-ledger counts) again."""
+ledger counts) again.
+
+Keys for the next round can be asked for during this round's confirm stage
+and wait beside this round's session (``NEXT``) until its unmasking, which
+may bring the next round's roster: they then become the session and the
+site shares them (`share_ahead`), so the next round opens with training."""
 
 from __future__ import annotations
 
