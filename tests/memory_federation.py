@@ -24,8 +24,8 @@ from fedgan.audit_log import AuditLog
 from fedgan.config.appbundle import default_run_config
 from fedgan.config.run import RunSettings, SiteSettings
 from fedgan.errors import FedGanError
-from fedgan.secagg.messages import Advertisement
-from fedgan.site import secure_round
+from fedgan.secagg.messages import Advertisement, pack, unpack
+from fedgan.site import client_app, secure_round
 from fedgan.site.approval import AppRefused, Limits
 from fedgan.update import Release, SiteUpdate
 
@@ -53,7 +53,8 @@ class MemorySite:
     limits: Limits = field(default_factory=lambda: Limits(min_sites=2, colluding_sites=0))
     trained: int = 0  # train requests answered: a site spends ε only there
     keys_ahead: bool = True  # sends the next round's keys with its signature when asked
-    refuses_roster_ahead: bool = False  # as a site whose CRL revokes a peer would
+    # It receives the next round's roster with one peer's signature forged.
+    tampered_roster_ahead: bool = False
 
     def answer(self, request: Request) -> RecordDict | str | None:
         stage = request.kind.removeprefix("train.")
@@ -77,16 +78,12 @@ class MemorySite:
             return reply
         if stage == "secagg_unmask":
             reply = secure_round.unmask(self.state, self.settings, request.content)
-            roster = wire.next_bytes(request.content, "roster")
-            if roster is not None:
-                try:
-                    if self.refuses_roster_ahead:
-                        raise FedGanError(f"site {self.site_id}: a peer is revoked")
-                    shares = secure_round.share_ahead(self.state, self.settings, roster)
-                except FedGanError:
-                    return reply
-                wire.with_next(reply, shares=shares)
-            return reply
+            content = request.content
+            if self.tampered_roster_ahead and wire.next_bytes(content, "roster") is not None:
+                content = _with_a_forged_signature(content)
+            # The real site code: shares, or the refusal (audited), or nothing.
+            sent = client_app.shares_ahead(self.state, self.settings, "memory-run", content)
+            return wire.with_next(reply, **sent) if sent else reply
         return secure_round.share_keys(self.state, self.settings, request.content)
 
     def update_for(self, gen: list[np.ndarray], disc: list[np.ndarray]) -> SiteUpdate:
@@ -128,6 +125,15 @@ class MemorySite:
         return secure_round.advertise(
             self.state, self.settings, setup.params, setup.server_pk, self.limits, ahead=ahead
         )
+
+
+def _with_a_forged_signature(content: RecordDict) -> RecordDict:
+    """An unmask request whose roster ahead has one peer's signature flipped,
+    as an aggregator substituting keys would send it."""
+    roster = unpack(wire.next_bytes(content, "roster") or b"")
+    roster[-1] = {**roster[-1], "signature": bytes(64)}
+    forged = RecordDict(dict(content.items()))
+    return wire.with_next(forged, roster=pack(roster))
 
 
 @dataclass

@@ -234,8 +234,11 @@ def _collect_secure(
     except SecAggError as exc:  # RoundAborted included
         why = str(exc)
         log.warning("round %d: %s", server_round, exc)
-    if plan is not None and plan.secure.routed is not None:
-        fed.ahead = plan
+    if plan is not None:
+        for site, refusal in sorted(plan.refused.items()):
+            replies.failures.append(f"site {site} refused round {plan.round}'s roster: {refusal}")
+        if plan.secure.routed is not None:
+            fed.ahead = plan
     for failure in replies.failures:
         log.warning("round %d: %s", server_round, failure)
     collected = Collected(
@@ -264,7 +267,7 @@ def _advertise(
     fed: Federation, secure: SecureRound, nodes: list[int], contract: dict, replies: Replies
 ) -> None:
     """Stage 1 in a message of its own: the run's first round, and any round
-    that did not go as the previous one planned (`_planned_ads`)."""
+    that did not go as the previous one planned (`_planned`)."""
     server_round = secure.params.round
     requests = [
         Request(

@@ -2,8 +2,9 @@
 `fedgan.aggregator.round` sends stage 1 (keys advertised, before training)
 and stage 3 (training and masking, the train message); this drives stage 2
 (shares) and stages 4-5 (the consistency check, unmasking) and returns the
-aggregate. From a run's second round on, stages 1 and 2 of the next round
-ride on stages 4 and 5 of this one (`Ahead`), two Flower messages fewer.
+aggregate. Each round but the last carries stages 1 and 2 of the next one
+on its stages 4 and 5 (`Ahead`): the next round, if it starts as planned,
+opens with training, two Flower messages sooner.
 Protocol decisions are `fedgan.secagg.server`'s; this only
 moves records and notes who answered, with how many bytes."""
 
@@ -111,10 +112,11 @@ class SecureRound:
             )
             return self.session.shared(shares)
 
-    def _roster(self, ads: dict[int, Advertisement]) -> bytes:
+    def _roster(self, ads: dict[int, Advertisement], count: bool = True) -> bytes:
         for node, ad in ads.items():
             self.nodes[ad.site_id] = node
-            self._count(ad.site_id, ad.c_pk, ad.s_pk, ad.cert_pem, ad.signature)
+            if count:  # keys sent ahead counted in the round that carried them
+                self._count(ad.site_id, ad.c_pk, ad.s_pk, ad.cert_pem, ad.signature)
         return pack([a.as_dict() for a in self.session.advertised(list(ads.values()))])
 
     def finish(self, envelopes: dict[str, bytes], ahead: Ahead | None = None) -> Aggregate:
@@ -138,8 +140,8 @@ class SecureRound:
                 },
                 "signature",
                 lambda raw: raw,
-                also=lambda site, content: _keep(
-                    ads, asked.get(site), content, "advertisement", wire.unpack_advertisement
+                also=lambda site, content: self._ahead_field(
+                    site, asked.get(site), content, "advertisement", wire.unpack_advertisement, ads
                 ),
             )
             confirmed = self.session.confirmed(signatures)
@@ -160,13 +162,58 @@ class SecureRound:
                 },
                 "reveals",
                 lambda raw: [RevealedShare.from_dict(d) for d in unpack(raw)],
-                also=lambda site, content: _keep(
-                    shares, asked.get(site), content, "shares", _shares
+                also=lambda site, content: self._ahead_shares(
+                    site, asked.get(site), content, shares, ahead
                 ),
             )
             if roster is not None and ahead is not None and len(shares) == len(asked):
                 ahead.take(shares)
             return self.session.unmasked(reveals)
+
+    def _ahead_field(
+        self,
+        site: str,
+        node: int | None,
+        content: RecordDict,
+        key: str,
+        parse: Callable[[bytes], T],
+        into: dict[int, T],
+    ) -> None:
+        """The next round's ``key`` in a reply from a site the next round
+        plans (``node``), parsed into ``into`` if it reads. Its bytes count
+        in this round, whose exchange carried them, whether or not the next
+        round uses them. A site that sent none or an unreadable one makes the
+        next round run its own stages."""
+        if node is None:
+            return
+        try:
+            raw = wire.next_bytes(content, key)
+            if raw is None:
+                return
+            self._count(site, raw)
+            into[node] = parse(raw)
+        except (SecAggError, KeyError, TypeError, ValueError) as exc:
+            log.warning(
+                "round %d: site %s: an unreadable %s ahead (%s)", self.params.round, site, key, exc
+            )
+
+    def _ahead_shares(
+        self,
+        site: str,
+        node: int | None,
+        content: RecordDict,
+        into: dict[int, list[EncryptedShare]],
+        ahead: Ahead | None,
+    ) -> None:
+        self._ahead_field(site, node, content, "shares", _shares, into)
+        if ahead is None or node is None:
+            return
+        try:
+            why = wire.next_bytes(content, "refused")
+        except SecAggError:
+            why = None
+        if why:
+            ahead.refused[site] = why.decode("utf-8", "replace")[:300]
 
     def note(self, site: str, why: str) -> None:
         """A site that shared keys but sent no masked update (it failed or
@@ -201,22 +248,6 @@ def _shares(raw: bytes) -> list[EncryptedShare]:
     return [EncryptedShare.from_dict(d) for d in unpack(raw)]
 
 
-def _keep(
-    into: dict[int, T], node: int | None, content: RecordDict, key: str, parse: Callable[[bytes], T]
-) -> None:
-    """The next round's ``key`` from a reply of a site the next round plans
-    (``node``), parsed, if it sent one that reads; a site that sent none or
-    an unreadable one makes the next round run its own stages."""
-    if node is None:
-        return
-    try:
-        raw = wire.next_bytes(content, key)
-        if raw is not None:
-            into[node] = parse(raw)
-    except SecAggError as exc:
-        log.warning("node %d: an unreadable %s for the next round (%s)", node, key, exc)
-
-
 @dataclass
 class Ahead:
     """The next round's stages 1 and 2, riding on this round's 4 and 5
@@ -229,6 +260,7 @@ class Ahead:
     secure: SecureRound
     contract: dict
     nodes: list[int]
+    refused: dict[str, str] = field(default_factory=dict)  # site -> why it refused the roster
 
     @property
     def round(self) -> int:
@@ -246,15 +278,13 @@ class Ahead:
     def roster(self, ads: dict[int, Advertisement]) -> bytes | None:
         try:
             with self.secure._noting_refusals():
-                return self.secure._roster(ads)
+                return self.secure._roster(ads, count=False)
         except SecAggError as exc:
             log.warning("round %d: no roster ahead: %s", self.round, exc)
             return None
 
     def take(self, shares: dict[int, list[EncryptedShare]]) -> None:
         sent = {site: shares[node] for site, node in self.secure.nodes.items() if node in shares}
-        for site, inbox in sent.items():
-            self.secure._count(site, pack([s.as_dict() for s in inbox]))
         try:
             with self.secure._noting_refusals():
                 self.secure.routed = self.secure.session.shared(sent)

@@ -5,8 +5,8 @@ interface rather than Flower's Grid, so a whole round, secure aggregation
 and dropouts included, runs in a unit test over an in-memory transport. In
 production `GridTransport` carries it over Flower's Grid, polling the
 SuperLink at `fedgan.polling`'s interval (0.25 s by default) instead of
-Flower's fixed 3 s: a secure round is five exchanges, and the fixed poll
-alone cost up to 15 s a round."""
+Flower's fixed 3 s: a secure round is three to five exchanges, and the
+fixed poll alone cost up to 3 s each."""
 
 from __future__ import annotations
 

@@ -219,18 +219,14 @@ def _stage(name: str, handler: Stage, msg: Message, context: Context) -> Message
     try:
         return Message(handler(context.state, site, msg.content), reply_to=msg)
     except FedGanError as exc:
-        _audit_refusal(site, name, msg, exc)
+        approval.PolicyStore(Path(site.work_dir), site.site_id).audit.append(
+            "secagg_refused",
+            site=site.site_id,
+            stage=name,
+            run=str(msg.metadata.run_id),
+            reason=str(exc),
+        )
         raise
-
-
-def _audit_refusal(site: SiteSettings, stage: str, msg: Message, exc: FedGanError) -> None:
-    approval.PolicyStore(Path(site.work_dir), site.site_id).audit.append(
-        "secagg_refused",
-        site=site.site_id,
-        stage=stage,
-        run=str(msg.metadata.run_id),
-        reason=str(exc),
-    )
 
 
 @app.train("secagg_share")
@@ -258,19 +254,23 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
     it, that round's stage 2, after this round's reveals: the next round
     then starts with its train message, two messages sooner."""
     reply = _stage("secagg_unmask", secure_round.unmask, msg, context)
-    shares = _shared_ahead(msg, context)
-    if shares is not None:
-        wire.with_next(reply.content, shares=shares)
+    site = SiteSettings.from_node_config(context.node_config)
+    sent = shares_ahead(context.state, site, str(msg.metadata.run_id), msg.content)
+    if sent:
+        wire.with_next(reply.content, **sent)
     return reply
 
 
 def _advertised_ahead(msg: Message, context: Context) -> Advertisement | None:
     """The next round's keys, if asked for and this site would take part.
-    Anything else sends none and records nothing: a refusal, a budget that
-    would not last, a setup that does not read. The aggregator then opens
-    the next round with an advertise stage of its own, where the site says
-    why as it always did; this round's signature goes out in any case."""
+    Anything else sends none and records nothing in the audit log: a
+    refusal, a budget that would not last, a setup that does not read, a
+    failure. The aggregator then opens the next round with an advertise
+    stage of its own, where the site says why as it always did; this
+    round's signature goes out in any case."""
     site = SiteSettings.from_node_config(context.node_config)
+    if runtime.admitted_fab is None:  # `_checked` refuses it in the round's own stages
+        return None
     try:
         ahead = wire.read_lookahead(msg.content)
         if ahead is None:
@@ -279,26 +279,35 @@ def _advertised_ahead(msg: Message, context: Context) -> Advertisement | None:
         store = approval.PolicyStore(Path(site.work_dir), site.site_id)
         run_id = str(msg.metadata.run_id)
         ready = _ready_for(context, site, store, run_id, record, setup, ahead=True)
-    except (FedGanError, KeyError, ValueError, OSError) as exc:
+    except Exception as exc:  # never at the cost of this round's signature
         log.info("site %s: no keys sent ahead for the next round: %s", site.site_id, exc)
         return None
     return ready if isinstance(ready, Advertisement) else None
 
 
-def _shared_ahead(msg: Message, context: Context) -> bytes | None:
-    """The next round's encrypted shares, if its roster came; a roster this
-    site refuses (a revoked or unlisted peer, a bad signature) is recorded
-    in its audit log as in a share stage of its own, and sends none."""
-    site = SiteSettings.from_node_config(context.node_config)
+def shares_ahead(
+    state: RecordDict, site: SiteSettings, run_id: str, content: RecordDict
+) -> dict[str, bytes]:
+    """What the unmask reply carries for the next round: its encrypted
+    shares, if its roster came and the site accepts it; or, for a roster the
+    site refuses (a revoked or unlisted peer, a bad signature), the reason,
+    also recorded in its audit log as in a share stage of its own, so the
+    aggregator hears it; or nothing. Never raises: this round's reveals go
+    out in any case."""
     try:
-        roster = wire.next_bytes(msg.content, "roster")
+        roster = wire.next_bytes(content, "roster")
         if roster is None:
-            return None
-        return secure_round.share_ahead(context.state, site, roster)
+            return {}
+        return {"shares": secure_round.share_ahead(state, site, roster)}
     except FedGanError as exc:
-        _audit_refusal(site, "secagg_share", msg, exc)
-        log.info("site %s: no shares sent ahead for the next round: %s", site.site_id, exc)
-        return None
+        approval.PolicyStore(Path(site.work_dir), site.site_id).audit.append(
+            "secagg_refused", site=site.site_id, stage="secagg_share", run=run_id, reason=str(exc)
+        )
+        log.info("site %s: refused the next round's roster: %s", site.site_id, exc)
+        return {"refused": str(exc).encode()}
+    except Exception as exc:  # never at the cost of this round's reveals
+        log.warning("site %s: no shares sent ahead for the next round: %s", site.site_id, exc)
+        return {}
 
 
 def _dumped(sent: Contribution) -> dict[str, list[np.ndarray]]:

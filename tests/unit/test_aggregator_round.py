@@ -136,7 +136,13 @@ def test_a_later_round_starts_with_the_keys_and_shares_sent_during_the_last(tmp_
 
 
 @pytest.mark.parametrize(
-    "change", ["a site sent no keys ahead", "a site refused the roster", "the CRL changed"]
+    "change",
+    [
+        "a site sent no keys ahead",
+        "a site refused the roster",
+        "a site missed the round",
+        "the CRL changed",
+    ],
 )
 def test_a_round_that_did_not_go_as_planned_advertises_on_its_own(tmp_path, change):
     """Keys and shares sent ahead are used only if the round is exactly what
@@ -144,12 +150,30 @@ def test_a_round_that_did_not_go_as_planned_advertises_on_its_own(tmp_path, chan
     refusal is heard and a new CRL reaches the sites in the setup."""
     sites = _sites(tmp_path)
     crl_path = tmp_path / "certs" / "ca" / "crl.pem"
-    fed = federation(tmp_path, sites, secagg=True, num_server_rounds=2, secagg_crl=str(crl_path))
+    fed = federation(
+        tmp_path,
+        sites,
+        secagg=True,
+        num_server_rounds=2,
+        secagg_crl=str(crl_path),
+        secagg_threshold=2,
+    )
     if change == "a site sent no keys ahead":
         sites[2].keys_ahead = False
     if change == "a site refused the roster":
-        sites[1].refuses_roster_ahead = True
-    run_round(fed, 1)
+        sites[1].tampered_roster_ahead = True
+    if change == "a site missed the round":
+        sites[2].silent_at = "train"
+    first = run_round(fed, 1)
+    if change == "a site missed the round":
+        sites[2].silent_at = ""  # back for round 2, which had planned it
+    if change == "a site refused the roster":
+        # Heard at the aggregator, recorded once in the site's own audit log.
+        assert any("site-b refused round 2's roster" in f for f in first.failures)
+        audit = (tmp_path / "work" / "site-b" / "audit.jsonl").read_text().splitlines()
+        refusals = [json.loads(x) for x in audit if '"secagg_refused"' in x]
+        assert [r["stage"] for r in refusals] == ["secagg_share"]
+        assert "signature" in refusals[0]["reason"]
     if change == "the CRL changed":
         from fedgan import pki
 
