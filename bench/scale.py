@@ -106,7 +106,11 @@ def run(sites: int, rounds: int, out: Path) -> dict[str, float]:
     argv = [str(fedgan), "demo", "--sites", str(sites), "--rounds", str(rounds)]
     argv += ["--local-steps", "1", "--image-size", "16", "--images-per-site", "16"]
     argv += ["--no-pretrain", "--no-evaluate", "--out", str(out), "--run-id", "scale"]
-    argv += ["--config", "batch-size=8"]
+    # Every site's processes share this host's cores, so a stage's wall time
+    # here grows with n (30 sites' first preflights, each a noise calibration,
+    # took 100-125 s on 2 cores, past the default 120 s); at a consortium
+    # each site works on its own machine and a stage does not grow with n.
+    argv += ["--config", "batch-size=8", "--config", f"secagg-timeout={max(120, 15 * sites)}"]
     log = open(out / "demo.log", "wb")  # noqa: SIM115 - closed below
     demo = subprocess.Popen(
         argv, env={**os.environ, timeline.ENV: str(marks)}, stdout=log, stderr=subprocess.STDOUT

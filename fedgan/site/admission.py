@@ -8,6 +8,7 @@ same function the round runs, so the preview cannot drift from the code."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedgan.atomic import write_text_atomic
+from fedgan.atomic import write_atomic, write_text_atomic
 from fedgan.config.round import RoundConfig
 from fedgan.config.run import SiteSettings
 from fedgan.model_init import weights_sha256
@@ -233,6 +234,40 @@ class Admission:
             self.ledger.complete(run=self.spend.run, server_round=self.spend.round)
 
 
+# σ calibrated for a run, kept between the site's tasks (each a fresh
+# process): calibration searches over a dozen accountings (about 3 s on a
+# CPU), a kept σ is checked with one (`calibrate_noise`), so the first train
+# of a run no longer searches again after its preflight. A stale or edited
+# file costs that check and a search, nothing else.
+NOISE_HINTS = "noise-hints"
+
+
+def noise_hint(site: SiteSettings, ledger: PrivacyLedger, run: str) -> float | None:
+    """The σ this site last used or calibrated for ``run``: its ledger's
+    latest spend in the run, else the one its preflight kept."""
+    spent = ledger.latest_noise(run)
+    if spent is not None:
+        return spent
+    try:
+        kept = json.loads(_noise_file(site, run).read_text("utf-8"))["noise"]
+        return float(kept) if isinstance(kept, int | float) and kept > 0 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _noise_file(site: SiteSettings, run: str) -> Path:
+    name = hashlib.sha256(run.encode()).hexdigest()[:32]  # a run name is the aggregator's text
+    return Path(site.work_dir) / NOISE_HINTS / f"{name}.json"
+
+
+def _remember_noise(site: SiteSettings, run: str, noise: float) -> None:
+    try:
+        data = json.dumps({"run": run, "noise": noise}).encode()
+        write_atomic(_noise_file(site, run), data, mode=0o600)
+    except OSError as exc:  # a hint only: the next task calibrates again
+        log.warning("site %s: could not keep the calibrated σ (%s)", site.site_id, exc)
+
+
 def preflight(
     site: SiteSettings,
     cfg: RoundConfig,
@@ -251,8 +286,10 @@ def preflight(
         return None
     ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
     delta = site_delta(site.site_id, site.delta, cfg, images, ledger.deltas())
-    plan = plan_for(cfg, images, ledger.latest_noise(cfg.run_name or run_id), delta)
+    run_name = cfg.run_name or run_id
+    plan = plan_for(cfg, images, noise_hint(site, ledger, run_name), delta)
     assert plan is not None
+    _remember_noise(site, run_name, plan.noise_multiplier)
     max_figure = limits.max_noise_figure if limits is not None else None
     check_plan(site.site_id, cfg, plan, images, parameters, max_figure)
     check_limits(limits, site.site_id, cfg, True, plan.noise_multiplier)
@@ -284,7 +321,7 @@ def admit(
     ledger = PrivacyLedger.in_work_dir(Path(site.work_dir))
     delta = site_delta(site.site_id, site.delta, cfg, images, ledger.deltas())
     run_name = cfg.run_name or run_id
-    plan = plan_for(cfg, images, ledger.latest_noise(run_name), delta)
+    plan = plan_for(cfg, images, noise_hint(site, ledger, run_name), delta)
     assert plan is not None
     max_figure = limits.max_noise_figure if limits is not None else None
     check_plan(site.site_id, cfg, plan, images, parameters, max_figure)

@@ -494,3 +494,51 @@ def test_a_run_alone_cannot_make_a_site_write_its_update_to_disk(
     assert wire.read_train_reply(reply.content)[0] is not None  # it trained and replied
     dumps = list((Path(site.work_dir) / "dumps").rglob("update.npz"))
     assert len(dumps) == (1 if site_consents else 0)
+
+
+def test_a_site_calibrates_a_run_once_and_checks_the_sigma_it_kept(tmp_path, monkeypatch):
+    """Issue 34: calibrating σ searches over a dozen accountings (about 3 s
+    on a CPU); the first round's preflight and its training, each a fresh
+    process, both searched. The preflight's σ is kept in the work dir and
+    the training checks it with one accounting; a tampered one is caught by
+    that check and the site searches again, to the same σ."""
+    from fedgan.config.appbundle import default_run_config
+    from fedgan.config.run import RunSettings, SiteSettings
+    from fedgan.site import admission
+
+    searches = []
+    real = accountant.get_noise_multiplier
+
+    def counted(**kwargs):
+        searches.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(accountant, "get_noise_multiplier", counted)
+    run = RunSettings.from_run_config(default_run_config() | {"run-dir": str(tmp_path / "run")})
+    cfg = run.round_config(1)
+    site = SiteSettings(
+        site_id="site-a",
+        data_dir=str(tmp_path / "data"),
+        kind="fundus",
+        work_dir=str(tmp_path / "work"),
+        device="cpu",
+        epsilon_budget=10.0,
+    )
+    work_dir.init(Path(site.work_dir), site.site_id)
+    ask = {"run_id": "r", "limits": None}
+    assert admission.preflight(site, cfg, 300, **ask) is None
+    assert len(searches) == 1
+    admitted = admission.admit(site, cfg, 300, secure=True, **ask)
+    assert admitted.admitted and len(searches) == 1  # checked, not searched
+    sigma = admitted.plan.noise_multiplier
+    assert epsilon([admitted.plan.as_round] * cfg.rounds, admitted.plan.delta) <= 8.0
+
+    # A kept σ edited to something weaker is not taken: the site searches.
+    other = tmp_path / "other"
+    site2 = dataclasses.replace(site, work_dir=str(other))
+    work_dir.init(other, site.site_id)
+    admission.preflight(site2, cfg, 300, **ask)
+    (kept,) = (other / admission.NOISE_HINTS).iterdir()
+    kept.write_text(json.dumps({"noise": sigma / 4}))
+    again = admission.admit(site2, cfg, 300, secure=True, **ask)
+    assert len(searches) == 3 and again.plan.noise_multiplier == sigma
