@@ -506,14 +506,7 @@ def test_a_site_calibrates_a_run_once_and_checks_the_sigma_it_kept(tmp_path, mon
     from fedgan.config.run import RunSettings, SiteSettings
     from fedgan.site import admission
 
-    searches = []
-    real = accountant.get_noise_multiplier
-
-    def counted(**kwargs):
-        searches.append(kwargs)
-        return real(**kwargs)
-
-    monkeypatch.setattr(accountant, "get_noise_multiplier", counted)
+    searches = _searches(monkeypatch)
     run = RunSettings.from_run_config(default_run_config() | {"run-dir": str(tmp_path / "run")})
     cfg = run.round_config(1)
     site = SiteSettings(
