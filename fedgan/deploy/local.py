@@ -125,7 +125,7 @@ class LocalFederation:
         flwr_home.mkdir(parents=True, exist_ok=True)
         return commands.process_env({"FLWR_HOME": str(flwr_home)})
 
-    def superlink_argv(self, port: int, database: Path) -> list[str]:
+    def superlink_argv(self, port: int, database: Path | None) -> list[str]:
         return commands.superlink_command(
             host=LOOPBACK,
             port=port,
@@ -139,11 +139,12 @@ class LocalFederation:
         self.superlink_port = free_port()
         state = self.run_dir / "aggregator"
         state.mkdir(parents=True, exist_ok=True)
-        # A new state database per start: a resumed demo registers its sites'
-        # node keys afresh.
-        argv = self.superlink_argv(
-            self.superlink_port, state / f"superlink-{time.strftime('%Y%m%d-%H%M%S')}.db"
-        )
+        # Flower's state in memory, new each start (a resumed demo registers
+        # its sites' node keys afresh). Its SQLite file state waits at most 5 s
+        # for a lock: with 30 sites' processes on one 2-core host, a heartbeat
+        # write failed with "database is locked" and the run was stopped
+        # (issue 34). A deployed SuperLink keeps its file (`container.py`).
+        argv = self.superlink_argv(self.superlink_port, None)
         proc = self.group.start(
             "superlink",
             "flower-superlink (Fleet, Control and Runtime APIs)",
