@@ -216,8 +216,9 @@ def with_next(content: RecordDict, **fields: bytes) -> RecordDict:
 
 
 def next_bytes(content: RecordDict, key: str) -> bytes | None:
-    """The next round's ``key`` in a message, None when it carries none."""
-    if NEXT_SECAGG not in content.config_records:
+    """The next round's ``key`` in a message, None when it carries none (a
+    site that refused the roster ahead sends ``refused`` and no ``shares``)."""
+    if key not in content.config_records.get(NEXT_SECAGG, ConfigRecord()):
         return None
     return secagg_bytes(RecordDict({SECAGG: content.config_records[NEXT_SECAGG]}), key)
 
